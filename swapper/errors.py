@@ -1,0 +1,133 @@
+"""The error hierarchy and the one envelope every error swapper produces is rendered in.
+
+Owns: nothing mutable. A leaf module: it imports nothing from the rest of swapper.
+
+Each error carries its HTTP status and an OpenAI-style ``code``; ``error_body()`` renders the
+envelope ``{"error": {"message", "type", "param", "code"}, "src": "swapper"}`` so clients written
+for OpenAI (and for llama-swap, whose envelope has the same fields) parse it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "authentication_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class SwapperError(Exception):
+    """Base of every error that becomes an HTTP response; ``status`` and ``code`` say which."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.headers: Mapping[str, str] = headers or {}
+
+    @property
+    def type(self) -> str:
+        if self.status >= 500:
+            return "server_error"
+        return _TYPE_BY_STATUS.get(self.status, "invalid_request_error")
+
+
+class BadRequest(SwapperError):
+    status = 400
+    code = "bad_request"
+
+
+class ModelRequired(BadRequest):
+    """No model id in the request, no ``defaultModel``, and not exactly one model loaded."""
+
+    code = "model_required"
+
+
+class ModelNotFound(SwapperError):
+    status = 404
+    code = "model_not_found"
+
+
+class NotFound(SwapperError):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(SwapperError):
+    status = 401
+    code = "unauthorized"
+
+
+class BodyTooLarge(SwapperError):
+    status = 413
+    code = "request_too_large"
+
+
+class Conflict(SwapperError):
+    status = 409
+    code = "conflict"
+
+
+class ConcurrencyLimit(SwapperError):
+    status = 429
+    code = "concurrency_limit"
+
+
+class QueueFull(SwapperError):
+    status = 503
+    code = "queue_full"
+
+
+class ModelLoadFailed(SwapperError):
+    """The child exited, never became healthy, or could not be spawned."""
+
+    status = 502
+    code = "model_load_failed"
+
+
+class ModelUnloaded(SwapperError):
+    """The request's model was unloaded (admin unload, reload) while the request waited."""
+
+    status = 503
+    code = "model_unloaded"
+
+
+class ShuttingDown(SwapperError):
+    status = 503
+    code = "shutting_down"
+
+
+class UpstreamError(SwapperError):
+    """The child refused, reset or dropped the connection before answering."""
+
+    status = 502
+    code = "bad_gateway"
+
+
+def error_body(err: SwapperError) -> bytes:
+    return json.dumps(
+        {
+            "error": {"message": err.message, "type": err.type, "param": None, "code": err.code},
+            "src": "swapper",
+        }
+    ).encode()
