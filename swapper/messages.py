@@ -1,0 +1,108 @@
+"""The run loop's inbox vocabulary: every message that may change scheduling or child state.
+
+Owns: nothing; frozen, slotted records only. Facts are named in the past tense (``Started``,
+``Stopped``, ``ChildExited``), requests in the imperative (``Acquire``, ``Unload``). The run loop
+``match``es on ``Message`` with an ``assert_never`` default, so mypy flags a message without a
+handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from swapper.errors import SwapperError
+
+if TYPE_CHECKING:
+    from swapper.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What a granted request gets: where to send it. Valid until its ``Release``."""
+
+    req_id: int
+    model: str
+    base_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    """A request wants ``model``; the answer is ``reply`` (a Lease, or a SwapperError)."""
+
+    req_id: int
+    model: str
+    reply: asyncio.Future[Lease]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Sent exactly once per Acquire, in ``finally``, whatever happened to the request.
+
+    Reconciled by ``req_id``: a request in flight frees its slot, a queued or waiting one leaves
+    its queue, an unknown one is a no-op. This is what makes a cancellation that races a grant
+    leak-proof (see DESIGN.md, "Why a Release on every path").
+    """
+
+    req_id: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A start attempt for ``model`` finished: healthy (``error`` None) or failed."""
+
+    model: str
+    start_id: int
+    error: SwapperError | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """The child of ``model`` is gone and reaped (and its memory released, where measured)."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExited:
+    """A child exited without being asked to; a stale ``pid`` is ignored by the loop."""
+
+    model: str
+    pid: int
+    returncode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Periodic: TTL unloads, and queue re-evaluation as waits age past their bounds."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Unload:
+    """Stop ``models`` (all when None); ``reply`` resolves once every one of them has stopped."""
+
+    models: frozenset[str] | None
+    reply: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """Adopt ``config``; only models whose effective settings changed are restarted."""
+
+    config: Config
+    reply: asyncio.Future[frozenset[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Fail every waiter, stop every child; ``reply`` resolves when all are stopped."""
+
+    reply: asyncio.Future[None]
+
+
+Message = Acquire | Release | Started | Stopped | ChildExited | Tick | Unload | Reload | Shutdown

@@ -1,0 +1,403 @@
+"""Scheduling decisions: which request is served, queued, joins a load, or starts a swap.
+
+Owns: per-model state (stopped/starting/ready/stopping), in-flight request ids, swaps in
+progress and their waiters, the queue, and admission counts. Only the run loop calls it, from one
+task, so it needs no locks. It is sync and pure: time comes in as arguments, and every action
+leaves through the ``Effects`` protocol (the scheduler's whole "syscall table"). It never awaits,
+spawns, or logs speculative decisions.
+
+Decision tree (``_decide``, shared by new requests and queue drains so the two never drift):
+  1. a swap to the model is in progress        → join it (collation: one load serves all)
+  2. the model is ready                        → serve, unless an overdue request claimed it
+  3. the model is stopping                     → queue; the drain after ``Stopped`` restarts it
+  4. plan the eviction set for the model
+  5. it collides with a swap in progress, touches a model an overdue request claimed,
+     or would evict a busy model               → queue (a busy model is never evicted)
+  6. otherwise                                 → start a swap (disjoint swaps run in parallel)
+
+Starvation bound: a queued request older than its model's ``max_wait`` claims its target and the
+models it must evict. Claimed models stop taking the fast path and no later swap may touch them,
+so the swap happens as soon as the claimed models' in-flight requests drain. Queue order is
+priority plus age (``AGING_PER_SECOND``), so a low-priority request is never starved either.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from swapper.config import Config
+from swapper.errors import (
+    ConcurrencyLimit,
+    ModelNotFound,
+    ModelUnloaded,
+    QueueFull,
+    ShuttingDown,
+    SwapperError,
+)
+from swapper.planners import Planner, PlanView, Unplaceable
+
+# One priority point per 10 s waited: a priority-0 request that has waited 100 s goes before a
+# fresh priority-10 one.
+AGING_PER_SECOND = 0.1
+
+
+class State(enum.StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+class Effects(Protocol):
+    """What the scheduler asks the run loop to do. None of these may call back into it."""
+
+    def start(self, model: str, start_id: int) -> None:
+        """Spawn ``model`` and report ``Started(model, start_id, error)`` when healthy or failed."""
+
+    def stop(self, model: str, grace: float) -> None:
+        """Stop ``model`` (aborting a start in progress) and report ``Stopped(model)``."""
+
+    def grant(self, req_id: int, model: str) -> bool:
+        """Hands the request its lease; reports whether the requester was still waiting."""
+        ...
+
+    def fail(self, req_id: int, error: SwapperError) -> None:
+        """Answers the request with ``error``; a requester already gone is ignored."""
+
+
+@dataclass(slots=True)
+class Request:
+    req_id: int
+    model: str
+    at: float
+    seq: int
+    priority: int
+
+
+@dataclass(slots=True)
+class Slot:
+    """Scheduling state of one model (the run loop owns its process)."""
+
+    state: State = State.STOPPED
+    in_flight: set[int] = field(default_factory=set)
+    admitted: int = 0  # queued + waiting on a load + in flight, for concurrency limits
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class Swap:
+    """Bringing ``target`` up: first ``evict`` must stop, then the start is issued."""
+
+    target: str
+    evict: frozenset[str]
+    start_id: int
+    waiters: list[Request]
+    started_at: float
+    start_issued: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    state: State
+    in_flight: int
+    queued: int  # waiting in the queue or on a load
+    oldest_wait: float | None  # seconds the oldest of those has waited
+
+
+class Verdict(enum.Enum):
+    SERVE = enum.auto()
+    JOIN = enum.auto()
+    QUEUE = enum.auto()
+    START = enum.auto()
+
+
+class Scheduler:
+    def __init__(self, config: Config, planner: Planner, effects: Effects) -> None:
+        self._config = config
+        self._planner = planner
+        self._fx = effects
+        self._slots: dict[str, Slot] = {m: Slot() for m in config.models}
+        self._swaps: dict[str, Swap] = {}
+        self._queue: list[Request] = []
+        self._by_id: dict[int, Request] = {}  # every admitted request not yet released
+        self._seq = 0
+        self._start_ids = 0
+        self._shutting_down = False
+
+    # ---- introspection (advisory reads; never gate a mutation on them from outside) ----
+
+    def state(self, model: str) -> State:
+        return self._slots[model].state
+
+    def status(self, now: float) -> dict[str, ModelStatus]:
+        waiting: dict[str, list[float]] = {}
+        for req in self._queue:
+            waiting.setdefault(req.model, []).append(req.at)
+        for swap in self._swaps.values():
+            waiting.setdefault(swap.target, []).extend(r.at for r in swap.waiters)
+        out = {}
+        for model, slot in self._slots.items():
+            ats = waiting.get(model, [])
+            out[model] = ModelStatus(
+                state=slot.state,
+                in_flight=len(slot.in_flight),
+                queued=len(ats),
+                oldest_wait=(now - min(ats)) if ats else None,
+            )
+        return out
+
+    def is_idle(self) -> bool:
+        """No request admitted, no swap in progress, no child starting or stopping."""
+        return not self._by_id and not self._swaps and all(
+            s.state in (State.STOPPED, State.READY) for s in self._slots.values()
+        )
+
+    def all_stopped(self, models: Iterable[str]) -> bool:
+        return all(self._slots[m].state is State.STOPPED for m in models if m in self._slots)
+
+    # ---- messages ----
+
+    def on_acquire(self, req_id: int, model: str, now: float) -> None:
+        cfg = self._config.models.get(model)
+        if cfg is None:
+            self._fx.fail(req_id, ModelNotFound(f"model '{model}' is not configured"))
+            return
+        if self._shutting_down:
+            self._fx.fail(req_id, ShuttingDown("swapper is shutting down"))
+            return
+        slot = self._slots[model]
+        if slot.admitted >= cfg.concurrency_limit:
+            self._fx.fail(req_id, _too_many(model, cfg.concurrency_limit))
+            return
+        self._seq += 1
+        req = Request(req_id, model, now, self._seq, cfg.priority)
+        verdict = self._decide(req, self._claimed(now), now)
+        if verdict is Verdict.QUEUE and len(self._queue) >= self._config.max_queued:
+            self._fx.fail(
+                req_id, QueueFull("too many queued requests", headers={"Retry-After": "5"})
+            )
+            return
+        slot.admitted += 1
+        self._by_id[req_id] = req
+        self._apply(req, verdict, now)
+
+    def on_release(self, req_id: int, now: float) -> None:
+        req = self._by_id.pop(req_id, None)
+        if req is None:
+            return  # never admitted, already failed, or released twice: nothing to undo
+        slot = self._slots[req.model]
+        slot.admitted -= 1
+        if req_id in slot.in_flight:
+            slot.in_flight.discard(req_id)
+            slot.last_used = now
+        elif req in self._queue:
+            self._queue.remove(req)
+        else:
+            swap = self._swaps.get(req.model)
+            if swap is not None and req in swap.waiters:
+                swap.waiters.remove(req)
+        self._drain(now)
+
+    def on_started(self, model: str, start_id: int, error: SwapperError | None, now: float) -> None:
+        swap = self._swaps.get(model)
+        if swap is None or swap.start_id != start_id:
+            return  # the swap was aborted (unload, shutdown); its stop is already under way
+        del self._swaps[model]
+        slot = self._slots[model]
+        if error is not None:
+            slot.state = State.STOPPED
+            for req in swap.waiters:
+                self._forget(req)
+                self._fx.fail(req.req_id, error)
+        else:
+            slot.state = State.READY
+            slot.last_used = now
+            for req in swap.waiters:
+                self._serve(req)
+        self._drain(now)
+
+    def on_stopped(self, model: str, now: float) -> None:
+        slot = self._slots.get(model)
+        if slot is None:
+            return
+        slot.state = State.STOPPED
+        for swap in list(self._swaps.values()):
+            self._maybe_issue_start(swap)
+        self._drain(now)
+
+    def on_child_exited(self, model: str, now: float) -> None:
+        """The child died on its own. Only a ready one changes state here: a starting one fails
+        through its start attempt, and a stopping one reports ``Stopped``."""
+        slot = self._slots.get(model)
+        if slot is not None and slot.state is State.READY:
+            slot.state = State.STOPPED
+            self._drain(now)
+
+    def on_tick(self, now: float) -> None:
+        for model, slot in self._slots.items():
+            ttl = self._config.models[model].ttl
+            if (
+                ttl > 0
+                and slot.state is State.READY
+                and not slot.in_flight
+                and now - slot.last_used >= ttl
+            ):
+                self._stop(model)
+        self._drain(now)
+
+    def on_unload(self, models: Iterable[str], now: float) -> None:
+        for model in models:
+            if model in self._slots:
+                self._unload(model, ModelUnloaded(f"model '{model}' was unloaded"))
+        self._drain(now)
+
+    def on_shutdown(self, now: float) -> None:
+        self._shutting_down = True
+        for model in self._slots:
+            self._unload(model, ShuttingDown("swapper is shutting down"))
+
+    # ---- the decision ----
+
+    def _decide(self, req: Request, claimed: frozenset[str], now: float) -> Verdict:
+        model = req.model
+        if model in self._swaps:
+            return Verdict.JOIN
+        state = self._slots[model].state
+        if state is State.READY:
+            return Verdict.QUEUE if model in claimed else Verdict.SERVE
+        if state is not State.STOPPED:
+            return Verdict.QUEUE
+        try:
+            evict = self._planner.evict_for(model, self._view(model))
+        except Unplaceable:
+            return Verdict.START  # _apply fails it with the planner's reason
+        if self._collides(model, evict) or (evict | {model}) & claimed:
+            return Verdict.QUEUE
+        if any(self._slots[m].in_flight for m in evict):
+            return Verdict.QUEUE
+        return Verdict.START
+
+    def _apply(self, req: Request, verdict: Verdict, now: float) -> None:
+        if verdict is Verdict.SERVE:
+            self._serve(req)
+        elif verdict is Verdict.JOIN:
+            self._swaps[req.model].waiters.append(req)
+        elif verdict is Verdict.QUEUE:
+            self._queue.append(req)
+        else:
+            self._start_swap(req, now)
+
+    def _start_swap(self, req: Request, now: float) -> None:
+        model = req.model
+        try:
+            evict = self._planner.evict_for(model, self._view(model))
+        except Unplaceable as exc:
+            self._forget(req)
+            self._fx.fail(req.req_id, SwapperError(str(exc), status=507, code="insufficient_memory"))
+            return
+        self._start_ids += 1
+        swap = Swap(model, evict, self._start_ids, [req], now)
+        self._swaps[model] = swap
+        self._slots[model].state = State.STARTING
+        self._planner.on_commit(model, evict)
+        for victim in evict:
+            if self._slots[victim].state is not State.STOPPING:
+                self._stop(victim)
+        self._maybe_issue_start(swap)
+
+    def _maybe_issue_start(self, swap: Swap) -> None:
+        if not swap.start_issued and self.all_stopped(swap.evict):
+            swap.start_issued = True
+            self._fx.start(swap.target, swap.start_id)
+
+    def _drain(self, now: float) -> None:
+        """Re-decides every queued request, oldest-and-most-important first."""
+        if not self._queue:
+            return
+        self._queue.sort(key=lambda r: (-(r.priority + (now - r.at) * AGING_PER_SECOND), r.seq))
+        pending, self._queue = self._queue, []
+        claimed: set[str] = set()
+        for req in pending:
+            verdict = self._decide(req, frozenset(claimed), now)
+            self._apply(req, verdict, now)
+            if verdict is Verdict.QUEUE:
+                claimed |= self._claims_of(req, now)
+
+    # ---- helpers ----
+
+    def _claimed(self, now: float) -> frozenset[str]:
+        claimed: set[str] = set()
+        for req in self._queue:
+            claimed |= self._claims_of(req, now)
+        return frozenset(claimed)
+
+    def _claims_of(self, req: Request, now: float) -> frozenset[str]:
+        """An overdue queued request claims its target and everything it must evict."""
+        if now - req.at < self._config.models[req.model].max_wait:
+            return frozenset()
+        try:
+            evict = self._planner.evict_for(req.model, self._view(req.model))
+        except Unplaceable:
+            return frozenset()
+        return evict | {req.model}
+
+    def _view(self, target: str) -> PlanView:
+        running = frozenset(
+            m for m, s in self._slots.items() if s.state is not State.STOPPED and m != target
+        )
+        busy = frozenset(m for m, s in self._slots.items() if s.in_flight) | frozenset(self._swaps)
+        return PlanView(
+            running=running,
+            busy=busy,
+            last_used={m: s.last_used for m, s in self._slots.items()},
+        )
+
+    def _collides(self, target: str, evict: frozenset[str]) -> bool:
+        """Reports whether a swap to ``target`` would touch a swap already in progress."""
+        for swap in self._swaps.values():
+            if swap.target in evict or target in swap.evict or evict & swap.evict:
+                return True
+        return False
+
+    def _serve(self, req: Request) -> None:
+        slot = self._slots[req.model]
+        # The in-flight count grows only if the requester took the lease; otherwise no Release
+        # would ever balance it and the model could never be evicted again.
+        if self._fx.grant(req.req_id, req.model):
+            slot.in_flight.add(req.req_id)
+        else:
+            self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        if self._by_id.pop(req.req_id, None) is not None:
+            self._slots[req.model].admitted -= 1
+
+    def _stop(self, model: str) -> None:
+        self._slots[model].state = State.STOPPING
+        self._fx.stop(model, self._config.models[model].unload_timeout)
+
+    def _unload(self, model: str, error: SwapperError) -> None:
+        for req in [r for r in self._queue if r.model == model]:
+            self._queue.remove(req)
+            self._forget(req)
+            self._fx.fail(req.req_id, error)
+        swap = self._swaps.pop(model, None)
+        if swap is not None:
+            for req in swap.waiters:
+                self._forget(req)
+                self._fx.fail(req.req_id, error)
+            if not swap.start_issued:
+                self._slots[model].state = State.STOPPED
+                return
+        if self._slots[model].state in (State.STARTING, State.READY):
+            self._stop(model)
+
+
+def _too_many(model: str, limit: int) -> ConcurrencyLimit:
+    return ConcurrencyLimit(
+        f"too many requests for model '{model}' (limit {limit})", headers={"Retry-After": "1"}
+    )
+
