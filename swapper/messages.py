@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from swapper.errors import SwapperError
-
-if TYPE_CHECKING:
-    from swapper.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +87,10 @@ class Unload:
 
 
 @dataclass(frozen=True, slots=True)
-class Reload:
-    """Adopt ``config``; only models whose effective settings changed are restarted."""
-
-    config: Config
-    reply: asyncio.Future[frozenset[str]]
-
-
-@dataclass(frozen=True, slots=True)
 class Shutdown:
     """Fail every waiter, stop every child; ``reply`` resolves when all are stopped."""
 
     reply: asyncio.Future[None]
 
 
-Message = Acquire | Release | Started | Stopped | ChildExited | Tick | Unload | Reload | Shutdown
+Message = Acquire | Release | Started | Stopped | ChildExited | Tick | Unload | Shutdown

@@ -132,6 +132,10 @@ class Scheduler:
     def state(self, model: str) -> State:
         return self._slots[model].state
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
     def status(self, now: float) -> dict[str, ModelStatus]:
         waiting: dict[str, list[float]] = {}
         for req in self._queue:
@@ -151,8 +155,10 @@ class Scheduler:
 
     def is_idle(self) -> bool:
         """No request admitted, no swap in progress, no child starting or stopping."""
-        return not self._by_id and not self._swaps and all(
-            s.state in (State.STOPPED, State.READY) for s in self._slots.values()
+        return (
+            not self._by_id
+            and not self._swaps
+            and all(s.state in (State.STOPPED, State.READY) for s in self._slots.values())
         )
 
     def all_stopped(self, models: Iterable[str]) -> bool:
@@ -176,9 +182,7 @@ class Scheduler:
         req = Request(req_id, model, now, self._seq, cfg.priority)
         verdict = self._decide(req, self._claimed(now), now)
         if verdict is Verdict.QUEUE and len(self._queue) >= self._config.max_queued:
-            self._fx.fail(
-                req_id, QueueFull("too many queued requests", headers={"Retry-After": "5"})
-            )
+            self._fx.fail(req_id, QueueFull("too many queued requests", headers={"Retry-After": "5"}))
             return
         slot.admitted += 1
         self._by_id[req_id] = req
@@ -239,12 +243,7 @@ class Scheduler:
     def on_tick(self, now: float) -> None:
         for model, slot in self._slots.items():
             ttl = self._config.models[model].ttl
-            if (
-                ttl > 0
-                and slot.state is State.READY
-                and not slot.in_flight
-                and now - slot.last_used >= ttl
-            ):
+            if ttl > 0 and slot.state is State.READY and not slot.in_flight and now - slot.last_used >= ttl:
                 self._stop(model)
         self._drain(now)
 
@@ -345,9 +344,7 @@ class Scheduler:
         return evict | {req.model}
 
     def _view(self, target: str) -> PlanView:
-        running = frozenset(
-            m for m, s in self._slots.items() if s.state is not State.STOPPED and m != target
-        )
+        running = frozenset(m for m, s in self._slots.items() if s.state is not State.STOPPED and m != target)
         busy = frozenset(m for m, s in self._slots.items() if s.in_flight) | frozenset(self._swaps)
         return PlanView(
             running=running,
@@ -400,4 +397,3 @@ def _too_many(model: str, limit: int) -> ConcurrencyLimit:
     return ConcurrencyLimit(
         f"too many requests for model '{model}' (limit {limit})", headers={"Retry-After": "1"}
     )
-

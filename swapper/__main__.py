@@ -1,0 +1,7 @@
+"""`python -m swapper`."""
+
+import sys
+
+from swapper.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""The composition root: start serving, wait for a signal, then shut down in order.
+
+Owns: construction order, signal handling (handlers only set an event), and the shutdown
+sequence under one deadline:
+  1. stop accepting connections;
+  2. let in-flight requests finish, up to ``grace`` seconds (aiohttp's runner does this);
+  3. the run loop fails every waiter and stops every child (process groups, SIGKILL after each
+     model's unloadTimeout);
+  4. close the upstream ``ClientSession``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from aiohttp import web
+
+from swapper.config import Config
+from swapper.logs import LogHub
+from swapper.server import make_app
+
+log = structlog.get_logger("swapper")
+
+SHUTDOWN_GRACE = 30.0
+
+
+async def serve(
+    config: Config,
+    host: str,
+    port: int,
+    *,
+    logs: LogHub | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serves until SIGTERM/SIGINT (or ``stop`` is set), then shuts down in order."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = make_app(config, logs)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        log.info("listening", url=f"http://{host}:{port}", models=sorted(config.models))
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")

@@ -1,0 +1,271 @@
+"""HTTP handlers: the per-request flow, and the admin endpoints.
+
+Owns: nothing mutable. A model request reads its body once (bounded), finds its model id, asks
+the run loop for a lease, forwards the bytes, and always releases in ``finally``. Admin routes read
+the run loop's advisory snapshot or post messages to it; they never touch children or the
+scheduler directly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from swapper import modelid, proxy, shaping
+from swapper.config import Config
+from swapper.errors import (
+    BodyTooLarge,
+    ModelNotFound,
+    ModelRequired,
+    NotFound,
+    SwapperError,
+    error_body,
+)
+from swapper.runloop import RunLoop
+from swapper.scheduler import State
+
+CONFIG = web.AppKey("config", Config)
+RUNLOOP = web.AppKey("runloop", RunLoop)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+# Routes whose model comes from the body (JSON, multipart or urlencoded), or ?model= as fallback.
+BODY_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/v1/audio/speech",
+    "/v1/audio/voices",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+    "/audioapi/v1/tasks/run",
+    # llama-server's own routes
+    "/chat/completions",
+    "/completions",
+    "/completion",
+    "/infill",
+    "/rerank",
+    "/reranking",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+    "/embedding",
+    "/embeddings",
+    # versionless aliases: forwarded without the /v prefix
+    "/v/chat/completions",
+    "/v/responses",
+    "/v/completions",
+    "/v/messages",
+    "/v/messages/count_tokens",
+    "/v/embeddings",
+    "/v/rerank",
+    "/v/reranking",
+)
+# Routes whose model comes from ?model=.
+QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props", "/slots")
+
+
+def error_response(err: SwapperError) -> web.Response:
+    return web.Response(
+        status=err.status,
+        body=error_body(err),
+        content_type="application/json",
+        headers=err.headers,
+    )
+
+
+def upstream_path(path: str) -> str:
+    if path.startswith("/v/"):
+        return path[2:]
+    if path.startswith("/audioapi/"):
+        return path[len("/audioapi") :]
+    return path
+
+
+def choose_model(name: str | None, config: Config, runloop: RunLoop) -> str:
+    """Maps the requested name (id or alias) to a model id, or picks one for a bare request.
+
+    Clients written for a single llama-server often send no model at all: those go to
+    ``defaultModel``, else to the only configured model, else to the only loaded one.
+    """
+    if name:
+        model = config.resolve(name)
+        if model is None:
+            raise ModelNotFound(f"model '{name}' not found")
+        return model
+    if config.default_model is not None:
+        return config.default_model
+    if len(config.models) == 1:
+        return next(iter(config.models))
+    loaded = [
+        m for m, snap in runloop.snapshot().items() if snap.status.state in (State.READY, State.STARTING)
+    ]
+    if len(loaded) == 1:
+        return loaded[0]
+    raise ModelRequired("no model in the request: send a 'model' field (or ?model=), or set defaultModel")
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body_bytes
+        raise BodyTooLarge(f"request body too large (limit {limit} bytes, maxBodyBytes)") from None
+
+
+async def handle_model_request(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    config, runloop = app[CONFIG], app[RUNLOOP]
+    try:
+        body = await read_body(request)
+        content_type = request.headers.get("Content-Type")
+        wanted = modelid.extract(request.method, content_type, body, request.query)
+        model = choose_model(wanted.model, config, runloop)
+    except SwapperError as err:
+        return error_response(err)
+    req_id = runloop.new_request_id()
+    try:
+        lease = await runloop.acquire(req_id, model)
+        cfg = config.models[model]
+        body = shaping.rewrite_body(
+            content_type,
+            body,
+            model_name=cfg.use_model_name,
+            filters=cfg.filters,
+            requested=wanted.model or model,
+        )
+        # raw_path keeps the client's percent-encoding and query string byte for byte.
+        url = lease.base_url + upstream_path(request.raw_path)
+        result = await proxy.forward(request, app[SESSION], url, body)
+        return result.response
+    except SwapperError as err:
+        return error_response(err)
+    finally:
+        runloop.release(req_id)
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.Response(text="OK")
+
+
+async def handle_list_models(request: web.Request) -> web.Response:
+    config, runloop = request.app[CONFIG], request.app[RUNLOOP]
+    snapshot = runloop.snapshot()
+    now = int(time.time())
+    data: list[dict[str, Any]] = []
+    for mid, cfg in config.models.items():
+        if cfg.unlisted:
+            continue
+        loaded = snapshot[mid].status.state is not State.STOPPED
+        record: dict[str, Any] = {
+            "id": mid,
+            "object": "model",
+            "created": now,
+            "owned_by": "swapper",
+            "meta": {"swapper": {**cfg.metadata, "type": "model", "aliases": list(cfg.aliases)}},
+            "status": {"value": "loaded" if loaded else "unloaded"},
+        }
+        if cfg.name.strip():
+            record["name"] = cfg.name.strip()
+        if cfg.description.strip():
+            record["description"] = cfg.description.strip()
+        data.append(record)
+        if config.include_aliases_in_list:
+            for alias in cfg.aliases:
+                meta = {**record["meta"], "swapper": {"type": "alias", "modelID": mid}}
+                data.append({**record, "id": alias, "meta": meta})
+    data.sort(key=lambda r: str(r["id"]))
+    headers = {}
+    if origin := request.headers.get("Origin"):
+        headers["Access-Control-Allow-Origin"] = origin
+    return web.json_response({"object": "list", "data": data}, headers=headers)
+
+
+async def handle_running(request: web.Request) -> web.Response:
+    config, runloop = request.app[CONFIG], request.app[RUNLOOP]
+    running = []
+    for mid, snap in sorted(runloop.snapshot().items()):
+        st = snap.status
+        if st.state is State.STOPPED and not st.queued:
+            continue
+        cfg = config.models[mid]
+        running.append(
+            {
+                "model": mid,
+                "state": st.state.value,
+                "cmd": cfg.cmd_text,
+                "proxy": cfg.proxy,
+                "ttl": int(cfg.ttl),
+                "name": cfg.name,
+                "description": cfg.description,
+                "pid": snap.pid,
+                "inFlight": st.in_flight,
+                "queued": st.queued,
+                "oldestWaitSeconds": None if st.oldest_wait is None else round(st.oldest_wait, 3),
+            }
+        )
+    return web.json_response({"running": running})
+
+
+async def handle_unload_all_get(request: web.Request) -> web.Response:
+    await request.app[RUNLOOP].unload()
+    return web.Response(text="OK")
+
+
+async def handle_unload_all_post(request: web.Request) -> web.Response:
+    await request.app[RUNLOOP].unload()
+    return web.json_response({"msg": "ok"})
+
+
+async def handle_unload_one(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    model = request.app[CONFIG].resolve(name)
+    if model is None:
+        return error_response(ModelNotFound(f"model '{name}' not found"))
+    await request.app[RUNLOOP].unload([model])
+    return web.Response(text="OK")
+
+
+def add_routes(app: web.Application) -> None:
+    known: dict[str, set[str]] = {}
+
+    def add(method: str, path: str, handler: Any) -> None:
+        app.router.add_route(method, path, handler)
+        known.setdefault(path, set()).add(method)
+
+    for path in BODY_ROUTES:
+        add("POST", path, handle_model_request)
+    for path in QUERY_ROUTES:
+        add("GET", path, handle_model_request)
+    add("GET", "/health", handle_health)
+    add("GET", "/v1/models", handle_list_models)
+    add("GET", "/models", handle_list_models)
+    add("GET", "/running", handle_running)
+    add("GET", "/unload", handle_unload_all_get)
+    add("POST", "/api/models/unload", handle_unload_all_post)
+    add("POST", "/api/models/unload/{model:.+}", handle_unload_one)
+
+    async def not_found(request: web.Request) -> web.Response:
+        methods = known.get(request.path)
+        if methods:
+            err = SwapperError(
+                f"method {request.method} not allowed on {request.path}",
+                status=405,
+                code="method_not_allowed",
+                headers={"Allow": ", ".join(sorted(methods))},
+            )
+            return error_response(err)
+        return error_response(NotFound(f"no route for {request.method} {request.path}"))
+
+    app.router.add_route("*", "/{tail:.*}", not_found)

@@ -1,0 +1,300 @@
+"""The actor: one task that owns every child process and all scheduling state.
+
+Owns: the inbox, the ``Scheduler``, the ``children`` dict, the start/stop tasks, the reply
+futures of waiting requests, and pending unload replies. HTTP handlers reach it only through the
+client methods (``acquire``, ``release``, ``unload``, ``shutdown``), which post messages.
+
+Concurrency contract: ``_handle`` and every ``Effects`` method are plain ``def``s run by the loop
+task between two inbox reads, so no decision is ever interleaved with another. Slow work (spawn,
+health wait, stop) runs in tasks this object owns and comes back as ``Started``/``Stopped``/
+``ChildExited`` messages. Internal senders use ``put_nowait``: the inbox is unbounded (admission
+limits live in the scheduler), so the loop can never deadlock posting to itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, assert_never
+
+import aiohttp
+import structlog
+
+from swapper.children import Child
+from swapper.config import Config
+from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
+from swapper.health import wait_healthy
+from swapper.logs import LogHub
+from swapper.messages import (
+    Acquire,
+    ChildExited,
+    Lease,
+    Message,
+    Release,
+    Shutdown,
+    Started,
+    Stopped,
+    Tick,
+    Unload,
+)
+from swapper.planners import Planner, make_planner
+from swapper.scheduler import ModelStatus, Scheduler, State
+
+log = structlog.get_logger("swapper.runloop")
+
+TICK_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSnapshot:
+    status: ModelStatus
+    pid: int | None
+    started_at: float | None  # wall-clock time the current child was spawned
+
+
+class RunLoop:
+    def __init__(
+        self,
+        config: Config,
+        session: aiohttp.ClientSession,
+        *,
+        logs: LogHub | None = None,
+        planner: Planner | None = None,
+    ) -> None:
+        self.config = config
+        self._session = session
+        self._logs = logs or LogHub()
+        self._sched = Scheduler(config, planner or make_planner(config), self)
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._children: dict[str, Child] = {}
+        self._spawned_at: dict[str, float] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._stopping: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._replies: dict[int, asyncio.Future[Lease]] = {}
+        self._unload_replies: list[tuple[frozenset[str], asyncio.Future[None]]] = []
+        self._ids = itertools.count(1)
+        self._idle = asyncio.Event()
+        self._done = False
+
+    # ---- client methods: the only way in from other tasks ----
+
+    def new_request_id(self) -> int:
+        return next(self._ids)
+
+    async def acquire(self, req_id: int, model: str) -> Lease:
+        """Waits until ``model`` may serve this request; pair with ``release`` in ``finally``."""
+        if self._done:
+            raise ShuttingDown("swapper is shutting down")
+        reply: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._post(Acquire(req_id, model, reply, time.monotonic()))
+        return await reply
+
+    def release(self, req_id: int) -> None:
+        self._post(Release(req_id, time.monotonic()))
+
+    async def unload(self, models: Iterable[str] | None = None) -> None:
+        """Stops ``models`` (every model when None) and returns once they have all stopped."""
+        reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._post(Unload(None if models is None else frozenset(models), reply))
+        await reply
+
+    async def shutdown(self) -> None:
+        if self._done:
+            return
+        reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._post(Shutdown(reply))
+        await reply
+
+    async def wait_idle(self) -> None:
+        """Waits until the inbox is empty and no child is starting or stopping (for tests)."""
+        await self._idle.wait()
+
+    def snapshot(self) -> dict[str, ModelSnapshot]:
+        """An advisory view for status routes; never gate a decision on it."""
+        now = time.monotonic()
+        return {
+            model: ModelSnapshot(
+                status,
+                self._children[model].pid if model in self._children else None,
+                self._spawned_at.get(model),
+            )
+            for model, status in self._sched.status(now).items()
+        }
+
+    def state(self, model: str) -> State:
+        return self._sched.state(model)
+
+    @property
+    def logs(self) -> LogHub:
+        return self._logs
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        """Runs until a ``Shutdown`` has stopped every child."""
+        ticker = self._spawn(self._tick_forever())
+        try:
+            while not self._done:
+                msg = await self._inbox.get()
+                self._handle(msg)
+                self._settle()
+        finally:
+            ticker.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _post(self, msg: Message) -> None:
+        self._idle.clear()
+        self._inbox.put_nowait(msg)
+
+    def _handle(self, msg: Message) -> None:
+        now = time.monotonic()
+        match msg:
+            case Acquire(req_id, model, reply, at):
+                self._replies[req_id] = reply
+                self._sched.on_acquire(req_id, model, at)
+            case Release(req_id, at):
+                self._replies.pop(req_id, None)
+                self._sched.on_release(req_id, at)
+            case Started(model, start_id, error):
+                self._starting.pop(model, None)
+                if error is not None:
+                    self._children.pop(model, None)
+                    log.warning("model failed to start", model=model, error=error.message)
+                else:
+                    log.info("model ready", model=model, pid=self._pid(model))
+                self._sched.on_started(model, start_id, error, now)
+            case Stopped(model):
+                self._stopping.pop(model, None)
+                self._children.pop(model, None)
+                self._spawned_at.pop(model, None)
+                self._sched.on_stopped(model, now)
+            case ChildExited(model, pid, returncode):
+                self._on_child_exited(model, pid, returncode, now)
+            case Tick(at):
+                self._sched.on_tick(at)
+            case Unload(models, reply):
+                targets = frozenset(self.config.models) if models is None else models
+                self._unload_replies.append((targets, reply))
+                self._sched.on_unload(targets, now)
+            case Shutdown(reply):
+                self._sched.on_shutdown(now)
+                self._unload_replies.append((frozenset(self.config.models), reply))
+            case _:
+                assert_never(msg)
+
+    def _settle(self) -> None:
+        """After each message: answer finished unloads, note idleness, notice shutdown's end."""
+        still = []
+        for models, reply in self._unload_replies:
+            if self._sched.all_stopped(models) and not (models & self._stopping.keys()):
+                if not reply.done():
+                    reply.set_result(None)
+            else:
+                still.append((models, reply))
+        self._unload_replies = still
+        if self._sched.shutting_down and not self._children and not self._unload_replies:
+            self._done = True
+        if self._inbox.empty() and not self._starting and not self._stopping:
+            self._idle.set()
+
+    def _on_child_exited(self, model: str, pid: int, returncode: int, now: float) -> None:
+        child = self._children.get(model)
+        if child is None or child.pid != pid or model in self._starting or model in self._stopping:
+            return  # stale, or a start/stop task already owns this exit
+        del self._children[model]
+        self._spawned_at.pop(model, None)
+        tail = " | ".join(self._logs.last_lines(model, 3))
+        log.warning("model exited unexpectedly", model=model, pid=pid, returncode=returncode, tail=tail)
+        self._sched.on_child_exited(model, now)
+
+    # ---- Effects: called by the scheduler inside _handle; they never await ----
+
+    def start(self, model: str, start_id: int) -> None:
+        cfg = self.config.models[model]
+        child = Child(
+            cfg,
+            on_line=lambda stream, line: self._logs.child_line(model, stream, line),
+            on_exit=lambda returncode: self._on_exit(child, returncode),
+        )
+        self._children[model] = child
+        self._spawned_at[model] = time.time()
+        self._starting[model] = self._spawn(self._start(child, start_id))
+
+    def stop(self, model: str, grace: float) -> None:
+        starting = self._starting.pop(model, None)
+        if starting is not None:
+            starting.cancel()
+        self._stopping[model] = self._spawn(self._stop(model, self._children.get(model), starting, grace))
+
+    def grant(self, req_id: int, model: str) -> bool:
+        reply = self._replies.pop(req_id, None)
+        if reply is None or reply.done():
+            return False
+        reply.set_result(Lease(req_id, model, self.config.models[model].proxy))
+        return True
+
+    def fail(self, req_id: int, error: SwapperError) -> None:
+        reply = self._replies.pop(req_id, None)
+        if reply is not None and not reply.done():
+            reply.set_exception(error)
+
+    # ---- tasks ----
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _start(self, child: Child, start_id: int) -> None:
+        model = child.model.id
+        began = time.monotonic()
+        try:
+            await child.spawn()
+            await wait_healthy(self._session, child, _health_url(child), child.model.health_check_timeout)
+        except SwapperError as exc:
+            await child.stop(grace=1.0)
+            self._post(Started(model, start_id, exc))
+        except Exception as exc:  # a bug must fail the waiters, not wedge the model as "starting"
+            log.exception("start failed", model=model)
+            await child.stop(grace=1.0)
+            self._post(Started(model, start_id, ModelLoadFailed(f"start failed: {exc!r}")))
+        else:
+            log.debug("model healthy", model=model, seconds=round(time.monotonic() - began, 4))
+            self._post(Started(model, start_id, None))
+
+    async def _stop(
+        self, model: str, child: Child | None, starting: asyncio.Task[None] | None, grace: float
+    ) -> None:
+        if starting is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        if child is not None:
+            returncode = await child.stop(grace=grace)
+            log.info("model stopped", model=model, returncode=returncode)
+        self._post(Stopped(model))
+
+    def _on_exit(self, child: Child, returncode: int) -> None:
+        if child.pid is not None and not child.stop_requested:
+            self._post(ChildExited(child.model.id, child.pid, returncode))
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self._post(Tick(time.monotonic()))
+
+    def _pid(self, model: str) -> int | None:
+        child = self._children.get(model)
+        return child.pid if child else None
+
+
+def _health_url(child: Child) -> str | None:
+    endpoint = child.model.check_endpoint
+    return None if endpoint is None else child.model.proxy + endpoint

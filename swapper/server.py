@@ -1,0 +1,47 @@
+"""Builds the aiohttp application: route table, app state, and the run loop's lifetime.
+
+Owns: the ``Application`` and the ``cleanup_ctx`` that starts the run loop and the shared
+``ClientSession`` and stops them in order (run loop first, so children stop while the session
+can still be used by in-flight requests it is failing, then the session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from swapper import proxy
+from swapper.config import Config
+from swapper.logs import LogHub
+from swapper.routes import CONFIG, RUNLOOP, SESSION, add_routes
+from swapper.runloop import RunLoop
+
+RUNLOOP_TASK = web.AppKey("runloop_task", asyncio.Task[None])
+LOGS = web.AppKey("logs", LogHub)
+
+
+def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app[LOGS] = logs or LogHub()
+    add_routes(app)
+    app.cleanup_ctx.append(_runloop_ctx)
+    return app
+
+
+async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = proxy.make_session()
+    runloop = RunLoop(app[CONFIG], session, logs=app[LOGS])
+    app[SESSION] = session
+    app[RUNLOOP] = runloop
+    task = asyncio.get_running_loop().create_task(runloop.run(), name="swapper-runloop")
+    app[RUNLOOP_TASK] = task
+    try:
+        yield
+    finally:
+        # Children stop before the session closes; the loop's task ends once they are all gone.
+        await runloop.shutdown()
+        await task
+        await session.close()
