@@ -9,6 +9,7 @@ handler.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from swapper.errors import SwapperError
@@ -31,6 +32,9 @@ class Acquire:
     model: str
     reply: asyncio.Future[Lease]
     at: float
+    # Called (from the loop, synchronously) if the request was admitted but must wait for a
+    # load or in the queue: the handler may then start a loading-state stream.
+    on_wait: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

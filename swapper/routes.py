@@ -8,6 +8,7 @@ scheduler directly.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from swapper import modelid, proxy, shaping
-from swapper.config import Config
+from swapper.config import Config, ModelConfig
 from swapper.errors import (
     BodyTooLarge,
     ModelNotFound,
@@ -24,6 +25,8 @@ from swapper.errors import (
     SwapperError,
     error_body,
 )
+from swapper.loading import LoadingStream, wait_with_preamble
+from swapper.messages import Lease
 from swapper.runloop import RunLoop
 from swapper.scheduler import State
 
@@ -134,10 +137,17 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
         model = choose_model(wanted.model, config, runloop)
     except SwapperError as err:
         return error_response(err)
+    cfg = config.models[model]
     req_id = runloop.new_request_id()
+    preamble: LoadingStream | None = None
     try:
-        lease = await runloop.acquire(req_id, model)
-        cfg = config.models[model]
+        if wanted.stream and wants_loading_state(config, cfg, request.path):
+            preamble = LoadingStream(request, model, config.loading_state_mode)
+            lease = await acquire_with_preamble(runloop, req_id, model, preamble)
+            if not preamble.response.prepared:
+                preamble = None  # served at once: the upstream's own headers go out
+        else:
+            lease = await runloop.acquire(req_id, model)
         body = shaping.rewrite_body(
             content_type,
             body,
@@ -147,12 +157,45 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
         )
         # raw_path keeps the client's percent-encoding and query string byte for byte.
         url = lease.base_url + upstream_path(request.raw_path)
-        result = await proxy.forward(request, app[SESSION], url, body)
+        response = preamble.response if preamble is not None else None
+        result = await proxy.forward(request, app[SESSION], url, body, response=response)
         return result.response
     except SwapperError as err:
+        if preamble is not None and preamble.response.prepared:
+            await preamble.fail(err)
+            return preamble.response
         return error_response(err)
     finally:
         runloop.release(req_id)
+
+
+def wants_loading_state(config: Config, cfg: ModelConfig, path: str) -> bool:
+    """Status text as reasoning deltas only fits chat completions; comments fit any SSE."""
+    if not cfg.send_loading_state:
+        return False
+    return config.loading_state_mode == "comments" or path.endswith("/chat/completions")
+
+
+async def acquire_with_preamble(runloop: RunLoop, req_id: int, model: str, preamble: LoadingStream) -> Lease:
+    """Acquires; if the request has to wait, streams status to the client meanwhile.
+
+    Admission errors (429, 404) arrive before any byte is written, since the loop answers them
+    while handling the Acquire, before it would report a wait.
+    """
+    waiting = asyncio.get_running_loop().create_future()
+
+    def on_wait() -> None:
+        if not waiting.done():
+            waiting.set_result(None)
+
+    lease = asyncio.ensure_future(runloop.acquire(req_id, model, on_wait=on_wait))
+    try:
+        await asyncio.wait({lease, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if not lease.done():
+            await wait_with_preamble(preamble, lease, lambda: runloop.queue_position(req_id))
+        return await lease
+    finally:
+        lease.cancel()  # a no-op once done; otherwise the client left while we waited
 
 
 async def handle_health(request: web.Request) -> web.Response:

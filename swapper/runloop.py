@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, assert_never
 
@@ -86,13 +86,20 @@ class RunLoop:
     def new_request_id(self) -> int:
         return next(self._ids)
 
-    async def acquire(self, req_id: int, model: str) -> Lease:
-        """Waits until ``model`` may serve this request; pair with ``release`` in ``finally``."""
+    async def acquire(self, req_id: int, model: str, *, on_wait: Callable[[], None] | None = None) -> Lease:
+        """Waits until ``model`` may serve this request; pair with ``release`` in ``finally``.
+
+        ``on_wait`` is called once the request is admitted but has to wait (load or queue).
+        """
         if self._done:
             raise ShuttingDown("swapper is shutting down")
         reply: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._post(Acquire(req_id, model, reply, time.monotonic()))
+        self._post(Acquire(req_id, model, reply, time.monotonic(), on_wait))
         return await reply
+
+    def queue_position(self, req_id: int) -> int | None:
+        """Advisory: 1-based place in the queue, None when not queued (e.g. waiting on a load)."""
+        return self._sched.queue_position(req_id)
 
     def release(self, req_id: int) -> None:
         self._post(Release(req_id, time.monotonic()))
@@ -156,9 +163,11 @@ class RunLoop:
     def _handle(self, msg: Message) -> None:
         now = time.monotonic()
         match msg:
-            case Acquire(req_id, model, reply, at):
+            case Acquire(req_id, model, reply, at, on_wait):
                 self._replies[req_id] = reply
                 self._sched.on_acquire(req_id, model, at)
+                if on_wait is not None and not reply.done():
+                    on_wait()
             case Release(req_id, at):
                 self._replies.pop(req_id, None)
                 self._sched.on_release(req_id, at)

@@ -153,6 +153,12 @@ class Scheduler:
             )
         return out
 
+    def queue_position(self, req_id: int) -> int | None:
+        req = self._by_id.get(req_id)
+        if req is None or req not in self._queue:
+            return None
+        return self._queue.index(req) + 1
+
     def is_idle(self) -> bool:
         """No request admitted, no swap in progress, no child starting or stopping."""
         return (
@@ -203,6 +209,8 @@ class Scheduler:
             swap = self._swaps.get(req.model)
             if swap is not None and req in swap.waiters:
                 swap.waiters.remove(req)
+                if not swap.waiters and self._queue:
+                    self._abort(swap)
         self._drain(now)
 
     def on_started(self, model: str, start_id: int, error: SwapperError | None, now: float) -> None:
@@ -375,6 +383,18 @@ class Scheduler:
     def _stop(self, model: str) -> None:
         self._slots[model].state = State.STOPPING
         self._fx.stop(model, self._config.models[model].unload_timeout)
+
+    def _abort(self, swap: Swap) -> None:
+        """Drops a load nobody waits for any more, because another model wants the room.
+
+        With nobody else waiting the load is left to finish (the client may retry, llama-swap
+        #727); here it would only delay the queue.
+        """
+        del self._swaps[swap.target]
+        if swap.start_issued:
+            self._stop(swap.target)
+        else:
+            self._slots[swap.target].state = State.STOPPED
 
     def _unload(self, model: str, error: SwapperError) -> None:
         for req in [r for r in self._queue if r.model == model]:

@@ -355,3 +355,30 @@ def test_status_reports_queue_age() -> None:
     st = h.s.status(h.now)
     assert st["b"].queued == 1 and st["b"].oldest_wait == 7.0
     assert st["a"].in_flight == 1 and st["a"].state is State.READY
+
+
+def test_load_abandoned_by_all_waiters_is_aborted_when_another_model_waits() -> None:
+    h = Harness("a", "b")
+    ra = h.req("a")
+    h.req("b")  # queued behind a's load
+    h.done(ra)
+    assert h.fx.stops == ["a"]  # the start of a is aborted
+    h.stopped("a")
+    assert h.fx.starts[-1][0] == "b"
+
+
+def test_load_abandoned_with_nobody_else_waiting_finishes() -> None:
+    h = Harness("a")
+    ra = h.req("a")
+    h.done(ra)
+    assert h.fx.stops == []
+    h.ready("a")
+    assert h.s.state("a") is State.READY
+
+
+def test_queue_position_is_reported() -> None:
+    h = Harness("a", "b", "c")
+    h.bring_up("a")
+    rb, rc = h.req("b"), h.req("c")
+    assert (h.s.queue_position(rb), h.s.queue_position(rc)) == (1, 2)
+    assert h.s.queue_position(1) is None
