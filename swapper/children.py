@@ -1,0 +1,408 @@
+"""One OS process per model: spawn it, hear its output, notice its exit, stop it, always reap it.
+
+Owns: the child process of one ``ModelConfig`` (its process group, pipes and asyncio transport),
+the last lines it printed, and the count of readiness lines it printed. Also the short-lived
+``cmdStop`` process that ``stop()`` may run.
+
+May not touch: decisions about *when* to start or stop (the run loop makes them), other
+children, health probing (``health.py``), and log formatting (output lines go to the ``on_line``
+callback the owner supplies).
+
+Concurrency contract: every method runs on the event-loop thread that called ``spawn()``.
+Output is read by the loop itself through a ``SubprocessProtocol`` (callbacks, no tasks), so a
+child can never block on a full pipe while swapper is alive, whatever the consumer does; the
+``on_line`` callback is sync and runs inline, so it must be cheap (append to a ring buffer, log).
+``stop()`` may be called any number of times, concurrently, before or after the child exited.
+
+No orphans: the child leads its own process group, so signals reach anything it forks; when the
+leader exits (on its own or stopped) the rest of its group is SIGKILLed at once, so a forked
+helper cannot keep holding VRAM, a port or our pipes. On Linux the child also gets
+PR_SET_PDEATHSIG=SIGKILL, so it dies even if swapper is SIGKILLed. The kernel sends that signal
+when the *thread* that forked the child ends; asyncio forks on the event-loop thread, so the loop
+must run on a thread that lives as long as swapper (the main thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import functools
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from swapper.config import ModelConfig
+from swapper.errors import ModelLoadFailed
+
+log = logging.getLogger("swapper.children")
+
+# Lines after which a probe is worth trying at once: llama-server ("server is listening on ..."),
+# whisper-server ("whisper server listening at ..."), uvicorn/vLLM. A false positive only costs a
+# probe; llama-server also prints "HTTP server is listening" *before* it loads the model, which
+# is why readiness lines are counted rather than latched (see ``wait_ready_line``).
+READY_LINE: Final = re.compile(
+    r"server is listening|listening (?:on|at)\b|HTTP server listening|uvicorn running on"
+    r"|application startup complete",
+    re.IGNORECASE,
+)
+LAST_LINES_KEPT: Final = 200
+MAX_LINE_BYTES: Final = 8192  # longer lines are split, so one runaway line cannot grow memory
+# After the leader exits and its group is SIGKILLed, the pipes close within milliseconds; this
+# bound only matters if something escaped the group (setsid) while holding our pipes.
+DRAIN_TIMEOUT: Final = 1.0
+
+OnLine = Callable[[str, str], None]
+OnExit = Callable[[int], None]
+
+_PR_SET_PDEATHSIG: Final = 1
+_SIGKILL: Final = int(signal.SIGKILL)
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+# Resolved once here, in the parent: the pre-exec hook runs in a just-forked child of a
+# multi-threaded process, where it must not import, dlopen or take locks.
+_prctl: Final = _load_prctl()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pre-exec hook: SIGKILL this child when the thread that forked it dies."""
+    assert _prctl is not None
+    _prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        # The parent died before prctl took effect; the signal will never come.
+        os._exit(1)
+
+
+def exit_reason(returncode: int) -> str:
+    """Says how a process ended, in words: 'exited with code 1', 'was killed by SIGKILL'."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"was killed by {name}"
+
+
+async def _start(
+    argv: Sequence[str], env: dict[str, str], on_line: OnLine, on_ready: Callable[[], None]
+) -> tuple[asyncio.SubprocessTransport, _Pipes]:
+    loop = asyncio.get_running_loop()
+    preexec = functools.partial(_die_with_parent, os.getpid()) if _prctl is not None else None
+    return await loop.subprocess_exec(
+        lambda: _Pipes(loop, on_line, on_ready),
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        process_group=0,
+        preexec_fn=preexec,
+    )
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # the whole group is gone already
+    except PermissionError:
+        # Only if the id was recycled by someone else's group after ours emptied; not ours to kill.
+        log.debug("no permission to signal process group %d", pgid)
+
+
+class _Pipes(asyncio.SubprocessProtocol):
+    """Protocol of one process: splits output into lines and resolves two futures.
+
+    ``leader_exited`` resolves with the return code as soon as the process is reaped; ``finished``
+    once its pipes are closed too (all output delivered) and the transport is closed.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_line: OnLine, on_ready: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self._on_line = on_line
+        self._on_ready = on_ready
+        self._partial: dict[int, bytes] = {1: b"", 2: b""}
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES_KEPT)
+        self.leader_exited: asyncio.Future[int] = loop.create_future()
+        self.finished: asyncio.Future[int] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        buf = self._partial[fd] + data
+        *lines, rest = buf.split(b"\n")
+        if len(rest) > MAX_LINE_BYTES:
+            lines.append(rest)
+            rest = b""
+        self._partial[fd] = rest
+        for raw in lines:
+            self._emit(fd, raw)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if rest := self._partial.pop(fd, b""):
+            self._emit(fd, rest)
+
+    def _emit(self, fd: int, raw: bytes) -> None:
+        if len(raw) > MAX_LINE_BYTES:
+            for start in range(0, len(raw), MAX_LINE_BYTES):
+                self._emit(fd, raw[start : start + MAX_LINE_BYTES])
+            return
+        text = raw.decode("utf-8", "replace")
+        if "\r" in text:
+            # Progress bars redraw with \r; the last redraw is the current state.
+            text = text.rstrip("\r").rsplit("\r", 1)[-1]
+        if not text.strip():
+            return
+        self.lines.append(text)
+        if READY_LINE.search(text):
+            self._on_ready()
+        try:
+            self._on_line("stdout" if fd == 1 else "stderr", text)
+        except Exception:
+            # A failing consumer must not cost the rest of this chunk's lines (or later readiness
+            # lines); the loop keeps reading the pipe either way.
+            log.exception("on_line callback failed")
+
+    def process_exited(self) -> None:
+        assert self._transport is not None
+        rc = self._transport.get_returncode()
+        assert rc is not None
+        # Kill whatever the leader left behind in its group right away: a forked helper would
+        # otherwise keep holding the port, memory and our pipes. The pgid is the leader's pid,
+        # which the kernel does not recycle while any member of the group is alive.
+        _signal_group(self._transport.get_pid(), _SIGKILL)
+        self.leader_exited.set_result(rc)
+        self._drain_timer = self._loop.call_later(DRAIN_TIMEOUT, self._transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Called once the process exited and every pipe closed (or close() forced them shut).
+        assert self._transport is not None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._transport.close()
+        self.finished.set_result(self.leader_exited.result())
+
+
+class Child:
+    """The OS process of one model.
+
+    Args:
+        model: what to run (``cmd``, ``env``, ``cmd_stop``).
+        on_line: called with ``("stdout" | "stderr" | "cmd_stop", line)`` for each non-empty line
+            of output, decoded as UTF-8 with replacement, without the line ending.
+        on_exit: called once with the return code when the child has exited and all its output
+            was delivered, before ``wait_exited()`` and ``stop()`` return, whether or not a stop
+            was asked; ``stop_requested`` tells an expected exit from a crash.
+    """
+
+    __slots__ = (
+        "_model",
+        "_on_line",
+        "_on_exit",
+        "_pid",
+        "_pipes",
+        "_ready_count",
+        "_ready_changed",
+        "_stop",
+    )
+
+    def __init__(self, model: ModelConfig, *, on_line: OnLine, on_exit: OnExit | None = None) -> None:
+        self._model = model
+        self._on_line = on_line
+        self._on_exit = on_exit
+        self._pid: int | None = None
+        self._pipes: _Pipes | None = None
+        self._ready_count = 0
+        self._ready_changed = asyncio.Event()
+        self._stop: asyncio.Future[int] | None = None
+
+    def __repr__(self) -> str:
+        state = "new" if self._pipes is None else "exited" if self.exited() else "running"
+        return f"<Child {self._model.id!r} pid={self._pid} {state}>"
+
+    @property
+    def model(self) -> ModelConfig:
+        return self._model
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (also its process-group id) once spawned."""
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        """None until ``exited()``; negative -N if a signal N killed it."""
+        if self._pipes is None or not self._pipes.finished.done():
+            return None
+        return self._pipes.finished.result()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop is not None
+
+    @property
+    def ready_lines_seen(self) -> int:
+        """How many output lines so far matched ``READY_LINE``."""
+        return self._ready_count
+
+    def env(self) -> dict[str, str]:
+        """The child's environment: swapper's own, overridden by the model's ``env``."""
+        return {**os.environ, **dict(self._model.env)}
+
+    async def spawn(self) -> None:
+        """Starts the process; raises ModelLoadFailed if it cannot be executed at all."""
+        if self._pipes is not None:
+            raise RuntimeError(f"{self!r} was already spawned")
+        argv = self._model.cmd
+        if not argv:
+            raise ModelLoadFailed(f"model {self._model.id!r}: cmd is empty")
+        try:
+            transport, pipes = await _start(argv, self.env(), self._on_line, self._saw_ready_line)
+        except FileNotFoundError:
+            raise ModelLoadFailed(f"model {self._model.id!r}: cannot run {argv[0]!r}: no such file") from None
+        except PermissionError:
+            msg = f"model {self._model.id!r}: cannot run {argv[0]!r}: permission denied (not executable?)"
+            raise ModelLoadFailed(msg) from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ModelLoadFailed(f"model {self._model.id!r}: cannot run {argv[0]!r}: {exc}") from None
+        self._pipes = pipes
+        self._pid = transport.get_pid()
+        pipes.finished.add_done_callback(self._finished)
+        log.info("model %r started: pid %d: %s", self._model.id, self._pid, self._model.cmd_text)
+
+    def _saw_ready_line(self) -> None:
+        self._ready_count += 1
+        # Wake every current waiter, then start a fresh event for the next line.
+        event, self._ready_changed = self._ready_changed, asyncio.Event()
+        event.set()
+
+    def _finished(self, fut: asyncio.Future[int]) -> None:
+        rc = fut.result()
+        log.info("model %r (pid %s) %s", self._model.id, self._pid, exit_reason(rc))
+        if self._on_exit is not None:
+            try:
+                self._on_exit(rc)
+            except Exception:
+                log.exception("on_exit callback failed")
+
+    def exited(self) -> bool:
+        """Whether the child has exited and all of its output was delivered."""
+        return self._pipes is not None and self._pipes.finished.done()
+
+    async def wait_exited(self) -> int:
+        """Waits until the child has exited and its output is drained; returns its return code."""
+        # shield: a cancelled waiter must not cancel the shared future other waiters use.
+        return await asyncio.shield(self._spawned().finished)
+
+    async def wait_ready_line(self, after: int = 0) -> None:
+        """Waits until more than ``after`` readiness lines were seen (see ``ready_lines_seen``).
+
+        Pass the count read *before* probing, so a line printed during the probe is not missed.
+        """
+        while self._ready_count <= after:
+            await self._ready_changed.wait()
+
+    def last_lines(self, n: int = 20) -> list[str]:
+        """The last ``n`` output lines (stdout and stderr interleaved), oldest first."""
+        if self._pipes is None or n <= 0:
+            return []
+        lines = self._pipes.lines
+        return list(lines)[-n:]
+
+    def kill(self) -> None:
+        """SIGKILLs the process group now, without waiting; ``wait_exited()`` still reaps."""
+        if self._pid is not None and not self._spawned().leader_exited.done():
+            _signal_group(self._pid, _SIGKILL)
+
+    async def stop(self, grace: float) -> int:
+        """Stops the child and returns its return code once it is reaped.
+
+        Sends ``cmd_stop`` (with ``${PID}`` replaced) if the model has one, else SIGTERM to the
+        process group; SIGKILLs the group if the child has not exited ``grace`` seconds later.
+        Idempotent: later or concurrent calls share the first call's outcome. Cancelling a
+        caller SIGKILLs the group at once (reaping still happens; nothing is left behind).
+        """
+        pipes = self._spawned()
+        if self._stop is None:
+            self._stop = asyncio.ensure_future(self._stop_once(pipes, grace))
+        try:
+            return await asyncio.shield(self._stop)
+        except asyncio.CancelledError:
+            self.kill()
+            raise
+
+    async def _stop_once(self, pipes: _Pipes, grace: float) -> int:
+        assert self._pid is not None
+        if pipes.leader_exited.done():
+            return await pipes.finished
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        stopper = await self._start_cmd_stop() if self._model.cmd_stop else None
+        if stopper is None:
+            _signal_group(self._pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(pipes.leader_exited)
+                if stopper is not None:
+                    await asyncio.shield(stopper[1].leader_exited)
+        except TimeoutError:
+            if not pipes.leader_exited.done():
+                log.warning(
+                    "model %r (pid %d) did not exit %.1fs after %s; sending SIGKILL to its process group"
+                    " (raise unloadTimeout if it needs longer to shut down cleanly)",
+                    self._model.id,
+                    self._pid,
+                    grace,
+                    "cmdStop" if stopper is not None else "SIGTERM",
+                )
+                _signal_group(self._pid, _SIGKILL)
+        if stopper is not None:
+            transport, stop_pipes = stopper
+            _signal_group(transport.get_pid(), _SIGKILL)  # no-op if it finished
+            await stop_pipes.finished
+        return await pipes.finished
+
+    async def _start_cmd_stop(self) -> tuple[asyncio.SubprocessTransport, _Pipes] | None:
+        """Starts cmdStop; None (after logging why) if it cannot run, so SIGTERM is used instead."""
+        assert self._model.cmd_stop is not None
+        argv = [arg.replace("${PID}", str(self._pid)) for arg in self._model.cmd_stop]
+
+        def on_line(_stream: str, line: str) -> None:
+            self._on_line("cmd_stop", line)
+
+        try:
+            return await _start(argv, self.env(), on_line, lambda: None)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning(
+                "model %r: cmdStop %r failed to start (%s); sending SIGTERM", self._model.id, argv, exc
+            )
+            return None
+
+    def _spawned(self) -> _Pipes:
+        if self._pipes is None:
+            raise RuntimeError(f"{self!r} was never spawned")
+        return self._pipes

@@ -1,0 +1,155 @@
+"""Readiness of a freshly spawned child: ``wait_healthy()``.
+
+Owns: nothing that outlives a call. Each call owns two tasks (the poller and the exit watcher)
+and cancels and awaits both before it returns or raises.
+
+May not touch: spawning or killing processes (the caller stops a child that failed to become
+healthy), and the child's state beyond reading it.
+
+Why not the reference's fixed schedule (250 ms, then a probe per second): a small llama-server
+is healthy ~30 ms after spawn, so a swap should cost little more than that. We probe at once,
+then back off from 10 ms to 250 ms, and probe immediately when the child prints a readiness
+line; a child that exits while loading fails the wait at once instead of at the deadline (a
+missing model or a port in use makes llama-server exit within ~50 ms).
+
+Concurrency contract: a coroutine; cancelling it cancels its tasks and leaves the child alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final, Protocol
+
+import aiohttp
+
+from swapper.children import exit_reason
+from swapper.config import ModelConfig
+from swapper.errors import ModelLoadFailed
+
+FIRST_INTERVAL: Final = 0.01
+MAX_INTERVAL: Final = 0.25
+BACKOFF: Final = 1.25  # probes at 0, 10, 22, 38, 58, 82, 113, 151, 198, 258 ms, ... 250 ms apart after ~1 s
+PROBE_TIMEOUT: Final = 2.0
+LINES_IN_ERRORS: Final = 10
+
+
+class LoadingChild(Protocol):
+    """What ``wait_healthy`` reads from a child; ``children.Child`` is one, test fakes can be too.
+
+    Contract: once ``wait_exited()`` has returned, ``exited()`` is True and ``returncode`` is set.
+    """
+
+    @property
+    def model(self) -> ModelConfig: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def ready_lines_seen(self) -> int: ...
+
+    def exited(self) -> bool: ...
+
+    async def wait_exited(self) -> int: ...
+
+    async def wait_ready_line(self, after: int = 0) -> None: ...
+
+    def last_lines(self, n: int = 20) -> list[str]: ...
+
+
+async def wait_healthy(
+    session: aiohttp.ClientSession,
+    child: LoadingChild,
+    url: str | None,
+    load_timeout: float,
+    *,
+    first_interval: float = FIRST_INTERVAL,
+    max_interval: float = MAX_INTERVAL,
+    probe_timeout: float = PROBE_TIMEOUT,
+) -> None:
+    """Returns once GET ``url`` answers 200; returns at once if ``url`` is None (no check).
+
+    Raises ModelLoadFailed as soon as the child exits (with its exit code and last output
+    lines), or after ``load_timeout`` seconds (the model's ``health_check_timeout``).
+    Connection errors and non-200 answers are the normal state of a loading server and only
+    mean "poll again". ``first_interval``/``max_interval`` bound the backoff between probes; a
+    readiness line from the child cuts any wait short.
+    """
+    if url is None:
+        return
+    poller = _Poller(session, child, url, first_interval, max_interval, probe_timeout)
+    polling = asyncio.ensure_future(poller.run())
+    exiting = asyncio.ensure_future(child.wait_exited())
+    try:
+        async with asyncio.timeout(load_timeout):
+            await asyncio.wait((polling, exiting), return_when=asyncio.FIRST_COMPLETED)
+    except TimeoutError:
+        why = f"health check timed out after {load_timeout:g}s (GET {url}: {poller.last_failure})"
+        raise ModelLoadFailed(_with_output(child, why)) from None
+    finally:
+        polling.cancel()
+        exiting.cancel()
+        await asyncio.gather(polling, exiting, return_exceptions=True)
+    if child.exited():
+        rc = child.returncode
+        why = f"{exit_reason(rc)} while loading" if rc is not None else "exited while loading"
+        raise ModelLoadFailed(_with_output(child, why))
+    for task in (exiting, polling):
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc  # a bug in the child or the poller, not a load failure: let it propagate
+
+
+def _with_output(child: LoadingChild, why: str) -> str:
+    msg = f"model {child.model.id!r} {why}"
+    if lines := child.last_lines(LINES_IN_ERRORS):
+        msg += "; last output:\n" + "\n".join(f"  {line}" for line in lines)
+    return msg
+
+
+class _Poller:
+    """Probes until one probe answers 200, remembering why the last one did not."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        child: LoadingChild,
+        url: str,
+        first_interval: float,
+        max_interval: float,
+        probe_timeout: float,
+    ) -> None:
+        self._session = session
+        self._child = child
+        self._url = url
+        self._first_interval = first_interval
+        self._max_interval = max_interval
+        self._timeout = aiohttp.ClientTimeout(total=probe_timeout)
+        self.last_failure = "no probe finished"
+
+    async def run(self) -> None:
+        interval = self._first_interval
+        while True:
+            # Read before probing: a line printed while the probe is in flight must wake us.
+            seen = self._child.ready_lines_seen
+            if await self._probe():
+                return
+            try:
+                async with asyncio.timeout(interval):
+                    await self._child.wait_ready_line(after=seen)
+            except TimeoutError:
+                interval = min(interval * BACKOFF, self._max_interval)
+
+    async def _probe(self) -> bool:
+        try:
+            # Connection: close keeps probe connections out of the shared pool, where they would
+            # outlive this child and fail the next request sent to a new child on the same port.
+            async with self._session.get(
+                self._url, timeout=self._timeout, allow_redirects=False, headers={"Connection": "close"}
+            ) as resp:
+                await resp.read()
+                if resp.status == 200:
+                    return True
+                self.last_failure = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.last_failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return False

@@ -1,0 +1,383 @@
+"""children.Child against real processes: the fake upstream, small scripts, a SIGKILLed parent.
+
+No test sleeps to wait for a state: each awaits the child's own events or polls a condition
+with a deadline (``wait_until``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+
+from swapper.children import Child, exit_reason
+from swapper.config import ModelConfig
+from swapper.errors import ModelLoadFailed
+
+MakeModel = Callable[..., ModelConfig]
+WaitUntil = Callable[..., Awaitable[None]]
+
+
+class Lines:
+    """Records on_line calls and lets a test await a line matching a pattern."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, stream: str, line: str) -> None:
+        self.seen.append((stream, line))
+        self._changed.set()
+
+    def find(self, pattern: str) -> re.Match[str] | None:
+        for _, line in self.seen:
+            if m := re.search(pattern, line):
+                return m
+        return None
+
+    async def wait_for(self, pattern: str, within: float = 5.0) -> re.Match[str]:
+        async with asyncio.timeout(within):
+            while (m := self.find(pattern)) is None:
+                self._changed.clear()
+                await self._changed.wait()
+        return m
+
+
+@asynccontextmanager
+async def running(model: ModelConfig, lines: Lines, **kwargs: Any) -> AsyncIterator[Child]:
+    child = Child(model, on_line=lines, **kwargs)
+    await child.spawn()
+    try:
+        yield child
+    finally:
+        await child.stop(grace=2.0)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_output_lines_reach_on_line_and_exit_is_reported(fake_model: MakeModel) -> None:
+    lines = Lines()
+    exits: list[int] = []
+    model = fake_model("alpha", "--print-ready")
+    async with running(model, lines, on_exit=exits.append) as child:
+        assert child.pid is not None and not child.exited() and child.returncode is None
+        await lines.wait_for(r"server is listening on http://127\.0\.0\.1:\d+")
+        assert any(s == "stdout" and "loading model alpha" in line for s, line in lines.seen)
+        assert child.ready_lines_seen == 1
+        assert any("loading model alpha" in line for line in child.last_lines(5))
+    assert child.exited() and child.returncode in (0, -signal.SIGTERM)
+    assert exits == [child.returncode]
+    assert child.stop_requested
+
+
+async def test_lines_are_split_cleaned_and_bounded(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "sys.stdout.write('progress 10%\\rprogress 20%\\r\\n')\n"
+        "sys.stdout.write('x' * 20000 + '\\n\\n')\n"
+        "sys.stderr.write('to stderr\\n')\n"
+        "sys.stdout.write('caf\\xe9 ' + chr(0xff) + '\\n')\n"
+        "sys.stdout.write('no newline at end')\n"
+    )
+    model = ModelConfig(
+        id="script", cmd=(sys.executable, "-c", script), cmd_text="", proxy="", check_endpoint=None
+    )
+    lines = Lines()
+    child = Child(model, on_line=lines)
+    await child.spawn()
+    assert await child.wait_exited() == 0
+    stdout = [line for stream, line in lines.seen if stream == "stdout"]
+    assert stdout[0] == "progress 20%"
+    pieces = stdout[1:-2]
+    assert all(set(piece) == {"x"} and len(piece) <= 8192 for piece in pieces)
+    assert sum(map(len, pieces)) == 20000
+    assert stdout[-2:] == ["café ÿ", "no newline at end"]
+    assert ("stderr", "to stderr") in lines.seen
+
+
+async def test_failing_on_line_callback_does_not_stop_reading(fake_model: MakeModel) -> None:
+    def explode(stream: str, line: str) -> None:
+        raise RuntimeError("consumer bug")
+
+    child = Child(fake_model("alpha", "--exit-after", "0.2"), on_line=explode)
+    await child.spawn()
+    assert await child.wait_exited() == 2
+    assert any("fake crash" in line for line in child.last_lines())
+
+
+async def test_stop_sends_sigterm_to_the_group(fake_model: MakeModel) -> None:
+    lines = Lines()
+    child = Child(fake_model("alpha"), on_line=lines)
+    await child.spawn()
+    await lines.wait_for("accepting connections")  # its SIGTERM handler is installed by now
+    t0 = time.monotonic()
+    rc = await child.stop(grace=10.0)
+    assert rc in (0, -signal.SIGTERM)
+    assert time.monotonic() - t0 < 2.0
+    assert lines.find("SIGTERM received")
+    assert child.stop_requested and child.exited() and child.returncode == rc
+
+
+async def test_sigterm_ignored_escalates_to_sigkill_after_grace(fake_model: MakeModel) -> None:
+    lines = Lines()
+    child = Child(fake_model("stubborn", "--ignore-sigterm"), on_line=lines)
+    await child.spawn()
+    await lines.wait_for("accepting connections")  # SIGTERM is ignored from here on
+    t0 = time.monotonic()
+    rc = await child.stop(grace=0.5)
+    elapsed = time.monotonic() - t0
+    assert rc == -signal.SIGKILL
+    assert 0.5 <= elapsed < 3.0
+    assert exit_reason(rc) == "was killed by SIGKILL"
+
+
+async def test_stop_kills_a_forked_grandchild(fake_model: MakeModel, wait_until: WaitUntil) -> None:
+    lines = Lines()
+    child = Child(fake_model("forker", "--fork-grandchild"), on_line=lines)
+    await child.spawn()
+    grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
+    assert not gone(grandchild)
+    assert os.getpgid(grandchild) == child.pid
+    rc = await child.stop(grace=5.0)
+    # The grandchild ignores SIGTERM; only the SIGKILL to the group after the leader's exit ends
+    # it, and stop() did not have to wait out the grace for that.
+    assert rc in (0, -signal.SIGTERM)
+    await wait_until(lambda: gone(grandchild), what="the grandchild to die")
+
+
+async def test_crashed_leader_takes_its_group_with_it(fake_model: MakeModel, wait_until: WaitUntil) -> None:
+    lines = Lines()
+    child = Child(fake_model("forker", "--fork-grandchild", "--exit-after", "0.3"), on_line=lines)
+    await child.spawn()
+    grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
+    # The grandchild holds the pipes open, yet the exit is reported promptly with all output.
+    assert await asyncio.wait_for(child.wait_exited(), 5.0) == 2
+    assert "fake crash" in child.last_lines(1)[0]
+    await wait_until(lambda: gone(grandchild), what="the grandchild to die")
+    assert await child.stop(grace=1.0) == 2  # stop after exit: no-op, same code
+
+
+async def test_cmd_stop_replaces_pid_and_is_used_instead_of_sigterm(fake_model: MakeModel) -> None:
+    lines = Lines()
+    child = Child(fake_model("alpha", cmd_stop=("kill", "-INT", "${PID}")), on_line=lines)
+    await child.spawn()
+    await lines.wait_for("accepting connections")
+    assert await child.stop(grace=5.0) == 0
+    assert lines.find("SIGINT received")
+    assert not lines.find("SIGTERM")
+
+
+async def test_cmd_stop_that_does_nothing_is_followed_by_sigkill(fake_model: MakeModel) -> None:
+    lines = Lines()
+    model = fake_model("alpha", cmd_stop=(sys.executable, "-c", "print('stopping ${PID}')"))
+    child = Child(model, on_line=lines)
+    await child.spawn()
+    await lines.wait_for("accepting connections")
+    assert await child.stop(grace=0.3) == -signal.SIGKILL
+    assert ("cmd_stop", f"stopping {child.pid}") in lines.seen
+
+
+async def test_unrunnable_cmd_stop_falls_back_to_sigterm(fake_model: MakeModel) -> None:
+    lines = Lines()
+    child = Child(fake_model("alpha", cmd_stop=("/nonexistent/stop-it", "${PID}")), on_line=lines)
+    await child.spawn()
+    await lines.wait_for("accepting connections")
+    assert await child.stop(grace=5.0) in (0, -signal.SIGTERM)
+    assert lines.find("SIGTERM received")
+
+
+async def test_missing_binary_raises_model_load_failed() -> None:
+    model = ModelConfig(
+        id="ghost", cmd=("/nonexistent/llama-server", "-m", "x"), cmd_text="", proxy="", check_endpoint=None
+    )
+    child = Child(model, on_line=lambda s, line: None)
+    with pytest.raises(ModelLoadFailed, match=r"'ghost'.*/nonexistent/llama-server.*no such file"):
+        await child.spawn()
+    assert child.pid is None and not child.exited()
+
+
+async def test_non_executable_binary_raises_model_load_failed(tmp_path: Path) -> None:
+    script = tmp_path / "llama-server"
+    script.write_text("#!/bin/sh\n")
+    model = ModelConfig(id="noexec", cmd=(str(script),), cmd_text="", proxy="", check_endpoint=None)
+    with pytest.raises(ModelLoadFailed, match="permission denied"):
+        await Child(model, on_line=lambda s, line: None).spawn()
+
+
+async def test_model_env_is_added_to_the_environment(tmp_path: Path) -> None:
+    script = "import os; print(os.environ['SWAPPER_X'], 'PATH' in os.environ)"
+    model = ModelConfig(
+        id="env",
+        cmd=(sys.executable, "-c", script),
+        cmd_text="",
+        proxy="",
+        check_endpoint=None,
+        env=(("SWAPPER_X", "42"),),
+    )
+    lines = Lines()
+    child = Child(model, on_line=lines)
+    await child.spawn()
+    assert await child.wait_exited() == 0
+    assert lines.seen == [("stdout", "42 True")]
+
+
+async def test_concurrent_and_repeated_stops_share_one_outcome(fake_model: MakeModel) -> None:
+    lines = Lines()
+    child = Child(fake_model("alpha"), on_line=lines)
+    await child.spawn()
+    await lines.wait_for("accepting connections")
+    results = await asyncio.gather(child.stop(1.0), child.stop(5.0), child.stop(0.0))
+    assert len(set(results)) == 1
+    assert await child.stop(1.0) == results[0]
+    assert len([1 for _, line in lines.seen if "SIGTERM received" in line]) == 1
+
+
+async def test_cancelled_stop_kills_at_once(fake_model: MakeModel) -> None:
+    lines = Lines()
+    child = Child(fake_model("stubborn", "--ignore-sigterm"), on_line=lines)
+    await child.spawn()
+    await lines.wait_for("accepting connections")
+    stopping = asyncio.ensure_future(child.stop(grace=60.0))
+    await asyncio.sleep(0)  # let stop() start
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert await asyncio.wait_for(child.wait_exited(), 5.0) == -signal.SIGKILL
+
+
+PARENT_SCRIPT = """
+import asyncio, sys
+from swapper.children import Child
+from swapper.config import ModelConfig
+
+async def main():
+    model = ModelConfig(id="orphan", cmd=tuple(sys.argv[1:]), cmd_text="", proxy="", check_endpoint=None)
+    child = Child(model, on_line=lambda stream, line: None)
+    await child.spawn()
+    print(child.pid, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_child_dies_when_swapper_is_sigkilled(
+    fake_server_cmd: Callable[..., list[str]], free_port: Callable[[], int], wait_until: WaitUntil
+) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PARENT_SCRIPT, *fake_server_cmd(free_port()), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        child_pid = int(await asyncio.wait_for(parent.stdout.readline(), 10.0))  # type: ignore[union-attr]
+        assert not gone(child_pid)
+    finally:
+        parent.kill()
+        await parent.communicate()
+    assert parent.returncode == -signal.SIGKILL
+    await wait_until(lambda: gone(child_pid), what="the orphaned child to die")
+
+
+# --- the fake upstream itself (every real-process test relies on it) ------------------------
+
+
+async def test_fake_server_endpoints(fake_model: MakeModel, wait_until: WaitUntil) -> None:
+    from swapper.health import wait_healthy
+
+    lines = Lines()
+    model = fake_model("alpha", "--tokens", "3")
+    async with running(model, lines) as child, aiohttp.ClientSession(model.proxy) as http:
+        await wait_healthy(http, child, f"{model.proxy}/health", 10.0)
+
+        async with http.post("/v1/chat/completions", json={"max_tokens": 2}) as r:
+            body = await r.json()
+        assert body["model"] == "alpha"
+        assert body["choices"][0]["message"]["content"] == "alpha#0 alpha#1 "
+
+        async with http.post("/v1/chat/completions", json={"stream": True}) as r:
+            assert r.headers["Content-Type"] == "text/event-stream"
+            events = (await r.read()).decode().split("\n\n")
+        assert events[-2:] == ["data: [DONE]", ""]
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert [c["choices"][0]["delta"].get("content") for c in chunks[1:4]] == [
+            "alpha#0 ",
+            "alpha#1 ",
+            "alpha#2 ",
+        ]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+        async def chunked() -> Any:
+            yield b"he"
+            yield b"llo"
+
+        async with http.put("/any/path?b=2&a=1", data=chunked(), headers={"X-Test": "1"}) as r:
+            echo = await r.json()
+        assert (echo["method"], echo["path"], echo["query"]) == ("PUT", "/any/path", "b=2&a=1")
+        assert base64.b64decode(echo["body_b64"]) == b"hello"
+        assert echo["headers"]["X-Test"] == "1" and echo["pid"] == child.pid
+
+        form = aiohttp.FormData()
+        form.add_field("model", "whisper")
+        form.add_field("file", b"\0" * 3000, filename="a.wav", content_type="audio/wav")
+        async with http.post("/v1/audio/transcriptions", data=form) as r:
+            assert await r.json() == {
+                "text": "alpha heard 3000 bytes",
+                "model": "whisper",
+                "file_bytes": 3000,
+            }
+
+        async with http.get("/props") as r:
+            assert (await r.json())["model_name"] == "alpha"
+        async with http.post("/sdapi/v1/txt2img", json={"prompt": "x"}) as r:
+            assert base64.b64decode((await r.json())["images"][0]).startswith(b"\x89PNG")
+
+
+async def test_fake_server_crash_after_bytes(fake_model: MakeModel) -> None:
+    lines = Lines()
+    model = fake_model("alpha", "--crash-after-bytes", "300")
+    child = Child(model, on_line=lines)
+    await child.spawn()
+    async with aiohttp.ClientSession(model.proxy) as http:
+        from swapper.health import wait_healthy
+
+        await wait_healthy(http, child, f"{model.proxy}/health", 10.0)
+        received = b""
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with http.post("/v1/chat/completions", json={"stream": True}) as r:
+                async for data in r.content.iter_any():
+                    received += data
+    assert len(received) == 300
+    assert await child.wait_exited() == 3
+
+
+def test_exit_reason() -> None:
+    assert exit_reason(0) == "exited with code 0"
+    assert exit_reason(-signal.SIGTERM) == "was killed by SIGTERM"
+    assert exit_reason(-99) == "was killed by signal 99"
+
+
+def test_env_override_wins(fake_model: MakeModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWAPPER_Y", "outer")
+    model = replace(fake_model("alpha"), env=(("SWAPPER_Y", "inner"),))
+    assert Child(model, on_line=lambda s, line: None).env()["SWAPPER_Y"] == "inner"

@@ -1,0 +1,121 @@
+"""health.wait_healthy against real fake-upstream processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from swapper.children import Child
+from swapper.config import ModelConfig
+from swapper.errors import ModelLoadFailed
+from swapper.health import wait_healthy
+
+MakeModel = Callable[..., ModelConfig]
+Spawn = Callable[[ModelConfig], Awaitable[Child]]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    """Spawns children and stops every one of them after the test."""
+    children: list[Child] = []
+
+    async def start(model: ModelConfig) -> Child:
+        child = Child(model, on_line=lambda stream, line: None)
+        await child.spawn()
+        children.append(child)
+        return child
+
+    yield start
+    await asyncio.gather(*(c.stop(grace=2.0) for c in children))
+
+
+def health_url(model: ModelConfig) -> str:
+    return f"{model.proxy}{model.check_endpoint}"
+
+
+async def test_healthy_once_loaded(http: aiohttp.ClientSession, spawn: Spawn, fake_model: MakeModel) -> None:
+    model = fake_model("alpha", "--load-delay", "0.3")
+    t0 = time.monotonic()
+    child = await spawn(model)
+    await wait_healthy(http, child, health_url(model), 10.0)
+    assert 0.3 <= time.monotonic() - t0 < 3.0
+    async with http.get(health_url(model)) as r:
+        assert r.status == 200
+
+
+async def test_readiness_line_triggers_an_immediate_probe(
+    http: aiohttp.ClientSession, spawn: Spawn, fake_model: MakeModel
+) -> None:
+    # Polling alone would next probe after 30 s; only the "server is listening" line can make
+    # this return in time. The early "HTTP server is listening" line comes while /health still
+    # says 503, and must not make the wait spin or give up.
+    model = fake_model("alpha", "--load-delay", "0.3", "--print-early-ready", "--print-ready")
+    child = await spawn(model)
+    async with asyncio.timeout(10.0):
+        await wait_healthy(http, child, health_url(model), 60.0, first_interval=30.0, max_interval=30.0)
+    assert child.ready_lines_seen == 2
+
+
+async def test_no_check_endpoint_means_ready_at_once(http: aiohttp.ClientSession) -> None:
+    model = ModelConfig(id="x", cmd=("true",), cmd_text="true", proxy="", check_endpoint=None)
+    await wait_healthy(http, Child(model, on_line=lambda s, line: None), None, 0.001)
+
+
+async def test_exit_while_loading_fails_fast(
+    http: aiohttp.ClientSession, spawn: Spawn, fake_model: MakeModel
+) -> None:
+    model = fake_model("broken", "--exit-during-load")
+    child = await spawn(model)
+    t0 = time.monotonic()
+    with pytest.raises(ModelLoadFailed) as err:
+        await wait_healthy(http, child, health_url(model), 30.0)
+    assert time.monotonic() - t0 < 5.0
+    msg = str(err.value)
+    assert "'broken' exited with code 1 while loading" in msg
+    assert "failed to load model" in msg  # the child's own last words
+    assert err.value.status == 502
+
+
+async def test_never_healthy_times_out(
+    http: aiohttp.ClientSession, spawn: Spawn, fake_model: MakeModel
+) -> None:
+    model = fake_model("slow", "--never-healthy")
+    child = await spawn(model)
+    t0 = time.monotonic()
+    with pytest.raises(ModelLoadFailed, match=r"health check timed out after 1s \(GET .*/health: HTTP 503\)"):
+        await wait_healthy(http, child, health_url(model), 1.0)
+    assert 1.0 <= time.monotonic() - t0 < 3.0
+    assert not child.exited()  # wait_healthy never stops the child; the caller does
+
+
+async def test_nothing_listening_keeps_polling_until_timeout(
+    http: aiohttp.ClientSession, spawn: Spawn, fake_model: MakeModel, free_port: Callable[[], int]
+) -> None:
+    model = fake_model("alpha")
+    child = await spawn(model)
+    with pytest.raises(ModelLoadFailed, match=r"timed out after 0.5s \(GET .*: ClientConnectorError"):
+        await wait_healthy(http, child, f"http://127.0.0.1:{free_port()}/health", 0.5)
+
+
+async def test_cancelling_the_wait_leaves_the_child_alone(
+    http: aiohttp.ClientSession, spawn: Spawn, fake_model: MakeModel
+) -> None:
+    model = fake_model("slow", "--never-healthy")
+    child = await spawn(model)
+    waiting = asyncio.ensure_future(wait_healthy(http, child, health_url(model), 30.0))
+    done, _ = await asyncio.wait([waiting], timeout=0.2)
+    assert not done
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not child.exited()
