@@ -1,0 +1,309 @@
+"""Forward one request to one upstream URL and stream the answer back: swapper's hot path.
+
+Owns: nothing long-lived. ``make_session()`` builds the one shared ``ClientSession`` (its owner is
+``server``'s cleanup context, which closes it); ``forward()`` owns one upstream response for the
+length of one call and always closes or releases it before returning or raising.
+
+Must not touch: models, leases, children, the run loop, metrics policy or logging policy. It
+returns what happened (status, bytes, time to first byte, whether the body completed) and lets its
+caller record it. Errors before the client saw anything are raised as ``UpstreamError`` for the
+caller to render; nothing here renders an error body.
+
+Concurrency: ``forward()`` runs in the request's handler task and is cancel-safe. With
+``handler_cancellation=True`` a client that leaves cancels the task; the ``CancelledError``
+propagates and the upstream connection is closed on the way out, so llama-server sees the
+disconnect and stops generating. Backpressure is aiohttp's own, end to end: the loop is
+``readany()`` → ``await resp.write()`` with no queue in between, so a slow client pauses the
+upstream socket (DESIGN.md, "How to write a correct streaming proxy").
+
+Per-chunk work is one read, one write and a length sum: no logging, no parsing, no copies.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import hdrs, web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.payload import TOO_LARGE_BYTES_BODY, BytesIOPayload
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from swapper.errors import UpstreamError
+
+__all__ = ["ForwardResult", "forward", "make_session"]
+
+# RFC 9110 §7.6.1 hop-by-hop headers (with the Proxy-* family). Dropping them by name from a
+# copy beats filtering header by header in Python (about half the cost, measured).
+_HOP_BY_HOP = (
+    "Connection",
+    "Keep-Alive",
+    "TE",
+    "Trailer",
+    "Transfer-Encoding",
+    "Upgrade",
+    "Proxy-Connection",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+    "Proxy-Authentication-Info",
+)
+# The body is re-framed by aiohttp from the bytes we pass; Host comes from the upstream URL;
+# Expect was answered by our own server, and the upstream gets the whole body at once.
+_REQUEST_DROP = (*_HOP_BY_HOP, "Host", "Content-Length", "Expect")
+# Content-Length stays: the body passes through verbatim (no decompression), so it is still true,
+# and a sized response lets the client keep its connection without chunked framing.
+_RESPONSE_DROP = _HOP_BY_HOP
+# Connection values that name no extra hop-by-hop header, so need no parsing.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})
+# aiohttp would otherwise invent these when the client sent none. Accept-Encoding matters most:
+# an invented "gzip" would make the upstream compress for a client that never asked for it.
+_NO_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+_SSE = "text/event-stream"
+# Failures of a pooled connection that the upstream closed while it sat idle. A connection that
+# was never made (ClientConnectorError, itself a ClientOSError) is not retried: it would fail again.
+_STALE_CONNECTION = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientConnectionResetError,
+)
+# What reading the upstream body can raise when the upstream breaks mid-body.
+_UPSTREAM_READ_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardResult:
+    """What one ``forward()`` did.
+
+    ``status`` is the upstream's status (also when it was appended to a caller's response).
+    ``bytes_out`` counts body bytes written to the client (not headers, not a caller's preamble).
+    ``ttfb`` is seconds from sending the request to the upstream's response headers, retry
+    included. ``complete`` is False when the upstream broke mid-body (the client connection was
+    then closed without a clean end, so the client can tell) or the client left.
+    """
+
+    status: int
+    bytes_out: int
+    ttfb: float
+    response: web.StreamResponse
+    complete: bool
+
+
+class _CoalescingResponse(web.StreamResponse):
+    # Hold the headers until the first body write, so a small answer leaves in one segment (the
+    # same trick web.Response uses). Only for non-SSE bodies, whose first chunk is already read.
+    _send_headers_immediately = False
+
+
+def make_session() -> aiohttp.ClientSession:
+    """Build the shared upstream session; call it from the running loop, close it on shutdown.
+
+    No total or read timeout: a generation may legitimately run for many minutes between bytes
+    (prompt processing), and the client's disconnect is what ends a request early.
+    """
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
+        auto_decompress=False,  # Content-Encoding is forwarded, so the bytes must be too
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=_NO_AUTO_HEADERS,
+    )
+
+
+async def forward(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    url: str | URL,
+    body: bytes,
+    *,
+    response: web.StreamResponse | None = None,
+) -> ForwardResult:
+    """Send ``request.method url`` with the client's headers and ``body``, relay the answer.
+
+    ``url`` is the upstream base + path + query, already percent-encoded (build it from
+    ``request.raw_path``); it is used verbatim. ``body`` is sent with a fresh Content-Length.
+
+    Without ``response``, the upstream's status and headers (minus hop-by-hop ones; plus
+    ``X-Accel-Buffering: no`` for SSE) go to the client, then the body as it arrives. With
+    ``response`` (already prepared by the caller, e.g. a loading-state SSE preamble) only the
+    upstream body is appended to it; the upstream is then asked for an unencoded body, since
+    the caller's headers carry no Content-Encoding.
+
+    Raises ``UpstreamError`` if the upstream refuses, resets or times out before its response
+    headers arrive, or (non-SSE) breaks before the first body byte: nothing from the upstream
+    has been written, and the caller renders the error (with ``response``, by ending its own
+    stream). Later failures end the client's stream and return with ``complete=False``; an
+    upstream that broke mid-body makes this close the client connection, so the handler may then
+    be cancelled at its next ``await`` exactly as if the client had left. ``CancelledError``
+    propagates after the upstream connection is closed.
+    """
+    target = URL(url, encoded=True) if isinstance(url, str) else url
+    headers = _upstream_headers(request.headers, identity=response is not None)
+    started = time.perf_counter()
+    upstream = await _send(session, request.method, target, headers, body)
+    ttfb = time.perf_counter() - started
+    try:
+        if _is_streamed(upstream.headers):
+            # llama-server closes the connection after a streamed body although it said
+            # keep-alive (docs/real-upstreams.md); pooling it would fail the next request.
+            _do_not_pool(upstream)
+        if response is None:
+            resp, bytes_out, complete = await _relay(request, upstream)
+        else:
+            resp = response
+            bytes_out, complete = await _pump(request, response, upstream.content, b"")
+        return ForwardResult(upstream.status, bytes_out, ttfb, resp, complete)
+    finally:
+        # After a complete body the connection is already back in the pool (or closed, see
+        # above); otherwise this closes it, which is how the upstream learns the client left.
+        upstream.close()
+
+
+def _upstream_headers(incoming: CIMultiDictProxy[str], *, identity: bool) -> CIMultiDict[str]:
+    out = incoming.copy()
+    _drop(out, _REQUEST_DROP, incoming.get(hdrs.CONNECTION))
+    if identity:
+        out[hdrs.ACCEPT_ENCODING] = "identity"
+    return out
+
+
+def _drop(headers: CIMultiDict[str], names: tuple[str, ...], connection: str | None) -> None:
+    for name in names:
+        headers.popall(name, None)
+    if connection and connection not in _PLAIN_CONNECTION:
+        # Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        for token in connection.split(","):
+            if token := token.strip():
+                headers.popall(token, None)
+
+
+async def _send(
+    session: aiohttp.ClientSession, method: str, url: URL, headers: CIMultiDict[str], body: bytes
+) -> aiohttp.ClientResponse:
+    try:
+        try:
+            return await session.request(
+                method, url, headers=headers, data=_payload(body), allow_redirects=False
+            )
+        except _STALE_CONNECTION as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise
+            # llama-server closes its connection after every streamed response although it said
+            # keep-alive (docs/real-upstreams.md); a pooled connection can be dead before the FIN
+            # was seen. No response header arrived, so one retry on a fresh connection is safe.
+            return await session.request(
+                method, url, headers=headers, data=_payload(body), allow_redirects=False
+            )
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamError(f"upstream {url.origin()} refused the connection: {exc.strerror}") from exc
+    except TimeoutError as exc:
+        raise UpstreamError(f"upstream {url.origin()} timed out before responding") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"upstream {url.origin()} failed before responding: {exc!r}") from exc
+
+
+def _payload(body: bytes) -> bytes | BytesIOPayload | None:
+    if not body:
+        return None  # not b"": a GET must not grow "Content-Length: 0" (aiohttp adds it for a POST)
+    if len(body) <= TOO_LARGE_BYTES_BODY:
+        return body
+    # aiohttp warns (a ResourceWarning) about raw bytes over 1 MiB; a BytesIO over the same
+    # buffer (no copy) is sent in 64 KiB writes that each wait for the socket to drain.
+    return BytesIOPayload(io.BytesIO(body))
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse
+) -> tuple[web.StreamResponse, int, bool]:
+    content = upstream.content
+    first = b""
+    is_sse = _is_sse(upstream.headers)
+    if is_sse:
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    else:
+        # Read ahead one chunk: a non-streamed answer then leaves in one write (headers held by
+        # _CoalescingResponse), and an upstream that dies before its body is still a clean 502.
+        try:
+            first = await content.readany()
+        except _UPSTREAM_READ_ERRORS as exc:
+            raise UpstreamError(f"upstream broke before sending a body: {exc!r}") from exc
+        resp = _CoalescingResponse(status=upstream.status, reason=upstream.reason)
+    headers = resp.headers
+    headers.extend(upstream.headers)
+    _drop(headers, _RESPONSE_DROP, upstream.headers.get(hdrs.CONNECTION))
+    if is_sse:
+        headers["X-Accel-Buffering"] = "no"  # nginx and friends in front of us must not buffer SSE
+    try:
+        await resp.prepare(request)
+    except ConnectionResetError:  # the client left while the upstream was answering
+        return resp, 0, False
+    sent, complete = await _pump(request, resp, content, first)
+    return resp, sent, complete
+
+
+def _is_sse(headers: Mapping[str, str]) -> bool:
+    return headers.get(hdrs.CONTENT_TYPE, "").lower().startswith(_SSE)
+
+
+def _is_streamed(headers: Mapping[str, str]) -> bool:
+    # Sized and empty (204, 304, HEAD) answers keep their connection; chunked and SSE ones don't.
+    return "chunked" in headers.get(hdrs.TRANSFER_ENCODING, "").lower() or _is_sse(headers)
+
+
+def _do_not_pool(upstream: aiohttp.ClientResponse) -> None:
+    connection = upstream.connection
+    if connection is not None:
+        if connection.protocol is not None:
+            connection.protocol.force_close()  # closed instead of pooled when the body ends
+        return
+    # The whole body came with the headers, and aiohttp pooled the connection before returning
+    # the response. Nothing has awaited since, so no other request holds it: close it in the
+    # pool, where the connector discards closed connections. (If aiohttp renames the attribute
+    # this degrades to the stale-connection retry in _send.)
+    protocol: ResponseHandler | None = getattr(upstream, "_protocol", None)
+    if protocol is not None:
+        protocol.close()
+
+
+async def _pump(
+    request: web.Request, resp: web.StreamResponse, content: aiohttp.StreamReader, chunk: bytes
+) -> tuple[int, bool]:
+    """Copy the upstream body to the prepared ``resp``; return (bytes written, completed)."""
+    sent = 0
+    try:
+        while True:
+            if not chunk:
+                try:
+                    chunk = await content.readany()
+                except _UPSTREAM_READ_ERRORS:
+                    _abort(request, resp)
+                    return sent, False
+                if not chunk:
+                    await resp.write_eof()
+                    return sent, True
+            if content.at_eof():
+                # The last chunk: headers (if still held), data and terminator leave together.
+                await resp.write_eof(chunk)
+                return sent + len(chunk), True
+            await resp.write(chunk)
+            sent += len(chunk)
+            chunk = b""
+    except ConnectionResetError:
+        # The client left (ClientConnectionResetError is a ConnectionResetError); the caller's
+        # finally closes the upstream so generation stops.
+        return sent, False
+
+
+def _abort(request: web.Request, resp: web.StreamResponse) -> None:
+    # The upstream broke mid-body. Ending the response normally (a final empty chunk) would make
+    # a truncated body look complete, so drop the client connection instead, as nginx and Go's
+    # ReverseProxy do. aiohttp's own write_eof afterwards meets a closed transport, which it
+    # treats as a client disconnect.
+    resp.force_close()
+    transport = request.transport
+    if transport is not None:
+        transport.close()
