@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from swapper.errors import SwapperError
+
+if TYPE_CHECKING:
+    from swapper.gpu import MemorySample
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,4 +101,11 @@ class Shutdown:
     reply: asyncio.Future[None]
 
 
-Message = Acquire | Release | Started | Stopped | ChildExited | Tick | Unload | Shutdown
+@dataclass(frozen=True, slots=True)
+class MemorySampled:
+    """The memory sampler read every device and each child's process tree (memory planner only)."""
+
+    sample: MemorySample
+
+
+Message = Acquire | Release | Started | Stopped | ChildExited | Tick | Unload | Shutdown | MemorySampled

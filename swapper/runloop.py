@@ -29,10 +29,12 @@ from swapper.config import Config
 from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
 from swapper.health import wait_healthy
 from swapper.logs import LogHub
+from swapper.memory import MemoryMonitor
 from swapper.messages import (
     Acquire,
     ChildExited,
     Lease,
+    MemorySampled,
     Message,
     Release,
     Shutdown,
@@ -68,7 +70,9 @@ class RunLoop:
         self.config = config
         self._session = session
         self._logs = logs or LogHub()
-        self._sched = Scheduler(config, planner or make_planner(config), self)
+        planner = planner or make_planner(config)
+        self._memory = MemoryMonitor.of(planner)  # None unless routing.router.use is memory
+        self._sched = Scheduler(config, planner, self)
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._children: dict[str, Child] = {}
         self._spawned_at: dict[str, float] = {}
@@ -136,6 +140,11 @@ class RunLoop:
     def state(self, model: str) -> State:
         return self._sched.state(model)
 
+    def memory_status(self) -> dict[str, Any] | None:
+        """Advisory: devices, footprints, per-child use (``MemoryLedger.status``); None unless
+        ``routing.router.use`` is memory."""
+        return None if self._memory is None else self._memory.status()
+
     @property
     def logs(self) -> LogHub:
         return self._logs
@@ -146,6 +155,10 @@ class RunLoop:
         """Runs until a ``Shutdown`` has stopped every child."""
         ticker = self._spawn(self._tick_forever())
         try:
+            if self._memory is not None:
+                # The first sample is applied before the first decision; later ones are messages.
+                await self._memory.open(self._child_pids)
+                _ = self._spawn(self._memory.sample_forever(self._post, self._child_pids))
             while not self._done:
                 msg = await self._inbox.get()
                 self._handle(msg)
@@ -178,6 +191,8 @@ class RunLoop:
                     log.warning("model failed to start", model=model, error=error.message)
                 else:
                     log.info("model ready", model=model, pid=self._pid(model))
+                    if self._memory is not None:
+                        self._memory.on_ready(model, self._pid(model))
                 self._sched.on_started(model, start_id, error, now)
             case Stopped(model):
                 self._stopping.pop(model, None)
@@ -195,6 +210,9 @@ class RunLoop:
             case Shutdown(reply):
                 self._sched.on_shutdown(now)
                 self._unload_replies.append((frozenset(self.config.models), reply))
+            case MemorySampled():
+                if self._memory is not None:
+                    self._memory.on_sample(msg)
             case _:
                 assert_never(msg)
 
@@ -286,8 +304,12 @@ class RunLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
         if child is not None:
+            release = await self._memory.watch_release(model, child.pid) if self._memory is not None else None
             returncode = await child.stop(grace=grace)
             log.info("model stopped", model=model, returncode=returncode)
+            if release is not None:
+                # Stopped only once the memory is free, so the next start cannot OOM (llama-swap #97).
+                await release.wait_released()
         self._post(Stopped(model))
 
     def _on_exit(self, child: Child, returncode: int) -> None:
@@ -302,6 +324,10 @@ class RunLoop:
     def _pid(self, model: str) -> int | None:
         child = self._children.get(model)
         return child.pid if child else None
+
+    def _child_pids(self) -> dict[str, int]:
+        """For the memory sampler (an advisory read: samples are applied in ``_handle``)."""
+        return {m: c.pid for m, c in self._children.items() if c.pid is not None}
 
 
 def _health_url(child: Child) -> str | None:

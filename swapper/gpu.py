@@ -1,0 +1,282 @@
+"""Memory sampling: GPUs through NVML (``pynvml``), system RAM and process trees through psutil.
+
+Owns: the NVML session (``Nvml``) and the immutable records a sample is made of. Holds no policy
+and no scheduling state: ``swapper.memory`` decides what a sample means.
+
+Concurrency contract: every function and method here *blocks* (NVML calls, /proc reads), so
+callers run them in a worker thread (``asyncio.to_thread``), never inside a run-loop handler.
+They may run in two threads at once (the periodic sample and a stop's release probe): NVML is
+thread-safe, psutil keeps no shared state, and ``SystemSampler`` mutates nothing after ``open``.
+
+Without NVML (no driver, no GPU, ``nvidia-ml-py`` missing) ``SystemSampler.open`` returns the
+reason and every sample simply has no GPUs; nothing here raises because a GPU is absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import psutil
+
+Device = Literal["gpu", "ram"]
+ProcessId = tuple[int, float]  # (pid, create time): a pid alone may be recycled
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUsage:
+    """One device's memory: for ``gpu`` the sum over every GPU NVML reports."""
+
+    total: int
+    used: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.total - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuUsage:
+    index: int
+    name: str
+    total: int
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChildUsage:
+    """What one child's process tree holds right now."""
+
+    pid: int  # the child (leader of the tree)
+    ram: int  # USS summed over the tree (RSS where USS cannot be read)
+    gpu: int | None  # NVML per-process used memory summed over the tree; None: not measurable
+    processes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySample:
+    at: float  # monotonic time the sample was begun
+    ram: DeviceUsage
+    gpus: tuple[GpuUsage, ...]  # empty without NVML
+    children: Mapping[str, ChildUsage]  # model id -> its child's usage
+
+    @property
+    def gpu(self) -> DeviceUsage | None:
+        if not self.gpus:
+            return None
+        return DeviceUsage(sum(g.total for g in self.gpus), sum(g.used for g in self.gpus))
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseProbe:
+    """Whether a stopped child's memory is free yet."""
+
+    alive: int  # processes of its tree still running (zombies hold no memory and do not count)
+    gpu_held: int  # bytes NVML still attributes to those processes
+    gpu_used: int | None  # bytes used over every GPU now; None without NVML
+
+
+class Sampler(Protocol):
+    """What ``swapper.memory`` needs from a sampler; blocking, called from worker threads."""
+
+    def open(self) -> str | None:
+        """Prepares sampling; returns why GPUs cannot be sampled, or None when they can."""
+        ...
+
+    def sample(self, children: Mapping[str, int], at: float) -> MemorySample:
+        """Samples every device and the process tree of each ``model id -> pid``."""
+        ...
+
+    def tree(self, pid: int) -> frozenset[ProcessId]:
+        """The processes of ``pid``'s tree now (empty if it is gone)."""
+        ...
+
+    def probe(self, tree: frozenset[ProcessId]) -> ReleaseProbe: ...
+
+    def close(self) -> None: ...
+
+
+class Nvml:
+    """An open NVML session; ``open_nvml`` makes one."""
+
+    __slots__ = ("_nvml", "_handles", "_names")
+
+    def __init__(self, nvml: Any, handles: list[Any], names: list[str]) -> None:
+        self._nvml = nvml
+        self._handles = handles
+        self._names = names
+
+    def devices(self) -> tuple[GpuUsage, ...]:
+        out = []
+        for index, handle in enumerate(self._handles):
+            info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            out.append(GpuUsage(index, self._names[index], int(info.total), int(info.used)))
+        return tuple(out)
+
+    def processes(self) -> dict[int, int | None]:
+        """pid -> bytes used over every GPU; None where the driver does not say (WDDM, some vGPU)."""
+        usage: dict[int, int | None] = {}
+        for handle in self._handles:
+            for getter in (
+                self._nvml.nvmlDeviceGetComputeRunningProcesses,
+                self._nvml.nvmlDeviceGetGraphicsRunningProcesses,
+            ):
+                try:
+                    procs = getter(handle)
+                except self._nvml.NVMLError:
+                    continue  # e.g. graphics processes are not supported on this device
+                for proc in procs:
+                    used = proc.usedGpuMemory
+                    before = usage.get(proc.pid, 0)
+                    usage[proc.pid] = None if used is None or before is None else before + int(used)
+        return usage
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError:
+            pass
+
+
+def open_nvml() -> tuple[Nvml | None, str | None]:
+    """Initialises NVML; returns (session, None) or (None, why there is none)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, "the nvidia-ml-py package is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return None, f"NVML is not available ({exc})"
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        names = [_text(pynvml.nvmlDeviceGetName(h)) for h in handles]
+    except pynvml.NVMLError as exc:
+        pynvml.nvmlShutdown()
+        return None, f"NVML could not list GPUs ({exc})"
+    if not handles:
+        pynvml.nvmlShutdown()
+        return None, "NVML reports no GPU"
+    return Nvml(pynvml, handles, names), None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class SystemSampler:
+    """The real sampler: NVML when it opens, psutil always."""
+
+    def __init__(self) -> None:
+        self._nvml: Nvml | None = None
+
+    def open(self) -> str | None:
+        self._nvml, reason = open_nvml()
+        return reason
+
+    def sample(self, children: Mapping[str, int], at: float) -> MemorySample:
+        vm = psutil.virtual_memory()
+        # "used" as the kernel sees pressure: page cache that can be dropped counts as free.
+        ram = DeviceUsage(int(vm.total), int(vm.total - vm.available))
+        gpus: tuple[GpuUsage, ...] = ()
+        gpu_procs: dict[int, int | None] | None = None
+        if self._nvml is not None:
+            gpus = self._nvml.devices()
+            gpu_procs = self._nvml.processes()
+        kids = _children_map() if children else {}
+        usage = {}
+        for model, pid in children.items():
+            tree = [pid, *_descendants(pid, kids)]
+            ram_bytes, alive = _ram_of(tree)
+            if alive:
+                usage[model] = ChildUsage(pid, ram_bytes, _gpu_of(tree, gpu_procs), alive)
+        return MemorySample(at, ram, gpus, usage)
+
+    def tree(self, pid: int) -> frozenset[ProcessId]:
+        try:
+            leader = psutil.Process(pid)
+            procs = [leader, *leader.children(recursive=True)]
+        except psutil.Error:
+            return frozenset()
+        ids = set()
+        for proc in procs:
+            try:
+                ids.add((proc.pid, proc.create_time()))
+            except psutil.Error:
+                pass
+        return frozenset(ids)
+
+    def probe(self, tree: frozenset[ProcessId]) -> ReleaseProbe:
+        alive = sum(1 for ident in tree if _alive(ident))
+        gpu_held = 0
+        gpu_used = None
+        if self._nvml is not None:
+            procs = self._nvml.processes()
+            gpu_held = sum(procs.get(pid) or 0 for pid, _ in tree)
+            gpu_used = sum(g.used for g in self._nvml.devices())
+        return ReleaseProbe(alive, gpu_held, gpu_used)
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.close()
+            self._nvml = None
+
+
+def _children_map() -> dict[int, list[int]]:
+    """ppid -> pids, from one pass over the process table (cheaper than one pass per child)."""
+    kids: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info.get("ppid")
+        if ppid is not None:
+            kids.setdefault(ppid, []).append(proc.pid)
+    return kids
+
+
+def _descendants(pid: int, kids: Mapping[int, list[int]]) -> list[int]:
+    out: list[int] = []
+    todo = list(kids.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(kids.get(child, ()))
+    return out
+
+
+def _ram_of(pids: Iterable[int]) -> tuple[int, int]:
+    """(private bytes summed over ``pids``, how many of them are alive)."""
+    total = alive = 0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            try:
+                total += int(proc.memory_full_info().uss)
+            except psutil.AccessDenied:
+                total += int(proc.memory_info().rss)
+            alive += 1
+        except psutil.Error:
+            continue  # exited between the scan and now
+    return total, alive
+
+
+def _gpu_of(pids: Iterable[int], procs: Mapping[int, int | None] | None) -> int | None:
+    if procs is None:
+        return None
+    total = 0
+    for pid in pids:
+        if pid in procs:
+            used = procs[pid]
+            if used is None:
+                return None
+            total += used
+    return total
+
+
+def _alive(ident: ProcessId) -> bool:
+    pid, created = ident
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
