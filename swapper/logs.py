@@ -1,25 +1,26 @@
 """Logging set-up and the per-model ring buffers behind ``/logs``.
 
 Owns: structlog configuration, and ``LogHub``: one bounded ring of recent lines per source
-(``swapper`` and each model id) plus live subscribers. Everything here runs on the event loop's
-thread; children's output arrives through ``child_line`` (a sync callback), so a slow log reader
-can never stall a child's stdout: subscribers get lines through bounded queues and lose the
-oldest when they fall behind.
+(``swapper`` and each model id), a combined ring, and the listeners told of every new line.
+Everything here runs on the event loop's thread; children's output arrives through ``child_line``
+(a sync callback). Listeners are sync and must only append to something bounded (the event bus,
+whose per-stream ``events.Feed`` drops the oldest lines for a slow reader), so a slow log reader
+can never stall a child's stdout.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 
 SWAPPER = "swapper"
 RING_BYTES = 100 * 1024
-SUBSCRIBER_QUEUE = 1000
+
+Listener = Callable[[str, str], None]  # (source, line)
 
 
 class _Ring:
@@ -45,23 +46,19 @@ class LogHub:
     def __init__(self, *, echo_upstream: bool = False) -> None:
         self._rings: dict[str, _Ring] = {}
         self._all = _Ring()
-        self._subscribers: set[tuple[str | None, asyncio.Queue[str]]] = set()
+        self._listeners: tuple[Listener, ...] = ()
         self._echo_upstream = echo_upstream
 
     def add(self, source: str, line: str) -> None:
-        tagged = f"[{source}] {line}"
         self._rings.setdefault(source, _Ring()).append(line)
-        self._all.append(tagged)
-        for want, queue in self._subscribers:
-            if want is None or want == source:
-                if queue.full():
-                    queue.get_nowait()  # drop the oldest: a slow reader must not stall anyone
-                queue.put_nowait(line if want else tagged)
+        self._all.append(tagged(source, line))
+        for listener in self._listeners:
+            listener(source, line)
 
     def child_line(self, model: str, stream: str, line: str) -> None:
         self.add(model, line)
         if self._echo_upstream:
-            print(f"[{model}] {line}", file=sys.stderr)
+            print(tagged(model, line), file=sys.stderr)
 
     def history(self, source: str | None = None) -> list[str]:
         if source is None:
@@ -71,13 +68,17 @@ class LogHub:
     def last_lines(self, source: str, n: int) -> list[str]:
         return list(self._rings.get(source, ()))[-n:]
 
-    def subscribe(self, source: str | None) -> asyncio.Queue[str]:
-        queue: asyncio.Queue[str] = asyncio.Queue(SUBSCRIBER_QUEUE)
-        self._subscribers.add((source, queue))
-        return queue
+    def listen(self, listener: Listener) -> None:
+        """Calls ``listener(source, line)`` for every line added from now on."""
+        self._listeners = (*self._listeners, listener)
 
-    def unsubscribe(self, source: str | None, queue: asyncio.Queue[str]) -> None:
-        self._subscribers.discard((source, queue))
+    def unlisten(self, listener: Listener) -> None:
+        self._listeners = tuple(x for x in self._listeners if x != listener)
+
+
+def tagged(source: str, line: str) -> str:
+    """A line of the combined log: its source in brackets, then the line."""
+    return f"[{source}] {line}"
 
 
 class _HubHandler(logging.Handler):
@@ -89,8 +90,12 @@ class _HubHandler(logging.Handler):
         self._hub.add(SWAPPER, self.format(record))
 
 
-def setup_logging(level: str, fmt: str, hub: LogHub | None) -> None:
-    """Routes structlog through stdlib logging to stderr (console or JSON) and into ``hub``."""
+def setup_logging(level: str, fmt: str, hub: LogHub | None, *, console: bool = True) -> None:
+    """Routes structlog through stdlib logging to stderr (console or JSON) and into ``hub``.
+
+    ``console=False`` (``logToStdout: upstream`` or ``none``) keeps swapper's own lines out of
+    the terminal; they still reach ``hub``, so ``/logs`` and the streams show them.
+    """
     numeric = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40}.get(level, 20)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
@@ -106,12 +111,22 @@ def setup_logging(level: str, fmt: str, hub: LogHub | None) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    formatter = structlog.stdlib.ProcessorFormatter(processor=renderer)
+    # Records from plain stdlib loggers (children.py logs through ``logging``) get the same
+    # level and timestamp as structlog's own.
+    formatter = structlog.stdlib.ProcessorFormatter(
+        processor=renderer,
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+        ],
+    )
     root = logging.getLogger("swapper")
     root.handlers.clear()
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(formatter)
-    root.addHandler(stderr)
+    if console:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(formatter)
+        root.addHandler(stderr)
     if hub is not None:
         to_hub = _HubHandler(hub)
         to_hub.setFormatter(formatter)

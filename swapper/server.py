@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from swapper import proxy
+from swapper import auth, cors, preload, proxy, upstream
 from swapper.config import Config
 from swapper.logs import LogHub
 from swapper.routes import CONFIG, RUNLOOP, SESSION, add_routes
@@ -26,8 +26,14 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[LOGS] = logs or LogHub()
+    if config.api_keys:  # no keys, no middleware: zero per-request cost
+        app.middlewares.append(auth.middleware(config.api_keys))
+    cors.add_routes(app)  # before add_routes: its catch-all would answer OPTIONS with 404
+    upstream.add_routes(app, config)
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
+    if config.preload:  # after _runloop_ctx: cancelled before the run loop shuts down
+        app.cleanup_ctx.append(preload.preload_ctx)
     return app
 
 

@@ -1,0 +1,79 @@
+"""CORS preflight: OPTIONS on any path → 204 with permissive headers (reference §4.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from swapper import cors
+from swapper.server import make_app
+from tests.ops_helpers import ops_config, runloop
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/running",
+        "/upstream/m/v1/x",
+        "/upstream/m",
+        "/nope/x",
+    ],
+)
+async def test_preflight_on_any_path(aiohttp_client: ClientFactory, path: str) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    resp = await client.options(
+        path,
+        headers={
+            "Origin": "http://ui.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization, x-stainless-os",
+        },
+    )
+    assert resp.status == 204
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+    assert resp.headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+    assert resp.headers["Access-Control-Allow-Headers"] == "content-type, authorization, x-stainless-os"
+    assert resp.headers["Access-Control-Max-Age"] == "86400"
+    assert await resp.read() == b""
+    # A preflight never loads a model, even on a passthrough path.
+    assert runloop(client).snapshot()["m"].pid is None
+
+
+async def test_preflight_without_requested_headers_gets_the_default(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    resp = await client.options("/v1/chat/completions")
+    assert resp.status == 204
+    assert resp.headers["Access-Control-Allow-Headers"] == cors.DEFAULT_ALLOW_HEADERS
+
+
+@pytest.mark.parametrize(
+    ("requested", "allowed"),
+    [
+        (None, cors.DEFAULT_ALLOW_HEADERS),
+        ("", cors.DEFAULT_ALLOW_HEADERS),
+        ("Content-Type", "Content-Type"),
+        (" a ,b,, c ", "a, b, c"),
+        ("good, bad header, x<y>, ok-1", "good, ok-1"),
+        ("bad header", cors.DEFAULT_ALLOW_HEADERS),
+    ],
+)
+def test_allowed_headers_are_sanitized(requested: str | None, allowed: str) -> None:
+    assert cors.allowed_headers(requested) == allowed
+
+
+async def test_normal_responses_are_unchanged(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    resp = await client.get("/running", headers={"Origin": "http://ui.example"})
+    assert resp.status == 200
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    # /v1/models echoes the origin itself (checklist 69).
+    resp = await client.get("/v1/models", headers={"Origin": "http://ui.example"})
+    assert resp.headers["Access-Control-Allow-Origin"] == "http://ui.example"
