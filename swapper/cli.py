@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from swapper import __version__
 from swapper.config import ConfigError, load_config
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port to listen on (default 127.0.0.1:8080; loopback unless you say otherwise)",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warn", "error"], default=None)
+    p.add_argument(
+        "--watch-config",
+        action="store_true",
+        help="reload the config when the file changes (SIGHUP always reloads); only models whose "
+        "settings changed are restarted",
+    )
     p.add_argument("--version", action="version", version=f"swapper {__version__}")
     return p
 
@@ -51,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swapper: cannot read config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     hub = LogHub(echo_upstream=config.log_to_stdout in ("upstream", "both"))
-    setup_logging(args.log_level or config.log_level, config.log_format, hub)
+    console = config.log_to_stdout in ("proxy", "both")
+    setup_logging(args.log_level or config.log_level, config.log_format, hub, console=console)
     for warning in config.warnings:
         print(f"swapper: warning: {warning}", file=sys.stderr)
     host, port = args.listen
-    asyncio.run(serve(config, host, port, logs=hub))
+    path = Path(args.config)
+    asyncio.run(serve(config, host, port, logs=hub, config_path=path, watch_config=args.watch_config))
     return 0
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
 from swapper.config import Config
 from swapper.logs import LogHub
+from swapper.reload import watch_config as watch
+from swapper.routes import RUNLOOP
 from swapper.server import make_app
 
 log = structlog.get_logger("swapper")
@@ -33,12 +36,20 @@ async def serve(
     *,
     logs: LogHub | None = None,
     stop: asyncio.Event | None = None,
+    config_path: Path | None = None,
+    watch_config: bool = False,
 ) -> None:
-    """Serves until SIGTERM/SIGINT (or ``stop`` is set), then shuts down in order."""
+    """Serves until SIGTERM/SIGINT (or ``stop`` is set), then shuts down in order.
+
+    With ``config_path``, SIGHUP reloads it (and so does a change of its content when
+    ``watch_config``).
+    """
     stop = stop or asyncio.Event()
+    hup = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
     app = make_app(config, logs)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
@@ -46,10 +57,17 @@ async def serve(
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
         log.info("listening", url=f"http://{host}:{port}", models=sorted(config.models))
-        await stop.wait()
-        log.info("shutting down")
+        async with asyncio.TaskGroup() as tasks:
+            watcher = None
+            if config_path is not None:
+                runloop = app[RUNLOOP]
+                watcher = tasks.create_task(watch(config_path, runloop, hup, poll=watch_config))
+            await stop.wait()
+            log.info("shutting down")
+            if watcher is not None:
+                watcher.cancel()
     finally:
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")

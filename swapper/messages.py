@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from swapper.config import Config
 from swapper.errors import SwapperError
+from swapper.planners import Planner
 
 if TYPE_CHECKING:
     from swapper.gpu import MemorySample
@@ -95,6 +97,16 @@ class Unload:
 
 
 @dataclass(frozen=True, slots=True)
+class Reload:
+    """Adopt ``config`` (already validated, its ``planner`` built); ``reply`` gets the models
+    that changed or went away: only those are restarted."""
+
+    config: Config
+    planner: Planner
+    reply: asyncio.Future[frozenset[str]]
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """Fail every waiter, stop every child; ``reply`` resolves when all are stopped."""
 
@@ -108,4 +120,6 @@ class MemorySampled:
     sample: MemorySample
 
 
-Message = Acquire | Release | Started | Stopped | ChildExited | Tick | Unload | Shutdown | MemorySampled
+Message = (
+    Acquire | Release | Started | Stopped | ChildExited | Tick | Unload | Reload | Shutdown | MemorySampled
+)

@@ -25,6 +25,7 @@ from swapper.errors import (
     SwapperError,
     error_body,
 )
+from swapper.events import track_request
 from swapper.loading import LoadingStream, wait_with_preamble
 from swapper.messages import Lease
 from swapper.runloop import RunLoop
@@ -129,7 +130,8 @@ async def read_body(request: web.Request) -> bytes:
 
 async def handle_model_request(request: web.Request) -> web.StreamResponse:
     app = request.app
-    config, runloop = app[CONFIG], app[RUNLOOP]
+    runloop = app[RUNLOOP]
+    config = runloop.config  # a reload replaces it; read it once per request
     try:
         body = await read_body(request)
         content_type = request.headers.get("Content-Type")
@@ -139,6 +141,7 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
         return error_response(err)
     cfg = config.models[model]
     req_id = runloop.new_request_id()
+    track = track_request(request, req_id, model)  # metrics and /api/events; done() in finally
     preamble: LoadingStream | None = None
     try:
         if wanted.stream and wants_loading_state(config, cfg, request.path):
@@ -148,6 +151,7 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
                 preamble = None  # served at once: the upstream's own headers go out
         else:
             lease = await runloop.acquire(req_id, model)
+        track.granted()
         body = shaping.rewrite_body(
             content_type,
             body,
@@ -159,14 +163,17 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
         url = lease.base_url + upstream_path(request.raw_path)
         response = preamble.response if preamble is not None else None
         result = await proxy.forward(request, app[SESSION], url, body, response=response)
+        track.forwarded(result.status, result.ttfb)
         return result.response
     except SwapperError as err:
+        track.failed(err.status)
         if preamble is not None and preamble.response.prepared:
             await preamble.fail(err)
             return preamble.response
         return error_response(err)
     finally:
         runloop.release(req_id)
+        track.done()
 
 
 def wants_loading_state(config: Config, cfg: ModelConfig, path: str) -> bool:
@@ -203,7 +210,8 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 async def handle_list_models(request: web.Request) -> web.Response:
-    config, runloop = request.app[CONFIG], request.app[RUNLOOP]
+    runloop = request.app[RUNLOOP]
+    config = runloop.config
     snapshot = runloop.snapshot()
     now = int(time.time())
     data: list[dict[str, Any]] = []
@@ -236,13 +244,16 @@ async def handle_list_models(request: web.Request) -> web.Response:
 
 
 async def handle_running(request: web.Request) -> web.Response:
-    config, runloop = request.app[CONFIG], request.app[RUNLOOP]
+    runloop = request.app[RUNLOOP]
+    config = runloop.config
     running = []
     for mid, snap in sorted(runloop.snapshot().items()):
         st = snap.status
         if st.state is State.STOPPED and not st.queued:
             continue
-        cfg = config.models[mid]
+        cfg = config.models.get(mid)
+        if cfg is None:
+            continue  # removed by a reload; stopping
         running.append(
             {
                 "model": mid,
@@ -273,7 +284,7 @@ async def handle_unload_all_post(request: web.Request) -> web.Response:
 
 async def handle_unload_one(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    model = request.app[CONFIG].resolve(name)
+    model = request.app[RUNLOOP].config.resolve(name)
     if model is None:
         return error_response(ModelNotFound(f"model '{name}' not found"))
     await request.app[RUNLOOP].unload([model])

@@ -27,6 +27,7 @@ import structlog
 from swapper.children import Child
 from swapper.config import Config
 from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
+from swapper.events import EventBus
 from swapper.health import wait_healthy
 from swapper.logs import LogHub
 from swapper.memory import MemoryMonitor
@@ -37,6 +38,7 @@ from swapper.messages import (
     MemorySampled,
     Message,
     Release,
+    Reload,
     Shutdown,
     Started,
     Stopped,
@@ -66,10 +68,12 @@ class RunLoop:
         *,
         logs: LogHub | None = None,
         planner: Planner | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.config = config
         self._session = session
         self._logs = logs or LogHub()
+        self._events = events or EventBus()  # told of states, starts and exits; never awaited
         planner = planner or make_planner(config)
         self._memory = MemoryMonitor.of(planner)  # None unless routing.router.use is memory
         self._sched = Scheduler(config, planner, self)
@@ -113,6 +117,17 @@ class RunLoop:
         reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._post(Unload(None if models is None else frozenset(models), reply))
         await reply
+
+    async def reload(self, config: Config) -> frozenset[str]:
+        """Adopts a validated ``config``; returns the models it restarts (changed or removed).
+
+        Raises what building the new planner raises (e.g. a matrix DSL error), before anything
+        changes.
+        """
+        planner = make_planner(config)
+        reply: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
+        self._post(Reload(config, planner, reply))
+        return await reply
 
     async def shutdown(self) -> None:
         if self._done:
@@ -163,6 +178,7 @@ class RunLoop:
                 msg = await self._inbox.get()
                 self._handle(msg)
                 self._settle()
+                self._events.sync_states(self._sched.states())
         finally:
             ticker.cancel()
             for task in list(self._tasks):
@@ -189,6 +205,7 @@ class RunLoop:
                 if error is not None:
                     self._children.pop(model, None)
                     log.warning("model failed to start", model=model, error=error.message)
+                    self._events.child_start_failed(model, error.message)
                 else:
                     log.info("model ready", model=model, pid=self._pid(model))
                     if self._memory is not None:
@@ -207,6 +224,11 @@ class RunLoop:
                 targets = frozenset(self.config.models) if models is None else models
                 self._unload_replies.append((targets, reply))
                 self._sched.on_unload(targets, now)
+            case Reload(config, planner, reply):
+                changed = self._sched.on_reload(config, planner, now)
+                self.config = config
+                if not reply.done():
+                    reply.set_result(changed)
             case Shutdown(reply):
                 self._sched.on_shutdown(now)
                 self._unload_replies.append((frozenset(self.config.models), reply))
@@ -239,6 +261,7 @@ class RunLoop:
         self._spawned_at.pop(model, None)
         tail = " | ".join(self._logs.last_lines(model, 3))
         log.warning("model exited unexpectedly", model=model, pid=pid, returncode=returncode, tail=tail)
+        self._events.child_exited(model, pid, returncode)
         self._sched.on_child_exited(model, now)
 
     # ---- Effects: called by the scheduler inside _handle; they never await ----
@@ -294,7 +317,9 @@ class RunLoop:
             await child.stop(grace=1.0)
             self._post(Started(model, start_id, ModelLoadFailed(f"start failed: {exc!r}")))
         else:
-            log.debug("model healthy", model=model, seconds=round(time.monotonic() - began, 4))
+            seconds = time.monotonic() - began
+            log.debug("model healthy", model=model, seconds=round(seconds, 4))
+            self._events.child_ready(model, seconds)
             self._post(Started(model, start_id, None))
 
     async def _stop(

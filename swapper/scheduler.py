@@ -7,6 +7,8 @@ leaves through the ``Effects`` protocol (the scheduler's whole "syscall table").
 spawns, or logs speculative decisions.
 
 Decision tree (``_decide``, shared by new requests and queue drains so the two never drift):
+  0. (checked on arrival and before any start) the model's loads keep failing
+                                               → fail at once: 503 + Retry-After (backoff)
   1. a swap to the model is in progress        → join it (collation: one load serves all)
   2. the model is ready                        → serve, unless an overdue request claimed it
   3. the model is stopping                     → queue; the drain after ``Stopped`` restarts it
@@ -24,13 +26,15 @@ priority plus age (``AGING_PER_SECOND``), so a low-priority request is never sta
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from swapper.config import Config
+from swapper.config import DEFAULT_UNLOAD_TIMEOUT, Config
 from swapper.errors import (
     ConcurrencyLimit,
+    ModelLoadFailed,
     ModelNotFound,
     ModelUnloaded,
     QueueFull,
@@ -42,6 +46,15 @@ from swapper.planners import Planner, PlanView, Unplaceable
 # One priority point per 10 s waited: a priority-0 request that has waited 100 s goes before a
 # fresh priority-10 one.
 AGING_PER_SECOND = 0.1
+
+# Crash-loop backoff. One failed load is free (the next request retries at once: a port race or
+# a transient OOM heals by itself); from the second failure in a row on, the model refuses new
+# starts for 1 s, 2 s, 4 s ... (capped) and answers 503 + Retry-After at once, instead of
+# respawning a child that dies again on every request (a restart storm). A successful load
+# clears the count.
+BACKOFF_AFTER_FAILURES = 2
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 30.0
 
 
 class State(enum.StrEnum):
@@ -126,11 +139,16 @@ class Scheduler:
         self._seq = 0
         self._start_ids = 0
         self._shutting_down = False
+        self._retiring: set[str] = set()  # changed by a reload: stop once in-flight work is done
+        self._failures: dict[str, LoadFailures] = {}  # consecutive failed loads, per model
 
     # ---- introspection (advisory reads; never gate a mutation on them from outside) ----
 
     def state(self, model: str) -> State:
         return self._slots[model].state
+
+    def states(self) -> dict[str, State]:
+        return {model: slot.state for model, slot in self._slots.items()}
 
     @property
     def shutting_down(self) -> bool:
@@ -184,6 +202,9 @@ class Scheduler:
         if slot.admitted >= cfg.concurrency_limit:
             self._fx.fail(req_id, _too_many(model, cfg.concurrency_limit))
             return
+        if (refused := self._backoff(model, now)) is not None:
+            self._fx.fail(req_id, refused)
+            return
         self._seq += 1
         req = Request(req_id, model, now, self._seq, cfg.priority)
         verdict = self._decide(req, self._claimed(now), now)
@@ -218,6 +239,7 @@ class Scheduler:
         if swap is None or swap.start_id != start_id:
             return  # the swap was aborted (unload, shutdown); its stop is already under way
         del self._swaps[model]
+        self._note_load(model, error, now)
         slot = self._slots[model]
         if error is not None:
             slot.state = State.STOPPED
@@ -236,6 +258,7 @@ class Scheduler:
         if slot is None:
             return
         slot.state = State.STOPPED
+        self._drop_removed()
         for swap in list(self._swaps.values()):
             self._maybe_issue_start(swap)
         self._drain(now)
@@ -250,7 +273,8 @@ class Scheduler:
 
     def on_tick(self, now: float) -> None:
         for model, slot in self._slots.items():
-            ttl = self._config.models[model].ttl
+            cfg = self._config.models.get(model)
+            ttl = cfg.ttl if cfg else 0.0
             if ttl > 0 and slot.state is State.READY and not slot.in_flight and now - slot.last_used >= ttl:
                 self._stop(model)
         self._drain(now)
@@ -260,6 +284,29 @@ class Scheduler:
             if model in self._slots:
                 self._unload(model, ModelUnloaded(f"model '{model}' was unloaded"))
         self._drain(now)
+
+    def on_reload(self, config: Config, planner: Planner, now: float) -> frozenset[str]:
+        """Adopts ``config``; returns the models that changed or went away.
+
+        Only those are restarted: a changed model stops as soon as its in-flight requests finish
+        (new requests for it queue meanwhile and restart it with the new settings), waiters on
+        its load fail, and every other model keeps running untouched.
+        """
+        old = self._config.models
+        changed = frozenset(m for m in old if config.models.get(m) != old[m])
+        for model in changed:
+            slot = self._slots[model]
+            if slot.state is State.READY and slot.in_flight:
+                self._retiring.add(model)
+            else:
+                self._unload(model, ModelUnloaded(f"model '{model}' changed in a config reload"))
+        self._config = config
+        self._planner = planner
+        for model in config.models:
+            self._slots.setdefault(model, Slot())
+        self._drop_removed()
+        self._drain(now)
+        return changed
 
     def on_shutdown(self, now: float) -> None:
         self._shutting_down = True
@@ -274,7 +321,7 @@ class Scheduler:
             return Verdict.JOIN
         state = self._slots[model].state
         if state is State.READY:
-            return Verdict.QUEUE if model in claimed else Verdict.SERVE
+            return Verdict.QUEUE if model in claimed or model in self._retiring else Verdict.SERVE
         if state is not State.STOPPED:
             return Verdict.QUEUE
         try:
@@ -299,6 +346,10 @@ class Scheduler:
 
     def _start_swap(self, req: Request, now: float) -> None:
         model = req.model
+        if (refused := self._backoff(model, now)) is not None:  # a queued request, drained
+            self._forget(req)
+            self._fx.fail(req.req_id, refused)
+            return
         try:
             evict = self._planner.evict_for(model, self._view(model))
         except Unplaceable as exc:
@@ -322,6 +373,9 @@ class Scheduler:
 
     def _drain(self, now: float) -> None:
         """Re-decides every queued request, oldest-and-most-important first."""
+        for model in [m for m in self._retiring if not self._slots[m].in_flight]:
+            self._retiring.discard(model)
+            self._stop(model)
         if not self._queue:
             return
         self._queue.sort(key=lambda r: (-(r.priority + (now - r.at) * AGING_PER_SECOND), r.seq))
@@ -367,6 +421,26 @@ class Scheduler:
                 return True
         return False
 
+    def _note_load(self, model: str, error: SwapperError | None, now: float) -> None:
+        if error is None:
+            self._failures.pop(model, None)
+        else:
+            self._failures[model] = _next_failures(self._failures.get(model), error, now)
+
+    def _backoff(self, model: str, now: float) -> SwapperError | None:
+        """The error for a start of ``model`` refused because its loads keep failing, if any."""
+        failures = self._failures.get(model)
+        if failures is None or now >= failures.retry_at:
+            return None
+        wait = failures.retry_at - now
+        return ModelLoadFailed(
+            f"model '{model}' keeps failing to load ({failures.count} failures in a row); not retrying"
+            f" for another {wait:.1f}s; last error: {failures.last_error.message}",
+            status=503,
+            code="model_load_backoff",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
     def _serve(self, req: Request) -> None:
         slot = self._slots[req.model]
         # The in-flight count grows only if the requester took the lease; otherwise no Release
@@ -382,7 +456,15 @@ class Scheduler:
 
     def _stop(self, model: str) -> None:
         self._slots[model].state = State.STOPPING
-        self._fx.stop(model, self._config.models[model].unload_timeout)
+        cfg = self._config.models.get(model)  # None: removed by a reload, still draining
+        self._fx.stop(model, cfg.unload_timeout if cfg else DEFAULT_UNLOAD_TIMEOUT)
+
+    def _drop_removed(self) -> None:
+        """Forgets models a reload removed, once they are stopped and nobody holds them."""
+        for model in [m for m in self._slots if m not in self._config.models]:
+            slot = self._slots[model]
+            if slot.state is State.STOPPED and not slot.in_flight and model not in self._swaps:
+                del self._slots[model]
 
     def _abort(self, swap: Swap) -> None:
         """Drops a load nobody waits for any more, because another model wants the room.
@@ -411,6 +493,24 @@ class Scheduler:
                 return
         if self._slots[model].state in (State.STARTING, State.READY):
             self._stop(model)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailures:
+    """Consecutive failed loads of one model (cleared by a successful load)."""
+
+    count: int
+    last_error: SwapperError
+    retry_at: float  # no new start of the model before this time
+
+
+def _next_failures(prev: LoadFailures | None, error: SwapperError, now: float) -> LoadFailures:
+    count = 1 if prev is None else prev.count + 1
+    delay = 0.0
+    if count >= BACKOFF_AFTER_FAILURES:
+        # The exponent is bounded so that a model failing for days cannot overflow a float.
+        delay = min(BACKOFF_FIRST * 2.0 ** min(count - BACKOFF_AFTER_FAILURES, 32), BACKOFF_CAP)
+    return LoadFailures(count, error, now + delay)
 
 
 def _too_many(model: str, limit: int) -> ConcurrencyLimit:

@@ -382,3 +382,34 @@ def test_queue_position_is_reported() -> None:
     rb, rc = h.req("b"), h.req("c")
     assert (h.s.queue_position(rb), h.s.queue_position(rc)) == (1, 2)
     assert h.s.queue_position(1) is None
+
+
+def test_reload_restarts_only_changed_models_after_they_drain() -> None:
+    planner = StubPlanner({})  # a and b may run together
+    h = Harness("a", "b", planner=planner)
+    ra = h.bring_up("a")
+    h.done(h.bring_up("b"))
+    new = config(model("a", ttl=99.0), model("b"), model("c"))
+    changed = h.s.on_reload(new, planner, h.now)
+    assert changed == {"a"}
+    assert h.fx.stops == []  # a has a request in flight: it finishes first
+    r2 = h.req("a")
+    assert r2 not in h.fx.grants  # new work waits for the restart
+    h.done(ra)
+    assert h.fx.stops == ["a"]
+    h.stopped("a")
+    h.ready("a")
+    assert r2 in h.fx.grants and h.s.state("b") is State.READY
+    h.req("c")
+    assert h.fx.starts[-1][0] == "c"
+
+
+def test_reload_removing_a_model_stops_it_and_forgets_it() -> None:
+    h = Harness("a", "b")
+    h.done(h.bring_up("a"))
+    h.s.on_reload(config(model("b")), h.planner, h.now)
+    assert h.fx.stops == ["a"]
+    h.stopped("a")
+    assert "a" not in h.s.status(h.now)
+    r = h.req("a")
+    assert h.fx.failures[r].status == 404

@@ -1,0 +1,68 @@
+"""Config reload on SIGHUP or when the file changes (``--watch-config``).
+
+Owns: the reload trigger and the file's last seen content. It loads and validates the new file
+off to the side; only a config that loads and whose planner builds reaches the run loop, which
+then restarts just the models whose settings changed. An invalid file is logged and the old
+config keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import structlog
+
+from swapper.config import ConfigError, load_config
+from swapper.runloop import RunLoop
+
+log = structlog.get_logger("swapper.reload")
+
+POLL_SECONDS = 1.0
+
+
+def _digest(path: Path) -> bytes | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return None
+
+
+async def reload_once(path: Path, runloop: RunLoop) -> frozenset[str] | None:
+    """Loads ``path`` and hands it to the run loop; returns the restarted models, None if invalid."""
+    try:
+        config = await asyncio.to_thread(load_config, str(path))
+        changed = await runloop.reload(config)
+    except (ConfigError, OSError, ValueError) as exc:
+        log.error("config reload rejected; the old config keeps serving", path=str(path), error=str(exc))
+        return None
+    for warning in config.warnings:
+        log.warning("config", warning=warning)
+    log.info("config reloaded", path=str(path), restarted=sorted(changed))
+    return changed
+
+
+async def watch_config(path: Path, runloop: RunLoop, hup: asyncio.Event, *, poll: bool) -> None:
+    """Reloads on every ``hup`` and, with ``poll``, whenever the file's content changes.
+
+    Polling the content (not inotify) works on every filesystem, including the bind mounts and
+    ConfigMaps where llama-swap users saw events go missing; a whole-file hash ignores editors'
+    touch-without-change saves.
+    """
+    seen = _digest(path)
+    while True:
+        signalled = False
+        try:
+            async with asyncio.timeout(POLL_SECONDS if poll else None):
+                await hup.wait()
+            signalled = True
+        except TimeoutError:
+            pass
+        hup.clear()
+        current = await asyncio.to_thread(_digest, path)
+        if current is None:
+            continue  # mid-save or deleted: keep serving the old config
+        if signalled or current != seen:
+            seen = current
+            await reload_once(path, runloop)
