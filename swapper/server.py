@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from swapper import auth, cors, preload, proxy, upstream
+from swapper.admin import add_admin_routes
 from swapper.config import Config
+from swapper.events import EVENTS
 from swapper.logs import LogHub
 from swapper.routes import CONFIG, RUNLOOP, SESSION, add_routes
 from swapper.runloop import RunLoop
@@ -30,6 +32,7 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
         app.middlewares.append(auth.middleware(config.api_keys))
     cors.add_routes(app)  # before add_routes: its catch-all would answer OPTIONS with 404
     upstream.add_routes(app, config)
+    add_admin_routes(app, app[LOGS])  # before add_routes, whose catch-all would shadow them
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
     if config.preload:  # after _runloop_ctx: cancelled before the run loop shuts down
@@ -39,7 +42,7 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
 
 async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
     session = proxy.make_session()
-    runloop = RunLoop(app[CONFIG], session, logs=app[LOGS])
+    runloop = RunLoop(app[CONFIG], session, logs=app[LOGS], events=app[EVENTS])
     app[SESSION] = session
     app[RUNLOOP] = runloop
     task = asyncio.get_running_loop().create_task(runloop.run(), name="swapper-runloop")

@@ -1,0 +1,265 @@
+"""Facts the run loop and the request handlers report, fanned out to whoever listens.
+
+Owns: the observers, the model states last announced, and the requests in flight (the snapshot
+a new ``/api/events`` client starts from). The publishers are the run loop (model states, child
+starts and exits), the model-request handler (one ``RequestTrack`` per request) and ``LogHub``
+(every log line); the observers are ``metrics.Metrics`` and one ``Feed`` per open log or event
+stream.
+
+Concurrency contract: everything runs on the event loop's thread, and every method is sync and
+cheap, because the run loop calls in from its handlers, which never await. An observer must be
+cheap too: bump a counter or append to a bounded buffer; never await, block, log, or call back
+into the run loop. An observer that raises is dropped (then logged, so that its own log line
+cannot reach it), so a bug in metrics or in one stream can never take the run loop down.
+
+Model states are announced once per run-loop message (``sync_states`` after each one), the same
+granularity as the loop's snapshot: a model that changes state twice within one message (a start
+that fails and is retried in the same drain) is announced once, from the state before to the
+state after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Generic, TypeVar
+
+from aiohttp import web
+
+from swapper.scheduler import State
+
+log = logging.getLogger("swapper.events")
+
+T = TypeVar("T")
+
+
+class RequestTrack:
+    """One model request, from routing to its response, as the handler reports it.
+
+    Holds ids, the matched route template and timings only: never headers, query or body, so
+    nothing here can leak a key or a prompt to an event stream.
+    """
+
+    __slots__ = (
+        "_bus",
+        "at",
+        "method",
+        "model",
+        "path",
+        "req_id",
+        "route",
+        "started",
+        "status",
+        "ttfb",
+        "waited",
+    )
+
+    def __init__(self, bus: EventBus, req_id: int, model: str, route: str, method: str, path: str) -> None:
+        self._bus = bus
+        self.req_id = req_id
+        self.model = model
+        self.route = route  # the route's path template: bounded, unlike the path
+        self.method = method
+        self.path = path
+        self.at = time.time()
+        self.started = time.perf_counter()
+        self.waited: float | None = None  # acquire -> lease in hand
+        self.ttfb: float | None = None  # arrival -> upstream response headers (wait included)
+        self.status: int | None = None  # None: the client left before an answer
+
+    def granted(self) -> None:
+        """The run loop granted the lease: the request stops waiting and goes upstream."""
+        self.waited = time.perf_counter() - self.started
+        self._bus._request_granted(self)
+
+    def forwarded(self, status: int, upstream_ttfb: float) -> None:
+        self.status = status
+        if self.waited is not None:
+            self.ttfb = self.waited + upstream_ttfb
+
+    def failed(self, status: int) -> None:
+        self.status = status
+
+    def done(self) -> None:
+        """Call exactly once, in ``finally``."""
+        self._bus._request_done(self)
+
+
+class Observer:
+    """What the bus reports; every hook is a no-op here, subclasses override what they use."""
+
+    def model_state(self, model: str, old: State, new: State) -> None:
+        pass
+
+    def child_ready(self, model: str, load_seconds: float) -> None:
+        """A start attempt passed its health check, ``load_seconds`` after the spawn began."""
+
+    def child_start_failed(self, model: str, error: str) -> None:
+        """A start attempt ended without a healthy child (exit, health timeout, spawn error)."""
+
+    def child_exited(self, model: str, pid: int, returncode: int) -> None:
+        """A ready child exited without being asked to."""
+
+    def request_started(self, req: RequestTrack) -> None:
+        pass
+
+    def request_granted(self, req: RequestTrack) -> None:
+        pass
+
+    def request_finished(self, req: RequestTrack) -> None:
+        pass
+
+    def log_line(self, source: str, line: str) -> None:
+        pass
+
+    def closed(self) -> None:
+        """The bus closed (server shutdown): streams end now."""
+
+
+class EventBus:
+    """The fan-out. ``subscribe`` observers; the publishers call the other methods."""
+
+    def __init__(self) -> None:
+        # A tuple, rebuilt on (rare) changes, so that publishing iterates without copying and
+        # an observer may unsubscribe while being notified.
+        self._observers: tuple[Observer, ...] = ()
+        self._states: dict[str, State] = {}
+        self._in_flight: dict[int, RequestTrack] = {}
+        self._closed = False
+
+    def subscribe(self, observer: Observer) -> None:
+        if self._closed:
+            observer.closed()
+            return
+        self._observers = (*self._observers, observer)
+
+    def unsubscribe(self, observer: Observer) -> None:
+        self._observers = tuple(o for o in self._observers if o is not observer)
+
+    def close(self) -> None:
+        self._closed = True
+        self._notify(lambda o: o.closed())
+
+    def states(self) -> Mapping[str, State]:
+        """Each model's state as of the last run-loop message (empty before the first)."""
+        return dict(self._states)
+
+    def in_flight(self) -> list[RequestTrack]:
+        return list(self._in_flight.values())
+
+    # ---- publishers ----
+
+    def sync_states(self, states: Mapping[str, State]) -> None:
+        """The run loop's view after one message; announces every model whose state changed.
+
+        Observers read ``states()`` as it is after the whole message.
+        """
+        if states == self._states:
+            return  # most messages change no state; one C-level compare says so
+        previous, self._states = self._states, dict(states)
+        for model, new in states.items():
+            old = previous.get(model, State.STOPPED)
+            if new is not old:
+                self._announce(model, old, new)
+
+    def _announce(self, model: str, old: State, new: State) -> None:
+        self._notify(lambda o: o.model_state(model, old, new))
+
+    def child_ready(self, model: str, load_seconds: float) -> None:
+        self._notify(lambda o: o.child_ready(model, load_seconds))
+
+    def child_start_failed(self, model: str, error: str) -> None:
+        self._notify(lambda o: o.child_start_failed(model, error))
+
+    def child_exited(self, model: str, pid: int, returncode: int) -> None:
+        self._notify(lambda o: o.child_exited(model, pid, returncode))
+
+    def track(self, req_id: int, model: str, route: str, method: str, path: str) -> RequestTrack:
+        """Starts tracking one request; its handler must call ``done()`` in ``finally``."""
+        req = RequestTrack(self, req_id, model, route, method, path)
+        self._in_flight[req_id] = req
+        self._notify(lambda o: o.request_started(req))
+        return req
+
+    def log_line(self, source: str, line: str) -> None:
+        self._notify(lambda o: o.log_line(source, line))
+
+    def _request_granted(self, req: RequestTrack) -> None:
+        self._notify(lambda o: o.request_granted(req))
+
+    def _request_done(self, req: RequestTrack) -> None:
+        if self._in_flight.pop(req.req_id, None) is not None:
+            self._notify(lambda o: o.request_finished(req))
+
+    def _notify(self, call: Callable[[Observer], None]) -> None:
+        for observer in self._observers:
+            try:
+                call(observer)
+            except Exception:
+                self.unsubscribe(observer)
+                log.exception("event observer %r failed and was dropped", observer)
+
+
+class Feed(Observer, Generic[T]):
+    """One stream's bounded backlog, filled by bus hooks and drained by the stream's handler.
+
+    When the reader falls ``limit`` items behind, the oldest are dropped and counted, so a slow
+    client costs a bounded amount of memory and never slows a publisher (a child's stdout, the
+    run loop).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[T] = deque(maxlen=limit)
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._dropped = 0
+
+    def push(self, item: T) -> None:
+        if self._closed:
+            return
+        if len(self._items) == self._items.maxlen:
+            self._dropped += 1
+        self._items.append(item)
+        self._wake.set()
+
+    def closed(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    def take_dropped(self) -> int:
+        dropped, self._dropped = self._dropped, 0
+        return dropped
+
+    async def wait_batch(self, idle: float | None) -> list[T] | None:
+        """Everything pushed since the last call, waiting for at least one item.
+
+        Returns ``[]`` after ``idle`` seconds (None: no limit) with nothing new (time for a
+        keep-alive), and None once the feed is closed and drained.
+        """
+        if not self._items and not self._closed:
+            try:
+                async with asyncio.timeout(idle):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        self._wake.clear()
+        if not self._items:
+            return None if self._closed else []
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+EVENTS = web.AppKey("events", EventBus)
+_DETACHED = EventBus()  # for apps built without the admin routes: tracks, tells no one
+
+
+def track_request(request: web.Request, req_id: int, model: str) -> RequestTrack:
+    """Starts tracking a model request on its app's bus (see ``RequestTrack``)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    bus = request.app.get(EVENTS, _DETACHED)
+    return bus.track(req_id, model, route, request.method, request.path)

@@ -1,0 +1,381 @@
+"""Prometheus metrics: what happened (counters, histograms) and what is (gauges read at scrape).
+
+Owns: one ``CollectorRegistry`` per app (apps and tests never share the global one), the label
+children bound per model and per (model, route), per-model activity for ``/v1/status``, and an
+NVML session opened by the first sample that looks for GPUs.
+
+Recording: ``Metrics`` is an ``events.Observer``. Run-loop facts (starts, load times, unexpected
+exits) and request facts (status, queue wait, time to first byte) arrive as bus hooks on the event
+loop's thread. A request costs two dict lookups and four lock-protected adds, because its label
+children are bound once per (model, route) and cached; nothing is recorded per chunk. Label values
+are bounded: ``model`` is a configured id (the handler has resolved aliases and rejected unknown
+names before tracking starts) and ``route`` is the matched route's template, never the raw path.
+
+The present (states, in flight, queued, memory, GPUs) is not tracked as it changes: it is read at
+scrape time from the run loop's advisory snapshot plus a sample of each child's process tree,
+taken in a worker thread because /proc and NVML reads block. Nothing samples between scrapes.
+
+Must not touch: children or scheduler internals; it reads only the snapshot it is handed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from swapper.events import Observer, RequestTrack
+from swapper.gpu import GpuUsage, Nvml, open_nvml
+from swapper.scheduler import State
+
+if TYPE_CHECKING:
+    from swapper.runloop import ModelSnapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds. Queue waits span a free model (~0) to a swap behind a long generation (minutes).
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Time to first byte includes any swap, so its tail is a model load.
+TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Loads: a tiny model in ~0.1 s up to a 100 GB one read from a cold disk.
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+@dataclass(slots=True)
+class Activity:
+    """What /v1/status shows about one model beyond the snapshot; wall-clock times."""
+
+    requests: int = 0
+    last_used: float | None = None  # when its last request finished
+    starts: int = 0  # start attempts that ended (ready or failed)
+    last_load_seconds: float | None = None
+    unexpected_exits: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One child's process tree at sample time."""
+
+    rss: int  # resident bytes summed over the tree (shared pages count once per process)
+    vram: int | None  # bytes NVML attributes to the tree; None without NVML or when unmeasurable
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    children: Mapping[str, Usage]  # model id -> usage, for children alive at sample time
+    own_rss: int  # swapper's own resident bytes
+    gpus: tuple[GpuUsage, ...]  # empty without NVML
+
+
+class _RouteSeries:
+    """The label children one (model, route) records into, bound on first use."""
+
+    __slots__ = ("_counter", "_labels", "by_class")
+
+    def __init__(self, counter: Counter, model: str, route: str) -> None:
+        self._counter = counter
+        self._labels = (model, route)
+        self.by_class: dict[int, Counter] = {}  # status // 100 (-1: no answer) -> child
+
+    def count(self, status: int | None) -> Counter:
+        key = -1 if status is None else status // 100
+        child = self.by_class.get(key)
+        if child is None:
+            label = "cancelled" if status is None else f"{key}xx"
+            child = self.by_class[key] = self._counter.labels(*self._labels, label)
+        return child
+
+
+class _ModelSeries:
+    __slots__ = ("exits", "failed", "load", "ready", "ttfb", "wait")
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        self.ready = m.starts.labels(model, "ready")
+        self.failed = m.starts.labels(model, "failed")
+        self.load = m.load_seconds.labels(model)
+        self.exits = m.unexpected_exits.labels(model)
+        self.wait = m.queue_wait.labels(model)
+        self.ttfb = m.ttfb.labels(model)
+
+
+class _Families(Collector):
+    """Metric families built for one scrape, rendered once and dropped."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class Metrics(Observer):
+    def __init__(self, models: Iterable[str]) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            "swapper_requests",
+            "Model requests answered, by model, route template and status class "
+            "('cancelled': the client left before an answer)",
+            ["model", "route", "status"],
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "swapper_queue_wait_seconds",
+            "Time from asking the run loop for a model to holding its lease (load or queue)",
+            ["model"],
+            buckets=WAIT_BUCKETS,
+            registry=reg,
+        )
+        self.ttfb = Histogram(
+            "swapper_ttfb_seconds",
+            "Time from the request's arrival to the upstream's response headers, swap included",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=reg,
+        )
+        self.starts = Counter(
+            "swapper_model_starts",
+            "Child start attempts that ended, by outcome (ready, failed)",
+            ["model", "outcome"],
+            registry=reg,
+        )
+        self.load_seconds = Histogram(
+            "swapper_model_load_seconds",
+            "Time from spawning a child to its first passing health check",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=reg,
+        )
+        self.unexpected_exits = Counter(
+            "swapper_model_unexpected_exits",
+            "Ready children that exited without being asked to (crashes, OOM kills)",
+            ["model"],
+            registry=reg,
+        )
+        ProcessCollector(registry=reg)  # swapper's own process_* series
+        self._models: dict[str, _ModelSeries] = {}
+        self._routes: dict[tuple[str, str], _RouteSeries] = {}
+        self._activity: dict[str, Activity] = {}
+        self._gpu = _Gpu()
+        self.started = time.time()  # for swapper's uptime in /v1/status
+        for model in models:
+            self._model(model)  # series exist at 0 from the start, so rate() sees the first event
+
+    # ---- reads for /v1/status ----
+
+    def activity(self, model: str) -> Activity:
+        return self._activity.get(model) or Activity()
+
+    # ---- Observer hooks (event loop thread) ----
+
+    def child_ready(self, model: str, load_seconds: float) -> None:
+        series = self._model(model)
+        series.ready.inc()
+        series.load.observe(load_seconds)
+        act = self._activity[model]
+        act.starts += 1
+        act.last_load_seconds = load_seconds
+
+    def child_start_failed(self, model: str, error: str) -> None:
+        self._model(model).failed.inc()
+        act = self._activity[model]
+        act.starts += 1
+        act.last_error, act.last_error_at = f"start failed: {error}", time.time()
+
+    def child_exited(self, model: str, pid: int, returncode: int) -> None:
+        self._model(model).exits.inc()
+        act = self._activity[model]
+        act.unexpected_exits += 1
+        act.last_error, act.last_error_at = f"pid {pid} exited unexpectedly (rc {returncode})", time.time()
+
+    def request_granted(self, req: RequestTrack) -> None:
+        if req.waited is not None:
+            self._model(req.model).wait.observe(req.waited)
+
+    def request_finished(self, req: RequestTrack) -> None:
+        key = (req.model, req.route)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = _RouteSeries(self.requests, req.model, req.route)
+        route.count(req.status).inc()
+        if req.ttfb is not None:
+            self._model(req.model).ttfb.observe(req.ttfb)
+        act = self._activity.get(req.model)
+        if act is None:
+            self._model(req.model)
+            act = self._activity[req.model]
+        act.requests += 1
+        act.last_used = time.time()
+
+    def _model(self, model: str) -> _ModelSeries:
+        series = self._models.get(model)
+        if series is None:
+            series = self._models[model] = _ModelSeries(self, model)
+            self._activity.setdefault(model, Activity())
+        return series
+
+    # ---- scrape ----
+
+    async def sample(self, snapshot: Mapping[str, ModelSnapshot]) -> Sample:
+        """Samples the running children's process trees and the GPUs, off the event loop."""
+        pids = {model: snap.pid for model, snap in snapshot.items() if snap.pid is not None}
+        return await asyncio.to_thread(_sample, pids, self._gpu)
+
+    async def render(
+        self, snapshot: Mapping[str, ModelSnapshot], memory: Mapping[str, Any] | None = None
+    ) -> bytes:
+        """The Prometheus text exposition: recorded series plus scrape-time gauges.
+
+        ``memory`` is the memory planner's advisory status (``RunLoop.memory_status()``), when
+        that planner runs: its footprints become a gauge.
+        """
+        sample = await self.sample(snapshot)
+        present = _Families(_gauges(snapshot, sample) + _footprints(memory))
+        return await asyncio.to_thread(_render, self.registry, present)
+
+    def close(self) -> None:
+        self._gpu.close()
+
+
+def _render(registry: CollectorRegistry, present: _Families) -> bytes:
+    return generate_latest(registry) + generate_latest(present)
+
+
+def _gauges(snapshot: Mapping[str, ModelSnapshot], sample: Sample) -> list[Metric]:
+    def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, doc, labels=list(labels))
+
+    state = gauge(
+        "swapper_model_state", "1 for the state each model is in, 0 for the others", "model", "state"
+    )
+    in_flight = gauge("swapper_model_in_flight", "Requests holding a lease on the model", "model")
+    queued = gauge("swapper_model_queued", "Requests waiting for the model (queue or load)", "model")
+    oldest = gauge("swapper_model_oldest_wait_seconds", "Age of the oldest waiting request", "model")
+    rss = gauge("swapper_model_rss_bytes", "Resident memory of the child's process tree", "model")
+    vram = gauge("swapper_model_vram_bytes", "GPU memory NVML attributes to the child's tree", "model")
+    for model, snap in sorted(snapshot.items()):
+        status = snap.status
+        for candidate in State:
+            state.add_metric([model, candidate.value], 1.0 if status.state is candidate else 0.0)
+        in_flight.add_metric([model], status.in_flight)
+        queued.add_metric([model], status.queued)
+        oldest.add_metric([model], status.oldest_wait or 0.0)
+        usage = sample.children.get(model)
+        if usage is not None:
+            rss.add_metric([model], usage.rss)
+            if usage.vram is not None:
+                vram.add_metric([model], usage.vram)
+    families: list[Metric] = [state, in_flight, queued, oldest, rss, vram]
+    if sample.gpus:
+        used = gauge("swapper_gpu_memory_used_bytes", "GPU memory in use (all processes)", "gpu", "name")
+        total = gauge("swapper_gpu_memory_total_bytes", "GPU memory in total", "gpu", "name")
+        for gpu in sample.gpus:
+            used.add_metric([str(gpu.index), gpu.name], gpu.used)
+            total.add_metric([str(gpu.index), gpu.name], gpu.total)
+        families += [used, total]
+    return families
+
+
+def _footprints(memory: Mapping[str, Any] | None) -> list[Metric]:
+    if memory is None:
+        return []
+    footprint = GaugeMetricFamily(
+        "swapper_model_footprint_bytes",
+        "Memory the memory planner reserves for the model (measured, else estimated)",
+        labels=["model", "device"],
+    )
+    for model, info in sorted(memory.get("models", {}).items()):
+        if info.get("footprint") is not None:
+            footprint.add_metric([model, str(info.get("device"))], info["footprint"])
+    return [footprint]
+
+
+class _Gpu:
+    """NVML, opened by the first sample (in a worker thread: nvmlInit can take a while).
+
+    Without a driver or a GPU it stays closed for good: a machine does not grow a GPU.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # two scrapes may sample at once, in two threads
+        self._nvml: Nvml | None = None
+        self._opened = False
+
+    def session(self) -> Nvml | None:
+        with self._lock:
+            if not self._opened:
+                self._opened = True
+                self._nvml, _why = open_nvml()
+            return self._nvml
+
+    def close(self) -> None:
+        with self._lock:
+            if self._nvml is not None:
+                self._nvml.close()
+                self._nvml = None
+
+
+def _sample(pids: Mapping[str, int], gpu: _Gpu) -> Sample:
+    """Blocking: run in a worker thread. Logs nothing (LogHub belongs to the loop's thread)."""
+    nvml = gpu.session()
+    gpus: tuple[GpuUsage, ...] = ()
+    per_pid: Mapping[int, int | None] | None = None
+    if nvml is not None:
+        try:
+            gpus = nvml.devices()
+            per_pid = nvml.processes() if pids else None
+        except Exception:  # NVMLError (a GPU fell off the bus, driver reloaded): no GPU data now
+            gpus, per_pid = (), None
+    children = {}
+    for model, pid in pids.items():
+        tree = _tree(pid)
+        if tree:
+            children[model] = Usage(sum(rss for _, rss in tree), _vram([p for p, _ in tree], per_pid))
+    return Sample(children, _own_rss(), gpus)
+
+
+def _tree(pid: int) -> list[tuple[int, int]]:
+    """(pid, rss) for ``pid`` and its descendants alive now; empty when ``pid`` is gone."""
+    try:
+        leader = psutil.Process(pid)
+        procs = [leader, *leader.children(recursive=True)]
+    except psutil.Error:
+        return []
+    out = []
+    for proc in procs:
+        try:
+            out.append((proc.pid, int(proc.memory_info().rss)))
+        except psutil.Error:
+            continue  # exited between the listing and now
+    return out
+
+
+def _vram(pids: list[int], per_pid: Mapping[int, int | None] | None) -> int | None:
+    if per_pid is None:
+        return None
+    total = 0
+    for pid in pids:
+        if pid in per_pid:
+            used = per_pid[pid]
+            if used is None:
+                return None  # the driver does not say for this process (WDDM, some vGPUs)
+            total += used
+    return total
+
+
+def _own_rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+METRICS = web.AppKey("metrics", Metrics)
