@@ -14,6 +14,7 @@ reason and every sample simply has no GPUs; nothing here raises because a GPU is
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -21,7 +22,6 @@ from typing import Any, Literal, Protocol
 import psutil
 
 Device = Literal["gpu", "ram"]
-ProcessId = tuple[int, float]  # (pid, create time): a pid alone may be recycled
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +70,14 @@ class MemorySample:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseProbe:
-    """Whether a stopped child's memory is free yet."""
+    """Whether a stopped child's memory is free yet.
 
-    alive: int  # processes of its tree still running (zombies hold no memory and do not count)
-    gpu_held: int  # bytes NVML still attributes to those processes
+    A child leads its own process group and its helpers stay in it after it exits, so the group
+    is what is watched: no snapshot of the process tree is needed before the stop.
+    """
+
+    alive: frozenset[int]  # live members of the group (zombies hold no memory and do not count)
+    gpu_held: int  # bytes NVML attributes to the group's members and the pids asked about
     gpu_used: int | None  # bytes used over every GPU now; None without NVML
 
 
@@ -88,11 +92,9 @@ class Sampler(Protocol):
         """Samples every device and the process tree of each ``model id -> pid``."""
         ...
 
-    def tree(self, pid: int) -> frozenset[ProcessId]:
-        """The processes of ``pid``'s tree now (empty if it is gone)."""
+    def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
+        """What process group ``pgid`` (and ``pids``, which NVML may list after they died) holds."""
         ...
-
-    def probe(self, tree: frozenset[ProcessId]) -> ReleaseProbe: ...
 
     def close(self) -> None: ...
 
@@ -194,27 +196,13 @@ class SystemSampler:
                 usage[model] = ChildUsage(pid, ram_bytes, _gpu_of(tree, gpu_procs), alive)
         return MemorySample(at, ram, gpus, usage)
 
-    def tree(self, pid: int) -> frozenset[ProcessId]:
-        try:
-            leader = psutil.Process(pid)
-            procs = [leader, *leader.children(recursive=True)]
-        except psutil.Error:
-            return frozenset()
-        ids = set()
-        for proc in procs:
-            try:
-                ids.add((proc.pid, proc.create_time()))
-            except psutil.Error:
-                pass
-        return frozenset(ids)
-
-    def probe(self, tree: frozenset[ProcessId]) -> ReleaseProbe:
-        alive = sum(1 for ident in tree if _alive(ident))
+    def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
+        alive = _group_members(pgid)
         gpu_held = 0
         gpu_used = None
         if self._nvml is not None:
             procs = self._nvml.processes()
-            gpu_held = sum(procs.get(pid) or 0 for pid, _ in tree)
+            gpu_held = sum(procs.get(pid) or 0 for pid in alive | pids)
             gpu_used = sum(g.used for g in self._nvml.devices())
         return ReleaseProbe(alive, gpu_held, gpu_used)
 
@@ -273,10 +261,13 @@ def _gpu_of(pids: Iterable[int], procs: Mapping[int, int | None] | None) -> int 
     return total
 
 
-def _alive(ident: ProcessId) -> bool:
-    pid, created = ident
-    try:
-        proc = psutil.Process(pid)
-        return proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+def _group_members(pgid: int) -> frozenset[int]:
+    """Live (not zombie) processes of process group ``pgid``; one getpgid per process, ~1 µs each."""
+    members = set()
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                members.add(pid)
+        except (OSError, psutil.Error):
+            continue  # gone meanwhile
+    return frozenset(members)

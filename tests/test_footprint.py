@@ -45,7 +45,7 @@ def gguf_bytes(kv: dict[str, Value], *, version: int = 3, padding: int = 0) -> b
     return b"".join(out) + b"\0" * padding
 
 
-LLAMA = {
+LLAMA: dict[str, Value] = {
     "general.architecture": "llama",
     "general.name": "tiny",
     "llama.context_length": 2048,

@@ -15,17 +15,9 @@ from structlog.testing import capture_logs
 from swapper.config import Config, MemoryConfig, ModelConfig, RoutingConfig
 from swapper.errors import SwapperError
 from swapper.footprint import MIB
-from swapper.gpu import ChildUsage, DeviceUsage, GpuUsage, MemorySample, ProcessId, ReleaseProbe
-from swapper.memory import (
-    OVERHEAD,
-    Footprint,
-    Measurement,
-    MemoryLedger,
-    MemoryMonitor,
-    fingerprint,
-    read_state,
-    write_state,
-)
+from swapper.gpu import ChildUsage, DeviceUsage, GpuUsage, MemorySample, ReleaseProbe
+from swapper.ledger import OVERHEAD, Footprint, Measurement, MemoryLedger, fingerprint
+from swapper.memory import MemoryMonitor, read_state, write_state
 from swapper.messages import MemorySampled
 from swapper.planners import PlanView, Unplaceable, make_planner
 from swapper.planners.memory import MemoryPlanner
@@ -56,10 +48,7 @@ class FakeSampler:
         used = self.ram_used + sum(u.ram for u in kids.values())
         return MemorySample(at, DeviceUsage(self.ram_total, used), self.gpus, kids)
 
-    def tree(self, pid: int) -> frozenset[ProcessId]:
-        return frozenset({(pid, 1.0), (pid + 1, 1.0)})
-
-    def probe(self, tree: frozenset[ProcessId]) -> ReleaseProbe:
+    def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
         self.probed += 1
         return self.probes.pop(0) if len(self.probes) > 1 else self.probes[0]
 
@@ -390,8 +379,10 @@ async def test_sampler_task_measures_at_once_after_ready_and_persists(tmp_path: 
 
 async def test_waits_until_the_stopped_tree_is_gone() -> None:
     planner, sampler = make(mib_model("a", 100), release_timeout=5.0)
-    sampler.probes = [ReleaseProbe(2, 0, None), ReleaseProbe(1, 0, None), ReleaseProbe(0, 0, None)]
+    sampler.probes = [ReleaseProbe(frozenset({42, 43}), 0, None), ReleaseProbe(frozenset({43}), 0, None)]
+    sampler.probes.append(ReleaseProbe(frozenset(), 0, None))
     watch = await planner.memory_monitor.watch_release("a", 42)
+    assert sampler.probed == 0  # without GPUs nothing is probed before the stop
     took = await watch.wait_released()
     assert took is not None and sampler.probed == 3
 
@@ -401,13 +392,13 @@ async def test_waits_until_the_gpu_gives_the_memory_back() -> None:
     planner, sampler = make(
         mib_model("a", 100), sampler=FakeSampler(reason=None, gpus=gpu), release_timeout=5.0
     )
-    sampler.probes = [ReleaseProbe(1, 400 * MIB, 900 * MIB)]  # what the child holds before the stop
+    sampler.probes = [ReleaseProbe(frozenset({42}), 400 * MIB, 900 * MIB)]  # held before the stop
     watch = await planner.memory_monitor.watch_release("a", 42)
     sampler.probed = 0
     sampler.probes = [
-        ReleaseProbe(0, 400 * MIB, 900 * MIB),  # exited, but NVML still lists it
-        ReleaseProbe(0, 0, 880 * MIB),  # not listed, but the device has not freed it yet
-        ReleaseProbe(0, 0, 520 * MIB),
+        ReleaseProbe(frozenset(), 400 * MIB, 900 * MIB),  # exited, but NVML still lists it
+        ReleaseProbe(frozenset(), 0, 880 * MIB),  # not listed, but the device has not freed it yet
+        ReleaseProbe(frozenset(), 0, 520 * MIB),
     ]
     assert await watch.wait_released() is not None
     assert sampler.probed == 3
@@ -415,11 +406,11 @@ async def test_waits_until_the_gpu_gives_the_memory_back() -> None:
 
 async def test_gives_up_waiting_after_the_release_timeout() -> None:
     planner, sampler = make(mib_model("a", 100), release_timeout=0.05)
-    sampler.probes = [ReleaseProbe(1, 0, None)]
+    sampler.probes = [ReleaseProbe(frozenset({42}), 0, None)]
     watch = await planner.memory_monitor.watch_release("a", 42)
     with capture_logs() as logs:
         assert await watch.wait_released() is None
-    assert logs[-1]["log_level"] == "warning" and logs[-1]["processes_alive"] == 1
+    assert logs[-1]["log_level"] == "warning" and logs[-1]["processes_alive"] == [42]
 
 
 async def test_nothing_to_wait_for_without_a_pid() -> None:

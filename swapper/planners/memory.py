@@ -1,9 +1,9 @@
 """The memory policy: evict just enough to fit the target into its device's budget.
 
 Owns: the last plan per target (a private cache for ``on_commit``'s log line, touched only by the
-run loop's thread). It reads, never writes, the ``MemoryLedger`` that the run loop keeps up to
-date from NVML/psutil samples; ``evict_for`` is a pure function of (target, view, ledger) and
-never logs.
+run loop's thread). It reads, never writes, the ``MemoryLedger`` (``swapper.ledger``) that the run
+loop keeps up to date from NVML/psutil samples; ``evict_for`` is a pure function of (target, view,
+ledger) and never logs.
 
 Each model lives on one device: ``gpu`` (every GPU NVML reports, pooled) or ``ram``. Only models
 on the target's device are eviction candidates. The target fits when both hold:
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from swapper.gpu import Device
-from swapper.memory import Footprint, MemoryLedger, MemoryMonitor, human, make_monitor
+from swapper.ledger import Footprint, MemoryLedger, human
+from swapper.memory import MemoryMonitor, make_monitor
 from swapper.planners import PlanView, Unplaceable
 
 if TYPE_CHECKING:

@@ -1,0 +1,165 @@
+"""The memory planner with real children on this machine's RAM: fake upstreams that hold 100 MiB.
+
+Each fake server holds ~100 MiB of ballast plus its interpreter (~10 MiB private). The RAM budget
+fits two of them but not three, so a third model must evict the least recently used idle one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+from aiohttp.test_utils import TestClient
+
+from swapper.config import Config, parse_config
+from swapper.routes import RUNLOOP
+from swapper.runloop import RunLoop
+from swapper.scheduler import State
+from swapper.server import make_app
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+FAKE_SERVER = Path(__file__).parent / "upstreams" / "fake_server.py"
+MIB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def memory_yaml(state_file: Path, models: dict[str, str], budget: str = "300MiB") -> Config:
+    lines = [
+        "healthCheckTimeout: 15",
+        "routing:",
+        "  router:",
+        "    use: memory",
+        "    settings:",
+        "      memory:",
+        f"        ramBudget: {budget}",
+        "        reserve: 0",
+        f"        stateFile: {state_file}",
+        "        releaseTimeout: 5",
+        "models:",
+    ]
+    for mid, flags in models.items():
+        port = free_port()
+        lines += [
+            f"  {mid}:",
+            f"    cmd: {sys.executable} -S {FAKE_SERVER} --port {port} --model-name {mid}"
+            f" --alloc-mib 100 {flags}",
+            f"    proxy: http://127.0.0.1:{port}",
+            "    unloadTimeout: 2",
+            "    memory: {estimate: 130MiB, device: cpu}",
+        ]
+    return parse_config("\n".join(lines))
+
+
+def runloop(client: TestClient[Any, Any]) -> RunLoop:
+    loop: RunLoop = client.app[RUNLOOP]
+    return loop
+
+
+async def chat(client: TestClient[Any, Any], model: str) -> None:
+    resp = await client.post("/v1/chat/completions", json={"model": model, "max_tokens": 2, "messages": []})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["model"] == model
+
+
+def running(client: TestClient[Any, Any]) -> set[str]:
+    return {m for m, snap in runloop(client).snapshot().items() if snap.status.state is State.READY}
+
+
+async def wait_until(cond: Callable[[], bool], within: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def measured(client: TestClient[Any, Any], model: str) -> int | None:
+    status = runloop(client).memory_status()
+    assert status is not None
+    entry = status["models"][model]
+    return int(entry["footprint"]) if entry["source"] == "measured" else None
+
+
+async def test_third_model_evicts_the_least_recently_used(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    state_file = tmp_path / "memory.json"
+    client = await aiohttp_client(make_app(memory_yaml(state_file, {"a": "", "b": "", "c": ""})))
+    await chat(client, "a")
+    await chat(client, "b")
+    assert running(client) == {"a", "b"}  # 2 x 130 MiB estimated fits in 300 MiB
+    await chat(client, "a")  # a is now the most recently used
+    await chat(client, "c")
+    await runloop(client).wait_idle()
+    assert running(client) == {"a", "c"}
+
+    # Learned after ready: the 100 MiB ballast plus the interpreter's private memory.
+    await wait_until(lambda: measured(client, "c") is not None, what="c's footprint to be measured")
+    for model in ("a", "c"):
+        footprint = measured(client, model)
+        assert footprint is not None and 100 * MIB <= footprint <= 150 * MIB, footprint
+    status = runloop(client).memory_status()
+    assert status is not None and status["nvml"] is False
+    assert status["devices"]["ram"]["budget"] == 300 * MIB
+    assert status["models"]["c"]["pid"] == runloop(client).snapshot()["c"].pid
+
+    await client.close()  # shutdown writes the measurements it has not saved yet
+    saved = json.loads(state_file.read_text())["models"]
+    # (b may have gone before its first sample: it was evicted the moment it had answered.)
+    assert {"a", "c"} <= saved.keys()
+    assert all(100 * MIB <= entry["bytes"] <= 150 * MIB for entry in saved.values())
+
+
+async def test_a_busy_model_is_not_evicted_while_an_idle_one_can_go(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    cfg = memory_yaml(tmp_path / "memory.json", {"a": "--tps 40", "b": "", "c": ""})
+    client = await aiohttp_client(make_app(cfg))
+    await chat(client, "a")
+    await chat(client, "b")
+    # a is the least recently used, but it is streaming: b has to go instead.
+    stream = await client.post(
+        "/v1/chat/completions", json={"model": "a", "stream": True, "max_tokens": 20, "messages": []}
+    )
+    assert (await stream.content.readline()).startswith(b"data:")
+    await chat(client, "c")
+    assert running(client) == {"a", "c"}
+    assert (await stream.read()).rstrip().endswith(b"data: [DONE]")
+
+
+async def test_stopped_is_reported_only_once_the_tree_is_gone(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    # a forks a grandchild that ignores SIGTERM: its memory is free only once it died too.
+    cfg = memory_yaml(tmp_path / "memory.json", {"a": "--fork-grandchild", "b": ""}, budget="200MiB")
+    client = await aiohttp_client(make_app(cfg))
+    await chat(client, "a")
+    pid = runloop(client).snapshot()["a"].pid
+    assert pid is not None
+    tree = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+    assert len(tree) == 2
+    await chat(client, "b")
+    assert runloop(client).state("a") is State.STOPPED
+    for p in tree:
+        assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_model_bigger_than_the_budget_gets_507(aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    cfg = memory_yaml(tmp_path / "memory.json", {"a": ""}, budget="100MiB")
+    client = await aiohttp_client(make_app(cfg))
+    resp = await client.post("/v1/chat/completions", json={"model": "a", "messages": []})
+    assert resp.status == 507
+    body = await resp.json()
+    assert "model 'a' needs 130.0 MiB" in body["error"]["message"]
+    assert runloop(client).snapshot()["a"].pid is None
