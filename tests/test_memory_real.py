@@ -7,6 +7,7 @@ fits two of them but not three, so a third model must evict the least recently u
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import sys
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config import Config, parse_config
+from swapper.config import Config, load_config, parse_config
 from swapper.routes import RUNLOOP
 from swapper.runloop import RunLoop
 from swapper.scheduler import State
@@ -26,6 +28,8 @@ from swapper.server import make_app
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 FAKE_SERVER = Path(__file__).parent / "upstreams" / "fake_server.py"
+ROOT = Path(__file__).parent.parent
+DEMO_READY = all((ROOT / ".demo" / p).exists() for p in ("bin/llama-server", "models/chat-a.gguf"))
 MIB = 1024 * 1024
 
 
@@ -163,3 +167,28 @@ async def test_a_model_bigger_than_the_budget_gets_507(aiohttp_client: ClientFac
     body = await resp.json()
     assert "model 'a' needs 130.0 MiB" in body["error"]["message"]
     assert runloop(client).snapshot()["a"].pid is None
+
+
+@pytest.mark.skipif(not DEMO_READY, reason="run `python -m swapper.demo setup` first")
+async def test_memory_example_measures_real_llama_servers(
+    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("examples/memory.yaml")
+    memory = dataclasses.replace(cfg.routing.memory, state_file=str(tmp_path / "memory.json"))
+    client = await aiohttp_client(
+        make_app(dataclasses.replace(cfg, routing=dataclasses.replace(cfg.routing, memory=memory)))
+    )
+    status = runloop(client).memory_status()
+    assert status is not None
+    before = status["models"]["chat-a"]
+    assert before["source"] == "gguf" and "KV cache" in before["estimate_detail"]
+    for model in ("chat-a", "chat-b"):
+        resp = await client.post(
+            "/v1/chat/completions", json={"model": model, "max_tokens": 2, "messages": []}
+        )
+        assert resp.status == 200, await resp.text()
+        await wait_until(lambda m=model: measured(client, m) is not None, what=f"{model}'s footprint")  # type: ignore[misc]
+        footprint = measured(client, model)
+        # A tiny random model: a few MiB of private memory, well under the file+KV+overhead estimate.
+        assert footprint is not None and MIB < footprint < before["estimate"], footprint
