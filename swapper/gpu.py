@@ -192,8 +192,8 @@ class SystemSampler:
         for model, pid in children.items():
             tree = [pid, *_descendants(pid, kids)]
             ram_bytes, alive = _ram_of(tree)
-            if alive:
-                usage[model] = ChildUsage(pid, ram_bytes, _gpu_of(tree, gpu_procs), alive)
+            if alive and alive[0] == pid:  # an exited leader's leftovers are no footprint
+                usage[model] = ChildUsage(pid, ram_bytes, _gpu_of(tree, gpu_procs), len(alive))
         return MemorySample(at, ram, gpus, usage)
 
     def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
@@ -232,19 +232,23 @@ def _descendants(pid: int, kids: Mapping[int, list[int]]) -> list[int]:
     return out
 
 
-def _ram_of(pids: Iterable[int]) -> tuple[int, int]:
-    """(private bytes summed over ``pids``, how many of them are alive)."""
-    total = alive = 0
+def _ram_of(pids: Iterable[int]) -> tuple[int, list[int]]:
+    """(private bytes summed over ``pids``, those of them alive); zombies hold nothing."""
+    total = 0
+    alive = []
     for pid in pids:
         try:
             proc = psutil.Process(pid)
             try:
-                total += int(proc.memory_full_info().uss)
+                info = proc.memory_full_info()
+                held, rss = int(info.uss), int(info.rss)
             except psutil.AccessDenied:
-                total += int(proc.memory_info().rss)
-            alive += 1
+                held = rss = int(proc.memory_info().rss)
         except psutil.Error:
-            continue  # exited between the scan and now
+            continue  # exited since the scan
+        if rss:  # a zombie reads as all zeros
+            total += held
+            alive.append(pid)
     return total, alive
 
 

@@ -176,6 +176,10 @@ class MemoryLedger:
         self._ready[model] = (pid, at)
         self._fresh.add(model)
 
+    def on_stopping(self, model: str) -> None:
+        self._ready.pop(model, None)
+        self._fresh.discard(model)
+
     def _learn(self, model: str, usage: ChildUsage) -> None:
         device = self.device_of(model)
         measured = usage.ram if device == "ram" else usage.gpu

@@ -256,6 +256,10 @@ class MemoryMonitor:
             self.ledger.on_ready(model, pid, time.monotonic())
             self._wake.set()
 
+    def on_stopping(self, model: str) -> None:
+        """``model`` is being stopped: what its child holds from now on is no measurement."""
+        self.ledger.on_stopping(model)
+
     def status(self) -> dict[str, Any]:
         return self.ledger.status()
 

@@ -278,6 +278,8 @@ class RunLoop:
         self._starting[model] = self._spawn(self._start(child, start_id))
 
     def stop(self, model: str, grace: float) -> None:
+        if self._memory is not None:
+            self._memory.on_stopping(model)  # samples from now on see it shutting down: not learned
         starting = self._starting.pop(model, None)
         if starting is not None:
             starting.cancel()

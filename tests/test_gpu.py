@@ -11,6 +11,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import pytest
 
 from swapper.gpu import SystemSampler, open_nvml
@@ -150,3 +151,15 @@ def test_real_sampler_measures_a_process_tree_and_sees_it_go() -> None:
         time.sleep(0.005)
     assert sampler.probe(proc.pid, frozenset()).alive == frozenset()
     sampler.close()
+
+
+def test_an_exited_leader_is_not_sampled() -> None:
+    proc = subprocess.Popen(["true"])
+    sampler = SystemSampler()
+    deadline = time.monotonic() + 5
+    while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.005)
+    try:
+        assert sampler.sample({"z": proc.pid}, at=0.0).children == {}
+    finally:
+        proc.wait()

@@ -435,3 +435,13 @@ def test_status_is_plain_json() -> None:
     assert status["models"]["a"]["device"] == "gpu" and status["models"]["a"]["used"] is None
     expected = {"device": "ram", "pid": 5, "used": 90 * MIB, "source": "override"}
     assert status["models"]["c"].items() >= expected.items()
+
+
+def test_nothing_is_learned_once_the_stop_was_decided() -> None:
+    # Evicted before its first sample: what is left while it shuts down is no footprint.
+    planner, sampler = make(mib_model("a", 400))
+    led = planner.ledger
+    led.on_ready("a", 42, at=0.0)
+    planner.memory_monitor.on_stopping("a")
+    led.on_sample(sample_with(sampler, 1.0, a=ChildUsage(42, 3 * MIB, None, 1)))
+    assert led.footprint("a").source == "override"
