@@ -46,7 +46,7 @@ def presented_keys(headers: Mapping[str, str]) -> list[bytes]:
     scheme, _, value = headers.get(hdrs.AUTHORIZATION, "").strip().partition(" ")
     value = value.strip()
     if value and scheme.lower() == "bearer":
-        found.append(value.encode())
+        found.append(_bytes(value))
     elif value and scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value, validate=True)
@@ -56,8 +56,13 @@ def presented_keys(headers: Mapping[str, str]) -> list[bytes]:
         if colon and password:
             found.append(password)
     if api_key := headers.get("x-api-key", "").strip():
-        found.append(api_key.encode())
+        found.append(_bytes(api_key))
     return found
+
+
+def _bytes(header_value: str) -> bytes:
+    # aiohttp decodes header bytes that are not UTF-8 with surrogateescape; undo that exactly.
+    return header_value.encode("utf-8", "surrogateescape")
 
 
 def middleware(keys: Iterable[str]) -> Middleware:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -199,3 +200,16 @@ def test_presented_keys() -> None:
 def test_middleware_refuses_no_keys() -> None:
     with pytest.raises(ValueError):
         auth.middleware([])
+
+
+@pytest.mark.parametrize(
+    "header", [b"x-api-key: \xff\xfe", b"Authorization: Bearer \xc3\xa9\xff", b"Authorization: Basic \xff"]
+)
+async def test_undecodable_credentials_are_401_not_500(aiohttp_client: ClientFactory, header: bytes) -> None:
+    client = await aiohttp_client(make_app(keyed_config()))
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"GET /running HTTP/1.1\r\nHost: x\r\n" + header + b"\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 401 ")
