@@ -312,11 +312,11 @@ class RunLoop:
             await child.spawn()
             await wait_healthy(self._session, child, _health_url(child), child.model.health_check_timeout)
         except SwapperError as exc:
-            await child.stop(grace=1.0)
+            await _stop_if_spawned(child, grace=1.0)
             self._post(Started(model, start_id, exc))
         except Exception as exc:  # a bug must fail the waiters, not wedge the model as "starting"
             log.exception("start failed", model=model)
-            await child.stop(grace=1.0)
+            await _stop_if_spawned(child, grace=1.0)
             self._post(Started(model, start_id, ModelLoadFailed(f"start failed: {exc!r}")))
         else:
             seconds = time.monotonic() - began
@@ -330,7 +330,7 @@ class RunLoop:
         if starting is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-        if child is not None:
+        if child is not None and child.pid is not None:  # a spawn that failed left nothing to stop
             release = await self._memory.watch_release(model, child.pid) if self._memory is not None else None
             returncode = await child.stop(grace=grace)
             log.info("model stopped", model=model, returncode=returncode)
@@ -355,6 +355,13 @@ class RunLoop:
     def _child_pids(self) -> dict[str, int]:
         """For the memory sampler (an advisory read: samples are applied in ``_handle``)."""
         return {m: c.pid for m, c in self._children.items() if c.pid is not None}
+
+
+async def _stop_if_spawned(child: Child, grace: float) -> None:
+    # A binary that is missing or not executable never spawned: ``Child.stop`` would raise, and
+    # the start would then never report ``Started`` (its waiters hung, the model stuck starting).
+    if child.pid is not None:
+        await child.stop(grace=grace)
 
 
 def _health_url(child: Child) -> str | None:

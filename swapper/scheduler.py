@@ -295,6 +295,7 @@ class Scheduler:
         old = self._config.models
         changed = frozenset(m for m in old if config.models.get(m) != old[m])
         for model in changed:
+            self._failures.pop(model, None)  # a fixed config deserves a retry at once
             slot = self._slots[model]
             if slot.state is State.READY and slot.in_flight:
                 self._retiring.add(model)
