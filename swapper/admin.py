@@ -213,7 +213,7 @@ async def handle_logs(request: web.Request) -> web.Response:
 async def handle_log_stream(request: web.Request) -> web.StreamResponse:
     app = request.app
     ident = request.match_info.get("id", "")
-    wanted = log_source(ident, app[CONFIG])
+    wanted = log_source(ident, app[RUNLOOP].config)
     if wanted is None:
         return error_response(
             BadRequest(f"invalid log source '{ident}': use 'swapper' (or 'proxy'), 'upstream' or a model id")
@@ -248,15 +248,15 @@ Frame = tuple[str, Any]  # (envelope type, its data), encoded when written
 class EventFeed(Feed[Frame]):
     """Model states, log lines and request start/finish, as llama-swap's /api/events frames."""
 
-    def __init__(self, config: Config, bus: EventBus) -> None:
+    def __init__(self, config: Callable[[], Config], bus: EventBus) -> None:
         super().__init__(FEED_LIMIT)
-        self._config = config
+        self._config = config  # read per frame: a reload replaces the run loop's config
         self._bus = bus
 
     def model_status(self) -> Frame:
         states = self._bus.states()
         out = []
-        for mid, cfg in sorted(self._config.models.items()):
+        for mid, cfg in sorted(self._config().models.items()):
             out.append(
                 {
                     "id": mid,
@@ -303,8 +303,8 @@ def sse_frame(kind: str, data: Any) -> bytes:
 
 async def handle_events(request: web.Request) -> web.StreamResponse:
     app = request.app
-    bus = app[EVENTS]
-    feed = EventFeed(app[CONFIG], bus)
+    bus, runloop = app[EVENTS], app[RUNLOOP]
+    feed = EventFeed(lambda: runloop.config, bus)
     first = sse_frame(*feed.model_status()) + sse_frame(*feed.in_flight())
     resp = web.StreamResponse(
         headers={

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -208,7 +209,7 @@ class Feed(Observer, Generic[T]):
 
     When the reader falls ``limit`` items behind, the oldest are dropped and counted, so a slow
     client costs a bounded amount of memory and never slows a publisher (a child's stdout, the
-    run loop).
+    run loop). Make it in the task that drains it.
     """
 
     def __init__(self, limit: int) -> None:
@@ -216,8 +217,15 @@ class Feed(Observer, Generic[T]):
         self._wake = asyncio.Event()
         self._closed = False
         self._dropped = 0
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
 
     def push(self, item: T) -> None:
+        if threading.get_ident() != self._thread:
+            # A log line from a worker thread (anything that logs inside asyncio.to_thread):
+            # asyncio.Event is not thread-safe, so hop onto the loop first.
+            self._loop.call_soon_threadsafe(self.push, item)
+            return
         if self._closed:
             return
         if len(self._items) == self._items.maxlen:

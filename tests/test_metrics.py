@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -194,3 +195,9 @@ async def test_feed_drops_the_oldest_for_a_slow_reader_and_ends_when_closed() ->
     feed.push(6)  # after close: ignored
     assert await feed.wait_batch(None) == [5]
     assert await feed.wait_batch(None) is None
+
+
+async def test_feed_takes_pushes_from_worker_threads() -> None:
+    feed: Feed[str] = Feed(10)
+    await asyncio.to_thread(feed.push, "from a thread")  # e.g. a log line logged in to_thread
+    assert await feed.wait_batch(None) == ["from a thread"]
