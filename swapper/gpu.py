@@ -60,6 +60,7 @@ class MemorySample:
     ram: DeviceUsage
     gpus: tuple[GpuUsage, ...]  # empty without NVML
     children: Mapping[str, ChildUsage]  # model id -> its child's usage
+    nvml_error: str | None = None  # why there are no GPUs (NVML absent, not opened yet...)
 
     @property
     def gpu(self) -> DeviceUsage | None:
@@ -173,10 +174,11 @@ class SystemSampler:
 
     def __init__(self) -> None:
         self._nvml: Nvml | None = None
+        self._reason: str | None = "NVML was not opened yet"
 
     def open(self) -> str | None:
-        self._nvml, reason = open_nvml()
-        return reason
+        self._nvml, self._reason = open_nvml()
+        return self._reason
 
     def sample(self, children: Mapping[str, int], at: float) -> MemorySample:
         vm = psutil.virtual_memory()
@@ -194,7 +196,7 @@ class SystemSampler:
             ram_bytes, alive = _ram_of(tree)
             if alive and alive[0] == pid:  # an exited leader's leftovers are no footprint
                 usage[model] = ChildUsage(pid, ram_bytes, _gpu_of(tree, gpu_procs), len(alive))
-        return MemorySample(at, ram, gpus, usage)
+        return MemorySample(at, ram, gpus, usage, self._reason)
 
     def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
         alive = _group_members(pgid)

@@ -158,8 +158,7 @@ class MemoryLedger:
     def on_sample(self, sample: MemorySample) -> None:
         self.ram = sample.ram
         self.gpus = sample.gpus
-        if sample.gpus:
-            self.gpu_reason = None
+        self.gpu_reason = sample.nvml_error
         self.sampled_at = time.time()
         self.usage = dict(sample.children)
         for model, usage in sample.children.items():
@@ -179,6 +178,17 @@ class MemoryLedger:
     def on_stopping(self, model: str) -> None:
         self._ready.pop(model, None)
         self._fresh.discard(model)
+
+    def carry_over(self, old: MemoryLedger) -> None:
+        """After a reload: what ``old`` (the previous config's ledger) sampled and measured."""
+        self.gpu_reason, self.ram, self.gpus = old.gpu_reason, old.ram, old.gpus
+        self.sampled_at = old.sampled_at
+        self.usage = dict(old.usage)
+        self.measurements.update(old.measurements)  # newer than the file; fingerprints decide use
+        self._ready = {m: r for m, r in old._ready.items() if m in self._models}
+        self._fresh = old._fresh & self._ready.keys()
+        self._unmeasurable = set(old._unmeasurable)
+        self.version += 1
 
     def _learn(self, model: str, usage: ChildUsage) -> None:
         device = self.device_of(model)

@@ -29,7 +29,7 @@ from typing import Any, Final
 import structlog
 
 from swapper.config import Config
-from swapper.gpu import Sampler
+from swapper.gpu import MemorySample, Sampler
 from swapper.ledger import Measurement, MemoryLedger, human
 from swapper.messages import MemorySampled
 
@@ -142,7 +142,8 @@ class ReleaseWatch:
 
 
 class MemoryMonitor:
-    """The run loop's side of memory planning (see module doc). One per planner."""
+    """The run loop's side of memory planning (see module doc). One per run loop: a reload hands
+    the new planner's ledger to the running monitor (``adopt``)."""
 
     def __init__(self, ledger: MemoryLedger, sampler: Sampler, state_file: Path | None) -> None:
         self.ledger = ledger
@@ -150,6 +151,7 @@ class MemoryMonitor:
         self._state_file = state_file
         self._saved_version = ledger.version
         self._wake = asyncio.Event()
+        self._closed = False
         self._failures = 0
 
     @staticmethod
@@ -162,56 +164,66 @@ class MemoryMonitor:
 
     async def open(self, children: ChildPids) -> None:
         """Opens NVML and applies a first sample, so the first decision already knows the devices."""
-        try:
-            async with asyncio.timeout(OPEN_TIMEOUT):
-                self.ledger.gpu_reason = await asyncio.to_thread(self._sampler.open)
-        except TimeoutError:
-            # A wedged driver can hang nvmlInit; requests must not wait on it. If it answers
-            # later, its GPUs simply appear in the samples from then on.
-            self.ledger.gpu_reason = f"NVML did not answer within {OPEN_TIMEOUT:.0f} s"
+        reason = await self._open_sampler()
         try:
             sample = await asyncio.to_thread(self._sampler.sample, children(), time.monotonic())
         except Exception:
             # Plan with budgets alone until a sample succeeds; never keep the loop from starting.
             log.exception("memory sampling failed")
+            self.ledger.gpu_reason = reason
+            self._log_devices(None, reason)
         else:
             self.ledger.on_sample(sample)
-        self._log_devices()
+            self._log_devices(sample, reason)
 
-    def _log_devices(self) -> None:
-        led, s = self.ledger, self.ledger.settings
-        ram = led.capacity("ram")
+    async def _open_sampler(self) -> str | None:
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                return await asyncio.to_thread(self._sampler.open)
+        except TimeoutError:
+            # A wedged driver can hang nvmlInit; requests must not wait on it. If it answers
+            # later, its GPUs simply appear in the samples from then on.
+            return f"NVML did not answer within {OPEN_TIMEOUT:.0f} s"
+
+    def _log_devices(self, sample: MemorySample | None, reason: str | None) -> None:
+        s = self.ledger.settings
         fields: dict[str, Any] = {
-            "ram": human(ram.total),
+            "ram": human(sample.ram.total) if sample else None,
             "ram_budget": human(s.ram_budget),
             "reserve": human(s.reserve),
             "state_file": str(self._state_file) if self._state_file else None,
         }
-        if led.gpus:
-            fields["gpus"] = ", ".join(f"{g.name} {human(g.total)}" for g in led.gpus)
+        if sample is not None and sample.gpus:
+            fields["gpus"] = ", ".join(f"{g.name} {human(g.total)}" for g in sample.gpus)
             fields["gpu_budget"] = human(s.gpu_budget)
             log.info("memory planner: measuring GPUs with NVML and RAM with psutil", **fields)
         elif s.gpu_budget is not None:
             log.warning(
-                f"memory planner: {self.ledger.gpu_reason}; GPU models are planned against gpuBudget with"
+                f"memory planner: {reason}; GPU models are planned against gpuBudget with"
                 " estimated footprints (GPU memory cannot be measured)",
                 **fields,
             )
         else:
-            log.info(
-                f"memory planner: {self.ledger.gpu_reason}; every model is accounted in system RAM", **fields
-            )
+            log.info(f"memory planner: {reason}; every model is accounted in system RAM", **fields)
 
     # ---- the sampler task ----
 
-    async def sample_forever(self, post: Callable[[MemorySampled], None], children: ChildPids) -> None:
-        """Samples every ``SAMPLE_SECONDS`` (at once after ``on_ready``) and posts the result."""
+    async def sample_forever(
+        self, post: Callable[[MemorySampled], None], children: ChildPids, *, opened: bool = True
+    ) -> None:
+        """Samples every ``SAMPLE_SECONDS`` (at once after ``on_ready``) and posts the result, until
+        ``close``. ``opened=False`` (a reload switched to the memory planner) opens NVML first."""
+        reason = None if opened else await self._open_sampler()
+        if not opened:
+            self._wake.set()
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SAMPLE_SECONDS):
                         await self._wake.wait()
                 self._wake.clear()
+                if self._closed:
+                    break
                 try:
                     sample = await asyncio.to_thread(self._sampler.sample, children(), time.monotonic())
                 except Exception:
@@ -220,6 +232,9 @@ class MemoryMonitor:
                         log.exception("memory sampling failed", failures=self._failures)
                     continue
                 post(MemorySampled(sample))
+                if not opened:
+                    opened = True
+                    self._log_devices(sample, reason)
                 await self._persist()
         finally:
             self._persist_now()
@@ -262,6 +277,21 @@ class MemoryMonitor:
 
     def status(self) -> dict[str, Any]:
         return self.ledger.status()
+
+    def adopt(self, other: MemoryMonitor) -> MemoryMonitor:
+        """A reload built a new memory planner, whose monitor is ``other``: this monitor's sampler
+        task carries on, now feeding ``other``'s ledger, which takes over what this one sampled
+        and measured. Returns this monitor."""
+        other.ledger.carry_over(self.ledger)
+        self.ledger = other.ledger
+        self._state_file = other._state_file
+        self._saved_version = -1  # the new config may name another file: write it afresh
+        return self
+
+    def close(self) -> None:
+        """A reload left the memory planner: the sampler task saves and ends."""
+        self._closed = True
+        self._wake.set()
 
     # ---- stop tasks ----
 

@@ -225,6 +225,7 @@ class RunLoop:
                 self._unload_replies.append((targets, reply))
                 self._sched.on_unload(targets, now)
             case Reload(config, planner, reply):
+                self._memory = self._reload_memory(planner)  # before on_reload decides with it
                 changed = self._sched.on_reload(config, planner, now)
                 self.config = config
                 if not reply.done():
@@ -355,6 +356,18 @@ class RunLoop:
     def _child_pids(self) -> dict[str, int]:
         """For the memory sampler (an advisory read: samples are applied in ``_handle``)."""
         return {m: c.pid for m, c in self._children.items() if c.pid is not None}
+
+    def _reload_memory(self, planner: Planner) -> MemoryMonitor | None:
+        """The memory monitor after a reload to ``planner``: the running one adopts the new
+        ledger (keeping what it sampled and measured), or sampling starts or ends."""
+        new = MemoryMonitor.of(planner)
+        if self._memory is not None and new is not None:
+            return self._memory.adopt(new)
+        if self._memory is not None:
+            self._memory.close()
+        elif new is not None:
+            _ = self._spawn(new.sample_forever(self._post, self._child_pids, opened=False))
+        return new
 
 
 async def _stop_if_spawned(child: Child, grace: float) -> None:

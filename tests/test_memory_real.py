@@ -39,31 +39,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def memory_yaml(state_file: Path, models: dict[str, str], budget: str = "300MiB") -> Config:
-    lines = [
-        "healthCheckTimeout: 15",
-        "routing:",
-        "  router:",
-        "    use: memory",
-        "    settings:",
-        "      memory:",
-        f"        ramBudget: {budget}",
-        "        reserve: 0",
-        f"        stateFile: {state_file}",
-        "        releaseTimeout: 5",
-        "models:",
-    ]
-    for mid, flags in models.items():
-        port = free_port()
+def memory_text(
+    state_file: Path,
+    ports: dict[str, int],
+    flags: dict[str, str],
+    budget: str = "300MiB",
+    memory: bool = True,
+) -> str:
+    lines = ["healthCheckTimeout: 15"]
+    if memory:
+        lines += [
+            "routing:",
+            "  router:",
+            "    use: memory",
+            "    settings:",
+            "      memory:",
+            f"        ramBudget: {budget}",
+            "        reserve: 0",
+            f"        stateFile: {state_file}",
+            "        releaseTimeout: 5",
+        ]
+    lines.append("models:")
+    for mid, port in ports.items():
         lines += [
             f"  {mid}:",
             f"    cmd: {sys.executable} -S {FAKE_SERVER} --port {port} --model-name {mid}"
-            f" --alloc-mib 100 {flags}",
+            f" --alloc-mib 100 {flags.get(mid, '')}",
             f"    proxy: http://127.0.0.1:{port}",
             "    unloadTimeout: 2",
             "    memory: {estimate: 130MiB, device: cpu}",
         ]
-    return parse_config("\n".join(lines))
+    return "\n".join(lines)
+
+
+def memory_yaml(state_file: Path, models: dict[str, str], budget: str = "300MiB") -> Config:
+    return parse_config(memory_text(state_file, {m: free_port() for m in models}, models, budget))
 
 
 def runloop(client: TestClient[Any, Any]) -> RunLoop:
@@ -192,3 +202,42 @@ async def test_memory_example_measures_real_llama_servers(
         footprint = measured(client, model)
         # A tiny random model: a few MiB of private memory, well under the file+KV+overhead estimate.
         assert footprint is not None and MIB < footprint < before["estimate"], footprint
+
+
+async def test_reload_keeps_what_was_measured_and_keeps_sampling(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    state, ports = tmp_path / "memory.json", {"a": free_port(), "b": free_port()}
+    client = await aiohttp_client(make_app(parse_config(memory_text(state, ports, {}))))
+    await chat(client, "a")
+    await wait_until(lambda: measured(client, "a") is not None, what="a's footprint")
+    footprint = measured(client, "a")
+    changed = await runloop(client).reload(parse_config(memory_text(state, ports, {}, budget="250MiB")))
+    assert changed == frozenset() and running(client) == {"a"}
+    status = runloop(client).memory_status()
+    assert status is not None and status["devices"]["ram"]["budget"] == 250 * MIB
+    assert measured(client, "a") == footprint
+    reloaded_at = time.time()
+    await wait_until(
+        lambda: (runloop(client).memory_status() or {})["sampled_at"] > reloaded_at, what="a sample"
+    )
+    await chat(client, "b")  # a's ~112 MiB measured + b's 130 MiB estimate fit in 250 MiB
+    assert running(client) == {"a", "b"}
+
+
+async def test_reload_into_and_out_of_the_memory_planner(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    state, ports = tmp_path / "memory.json", {"a": free_port()}
+    client = await aiohttp_client(make_app(parse_config(memory_text(state, ports, {}, memory=False))))
+    await chat(client, "a")
+    assert runloop(client).memory_status() is None
+    await runloop(client).reload(parse_config(memory_text(state, ports, {})))
+    await wait_until(
+        lambda: (runloop(client).memory_status() or {}).get("sampled_at") is not None, what="a sample"
+    )
+    status = runloop(client).memory_status()
+    assert status is not None and status["models"]["a"]["pid"] == runloop(client).snapshot()["a"].pid
+    await runloop(client).reload(parse_config(memory_text(state, ports, {}, memory=False)))
+    assert runloop(client).memory_status() is None
+    await chat(client, "a")

@@ -46,7 +46,7 @@ class FakeSampler:
     def sample(self, children: Mapping[str, int], at: float) -> MemorySample:
         kids = {m: u for m, u in self.children.items() if children.get(m) == u.pid}
         used = self.ram_used + sum(u.ram for u in kids.values())
-        return MemorySample(at, DeviceUsage(self.ram_total, used), self.gpus, kids)
+        return MemorySample(at, DeviceUsage(self.ram_total, used), self.gpus, kids, self.reason)
 
     def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
         self.probed += 1
@@ -445,3 +445,21 @@ def test_nothing_is_learned_once_the_stop_was_decided() -> None:
     planner.memory_monitor.on_stopping("a")
     led.on_sample(sample_with(sampler, 1.0, a=ChildUsage(42, 3 * MIB, None, 1)))
     assert led.footprint("a").source == "override"
+
+
+async def test_a_reload_hands_the_ledger_over_and_close_ends_sampling(tmp_path: Path) -> None:
+    old, sampler = make(mib_model("a", 400), mib_model("b", 400), state_file=tmp_path / "old.json")
+    old.ledger.on_ready("a", 42, at=0.0)
+    old.ledger.on_sample(sample_with(sampler, 1.0, a=ChildUsage(42, 111 * MIB, None, 1)))
+    new, _ = make(mib_model("a", 400), ram_budget=500 * MIB, state_file=tmp_path / "new.json")
+    monitor = old.memory_monitor.adopt(new.memory_monitor)
+    assert monitor is old.memory_monitor and monitor.ledger is new.ledger
+    assert new.ledger.footprint("a") == Footprint(111 * MIB, "measured")
+    assert new.ledger.capacity("ram") == replace(old.ledger.capacity("ram"), budget=500 * MIB)
+    assert new.ledger.status()["nvml_unavailable_reason"] == "NVML is not available (fake)"
+
+    posted: list[MemorySampled] = []
+    task = asyncio.ensure_future(monitor.sample_forever(posted.append, lambda: {"a": 42}))
+    monitor.close()
+    await task  # ends on its own, saving under the new config's file
+    assert read_state(tmp_path / "new.json")["a"].bytes == 111 * MIB
