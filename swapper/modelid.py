@@ -92,6 +92,14 @@ def extract(method: str, content_type: str | None, body: bytes, query: Mapping[s
     if kind == "multipart":
         assert content_type is not None
         return _from_multipart(content_type, body, query)
+    if _STARTS_WITH_BRACE.match(body):
+        # A JSON body under another type: `curl -d '{...}'` says urlencoded, a browser's
+        # fetch() with a string body says text/plain. llama-server ignores the type, so do we,
+        # unless the body really isn't JSON.
+        try:
+            return _from_json(body, query)
+        except BadRequest:
+            pass
     if kind == "urlencoded":
         return _from_urlencoded(body, query)
     return _from_query(query)

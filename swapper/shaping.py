@@ -61,7 +61,7 @@ def rewrite_body(
     if not body:
         return body
     kind = body_kind(content_type, body)
-    if kind == "json":
+    if kind == "json" or parsed is not None:  # parsed: JSON sent under another content type
         return _rewrite_json(body, parsed, model_name, filters, by_id)
     if kind == "multipart" and model_name is not None:
         assert content_type is not None

@@ -260,3 +260,17 @@ def test_multipart_parts_without_a_name_are_skipped() -> None:
 def test_multipart_non_ascii_boundary_is_bad_request() -> None:
     with pytest.raises(BadRequest, match="boundary"):
         extract("POST", "multipart/form-data; boundary=bö", b"--b\r\n", {})
+
+
+@pytest.mark.parametrize(
+    "ctype", ["application/x-www-form-urlencoded", "text/plain;charset=UTF-8", "application/octet-stream"]
+)
+def test_json_body_under_another_content_type_is_read_as_json(ctype: str) -> None:
+    # curl -d '{...}' without -H, or fetch() with a string body: llama-server reads these as JSON.
+    got = extract("POST", ctype, b'{"model": "chat-b", "stream": true}', {})
+    assert (got.model, got.stream) == ("chat-b", True)
+
+
+def test_brace_body_that_is_not_json_falls_back_to_the_declared_type() -> None:
+    got = extract("POST", "application/x-www-form-urlencoded", b"{x=1&model=m", {})
+    assert got.model == "m"
