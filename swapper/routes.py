@@ -158,6 +158,7 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
             model_name=cfg.use_model_name,
             filters=cfg.filters,
             requested=wanted.model or model,
+            parsed=wanted.payload,
         )
         # raw_path keeps the client's percent-encoding and query string byte for byte.
         url = lease.base_url + upstream_path(request.raw_path)
