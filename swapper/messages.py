@@ -41,6 +41,9 @@ class Acquire:
     # Called (from the loop, synchronously) if the request was admitted but must wait for a
     # load or in the queue: the handler may then start a loading-state stream.
     on_wait: Callable[[], None] | None = None
+    # The requester's task: cancelled if its model is stopped under it (unload, reload), which
+    # closes its upstream connection, so the child can exit on its first SIGTERM.
+    task: asyncio.Task[object] | None = None
 
 
 @dataclass(frozen=True, slots=True)

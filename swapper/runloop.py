@@ -84,6 +84,7 @@ class RunLoop:
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[int, asyncio.Future[Lease]] = {}
+        self._holders: dict[int, asyncio.Task[object]] = {}  # req_id -> the requester's task
         self._unload_replies: list[tuple[frozenset[str], asyncio.Future[None]]] = []
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
@@ -102,7 +103,8 @@ class RunLoop:
         if self._done:
             raise ShuttingDown("swapper is shutting down")
         reply: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._post(Acquire(req_id, model, reply, time.monotonic(), on_wait))
+        task = asyncio.current_task()
+        self._post(Acquire(req_id, model, reply, time.monotonic(), on_wait, task))
         return await reply
 
     def queue_position(self, req_id: int) -> int | None:
@@ -192,13 +194,16 @@ class RunLoop:
     def _handle(self, msg: Message) -> None:
         now = time.monotonic()
         match msg:
-            case Acquire(req_id, model, reply, at, on_wait):
+            case Acquire(req_id, model, reply, at, on_wait, task):
                 self._replies[req_id] = reply
+                if task is not None:
+                    self._holders[req_id] = task
                 self._sched.on_acquire(req_id, model, at)
                 if on_wait is not None and not reply.done():
                     on_wait()
             case Release(req_id, at):
                 self._replies.pop(req_id, None)
+                self._holders.pop(req_id, None)
                 self._sched.on_release(req_id, at)
             case Started(model, start_id, error):
                 self._starting.pop(model, None)
@@ -284,6 +289,12 @@ class RunLoop:
         starting = self._starting.pop(model, None)
         if starting is not None:
             starting.cancel()
+        # Requests still streaming from it (an unload, a reload) are cut here: a llama-server
+        # with an open response ignores SIGTERM until its client hangs up, so waiting for them
+        # would only turn every such stop into a SIGKILL after the grace period.
+        for req_id in self._sched.in_flight(model):
+            if (holder := self._holders.get(req_id)) is not None:
+                holder.cancel()
         self._stopping[model] = self._spawn(self._stop(model, self._children.get(model), starting, grace))
 
     def grant(self, req_id: int, model: str) -> bool:

@@ -171,6 +171,10 @@ class Scheduler:
             )
         return out
 
+    def in_flight(self, model: str) -> frozenset[int]:
+        slot = self._slots.get(model)
+        return frozenset(slot.in_flight) if slot else frozenset()
+
     def queue_position(self, req_id: int) -> int | None:
         req = self._by_id.get(req_id)
         if req is None or req not in self._queue:

@@ -303,3 +303,25 @@ def test_sigkill_of_swapper_leaves_no_child(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_unload_cuts_in_flight_streams_so_the_child_exits_on_sigterm(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # --defer-sigterm: like llama-server, a SIGTERM waits for the open response to finish.
+    cfg = fake_config({"a": "--defer-sigterm --tps 20"})
+    long = dataclasses.replace(cfg.models["a"], unload_timeout=30.0)
+    client = await client_for(aiohttp_client, dataclasses.replace(cfg, models={"a": long}))
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "a", "stream": True, "max_tokens": 2000, "messages": []}
+    )
+    await resp.content.readline()
+    pid = pid_of(client, "a")
+    assert pid is not None
+    proc = psutil.Process(pid)
+    assert (await client.get("/unload")).status == 200
+    # Well inside the 30 s grace, and no SIGKILL was needed: the child exited on its SIGTERM.
+    assert not psutil.pid_exists(pid) or proc.status() == psutil.STATUS_ZOMBIE
+    assert any("no request in flight, exiting" in line for line in runloop(client).logs.history("a"))
+    with pytest.raises(ClientPayloadError):
+        await resp.read()
