@@ -191,12 +191,25 @@ def load_config(path: str) -> Config:
     return parse_config(text, source=path)
 
 
+def _check_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> None:
+    """Compiles the swap matrix now, so a DSL error is a config error at load, not a crash later."""
+    if routing.matrix is None:
+        return
+    from swapper.planners.dsl import DslError, compile_matrix  # the planner imports this module
+
+    try:
+        compile_matrix(routing.matrix, models)
+    except DslError as exc:
+        raise ConfigError(f"routing.router.settings.matrix: {exc}") from None
+
+
 def parse_config(text: str, *, source: str = "<config>") -> Config:
     """Same as load_config for YAML text (used by tests and reload)."""
     doc = _read_document(text, source)
     defaults = _parse_defaults(doc.top)
     models, aliases = _link_aliases(_parse_models(doc, defaults), doc.warnings)
     routing, priorities = _parse_routing(doc, models, aliases)
+    _check_matrix(routing, models)
     models = {
         mid: replace(m, priority=priorities[mid]) if mid in priorities else m for mid, m in models.items()
     }

@@ -1320,3 +1320,19 @@ def test_more_errors() -> None:
         + "routing:\n  router:\n    use: memory\n    settings:\n      memory: {releaseTimeout: 0}\n"
     )
     assert error(text) == "routing.router.settings.memory.releaseTimeout: must be greater than 0"
+
+
+def test_matrix_dsl_errors_are_config_errors_at_load() -> None:
+    text = """
+models:
+  a: {cmd: "svr --port ${PORT}"}
+routing:
+  router:
+    use: matrix
+    settings:
+      matrix:
+        sets:
+          s: "a & (nope"
+"""
+    with pytest.raises(ConfigError, match=r'routing\.router\.settings\.matrix: set "s"'):
+        parse_config(text)
