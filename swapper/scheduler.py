@@ -273,6 +273,7 @@ class Scheduler:
         slot = self._slots.get(model)
         if slot is not None and slot.state is State.READY:
             slot.state = State.STOPPED
+            self._retiring.discard(model)  # the next child starts with the new config anyway
             self._drain(now)
 
     def on_tick(self, now: float) -> None:
@@ -460,6 +461,9 @@ class Scheduler:
             self._slots[req.model].admitted -= 1
 
     def _stop(self, model: str) -> None:
+        # Any stop ends a retirement: an unload of a retiring model followed by its drain would
+        # otherwise stop it twice, and the second Stopped would mark its next child stopped.
+        self._retiring.discard(model)
         self._slots[model].state = State.STOPPING
         cfg = self._config.models.get(model)  # None: removed by a reload, still draining
         self._fx.stop(model, cfg.unload_timeout if cfg else DEFAULT_UNLOAD_TIMEOUT)
