@@ -39,6 +39,7 @@ from typing import Final
 
 from swapper.config import ModelConfig
 from swapper.errors import ModelLoadFailed
+from swapper.orphans import OWNER_ENV, owner_mark
 
 log = logging.getLogger("swapper.children")
 
@@ -58,6 +59,7 @@ MAX_LINE_BYTES: Final = 8192  # longer lines are split, so one runaway line cann
 DRAIN_TIMEOUT: Final = 1.0
 
 OnLine = Callable[[str, str], None]
+_OWNER: Final = owner_mark()
 OnExit = Callable[[int], None]
 
 _PR_SET_PDEATHSIG: Final = 1
@@ -270,8 +272,9 @@ class Child:
         return self._ready_count
 
     def env(self) -> dict[str, str]:
-        """The child's environment: swapper's own, overridden by the model's ``env``."""
-        return {**os.environ, **dict(self._model.env)}
+        """The child's environment: swapper's own, overridden by the model's ``env``, plus the
+        owner mark that lets a later swapper reclaim its descendants (see ``orphans``)."""
+        return {**os.environ, **dict(self._model.env), OWNER_ENV: _OWNER}
 
     async def spawn(self) -> None:
         """Starts the process; raises ModelLoadFailed if it cannot be executed at all."""

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from swapper.config import Config
 from swapper.logs import LogHub
+from swapper.orphans import sweep_orphans
 from swapper.reload import watch_config as watch
 from swapper.routes import RUNLOOP
 from swapper.server import make_app
@@ -50,6 +51,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
+    if killed := await asyncio.to_thread(sweep_orphans):
+        log.warning("reclaimed children of a swapper that died", pids=killed)
     app = make_app(config, logs)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
