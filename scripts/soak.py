@@ -100,6 +100,7 @@ class Soak:
         self.crash_at = int(args.requests * 0.5)
         self.crashed = asyncio.Event()
         self.rss_peak = 0
+        self.rss_at: dict[str, float] = {}  # at 25/50/75 % of the requests sent: is it still growing?
 
     # ---- one request ----
 
@@ -204,6 +205,11 @@ class Soak:
             self.next_index += 1
             if index == self.crash_at:
                 await self.crash_a_child(session)
+            if index and index % max(1, self.args.requests // 4) == 0:
+                with contextlib.suppress(psutil.Error):
+                    self.rss_at[f"{round(100 * index / self.args.requests)}%"] = mib(
+                        self.swapper.memory_info().rss
+                    )
             await self.one(session, index)
 
     async def crash_a_child(self, session: aiohttp.ClientSession) -> None:
@@ -386,7 +392,12 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "children_when_idle": len(children),
         "processes_left_after_shutdown": left,
         "swapper_exit_code": rc,
-        "rss_mib": {"start": mib(start_rss), "peak": mib(max(run.rss_peak, end_rss)), "end": mib(end_rss)},
+        "rss_mib": {
+            "start": mib(start_rss),
+            **run.rss_at,
+            "end": mib(end_rss),
+            "peak": mib(max(run.rss_peak, end_rss)),
+        },
         "open_fds": {"start": start_fds, "end": end_fds},
     }
 

@@ -11,12 +11,15 @@ Behaviour these tests pin down:
   * a child that dies mid-stream cuts the client's stream (no clean end, no ``[DONE]``), and the
     next request starts a fresh child; one that dies while idle disappears from /running;
   * a child that ignores SIGTERM is SIGKILLed after ``unloadTimeout`` and reaped;
-  * a missing binary is a 502 that names the binary;
+  * a missing or non-executable binary is a 502 that names the binary (it used to hang the
+    request and wedge the model as starting);
   * a crash loop backs off (503 + Retry-After, with the last error) instead of respawning the
     child on every request;
   * another process on the model's port: see ``test_port_taken_*`` for what swapper can and
     cannot tell apart;
-  * swapper SIGKILLed (idle, mid-load, mid-stream, mid-swap) leaves no child behind, 20 times.
+  * swapper SIGKILLed (idle, mid-load, mid-stream, with a request queued) leaves no child
+    behind, 20 times; a *grandchild* forked by a child still survives it (strict xfail: a known
+    gap, see the test).
 """
 
 from __future__ import annotations
