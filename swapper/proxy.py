@@ -1,8 +1,11 @@
 """Forward one request to one upstream URL and stream the answer back: swapper's hot path.
 
 Owns: nothing long-lived. ``make_session()`` builds the one shared ``ClientSession`` (its owner is
-``server``'s cleanup context, which closes it); ``forward()`` owns one upstream response for the
-length of one call and always closes or releases it before returning or raising.
+``server``'s cleanup context, which closes it); its connector also carries the ``h1pool.H1Pool``
+that ``forward()`` sends through (aiohttp's client costs as much CPU per request as all the rest of
+the proxy; see h1pool), and closing the session closes that pool too. ``forward()`` owns one
+upstream response for the length of one call and always closes or releases it before returning or
+raising.
 
 Must not touch: models, leases, children, the run loop, metrics policy or logging policy. It
 returns what happened (status, bytes, time to first byte, whether the body completed) and lets its
@@ -12,28 +15,29 @@ caller to render; nothing here renders an error body.
 Concurrency: ``forward()`` runs in the request's handler task and is cancel-safe. With
 ``handler_cancellation=True`` a client that leaves cancels the task; the ``CancelledError``
 propagates and the upstream connection is closed on the way out, so llama-server sees the
-disconnect and stops generating. Backpressure is aiohttp's own, end to end: the loop is
-``readany()`` → ``await resp.write()`` with no queue in between, so a slow client pauses the
-upstream socket (DESIGN.md, "How to write a correct streaming proxy").
+disconnect and stops generating. Backpressure holds end to end: the loop is ``readany()`` →
+``await resp.write()`` with no queue in between; aiohttp's server write waits for the client to
+drain, and h1pool stops reading the upstream socket while unread bytes pile up, so a slow client
+pauses the upstream (DESIGN.md, "How to write a correct streaming proxy").
 
-Per-chunk work is one read, one write and a length sum: no logging, no parsing, no copies.
+Per-chunk work is one read, one write and a length sum: no logging, no JSON parsing, and no
+copies beyond de-chunking.
 """
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.payload import TOO_LARGE_BYTES_BODY, BytesIOPayload
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from swapper.errors import UpstreamError
+from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 
 __all__ = ["ForwardResult", "forward", "make_session"]
 
@@ -51,9 +55,10 @@ _HOP_BY_HOP = (
     "Proxy-Authorization",
     "Proxy-Authentication-Info",
 )
-# The body is re-framed by aiohttp from the bytes we pass; Host comes from the upstream URL;
-# Expect was answered by our own server, and the upstream gets the whole body at once.
+# The body is re-framed from the bytes we pass; Host comes from the upstream URL; Expect was
+# answered by our own server, and the upstream gets the whole body at once.
 _REQUEST_DROP = (*_HOP_BY_HOP, "Host", "Content-Length", "Expect")
+_REQUEST_DROP_LOWER = frozenset(name.lower() for name in _REQUEST_DROP)
 # Content-Length stays: the body passes through verbatim (no decompression), so it is still true,
 # and a sized response lets the client keep its connection without chunked framing.
 _RESPONSE_DROP = _HOP_BY_HOP
@@ -63,15 +68,9 @@ _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})
 # an invented "gzip" would make the upstream compress for a client that never asked for it.
 _NO_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
 _SSE = "text/event-stream"
-# Failures of a pooled connection that the upstream closed while it sat idle. A connection that
-# was never made (ClientConnectorError, itself a ClientOSError) is not retried: it would fail again.
-_STALE_CONNECTION = (
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-    aiohttp.ClientConnectionResetError,
-)
-# What reading the upstream body can raise when the upstream breaks mid-body.
-_UPSTREAM_READ_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+# What reading the upstream body can raise when the upstream breaks mid-body (h1pool's errors
+# are ConnectionErrors).
+_UPSTREAM_READ_ERRORS = (OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +91,19 @@ class ForwardResult:
     complete: bool
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector (health probes and other non-forwarding requests use it) that also
+    owns the pool ``forward()`` sends through, so that closing the session closes both."""
+
+    def __init__(self, pool: H1Pool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.h1pool = pool
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        self.h1pool.close()
+        await super().close(abort_ssl=abort_ssl)
+
+
 class _CoalescingResponse(web.StreamResponse):
     # Hold the headers until the first body write, so a small answer leaves in one segment (the
     # same trick web.Response uses). Only for non-SSE bodies, whose first chunk is already read.
@@ -104,7 +116,8 @@ def make_session() -> aiohttp.ClientSession:
     No total or read timeout: a generation may legitimately run for many minutes between bytes
     (prompt processing), and the client's disconnect is what ends a request early.
     """
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
+    pool = H1Pool(connect_timeout=10.0, keepalive=30.0)
+    connector = _Connector(pool, limit=0, keepalive_timeout=30.0)
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
@@ -144,18 +157,18 @@ async def forward(
     target = URL(url, encoded=True) if isinstance(url, str) else url
     headers = _upstream_headers(request.headers, identity=response is not None)
     started = time.perf_counter()
-    upstream = await _send(session, request.method, target, headers, body)
+    upstream = await _send(_pool_of(session), request.method, target, headers, body)
     ttfb = time.perf_counter() - started
     try:
         if _is_streamed(upstream.headers):
             # llama-server closes the connection after a streamed body although it said
             # keep-alive (docs/real-upstreams.md); pooling it would fail the next request.
-            _do_not_pool(upstream)
+            upstream.do_not_pool()
         if response is None:
             resp, bytes_out, complete = await _relay(request, upstream)
         else:
             resp = response
-            bytes_out, complete = await _pump(request, response, upstream.content, b"")
+            bytes_out, complete = await _pump(request, response, upstream, b"")
         return ForwardResult(upstream.status, bytes_out, ttfb, resp, complete)
     finally:
         # After a complete body the connection is already back in the pool (or closed, see
@@ -163,11 +176,26 @@ async def forward(
         upstream.close()
 
 
-def _upstream_headers(incoming: CIMultiDictProxy[str], *, identity: bool) -> CIMultiDict[str]:
-    out = incoming.copy()
-    _drop(out, _REQUEST_DROP, incoming.get(hdrs.CONNECTION))
+def _pool_of(session: aiohttp.ClientSession) -> H1Pool:
+    connector = session.connector
+    if not isinstance(connector, _Connector):
+        if connector is None:  # closed: swapper is shutting down
+            raise UpstreamError("the upstream session is closed")
+        raise TypeError("forward() needs a session made by proxy.make_session()")
+    return connector.h1pool
+
+
+def _upstream_headers(incoming: CIMultiDictProxy[str], *, identity: bool) -> list[tuple[str, str]]:
+    drop = _REQUEST_DROP_LOWER
+    connection = incoming.get(hdrs.CONNECTION)
+    if connection and connection not in _PLAIN_CONNECTION:
+        # Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        drop = drop | {token.strip().lower() for token in connection.split(",")}
     if identity:
-        out[hdrs.ACCEPT_ENCODING] = "identity"
+        drop = drop | {"accept-encoding"}
+    out = [(name, value) for name, value in incoming.items() if name.lower() not in drop]
+    if identity:
+        out.append((hdrs.ACCEPT_ENCODING, "identity"))
     return out
 
 
@@ -181,45 +209,27 @@ def _drop(headers: CIMultiDict[str], names: tuple[str, ...], connection: str | N
                 headers.popall(token, None)
 
 
-async def _send(
-    session: aiohttp.ClientSession, method: str, url: URL, headers: CIMultiDict[str], body: bytes
-) -> aiohttp.ClientResponse:
+async def _send(pool: H1Pool, method: str, url: URL, headers: list[tuple[str, str]], body: bytes) -> Response:
     try:
         try:
-            return await session.request(
-                method, url, headers=headers, data=_payload(body), allow_redirects=False
-            )
-        except _STALE_CONNECTION as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
+            return await pool.request(method, url, headers, body)
+        except Disconnected as exc:
+            if exc.response_started:
                 raise
             # llama-server closes its connection after every streamed response although it said
             # keep-alive (docs/real-upstreams.md); a pooled connection can be dead before the FIN
-            # was seen. No response header arrived, so one retry on a fresh connection is safe.
-            return await session.request(
-                method, url, headers=headers, data=_payload(body), allow_redirects=False
-            )
-    except aiohttp.ClientConnectorError as exc:
+            # was seen. No response byte arrived, so one retry on a fresh connection is safe. A
+            # connection that was never made (ConnectFailed) is not retried: it would fail again.
+            return await pool.request(method, url, headers, body, fresh=True)
+    except ConnectFailed as exc:
         raise UpstreamError(f"upstream {url.origin()} refused the connection: {exc.strerror}") from exc
     except TimeoutError as exc:
         raise UpstreamError(f"upstream {url.origin()} timed out before responding") from exc
-    except aiohttp.ClientError as exc:
+    except OSError as exc:
         raise UpstreamError(f"upstream {url.origin()} failed before responding: {exc!r}") from exc
 
 
-def _payload(body: bytes) -> bytes | BytesIOPayload | None:
-    if not body:
-        return None  # not b"": a GET must not grow "Content-Length: 0" (aiohttp adds it for a POST)
-    if len(body) <= TOO_LARGE_BYTES_BODY:
-        return body
-    # aiohttp warns (a ResourceWarning) about raw bytes over 1 MiB; a BytesIO over the same
-    # buffer (no copy) is sent in 64 KiB writes that each wait for the socket to drain.
-    return BytesIOPayload(io.BytesIO(body))
-
-
-async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse
-) -> tuple[web.StreamResponse, int, bool]:
-    content = upstream.content
+async def _relay(request: web.Request, upstream: Response) -> tuple[web.StreamResponse, int, bool]:
     first = b""
     is_sse = _is_sse(upstream.headers)
     if is_sse:
@@ -228,7 +238,7 @@ async def _relay(
         # Read ahead one chunk: a non-streamed answer then leaves in one write (headers held by
         # _CoalescingResponse), and an upstream that dies before its body is still a clean 502.
         try:
-            first = await content.readany()
+            first = await upstream.readany()
         except _UPSTREAM_READ_ERRORS as exc:
             raise UpstreamError(f"upstream broke before sending a body: {exc!r}") from exc
         resp = _CoalescingResponse(status=upstream.status, reason=upstream.reason)
@@ -241,7 +251,7 @@ async def _relay(
         await resp.prepare(request)
     except ConnectionResetError:  # the client left while the upstream was answering
         return resp, 0, False
-    sent, complete = await _pump(request, resp, content, first)
+    sent, complete = await _pump(request, resp, upstream, first)
     return resp, sent, complete
 
 
@@ -254,23 +264,8 @@ def _is_streamed(headers: Mapping[str, str]) -> bool:
     return "chunked" in headers.get(hdrs.TRANSFER_ENCODING, "").lower() or _is_sse(headers)
 
 
-def _do_not_pool(upstream: aiohttp.ClientResponse) -> None:
-    connection = upstream.connection
-    if connection is not None:
-        if connection.protocol is not None:
-            connection.protocol.force_close()  # closed instead of pooled when the body ends
-        return
-    # The whole body came with the headers, and aiohttp pooled the connection before returning
-    # the response. Nothing has awaited since, so no other request holds it: close it in the
-    # pool, where the connector discards closed connections. (If aiohttp renames the attribute
-    # this degrades to the stale-connection retry in _send.)
-    protocol: ResponseHandler | None = getattr(upstream, "_protocol", None)
-    if protocol is not None:
-        protocol.close()
-
-
 async def _pump(
-    request: web.Request, resp: web.StreamResponse, content: aiohttp.StreamReader, chunk: bytes
+    request: web.Request, resp: web.StreamResponse, content: Response, chunk: bytes
 ) -> tuple[int, bool]:
     """Copy the upstream body to the prepared ``resp``; return (bytes written, completed)."""
     sent = 0
