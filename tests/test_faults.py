@@ -552,7 +552,8 @@ def test_sigkill_of_swapper_leaves_no_child_20_times(tmp_path: Path) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="known gap: PR_SET_PDEATHSIG is set on the child only and is not inherited across fork, so"
-    " a grandchild outlives a SIGKILLed swapper (the group kill in children.py needs swapper alive)",
+    " a grandchild outlives a SIGKILLed swapper until the next swapper starts and reclaims it"
+    " (swapper/orphans.py); the group kill in children.py needs swapper alive",
 )
 def test_sigkill_of_swapper_also_kills_grandchildren(tmp_path: Path) -> None:
     cfg = _kill_config(tmp_path, b_flags="--fork-grandchild")
