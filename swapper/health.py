@@ -18,9 +18,11 @@ Concurrency contract: a coroutine; cancelling it cancels its tasks and leaves th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Final, Protocol
 
 import aiohttp
+from yarl import URL
 
 from swapper.children import exit_reason
 from swapper.config import ModelConfig
@@ -34,6 +36,7 @@ MAX_INTERVAL: Final = 0.05
 BACKOFF: Final = 1.25
 PROBE_TIMEOUT: Final = 2.0
 LINES_IN_ERRORS: Final = 10
+_LOOPBACK: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class LoadingChild(Protocol):
@@ -156,3 +159,27 @@ class _Poller:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.last_failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return False
+
+
+async def ensure_port_free(model: ModelConfig) -> None:
+    """Fails fast if something already listens on the port the model's child is to bind.
+
+    Otherwise the first health probe would reach that squatter, and a squatter that answers 200
+    would be taken for the model. Checked only for a ``${PORT}`` the config allocated on a
+    loopback proxy: other proxies may legitimately point at a server that is already up.
+    """
+    url = URL(model.proxy)
+    if model.port is None or url.port != model.port or url.host not in _LOOPBACK:
+        return
+    try:
+        async with asyncio.timeout(0.5):
+            _, writer = await asyncio.open_connection(url.host, model.port)
+    except (OSError, TimeoutError):
+        return  # refused (free), or nothing answered: let the child try
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    raise ModelLoadFailed(
+        f"model {model.id!r}: port {model.port} is already in use by another process; "
+        "change startPort or stop that process"
+    )

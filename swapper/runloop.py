@@ -28,7 +28,7 @@ from swapper.children import Child
 from swapper.config import Config
 from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
 from swapper.events import EventBus
-from swapper.health import wait_healthy
+from swapper.health import ensure_port_free, wait_healthy
 from swapper.logs import LogHub
 from swapper.memory import MemoryMonitor
 from swapper.messages import (
@@ -321,6 +321,7 @@ class RunLoop:
         model = child.model.id
         began = time.monotonic()
         try:
+            await ensure_port_free(child.model)
             await child.spawn()
             await wait_healthy(self._session, child, _health_url(child), child.model.health_check_timeout)
         except SwapperError as exc:
