@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, cast
 
 from swapper.config import ModelConfig
 from swapper.errors import ModelLoadFailed
@@ -92,6 +92,18 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _pre_exec(parent_pid: int) -> None:
+    """Pre-exec hook: lead a new process group (signals reach grandchildren), die with parent.
+
+    The group is made here, not with ``process_group=0``, because uvloop's ``subprocess_exec``
+    (the CLI's loop when installed) does not take that argument; ``setpgid`` is a bare syscall,
+    safe in a just-forked child.
+    """
+    os.setpgid(0, 0)
+    if _prctl is not None:
+        _die_with_parent(parent_pid)
+
+
 def exit_reason(returncode: int) -> str:
     """Says how a process ended, in words: 'exited with code 1', 'was killed by SIGKILL'."""
     if returncode >= 0:
@@ -107,7 +119,6 @@ async def _start(
     argv: Sequence[str], env: dict[str, str], on_line: OnLine, on_ready: Callable[[], None]
 ) -> tuple[asyncio.SubprocessTransport, _Pipes]:
     loop = asyncio.get_running_loop()
-    preexec = functools.partial(_die_with_parent, os.getpid()) if _prctl is not None else None
     return await loop.subprocess_exec(
         lambda: _Pipes(loop, on_line, on_ready),
         *argv,
@@ -115,8 +126,7 @@ async def _start(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
-        process_group=0,
-        preexec_fn=preexec,
+        preexec_fn=functools.partial(_pre_exec, os.getpid()),
     )
 
 
@@ -151,8 +161,8 @@ class _Pipes(asyncio.SubprocessProtocol):
         self.finished: asyncio.Future[int] = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self._transport = transport
+        # Not an isinstance() check: uvloop's transports do not subclass asyncio's.
+        self._transport = cast(asyncio.SubprocessTransport, transport)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         buf = self._partial[fd] + data

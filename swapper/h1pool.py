@@ -31,7 +31,7 @@ import asyncio
 import errno
 import ssl
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -104,8 +104,8 @@ class _Conn(asyncio.Protocol):
     # ---- asyncio.Protocol ----
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance() check: uvloop's transports do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

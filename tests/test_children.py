@@ -164,6 +164,24 @@ async def test_stop_kills_a_forked_grandchild(fake_model: MakeModel, wait_until:
     await wait_until(lambda: gone(grandchild), what="the grandchild to die")
 
 
+def test_groups_and_grandchildren_under_uvloop(fake_model: MakeModel, wait_until: WaitUntil) -> None:
+    """The CLI runs on uvloop, whose subprocess_exec has no process_group: the group still forms."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        lines = Lines()
+        child = Child(fake_model("forker", "--fork-grandchild"), on_line=lines)
+        await child.spawn()
+        grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
+        assert child.pid is not None
+        assert os.getpgid(child.pid) == child.pid == os.getpgid(grandchild)
+        assert await child.stop(grace=5.0) in (0, -signal.SIGTERM)
+        await wait_until(lambda: gone(grandchild), what="the grandchild to die")
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+
+
 async def test_crashed_leader_takes_its_group_with_it(fake_model: MakeModel, wait_until: WaitUntil) -> None:
     lines = Lines()
     child = Child(fake_model("forker", "--fork-grandchild", "--exit-after", "0.3"), on_line=lines)
