@@ -139,15 +139,28 @@ class _Conn(asyncio.Protocol):
             self._fail(ProtocolError("upstream sent data outside a response"))
             return
         self._got_bytes = True
-        if not self._buf and self._state in (_LENGTH, _UNTIL_CLOSE) and len(data) <= self._left_or_all():
-            # The common streaming case: the whole segment is body, so no copy into the buffer.
+        if self._buf:
+            pass  # a partial head, size line or CRLF is pending: parse from the buffer
+        elif self._state == _CHUNKED:
+            # The common streaming case: parse the segment itself, buffer only an incomplete tail.
+            try:
+                used = self._parse_chunks(data)
+            except ProtocolError as exc:
+                self._fail(exc)
+                return
+            if used < len(data):
+                self._buf += data[used:]
+            data = b""
+        elif self._state in (_LENGTH, _UNTIL_CLOSE) and len(data) <= self._left_or_all():
+            # The whole segment is body: no copy into the buffer.
             self._chunks.append(data)
             self._unread += len(data)
             if self._state == _LENGTH:
                 self._left -= len(data)
                 if self._left == 0:
                     self._state = _DONE
-        else:
+            data = b""
+        if data:
             self._buf += data
             try:
                 self._parse()
@@ -179,7 +192,7 @@ class _Conn(asyncio.Protocol):
                     self._state = _DONE
                 return
             elif state == _CHUNKED:
-                self._parse_chunks()
+                del self._buf[: self._parse_chunks(self._buf)]
                 return
             elif state == _UNTIL_CLOSE:
                 self._take(len(self._buf))
@@ -258,59 +271,65 @@ class _Conn(asyncio.Protocol):
         self.headers = CIMultiDictProxy(headers)  # last: only a valid head is seen by wait_head()
         return True
 
-    def _parse_chunks(self) -> None:
-        buf = self._buf
-        chunks = self._chunks
+    def _parse_chunks(self, src: bytes | bytearray) -> int:
+        """De-chunks what ``src`` holds; returns how many bytes it consumed.
+
+        One joined bytes object per call, however many chunks arrived together: a busy stream
+        delivers dozens of small SSE chunks per read, and per-chunk objects would cost more than
+        the parsing.
+        """
+        end = len(src)
+        pieces: list[bytes | bytearray] = []
         pos = 0
-        size_total = 0
+        left = self._left
         while True:
-            left = self._left
-            if left > 0:
-                n = min(left, len(buf) - pos)
-                if n <= 0:
+            if left > 0:  # data of the current chunk
+                stop = pos + left
+                if stop > end:
+                    if pos < end:
+                        pieces.append(src[pos:end])
+                        left -= end - pos
+                        pos = end
                     break
-                chunks.append(bytes(buf[pos : pos + n]))
-                size_total += n
-                pos += n
-                self._left = left - n if n < left else _CHUNK_CRLF
-                continue
+                pieces.append(src[pos:stop])
+                pos = stop
+                left = _CHUNK_CRLF
             if left == _CHUNK_CRLF:
-                if len(buf) - pos < 2:
+                if end - pos < 2:
                     break
-                if buf[pos : pos + 2] != b"\r\n":
+                if src[pos] != 13 or src[pos + 1] != 10:
                     raise ProtocolError("upstream sent a chunk without its CRLF")
                 pos += 2
-                self._left = _CHUNK_SIZE_LINE
-                continue
-            eol = buf.find(b"\r\n", pos)
+                left = _CHUNK_SIZE_LINE
+            eol = src.find(b"\r\n", pos)
+            if eol < 0:
+                if end - pos > (MAX_HEAD if left == _CHUNK_TRAILERS else MAX_CHUNK_LINE):
+                    raise ProtocolError("upstream sent an overlong chunk size or trailer line")
+                break
             if left == _CHUNK_TRAILERS:  # skipped line by line, up to the empty one
-                if eol < 0:
-                    if len(buf) - pos > MAX_HEAD:
-                        raise ProtocolError("upstream trailers too large")
-                    break
                 empty = eol == pos
                 pos = eol + 2
                 if empty:
                     self._state = _DONE
                     break
                 continue
-            if eol < 0:
-                if len(buf) - pos > MAX_CHUNK_LINE:
-                    raise ProtocolError("upstream sent an overlong chunk size line")
-                break
-            size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+            line = src[pos:eol]
             try:
-                size = int(size_text, 16)
+                size = int(line, 16)  # the common case: no extensions
             except ValueError:
-                raise ProtocolError(f"upstream sent a bad chunk size: {size_text[:20]!r}") from None
-            if size < 0 or not size_text.isalnum():
-                raise ProtocolError(f"upstream sent a bad chunk size: {size_text[:20]!r}")
+                size = _chunk_size(line)
+            if size < 0:
+                raise ProtocolError(f"upstream sent a bad chunk size: {bytes(line[:20])!r}")
             pos = eol + 2
-            self._left = size if size else _CHUNK_TRAILERS
-        del buf[:pos]
-        self._unread += size_total
-        if self._state == _DONE and buf:
+            left = size or _CHUNK_TRAILERS
+        self._left = left
+        if pieces:
+            data = b"".join(pieces)
+            self._chunks.append(data)
+            self._unread += len(data)
+        if self._state == _DONE and pos < end:
             raise ProtocolError("upstream sent bytes after the end of its response")
+        return pos
 
     # ---- used by H1Pool and Response ----
 
@@ -407,6 +426,14 @@ class _Conn(asyncio.Protocol):
             self._exc = exc
         self.close()
         self._wake()
+
+
+def _chunk_size(line: bytes | bytearray) -> int:
+    """The size in a chunk size line with extensions (``1a;name=value``); -1 if unparsable."""
+    text = bytes(line).split(b";", 1)[0].strip(b" \t")
+    if not text or any(c not in b"0123456789abcdefABCDEF" for c in text):
+        return -1
+    return int(text, 16)
 
 
 class Response:
