@@ -88,7 +88,13 @@ class Conn(asyncio.Protocol):
         self._chunk_left = -1  # bytes left in the current chunk (+2 for its CRLF); -1: at a size line
         self._last_nl = False
         self._close_after = False
+        self._used = False  # has answered a request before the current one
         self.dead = False
+
+    @property
+    def stale(self) -> bool:
+        """The current request failed on a reused connection before any response byte."""
+        return self._used and self._reply is not None and not self._reply.first_byte
 
     @classmethod
     async def open(cls, port: int) -> Conn:
@@ -207,6 +213,7 @@ class Conn(asyncio.Protocol):
         assert reply is not None and fut is not None
         reply.done = time.perf_counter()
         self._reply = self._future = None
+        self._used = True
         if self._close_after:
             self.close()
         if not fut.done():
@@ -225,7 +232,16 @@ class Pool:
         if conn is None or conn.dead:
             conn = await Conn.open(self.port)
         began = time.perf_counter()
-        reply = await conn.request(data)
+        try:
+            reply = await conn.request(data)
+        except ConnectionError:
+            if not conn.stale:
+                raise
+            # The server closed this idle keep-alive connection as we reused it (llama-server
+            # does after a stream): nothing was answered, so try once on a fresh one, as a proxy would.
+            conn = await Conn.open(self.port)
+            began = time.perf_counter()
+            reply = await conn.request(data)
         if not conn.dead:
             self._idle.append(conn)
         return began, reply
