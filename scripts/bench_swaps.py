@@ -155,17 +155,23 @@ async def bench_swap_overhead(args: argparse.Namespace) -> None:
 
 
 async def run_workload(url: str, order: list[str], concurrent: bool) -> tuple[float, list[float]]:
+    """Every request is due at t=0; its wait is the time from then to its first byte."""
     async with aiohttp.ClientSession() as s:
         began = time.perf_counter()
+
+        async def timed(model: str) -> float:
+            await chat(s, url, model)
+            return time.perf_counter() - began
+
         if concurrent:
-            waits = await asyncio.gather(*(chat(s, url, m) for m in order))
+            waits = await asyncio.gather(*(timed(m) for m in order))
         else:
-            waits = [await chat(s, url, m) for m in order]
+            waits = [await timed(m) for m in order]
         return time.perf_counter() - began, list(waits)
 
 
 def describe(name: str, makespan: float, waits: list[float], swaps: int) -> None:
-    q = statistics.quantiles(waits, n=100)
+    q = statistics.quantiles(waits, n=100, method="inclusive")
     print(
         f"  {name:<22} swaps {swaps:3d}  makespan {makespan:7.2f} s  wait p50 {q[49]:6.2f} s"
         f"  p99 {q[98]:6.2f} s  max {max(waits):6.2f} s"
