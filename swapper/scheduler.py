@@ -386,19 +386,47 @@ class Scheduler:
             return
         self._queue.sort(key=lambda r: (-(r.priority + (now - r.at) * AGING_PER_SECOND), r.seq))
         pending, self._queue = self._queue, []
-        claimed: set[str] = set()
+        claimed: frozenset[str] = frozenset()
+        # A decision depends on the request's model, the claims and the scheduler's state, never
+        # on the request itself. While every verdict is QUEUE (which changes no state) and the
+        # claims stay the same, a model's next request gets the verdict its last one got: with
+        # hundreds queued behind a busy model, each release then costs one decision per model
+        # instead of one per queued request. Likewise an overdue request's claims depend only on
+        # its model and the state.
+        queued: set[str] = set()
+        claiming: set[str] = set()
+        models = self._config.models
         for req in pending:
-            verdict = self._decide(req, frozenset(claimed), now)
+            model = req.model
+            verdict = Verdict.QUEUE if model in queued else self._decide(req, claimed, now)
             self._apply(req, verdict, now)
-            if verdict is Verdict.QUEUE:
-                claimed |= self._claims_of(req, now)
+            if verdict is not Verdict.QUEUE:
+                queued.clear()
+                claiming.clear()
+                continue
+            queued.add(model)
+            if model in claiming or now - req.at < models[model].max_wait:
+                continue  # claims already in, or not overdue (the _claims_of test, inlined)
+            claims = self._claims_of(req, now)
+            if claims:
+                claiming.add(model)
+                if not claims <= claimed:
+                    claimed |= claims
+                    queued.clear()
 
     # ---- helpers ----
 
     def _claimed(self, now: float) -> frozenset[str]:
         claimed: set[str] = set()
+        claiming: set[str] = set()  # models whose (identical) claims are already in
+        models = self._config.models
         for req in self._queue:
-            claimed |= self._claims_of(req, now)
+            model = req.model
+            if model in claiming or now - req.at < models[model].max_wait:
+                continue  # claims already in, or not overdue (the _claims_of test, inlined)
+            if claims := self._claims_of(req, now):
+                claiming.add(model)
+                claimed |= claims
         return frozenset(claimed)
 
     def _claims_of(self, req: Request, now: float) -> frozenset[str]:
