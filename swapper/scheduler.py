@@ -81,7 +81,9 @@ class Effects(Protocol):
         """Answers the request with ``error``; a requester already gone is ignored."""
 
 
-@dataclass(slots=True)
+# eq=False: a request is itself, never equal to another (seq is unique). Queue membership tests,
+# removals and queue_position() then compare identities in C instead of field tuples in Python.
+@dataclass(slots=True, eq=False)
 class Request:
     req_id: int
     model: str
