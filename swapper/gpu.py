@@ -195,7 +195,7 @@ class SystemSampler:
             tree = [pid, *_descendants(pid, kids)]
             ram_bytes, alive = _ram_of(tree)
             if alive and alive[0] == pid:  # an exited leader's leftovers are no footprint
-                usage[model] = ChildUsage(pid, ram_bytes, _gpu_of(tree, gpu_procs), len(alive))
+                usage[model] = ChildUsage(pid, ram_bytes, gpu_used_by(tree, gpu_procs), len(alive))
         return MemorySample(at, ram, gpus, usage, self._reason)
 
     def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
@@ -254,7 +254,8 @@ def _ram_of(pids: Iterable[int]) -> tuple[int, list[int]]:
     return total, alive
 
 
-def _gpu_of(pids: Iterable[int], procs: Mapping[int, int | None] | None) -> int | None:
+def gpu_used_by(pids: Iterable[int], procs: Mapping[int, int | None] | None) -> int | None:
+    """GPU memory the ``pids`` hold by NVML's per-process table; None when it cannot say."""
     if procs is None:
         return None
     total = 0

@@ -34,7 +34,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from swapper.events import Observer, RequestTrack
-from swapper.gpu import GpuUsage, Nvml, open_nvml
+from swapper.gpu import GpuUsage, Nvml, gpu_used_by, open_nvml
 from swapper.scheduler import State
 
 if TYPE_CHECKING:
@@ -341,7 +341,7 @@ def _sample(pids: Mapping[str, int], gpu: _Gpu) -> Sample:
     for model, pid in pids.items():
         tree = _tree(pid)
         if tree:
-            children[model] = Usage(sum(rss for _, rss in tree), _vram([p for p, _ in tree], per_pid))
+            children[model] = Usage(sum(rss for _, rss in tree), gpu_used_by([p for p, _ in tree], per_pid))
     return Sample(children, _own_rss(), gpus)
 
 
@@ -359,19 +359,6 @@ def _tree(pid: int) -> list[tuple[int, int]]:
         except psutil.Error:
             continue  # exited between the listing and now
     return out
-
-
-def _vram(pids: list[int], per_pid: Mapping[int, int | None] | None) -> int | None:
-    if per_pid is None:
-        return None
-    total = 0
-    for pid in pids:
-        if pid in per_pid:
-            used = per_pid[pid]
-            if used is None:
-                return None  # the driver does not say for this process (WDDM, some vGPUs)
-            total += used
-    return total
 
 
 def _own_rss() -> int:
