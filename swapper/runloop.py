@@ -138,6 +138,12 @@ class RunLoop:
         self._post(Shutdown(reply))
         await reply
 
+    def kill_all(self) -> None:
+        """Last resort when shutdown overruns its deadline: SIGKILL every child's group now."""
+        for child in self._children.values():
+            if child.pid is not None and not child.exited():
+                child.kill()
+
     async def wait_idle(self) -> None:
         """Waits until the inbox is empty and no child is starting or stopping (for tests)."""
         await self._idle.wait()
@@ -254,7 +260,11 @@ class RunLoop:
             else:
                 still.append((models, reply))
         self._unload_replies = still
-        if self._sched.shutting_down and not self._children and not self._unload_replies:
+        if (
+            self._sched.shutting_down
+            and not self._unload_replies
+            and all(child.exited() or child.pid is None for child in self._children.values())
+        ):
             self._done = True
         if self._inbox.empty() and not self._starting and not self._stopping:
             self._idle.set()

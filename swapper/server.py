@@ -8,8 +8,10 @@ can still be used by in-flight requests it is failing, then the session).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
+import structlog
 from aiohttp import web
 
 from swapper import auth, cors, preload, proxy, upstream
@@ -19,6 +21,10 @@ from swapper.events import EVENTS
 from swapper.logs import LogHub
 from swapper.routes import CONFIG, RUNLOOP, SESSION, add_routes
 from swapper.runloop import RunLoop
+
+# Longer than any sane unloadTimeout: stops run in parallel, so this is per shutdown, not per model.
+SHUTDOWN_BACKSTOP = 60.0
+log = structlog.get_logger("swapper")
 
 RUNLOOP_TASK = web.AppKey("runloop_task", asyncio.Task[None])
 LOGS = web.AppKey("logs", LogHub)
@@ -51,6 +57,16 @@ async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         # Children stop before the session closes; the loop's task ends once they are all gone.
-        await runloop.shutdown()
-        await task
+        # The backstop bounds the whole sequence even if a stop wedges: a swapper that never
+        # exits is worse than one that SIGKILLs its children on the way out.
+        try:
+            async with asyncio.timeout(SHUTDOWN_BACKSTOP):
+                await runloop.shutdown()
+                await task
+        except TimeoutError:
+            log.error("shutdown overran its deadline; killing every child", seconds=SHUTDOWN_BACKSTOP)
+            runloop.kill_all()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await session.close()

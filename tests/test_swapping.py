@@ -325,3 +325,22 @@ async def test_unload_cuts_in_flight_streams_so_the_child_exits_on_sigterm(
     assert any("no request in flight, exiting" in line for line in runloop(client).logs.history("a"))
     with pytest.raises(ClientPayloadError):
         await resp.read()
+
+
+async def test_shutdown_backstop_kills_a_child_whose_stop_wedges(
+    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import swapper.server
+
+    monkeypatch.setattr(swapper.server, "SHUTDOWN_BACKSTOP", 1.0)
+    cfg = fake_config({"a": "--ignore-sigterm"})
+    stubborn = dataclasses.replace(cfg.models["a"], unload_timeout=600.0)
+    client = await client_for(aiohttp_client, dataclasses.replace(cfg, models={"a": stubborn}))
+    await chat(client, "a")
+    pid = pid_of(client, "a")
+    assert pid is not None
+    proc = psutil.Process(pid)
+    began = time.monotonic()
+    await client.close()  # runs the app's cleanup: the run loop's shutdown, then the backstop
+    assert time.monotonic() - began < 30  # nowhere near the 600 s grace
+    await wait_until(lambda: not psutil.pid_exists(pid) or proc.status() == psutil.STATUS_ZOMBIE)
