@@ -47,6 +47,7 @@ from swapper.config import Config
 from swapper.errors import ModelLoadFailed
 from swapper.scheduler import BACKOFF_CAP, State
 from tests.conftest import TAG_ENV
+from tests.rawhttp import read_request
 from tests.test_scheduler import Harness
 from tests.test_swapping import FAKE, ClientFactory, chat, client_for, fake_config, free_port, pid_of, runloop
 
@@ -258,13 +259,9 @@ async def test_port_taken_by_a_healthy_server_is_an_inherent_limitation(
     hits: list[str] = []
 
     async def squatter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        hits.append(head.split(b" ", 2)[1].decode())
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        await reader.readexactly(length)
+        got = await read_request(reader)
+        assert got is not None
+        hits.append(got[0].split(b" ", 2)[1].decode())
         body = b'{"squatter": true}'
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"

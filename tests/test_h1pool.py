@@ -15,6 +15,7 @@ import pytest
 from yarl import URL
 
 from swapper.h1pool import HIGH_WATER, ConnectFailed, Disconnected, H1Pool, ProtocolError, Response
+from tests.rawhttp import read_request
 
 STEP = 5.0
 
@@ -35,15 +36,10 @@ async def upstream(reply: Reply, *, close_after: bool = False) -> AsyncIterator[
         writers.add(writer)
         try:
             while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
+                got = await read_request(reader)
+                if got is None:
                     return
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                request = head + await reader.readexactly(length)
+                request = got[0] + got[1]
                 seen.append(request)
                 for segment in reply(request):
                     writer.write(segment)

@@ -25,6 +25,7 @@ from yarl import URL
 
 from swapper.errors import UpstreamError, error_body
 from swapper.proxy import ForwardResult, forward, make_session
+from tests.rawhttp import read_request
 
 MAX_BODY = 64 * 1024 * 1024
 STEP = 5.0  # seconds any single awaited step may take before the test fails
@@ -135,15 +136,10 @@ class RawUpstream:
         self.connections += 1
         try:
             for index in range(1_000):
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
+                got = await read_request(reader)
+                if got is None:
                     return
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                body = await reader.readexactly(length)
+                head, body = got
                 self.requests.append((conn, head, body))
                 reply, close = self.script(conn, index)
                 writer.write(reply)
