@@ -31,7 +31,7 @@ from aiohttp.typedefs import Handler, Middleware
 from swapper.errors import Unauthorized
 from swapper.routes import error_response
 
-__all__ = ["OPEN_PATHS", "REALM", "middleware", "presented_keys"]
+__all__ = ["OPEN_PATHS", "REALM", "key_matches", "middleware", "presented_keys"]
 
 log = structlog.get_logger("swapper.auth")
 
@@ -60,6 +60,16 @@ def presented_keys(headers: Mapping[str, str]) -> list[bytes]:
     return found
 
 
+def key_matches(presented: Iterable[bytes], keys: Iterable[bytes]) -> bool:
+    """Whether any presented credential is one of ``keys``, compared in constant time."""
+    ok = False
+    for given in presented:
+        for key in keys:
+            # No short-circuit: a match must cost what a miss costs.
+            ok |= hmac.compare_digest(given, key)
+    return ok
+
+
 def _bytes(header_value: str) -> bytes:
     # aiohttp decodes header bytes that are not UTF-8 with surrogateescape; undo that exactly.
     return header_value.encode("utf-8", "surrogateescape")
@@ -77,12 +87,7 @@ def middleware(keys: Iterable[str]) -> Middleware:
         if request.method == hdrs.METH_OPTIONS or request.path in OPEN_PATHS:
             return await handler(request)
         presented = presented_keys(request.headers)
-        ok = False
-        for given in presented:
-            for key in wanted:
-                # No short-circuit: a match must cost what a miss costs.
-                ok |= hmac.compare_digest(given, key)
-        if ok:
+        if key_matches(presented, wanted):
             return await handler(request)
         log.warning(
             "unauthorized request",

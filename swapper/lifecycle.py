@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from swapper.config import Config
+from swapper.front import FrontSite
 from swapper.logs import LogHub
 from swapper.orphans import sweep_orphans
 from swapper.reload import watch_config as watch
@@ -57,7 +58,9 @@ async def serve(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        # Connections start on the front door's fast path; it hands anything else to the runner's
+        # aiohttp server (swapper/front.py).
+        site = FrontSite(runner, host, port, grace=SHUTDOWN_GRACE)
         await site.start()
         log.info("listening", url=f"http://{host}:{port}", models=sorted(config.models))
         async with asyncio.TaskGroup() as tasks:

@@ -27,7 +27,7 @@ copies beyond de-chunking.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,19 @@ from yarl import URL
 from swapper.errors import UpstreamError
 from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 
-__all__ = ["ForwardResult", "forward", "make_session"]
+__all__ = [
+    "UPSTREAM_READ_ERRORS",
+    "ForwardResult",
+    "forward",
+    "hop_by_hop",
+    "is_sse",
+    "is_streamed",
+    "make_session",
+    "pool_of",
+    "response_head",
+    "send",
+    "upstream_headers",
+]
 
 # RFC 9110 §7.6.1 hop-by-hop headers (with the Proxy-* family). Dropping them by name from a
 # copy beats filtering header by header in Python (about half the cost, measured).
@@ -62,6 +74,7 @@ _REQUEST_DROP_LOWER = frozenset(name.lower() for name in _REQUEST_DROP)
 # Content-Length stays: the body passes through verbatim (no decompression), so it is still true,
 # and a sized response lets the client keep its connection without chunked framing.
 _RESPONSE_DROP = _HOP_BY_HOP
+_RESPONSE_DROP_LOWER = frozenset(name.lower() for name in _RESPONSE_DROP)
 # Connection values that name no extra hop-by-hop header, so need no parsing.
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})
 # aiohttp would otherwise invent these when the client sent none. Accept-Encoding matters most:
@@ -70,7 +83,7 @@ _NO_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CON
 _SSE = "text/event-stream"
 # What reading the upstream body can raise when the upstream breaks mid-body (h1pool's errors
 # are ConnectionErrors).
-_UPSTREAM_READ_ERRORS = (OSError, TimeoutError)
+UPSTREAM_READ_ERRORS = (OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +168,13 @@ async def forward(
     propagates after the upstream connection is closed.
     """
     target = URL(url, encoded=True) if isinstance(url, str) else url
-    headers = _upstream_headers(request.headers, identity=response is not None)
+    incoming = request.headers
+    headers = upstream_headers(incoming.items(), incoming.get(hdrs.CONNECTION), identity=response is not None)
     started = time.perf_counter()
-    upstream = await _send(_pool_of(session), request.method, target, headers, body)
+    upstream = await send(pool_of(session), request.method, target, headers, body)
     ttfb = time.perf_counter() - started
     try:
-        if _is_streamed(upstream.headers):
+        if is_streamed(upstream.headers):
             # llama-server closes the connection after a streamed body although it said
             # keep-alive (docs/real-upstreams.md); pooling it would fail the next request.
             upstream.do_not_pool()
@@ -176,7 +190,8 @@ async def forward(
         upstream.close()
 
 
-def _pool_of(session: aiohttp.ClientSession) -> H1Pool:
+def pool_of(session: aiohttp.ClientSession) -> H1Pool:
+    """The forwarding pool of a session made by ``make_session()``."""
     connector = session.connector
     if not isinstance(connector, _Connector):
         if connector is None:  # closed: swapper is shutting down
@@ -185,18 +200,42 @@ def _pool_of(session: aiohttp.ClientSession) -> H1Pool:
     return connector.h1pool
 
 
-def _upstream_headers(incoming: CIMultiDictProxy[str], *, identity: bool) -> list[tuple[str, str]]:
+def upstream_headers(
+    incoming: Iterable[tuple[str, str]], connection: str | None, *, identity: bool
+) -> list[tuple[str, str]]:
+    """The client's headers to send upstream: minus hop-by-hop ones (also those named in its
+    ``Connection`` value), Host, Content-Length and Expect. ``identity`` asks for an unencoded body."""
     drop = _REQUEST_DROP_LOWER
-    connection = incoming.get(hdrs.CONNECTION)
     if connection and connection not in _PLAIN_CONNECTION:
-        # Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
+        drop = drop | hop_by_hop(connection)
     if identity:
         drop = drop | {"accept-encoding"}
-    out = [(name, value) for name, value in incoming.items() if name.lower() not in drop]
+    out = [(name, value) for name, value in incoming if name.lower() not in drop]
     if identity:
         out.append((hdrs.ACCEPT_ENCODING, "identity"))
     return out
+
+
+def hop_by_hop(connection: str) -> frozenset[str]:
+    """The header names (lower case) a ``Connection`` value makes hop-by-hop (RFC 9110 §7.6.1)."""
+    return frozenset(token for part in connection.split(",") if (token := part.strip().lower()))
+
+
+def response_head(
+    status: int, reason: str, headers: CIMultiDictProxy[str], extra: str, *, rechunked: bool
+) -> bytes:
+    """A status line and the upstream's headers minus hop-by-hop ones, then ``extra`` (header
+    lines, each ending in CRLF) and the blank line: what the client gets, before the body.
+    ``rechunked`` drops Content-Length too (the body goes out chunked)."""
+    drop = _RESPONSE_DROP_LOWER | {"content-length"} if rechunked else _RESPONSE_DROP_LOWER
+    connection = headers.get(hdrs.CONNECTION)
+    if connection and connection not in _PLAIN_CONNECTION:
+        drop = drop | hop_by_hop(connection)
+    parts = [f"HTTP/1.1 {status} {reason}\r\n"]
+    parts += [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in drop]
+    parts.append(extra)
+    parts.append("\r\n")
+    return "".join(parts).encode("utf-8", "surrogateescape")  # how h1pool decoded them
 
 
 def _drop(headers: CIMultiDict[str], names: tuple[str, ...], connection: str | None) -> None:
@@ -209,7 +248,9 @@ def _drop(headers: CIMultiDict[str], names: tuple[str, ...], connection: str | N
                 headers.popall(token, None)
 
 
-async def _send(pool: H1Pool, method: str, url: URL, headers: list[tuple[str, str]], body: bytes) -> Response:
+async def send(pool: H1Pool, method: str, url: URL, headers: list[tuple[str, str]], body: bytes) -> Response:
+    """Sends one request through ``pool`` and returns the response head; raises ``UpstreamError``
+    (nothing reached the client yet) if the upstream could not be reached or broke first."""
     try:
         try:
             return await pool.request(method, url, headers, body)
@@ -231,21 +272,21 @@ async def _send(pool: H1Pool, method: str, url: URL, headers: list[tuple[str, st
 
 async def _relay(request: web.Request, upstream: Response) -> tuple[web.StreamResponse, int, bool]:
     first = b""
-    is_sse = _is_sse(upstream.headers)
-    if is_sse:
+    sse = is_sse(upstream.headers)
+    if sse:
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     else:
         # Read ahead one chunk: a non-streamed answer then leaves in one write (headers held by
         # _CoalescingResponse), and an upstream that dies before its body is still a clean 502.
         try:
             first = await upstream.readany()
-        except _UPSTREAM_READ_ERRORS as exc:
+        except UPSTREAM_READ_ERRORS as exc:
             raise UpstreamError(f"upstream broke before sending a body: {exc!r}") from exc
         resp = _CoalescingResponse(status=upstream.status, reason=upstream.reason)
     headers = resp.headers
     headers.extend(upstream.headers)
     _drop(headers, _RESPONSE_DROP, upstream.headers.get(hdrs.CONNECTION))
-    if is_sse:
+    if sse:
         headers["X-Accel-Buffering"] = "no"  # nginx and friends in front of us must not buffer SSE
     try:
         await resp.prepare(request)
@@ -255,13 +296,17 @@ async def _relay(request: web.Request, upstream: Response) -> tuple[web.StreamRe
     return resp, sent, complete
 
 
-def _is_sse(headers: Mapping[str, str]) -> bool:
+def is_sse(headers: Mapping[str, str]) -> bool:
     return headers.get(hdrs.CONTENT_TYPE, "").lower().startswith(_SSE)
 
 
-def _is_streamed(headers: Mapping[str, str]) -> bool:
-    # Sized and empty (204, 304, HEAD) answers keep their connection; chunked and SSE ones don't.
-    return "chunked" in headers.get(hdrs.TRANSFER_ENCODING, "").lower() or _is_sse(headers)
+def is_streamed(headers: Mapping[str, str]) -> bool:
+    """Whether the upstream closes the connection after this answer although it said keep-alive.
+
+    Sized and empty (204, 304, HEAD) answers keep their connection; chunked and SSE ones don't
+    (llama-server, docs/real-upstreams.md).
+    """
+    return "chunked" in headers.get(hdrs.TRANSFER_ENCODING, "").lower() or is_sse(headers)
 
 
 async def _pump(
@@ -274,7 +319,7 @@ async def _pump(
             if not chunk:
                 try:
                     chunk = await content.readany()
-                except _UPSTREAM_READ_ERRORS:
+                except UPSTREAM_READ_ERRORS:
                     _abort(request, resp)
                     return sent, False
                 if not chunk:

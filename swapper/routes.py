@@ -152,16 +152,7 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
         else:
             lease = await runloop.acquire(req_id, model)
         track.granted()
-        body = shaping.rewrite_body(
-            content_type,
-            body,
-            model_name=cfg.use_model_name,
-            filters=cfg.filters,
-            requested=wanted.model or model,
-            parsed=wanted.payload,
-        )
-        # raw_path keeps the client's percent-encoding and query string byte for byte.
-        url = lease.base_url + upstream_path(request.raw_path)
+        url, body = upstream_request(lease, cfg, wanted, content_type, body, request.raw_path)
         response = preamble.response if preamble is not None else None
         result = await proxy.forward(request, app[SESSION], url, body, response=response)
         track.forwarded(result.status, result.ttfb)
@@ -175,6 +166,27 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
     finally:
         runloop.release(req_id)
         track.done()
+
+
+def upstream_request(
+    lease: Lease,
+    cfg: ModelConfig,
+    wanted: modelid.RequestModel,
+    content_type: str | None,
+    body: bytes,
+    raw_path: str,
+) -> tuple[str, bytes]:
+    """The URL and body to send upstream: the body shaped for the model (useModelName, filters),
+    the URL from the client's raw path (its percent-encoding and query kept byte for byte)."""
+    body = shaping.rewrite_body(
+        content_type,
+        body,
+        model_name=cfg.use_model_name,
+        filters=cfg.filters,
+        requested=wanted.model or lease.model,
+        parsed=wanted.payload,
+    )
+    return lease.base_url + upstream_path(raw_path), body
 
 
 def wants_loading_state(config: Config, cfg: ModelConfig, path: str) -> bool:

@@ -113,6 +113,23 @@ class RunLoop:
         self._post(Acquire(req_id, model, reply, time.monotonic(), on_wait, task))
         return await reply
 
+    def try_acquire(self, req_id: int, model: str) -> Lease | None:
+        """The lease at once if ``model`` can serve this request now, else None with nothing changed.
+
+        For the front door's fast path (``front``): a request that would have to wait (a load, a
+        queue, a refusal) is then served by the full ``acquire`` path instead. Pair a lease with
+        ``release`` in ``finally``, as with ``acquire``; the calling task is the lease's holder.
+        """
+        now = time.monotonic()
+        if not self._may_inline() or not self._sched.serves_now(model, now):
+            return None
+        reply: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._process(Acquire(req_id, model, reply, now, None, asyncio.current_task()))
+        if reply.done() and not reply.cancelled() and reply.exception() is None:
+            return reply.result()
+        self._process(Release(req_id, now))  # cannot happen while serves_now tells the truth
+        return None
+
     def queue_position(self, req_id: int) -> int | None:
         """Advisory: 1-based place in the queue, None when not queued (e.g. waiting on a load)."""
         return self._sched.queue_position(req_id)
@@ -199,13 +216,7 @@ class RunLoop:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _post(self, msg: Message) -> None:
-        if (
-            type(msg) in _INLINE
-            and self._running
-            and not self._handling
-            and not self._sched.shutting_down  # a release may end it: the loop must see that
-            and self._inbox.empty()
-        ):
+        if type(msg) in _INLINE and self._may_inline():
             # The request path's messages skip the inbox when nothing is ahead of them: handlers
             # never await, so handling one now, in the poster's task, is exactly what the loop
             # would do next, minus two task switches per request (scripts/bench_proxy.py).
@@ -213,6 +224,14 @@ class RunLoop:
             return
         self._idle.clear()
         self._inbox.put_nowait(msg)
+
+    def _may_inline(self) -> bool:
+        return (
+            self._running
+            and not self._handling
+            and not self._sched.shutting_down  # a release may end it: the loop must see that
+            and self._inbox.empty()
+        )
 
     def _process(self, msg: Message) -> None:
         self._handling = True

@@ -221,6 +221,18 @@ class Scheduler:
         self._by_id[req_id] = req
         self._apply(req, verdict, now)
 
+    def serves_now(self, model: str, now: float) -> bool:
+        """Whether an Acquire of ``model`` at ``now`` would be granted at once. Changes nothing."""
+        cfg = self._config.models.get(model)
+        if cfg is None or self._shutting_down:
+            return False
+        slot = self._slots[model]
+        if slot.state is not State.READY or model in self._swaps or model in self._retiring:
+            return False
+        if slot.admitted >= cfg.concurrency_limit or self._backoff(model, now) is not None:
+            return False
+        return not self._queue or model not in self._claimed(now)
+
     def on_release(self, req_id: int, now: float) -> None:
         req = self._by_id.pop(req_id, None)
         if req is None:
