@@ -266,6 +266,7 @@ class FrontConn(asyncio.Protocol):
         lease = runloop.try_acquire(req_id, model)
         if lease is None:
             return self._slow(request)  # it has to wait: the slow path streams loading state
+        self._front.fast += 1
         track = bus.track(req_id, model, request.path, request.method, request.path)
         upstream = None
         try:

@@ -14,6 +14,11 @@ Real upstream processes:
       polls a sync predicate every few ms until it is true; fails the test at the deadline.
       For conditions no event reports (another process's death); prefer awaiting events.
 
+In-process servers: ``aiohttp_client(app)`` (pytest-aiohttp's fixture, wrapped here) serves an app
+built by ``swapper.server.make_app`` through ``swapper.front.FrontSite``, as ``swapper`` itself
+does, so in-process tests cover the front door's fast path and its hand-offs to aiohttp. Other
+apps (test upstreams) are served by aiohttp's own test server.
+
 Leak check (autouse, every test): a test fails at teardown if a process it started, directly or
 not (grandchildren and orphans too), whose command line mentions fake_server.py, llama-server or
 whisper-server is still alive once the test and its fixtures have finished; the leftovers are
@@ -40,8 +45,11 @@ from typing import Any
 
 import psutil
 import pytest
+from aiohttp import web
 
 from swapper.config import ModelConfig
+from swapper.routes import CONFIG
+from tests.frontserver import FrontTestServer
 
 FAKE_SERVER = Path(__file__).parent / "upstreams" / "fake_server.py"
 TAG_ENV = "SWAPPER_TEST_TAG"
@@ -192,3 +200,15 @@ def no_leaked_processes() -> Iterator[None]:
             pass
     psutil.wait_procs(leaked, timeout=EXIT_GRACE)
     pytest.fail("test left processes running (now killed):\n  " + "\n  ".join(described), pytrace=False)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
+    """pytest-aiohttp's ``aiohttp_client``; a swapper app (``make_app``) goes through FrontSite."""
+
+    async def go(param: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(param, web.Application) and CONFIG in param:
+            param = FrontTestServer(param)
+        return await aiohttp_client(param, *args, **kwargs)
+
+    return go

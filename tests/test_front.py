@@ -1,0 +1,285 @@
+"""The front door (swapper/front.py): what it serves itself, what it hands to aiohttp, and that a
+client cannot tell the two apart. Real processes: swapper in-process behind ``FrontSite`` (see
+conftest's ``aiohttp_client``), the fake upstream as a child, raw sockets as clients so that
+connection reuse, pipelining and framing are under the test's control."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from swapper.front import Front
+from swapper.scheduler import State
+from swapper.server import make_app
+from tests.frontserver import FrontTestServer
+from tests.ops_helpers import ops_config, runloop, wait_until
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+def chat(model: str = "m", *, stream: bool = False, extra_headers: str = "", **fields: Any) -> bytes:
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **fields}
+    )
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra_headers}"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response: status, headers (lower-case names; a repeated name keeps its last value), body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if status == 100:
+        return await read_response(reader)
+    if "content-length" in headers:
+        return status, headers, await reader.readexactly(int(headers["content-length"]))
+    assert headers.get("transfer-encoding") == "chunked", headers
+    body = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        data = await reader.readexactly(size + 2)
+        if size == 0:
+            return status, headers, body
+        body += data[:-2]
+
+
+class Conn:
+    """A raw client connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, client: TestClient[Any, Any]) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", client.port))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def ask(self, data: bytes) -> tuple[int, dict[str, str], bytes]:
+        await self.send(data)
+        return await read_response(self.reader)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def front_of(client: TestClient[Any, Any]) -> Front:
+    server = client.server
+    assert isinstance(server, FrontTestServer)
+    return server.front_site.front
+
+
+async def loaded(
+    aiohttp_client: ClientFactory, extra: str = "", flags: str = "", **per: str
+) -> TestClient[Any, Any]:
+    """A client for one fake model ``m``, already loaded (its first request took the slow path)."""
+    client = await aiohttp_client(make_app(ops_config({"m": flags}, extra)))
+    resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+    assert resp.status == 200, await resp.text()
+    assert runloop(client).state("m") is State.READY
+    return client
+
+
+async def test_a_ready_model_is_served_by_the_front_door(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    front = front_of(client)
+    fast, handed = front.fast, front.handed
+    conn = await Conn.open(client)
+    status, headers, body = await conn.ask(chat())
+    assert status == 200
+    assert headers["content-type"].startswith("application/json")
+    assert int(headers["content-length"]) == len(body)
+    assert "m" in json.loads(body)["model"]
+    assert "server" not in headers or "aiohttp" not in headers["server"]  # aiohttp never saw it
+    assert (front.fast, front.handed) == (fast + 1, handed)
+    conn.close()
+
+
+async def test_streams_are_rechunked_and_the_connection_is_kept(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    front = front_of(client)
+    fast = front.fast
+    conn = await Conn.open(client)
+    for _ in range(2):
+        status, headers, body = await conn.ask(chat(stream=True, max_tokens=5))
+        assert status == 200
+        assert headers["content-type"].startswith("text/event-stream")
+        assert headers["x-accel-buffering"] == "no"
+        events = [e for e in body.decode().split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        assert len(events) >= 6  # five tokens (and maybe a final chunk), then [DONE]
+    assert front.fast == fast + 2
+    conn.close()
+
+
+async def test_pipelined_and_byte_by_byte_requests(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    front = front_of(client)
+    fast = front.fast
+    conn = await Conn.open(client)
+    await conn.send(chat(max_tokens=1) + chat(stream=True, max_tokens=2))
+    first = await read_response(conn.reader)
+    second = await read_response(conn.reader)
+    assert first[0] == second[0] == 200
+    assert "chat.completion" in first[2].decode() and second[2].endswith(b"data: [DONE]\n\n")
+    for byte in chat(max_tokens=1):
+        await conn.send(bytes([byte]))
+    assert (await read_response(conn.reader))[0] == 200
+    assert front.fast == fast + 3
+    conn.close()
+
+
+async def test_a_handed_off_connection_goes_on_serving(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    front = front_of(client)
+    handed = front.handed
+    conn = await Conn.open(client)
+    assert (await conn.ask(chat()))[0] == 200
+    status, _, body = await conn.ask(b"GET /running HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and json.loads(body)["running"][0]["model"] == "m"
+    assert front.handed == handed + 1
+    status, _, body = await conn.ask(chat(stream=True, max_tokens=2))  # now aiohttp's
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    conn.close()
+
+
+CHUNKED_BODY = json.dumps({"model": "m", "messages": []}).encode()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        pytest.param(chat("nope"), 404, "model_not_found", id="unknown model"),
+        pytest.param(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5\r\n\r\n{nope",
+            400,
+            "invalid_request_error",
+            id="bad JSON",
+        ),
+        pytest.param(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(CHUNKED_BODY), CHUNKED_BODY),
+            200,
+            None,
+            id="chunked upload",
+        ),
+        pytest.param(chat(extra_headers="Expect: 100-continue\r\n"), 200, None, id="expect 100-continue"),
+        pytest.param(chat().replace(b"HTTP/1.1", b"HTTP/1.0", 1), 200, None, id="HTTP/1.0"),
+        pytest.param(chat(padding="x" * 5000), 413, "request_too_large", id="body over maxBodyBytes"),
+    ],
+)
+async def test_what_the_front_door_refuses_aiohttp_answers(
+    aiohttp_client: ClientFactory, request_bytes: bytes, status: int, code: str | None
+) -> None:
+    client = await loaded(aiohttp_client, "maxBodyBytes: 4096")
+    front = front_of(client)
+    handed = front.handed
+    conn = await Conn.open(client)
+    got, headers, body = await conn.ask(request_bytes)
+    assert got == status, body
+    if code is not None:
+        error = json.loads(body)["error"]
+        assert error["code"] == code or error["type"] == code
+    assert front.handed == handed + 1
+    conn.close()
+    assert runloop(client).snapshot()["m"].status.in_flight == 0
+
+
+async def test_a_cold_model_is_loaded_by_the_slow_path(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    front = front_of(client)
+    conn = await Conn.open(client)
+    status, _, body = await conn.ask(chat())
+    assert status == 200 and "chat.completion" in body.decode()
+    assert (front.fast, front.handed) == (0, 1)
+    conn.close()
+
+
+async def test_connection_close_is_honoured(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    conn = await Conn.open(client)
+    status, headers, _ = await conn.ask(chat(extra_headers="Connection: close\r\n"))
+    assert status == 200 and headers["connection"] == "close"
+    assert await conn.reader.read() == b""  # the server closed its side
+    conn.close()
+
+
+async def test_a_client_leaving_mid_stream_frees_its_slot(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client, flags="--tps 20")
+    front = front_of(client)
+    fast = front.fast
+    conn = await Conn.open(client)
+    await conn.send(chat(stream=True, max_tokens=200))  # ten seconds of tokens
+    await conn.reader.readuntil(b"data: ")  # streaming has begun
+    assert runloop(client).snapshot()["m"].status.in_flight == 1
+    conn.close()
+    await wait_until(lambda: runloop(client).snapshot()["m"].status.in_flight == 0, within=5, what="release")
+    assert front.fast == fast + 1
+    assert not front.conns or all(not c.busy for c in front.conns)
+
+
+async def test_api_keys_are_checked_on_the_fast_path(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""}, "apiKeys: [sk-right]")))
+    key = "Authorization: Bearer sk-right\r\n"
+    conn = await Conn.open(client)
+    assert (await conn.ask(chat(extra_headers=key)))[0] == 200  # loads m (slow path)
+    front = front_of(client)
+    fast = front.fast
+    fresh = await Conn.open(client)
+    assert (await fresh.ask(chat(extra_headers=key)))[0] == 200
+    assert front.fast == fast + 1
+    wrong = await Conn.open(client)
+    status, headers, _ = await wrong.ask(chat(extra_headers="Authorization: Bearer sk-wrong\r\n"))
+    assert status == 401 and "www-authenticate" in headers
+    assert front.fast == fast + 1
+    for c in (conn, fresh, wrong):
+        c.close()
+
+
+async def test_shutdown_lets_a_fast_stream_finish() -> None:
+    server = FrontTestServer(make_app(ops_config({"m": "--tps 20"})))
+    await server.start_server()
+    closing: asyncio.Future[None] | None = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+            async with session.post(url, json={"model": "m", "messages": []}) as resp:
+                assert resp.status == 200  # loads m
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(chat(stream=True, max_tokens=10))  # half a second of tokens
+        await reader.readuntil(b"data: ")
+        assert server.front_site.front.fast == 1
+        assert server.runner is not None
+        closing = asyncio.ensure_future(server.runner.cleanup())
+        rest = await reader.read()  # until the server closes the connection
+        assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), rest[-80:]
+        writer.close()
+    finally:
+        if closing is None:
+            await server.close()
+        else:
+            await closing
+
+
+async def test_a_plain_aiohttp_app_is_not_fronted(aiohttp_client: ClientFactory) -> None:
+    app = web.Application()
+    client = await aiohttp_client(app)
+    assert not isinstance(client.server, FrontTestServer)
