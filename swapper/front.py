@@ -1,28 +1,32 @@
-"""The front door: a lean HTTP/1.1 server for the one request shape that must be fast.
+"""The front door: a lean HTTP/1.1 server for the requests that must be fast.
 
 Why: aiohttp's server side costs ~175-195 µs of CPU per request on the 2-vCPU machines swapper is
 measured on (request objects, routing, response objects, the writer), more than the ≤150 µs a
-whole proxied request may cost (docs: performance-anchors). So the common case is served here,
-end to end, straight on the transport: a well-formed HTTP/1.1 ``POST`` with a ``Content-Length``
-body, to an inference route (``routes.BODY_ROUTES``), naming a model that can serve it at once
-(``RunLoop.try_acquire``). Everything else is handed, with the bytes read so far, to aiohttp's
-``RequestHandler`` on the same connection, which keeps that connection from then on: admin routes,
-chunked or ``Expect`` uploads, bodies over ``maxBodyBytes``, bad JSON, unknown models, a failed
-API key, HTTP/1.0, and any request that would have to wait for a load or a queue (the slow path
-then streams the loading state). The conservative parser is the point: whatever it is not sure
-of, the battle-tested one answers, so the fast path never has to render a client error.
+whole proxied request may cost (../shared/docs/performance-anchors.md). So inference requests are
+served here, straight on the transport: a well-formed HTTP/1.1 ``POST`` with a ``Content-Length``
+body to an inference route (``routes.BODY_ROUTES``). A model that can serve at once is granted
+without a message round trip (``RunLoop.try_acquire``); otherwise the request waits here for its
+load or its turn (``RunLoop.acquire``), and refusals (429, 503, 507, a failed load) are answered
+here with the usual JSON error.
 
-Owns: ``Front`` owns the set of connections still on the fast path (``FrontSite.stop`` drains
+Everything else is handed, with the bytes read so far, to aiohttp's ``RequestHandler`` on the same
+connection, which keeps that connection from then on: other routes, chunked or ``Expect``
+uploads, HTTP/1.0, bodies over ``maxBodyBytes``, bad JSON, unknown models, a failed API key, and a
+streamed request that must wait while ``sendLoadingState`` is on (aiohttp's path streams the
+loading state). The parser is deliberately conservative: whatever it is not sure of, the
+battle-tested one answers, so this module never has to judge a malformed request.
+
+Owns: ``Front`` owns the set of connections still on the front door (``FrontSite.stop`` drains
 them); a ``FrontConn`` owns its read buffer and the task serving its current request. Requests
 are served one at a time per connection, in order (pipelined bytes wait in the buffer).
 
-Per request the fast path does what ``routes.handle_model_request`` does, with the same helpers:
-model id, lease, metrics and events (``RequestTrack``), shaping, ``proxy.send``; it writes the
-upstream's answer itself: status and headers minus hop-by-hop ones, the body verbatim with its
-``Content-Length``, or re-chunked (SSE gets ``X-Accel-Buffering: no``). Backpressure holds end to
-end: a client that stops reading pauses this writer (``pause_writing``), which stops reading the
-upstream, whose socket then fills. A client that leaves cancels the request's task; the upstream
-connection is closed on the way out, so llama-server stops generating.
+Per request this does what ``routes.handle_model_request`` does, with the same helpers (model id,
+lease, ``RequestTrack`` for metrics and events, shaping, ``proxy.send``), and writes the upstream's
+answer itself: status and headers minus hop-by-hop ones, then the body verbatim with its
+``Content-Length``, or re-chunked (SSE also gets ``X-Accel-Buffering: no``). Backpressure holds end
+to end: a client that stops reading pauses this writer (``pause_writing``), which stops reading
+the upstream, whose socket then fills. A client that leaves cancels the request's task, which
+closes the upstream connection on the way out, so llama-server stops generating.
 """
 
 from __future__ import annotations
@@ -44,7 +48,15 @@ from swapper import auth, modelid, proxy
 from swapper.errors import SwapperError, error_body
 from swapper.events import EVENTS, EventBus
 from swapper.h1pool import H1Pool, Response
-from swapper.routes import BODY_ROUTES, CONFIG, RUNLOOP, SESSION, choose_model, upstream_request
+from swapper.routes import (
+    BODY_ROUTES,
+    CONFIG,
+    RUNLOOP,
+    SESSION,
+    choose_model,
+    upstream_request,
+    wants_loading_state,
+)
 from swapper.runloop import RunLoop
 
 __all__ = ["Front", "FrontConn", "FrontSite"]
@@ -69,7 +81,7 @@ class Front:
         self.app = app
         self.slow = slow  # aiohttp's server: makes the RequestHandler a connection is handed to
         self.conns: set[FrontConn] = set()
-        self.fast = 0  # requests served here
+        self.served = 0  # model requests served here
         self.handed = 0  # connections handed to aiohttp
         self.closing = False
         self._drained = asyncio.Event()
@@ -226,11 +238,11 @@ class FrontConn(asyncio.Protocol):
     async def _serve(self, request: _Request) -> None:
         keep = False
         try:
-            keep = await self._serve_fast(request)
+            keep = await self._serve_model(request)
         except asyncio.CancelledError:
             pass  # the client left, or the model is being stopped under it (unload, reload)
         except Exception:
-            log.exception("fast path failed", path=request.path)
+            log.exception("front door failed", path=request.path)
         finally:
             self._task = None
         if request.handed:
@@ -249,7 +261,7 @@ class FrontConn(asyncio.Protocol):
             if self._buf:
                 self._parse()
 
-    async def _serve_fast(self, request: _Request) -> bool:
+    async def _serve_model(self, request: _Request) -> bool:
         """Serves ``request`` or hands the connection off; True if the connection may be reused."""
         runloop, pool, bus = self._front.parts()
         config = runloop.config  # a reload replaces it; read it once per request
@@ -262,30 +274,30 @@ class FrontConn(asyncio.Protocol):
                 raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it
         except SwapperError:
             return self._slow(request)
+        cfg = config.models[model]
         req_id = runloop.new_request_id()
         lease = runloop.try_acquire(req_id, model)
-        if lease is None:
-            return self._slow(request)  # it has to wait: the slow path streams loading state
-        self._front.fast += 1
+        if lease is None and wanted.stream and wants_loading_state(config, cfg, request.path):
+            return self._slow(request)  # it has to wait, and aiohttp's path streams the loading state
+        self._front.served += 1
         track = bus.track(req_id, model, request.path, request.method, request.path)
         upstream = None
         try:
+            if lease is None:
+                lease = await runloop.acquire(req_id, model)  # a load or a queue: wait here
             track.granted()
-            url, body = upstream_request(
-                lease, config.models[model], wanted, content_type, request.body, request.target
-            )
+            url, body = upstream_request(lease, cfg, wanted, content_type, request.body, request.target)
             headers = proxy.upstream_headers(request.headers, request.header("connection"), identity=False)
             started = time.perf_counter()
-            try:
-                upstream = await proxy.send(pool, request.method, URL(url, encoded=True), headers, body)
-            except SwapperError as err:
-                track.failed(err.status)
-                self._write_error(err)
-                return True
+            upstream = await proxy.send(pool, request.method, URL(url, encoded=True), headers, body)
             track.forwarded(upstream.status, time.perf_counter() - started)
             if proxy.is_streamed(upstream.headers):
                 upstream.do_not_pool()  # llama-server closes it after a streamed body
             return await self._relay(upstream, request.close or self._front.closing)
+        except SwapperError as err:  # refused (429, 503, 507...), failed to load, upstream unreachable
+            track.failed(err.status)
+            self._write_error(err)
+            return not request.close
         finally:
             if upstream is not None:
                 upstream.close()  # back to the pool after a complete body; else closed

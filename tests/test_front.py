@@ -87,10 +87,10 @@ def front_of(client: TestClient[Any, Any]) -> Front:
 
 
 async def loaded(
-    aiohttp_client: ClientFactory, extra: str = "", flags: str = "", **per: str
+    aiohttp_client: ClientFactory, extra: str = "", flags: str = "", per: str = ""
 ) -> TestClient[Any, Any]:
-    """A client for one fake model ``m``, already loaded (its first request took the slow path)."""
-    client = await aiohttp_client(make_app(ops_config({"m": flags}, extra)))
+    """A client for one fake model ``m`` (``per``: its extra YAML lines), already loaded."""
+    client = await aiohttp_client(make_app(ops_config({"m": flags}, extra, m=per)))
     resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
     assert resp.status == 200, await resp.text()
     assert runloop(client).state("m") is State.READY
@@ -100,7 +100,7 @@ async def loaded(
 async def test_a_ready_model_is_served_by_the_front_door(aiohttp_client: ClientFactory) -> None:
     client = await loaded(aiohttp_client)
     front = front_of(client)
-    fast, handed = front.fast, front.handed
+    served, handed = front.served, front.handed
     conn = await Conn.open(client)
     status, headers, body = await conn.ask(chat())
     assert status == 200
@@ -108,14 +108,14 @@ async def test_a_ready_model_is_served_by_the_front_door(aiohttp_client: ClientF
     assert int(headers["content-length"]) == len(body)
     assert "m" in json.loads(body)["model"]
     assert "server" not in headers or "aiohttp" not in headers["server"]  # aiohttp never saw it
-    assert (front.fast, front.handed) == (fast + 1, handed)
+    assert (front.served, front.handed) == (served + 1, handed)
     conn.close()
 
 
 async def test_streams_are_rechunked_and_the_connection_is_kept(aiohttp_client: ClientFactory) -> None:
     client = await loaded(aiohttp_client)
     front = front_of(client)
-    fast = front.fast
+    served = front.served
     conn = await Conn.open(client)
     for _ in range(2):
         status, headers, body = await conn.ask(chat(stream=True, max_tokens=5))
@@ -125,14 +125,14 @@ async def test_streams_are_rechunked_and_the_connection_is_kept(aiohttp_client: 
         events = [e for e in body.decode().split("\n\n") if e]
         assert events[-1] == "data: [DONE]"
         assert len(events) >= 6  # five tokens (and maybe a final chunk), then [DONE]
-    assert front.fast == fast + 2
+    assert front.served == served + 2
     conn.close()
 
 
 async def test_pipelined_and_byte_by_byte_requests(aiohttp_client: ClientFactory) -> None:
     client = await loaded(aiohttp_client)
     front = front_of(client)
-    fast = front.fast
+    served = front.served
     conn = await Conn.open(client)
     await conn.send(chat(max_tokens=1) + chat(stream=True, max_tokens=2))
     first = await read_response(conn.reader)
@@ -142,7 +142,7 @@ async def test_pipelined_and_byte_by_byte_requests(aiohttp_client: ClientFactory
     for byte in chat(max_tokens=1):
         await conn.send(bytes([byte]))
     assert (await read_response(conn.reader))[0] == 200
-    assert front.fast == fast + 3
+    assert front.served == served + 3
     conn.close()
 
 
@@ -203,13 +203,42 @@ async def test_what_the_front_door_refuses_aiohttp_answers(
     assert runloop(client).snapshot()["m"].status.in_flight == 0
 
 
-async def test_a_cold_model_is_loaded_by_the_slow_path(aiohttp_client: ClientFactory) -> None:
-    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+async def test_a_cold_model_loads_while_the_front_door_waits(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": "--load-delay 0.3"})))
     front = front_of(client)
     conn = await Conn.open(client)
     status, _, body = await conn.ask(chat())
     assert status == 200 and "chat.completion" in body.decode()
-    assert (front.fast, front.handed) == (0, 1)
+    assert (front.served, front.handed) == (1, 0)
+    assert (await conn.ask(chat()))[0] == 200  # the same connection, now without a wait
+    assert (front.served, front.handed) == (2, 0)
+    conn.close()
+
+
+async def test_loading_state_streams_go_to_aiohttp(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": "--load-delay 0.3"}, "sendLoadingState: true")))
+    front = front_of(client)
+    conn = await Conn.open(client)
+    status, _, body = await conn.ask(chat(stream=True, max_tokens=2))
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    assert b"reasoning_content" in body  # the loading state, streamed by routes.LoadingStream
+    assert (front.served, front.handed) == (0, 1)
+    conn.close()
+
+
+async def test_refusals_while_waiting_are_rendered_by_the_front_door(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client, flags="--tps 20", per="concurrencyLimit: 1")
+    front = front_of(client)
+    busy = await Conn.open(client)
+    await busy.send(chat(stream=True, max_tokens=200))
+    await busy.reader.readuntil(b"data: ")
+    conn = await Conn.open(client)
+    status, headers, body = await conn.ask(chat())
+    assert status == 429 and headers["retry-after"] == "1"
+    assert json.loads(body)["error"]["code"] == "concurrency_limit"
+    assert front.handed == 0
+    assert (await conn.ask(chat(model="nope")))[0] == 404  # the connection is still usable
+    busy.close()
     conn.close()
 
 
@@ -225,14 +254,14 @@ async def test_connection_close_is_honoured(aiohttp_client: ClientFactory) -> No
 async def test_a_client_leaving_mid_stream_frees_its_slot(aiohttp_client: ClientFactory) -> None:
     client = await loaded(aiohttp_client, flags="--tps 20")
     front = front_of(client)
-    fast = front.fast
+    served = front.served
     conn = await Conn.open(client)
     await conn.send(chat(stream=True, max_tokens=200))  # ten seconds of tokens
     await conn.reader.readuntil(b"data: ")  # streaming has begun
     assert runloop(client).snapshot()["m"].status.in_flight == 1
     conn.close()
     await wait_until(lambda: runloop(client).snapshot()["m"].status.in_flight == 0, within=5, what="release")
-    assert front.fast == fast + 1
+    assert front.served == served + 1
     assert not front.conns or all(not c.busy for c in front.conns)
 
 
@@ -242,14 +271,14 @@ async def test_api_keys_are_checked_on_the_fast_path(aiohttp_client: ClientFacto
     conn = await Conn.open(client)
     assert (await conn.ask(chat(extra_headers=key)))[0] == 200  # loads m (slow path)
     front = front_of(client)
-    fast = front.fast
+    served = front.served
     fresh = await Conn.open(client)
     assert (await fresh.ask(chat(extra_headers=key)))[0] == 200
-    assert front.fast == fast + 1
+    assert front.served == served + 1
     wrong = await Conn.open(client)
     status, headers, _ = await wrong.ask(chat(extra_headers="Authorization: Bearer sk-wrong\r\n"))
     assert status == 401 and "www-authenticate" in headers
-    assert front.fast == fast + 1
+    assert front.served == served + 1
     for c in (conn, fresh, wrong):
         c.close()
 
@@ -266,7 +295,7 @@ async def test_shutdown_lets_a_fast_stream_finish() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(chat(stream=True, max_tokens=10))  # half a second of tokens
         await reader.readuntil(b"data: ")
-        assert server.front_site.front.fast == 1
+        assert server.front_site.front.served == 2  # the load, then the stream
         assert server.runner is not None
         closing = asyncio.ensure_future(server.runner.cleanup())
         rest = await reader.read()  # until the server closes the connection
