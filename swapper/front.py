@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -88,6 +89,7 @@ class Front:
         self._runloop: RunLoop | None = None
         self._pool: H1Pool | None = None
         self._bus: EventBus | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         # The keys aiohttp's auth middleware was built with (at start-up, like it).
         self.keys = tuple(key.encode() for key in app[CONFIG].api_keys)
 
@@ -102,9 +104,24 @@ class Front:
             self._bus = self.app[EVENTS]
         return self._runloop, self._pool, self._bus
 
+    def sweep_idle(self) -> None:
+        """Closes connections idle for ``KEEPALIVE`` seconds, now and every few seconds after.
+
+        One timer for all connections: a timer per connection, re-armed per request, would cost
+        every request a heap push and a cancel.
+        """
+        if self.closing:
+            return
+        since = time.monotonic() - KEEPALIVE
+        for conn in list(self.conns):
+            conn.close_if_idle(since)
+        self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE / 8, self.sweep_idle)
+
     def begin_shutdown(self) -> None:
         """Closes idle connections; busy ones close once their current response is complete."""
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self.conns):
             conn.close_if_idle()
         self._note_idle()
@@ -130,10 +147,10 @@ class FrontConn(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._task: asyncio.Task[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
+        self._upstream: Response | None = None  # the answer being piped to this client
         self._write_paused = False
         self._read_paused = False
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self.active_at = time.monotonic()  # last bytes in or response out; Front sweeps idle ones
 
     @property
     def busy(self) -> bool:
@@ -147,19 +164,16 @@ class FrontConn(asyncio.Protocol):
         self._front.conns.add(self)
         if self._front.closing:
             self._transport.close()
-            return
-        self._arm_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self._cancel_idle_timer()
         if self._task is not None:
             self._task.cancel()  # the client left: the task closes the upstream and releases
         else:
             self._front.forget(self)
-        self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
+        self.active_at = time.monotonic()
         self._buf += data
         if self._task is not None:
             if len(self._buf) > MAX_PIPELINED and not self._read_paused and self._transport is not None:
@@ -173,13 +187,18 @@ class FrontConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._upstream is not None:
+            self._upstream.pause_reading(True)
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._wake_writer()
+        if self._upstream is not None:
+            self._upstream.pause_reading(False)
 
-    def close_if_idle(self) -> None:
-        if self._task is None and self._transport is not None:
+    def close_if_idle(self, since: float | None = None) -> None:
+        """Closes the connection if no request is in service (and none was since ``since``)."""
+        idle = since is None or self.active_at < since
+        if idle and self._task is None and self._transport is not None:
             self._transport.close()
 
     # ---- parsing and dispatch ----
@@ -196,21 +215,20 @@ class FrontConn(asyncio.Protocol):
         if head is None:
             self._hand_off()
             return
-        method, target, headers, length, close = head
-        path, _, query = target.partition("?")
-        if method != "POST" or path not in _FAST_PATHS or self._front.closing:
+        path, _, query = head.target.partition("?")
+        if head.method != "POST" or path not in _FAST_PATHS or self._front.closing:
             self._hand_off()
             return
         runloop = self._front.parts()[0]
+        length = head.length
         if length > runloop.config.max_body_bytes:
             self._hand_off()  # aiohttp answers 413
             return
         if len(buf) < end + 4 + length:
             return  # the body is still arriving
         body = bytes(buf[end + 4 : end + 4 + length])
-        request = _Request(method, target, path, query, headers, body, close, bytes(buf[: end + 4 + length]))
+        request = _Request(head, path, query, body, bytes(buf[: end + 4 + length]))
         del buf[: end + 4 + length]
-        self._cancel_idle_timer()
         self._task = asyncio.get_running_loop().create_task(self._serve(request))
 
     def _hand_off(self, first: bytes = b"") -> None:
@@ -218,7 +236,6 @@ class FrontConn(asyncio.Protocol):
         transport = self._transport
         data = first + bytes(self._buf)
         self._buf.clear()
-        self._cancel_idle_timer()
         self._front.handed += 1
         self._front.forget(self)
         if transport is None or transport.is_closing():
@@ -250,14 +267,14 @@ class FrontConn(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             self._front.forget(self)
-        elif not keep or request.close or self._front.closing:
+        elif not keep or request.head.close or self._front.closing:
             transport.close()
             self._front.forget(self)
         else:
             if self._read_paused:
                 self._read_paused = False
                 transport.resume_reading()
-            self._arm_idle_timer()
+            self.active_at = time.monotonic()
             if self._buf:
                 self._parse()
 
@@ -265,12 +282,14 @@ class FrontConn(asyncio.Protocol):
         """Serves ``request`` or hands the connection off; True if the connection may be reused."""
         runloop, pool, bus = self._front.parts()
         config = runloop.config  # a reload replaces it; read it once per request
-        content_type = request.header("content-type")
+        head = request.head
+        content_type = head.content_type
         try:
-            wanted = modelid.extract(request.method, content_type, request.body, _query(request.query))
+            query = _query(request.query) if request.query else {}
+            wanted = modelid.extract(head.method, content_type, request.body, query)
             model = choose_model(wanted.model, config, runloop)
             keys = self._front.keys
-            if keys and not auth.key_matches(auth.presented_keys(CIMultiDict(request.headers)), keys):
+            if keys and not auth.key_matches(auth.presented_keys(CIMultiDict(head.headers)), keys):
                 raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it
         except SwapperError:
             return self._slow(request)
@@ -280,24 +299,24 @@ class FrontConn(asyncio.Protocol):
         if lease is None and wanted.stream and wants_loading_state(config, cfg, request.path):
             return self._slow(request)  # it has to wait, and aiohttp's path streams the loading state
         self._front.served += 1
-        track = bus.track(req_id, model, request.path, request.method, request.path)
+        track = bus.track(req_id, model, request.path, head.method, request.path)
         upstream = None
         try:
             if lease is None:
                 lease = await runloop.acquire(req_id, model)  # a load or a queue: wait here
             track.granted()
-            url, body = upstream_request(lease, cfg, wanted, content_type, request.body, request.target)
-            headers = proxy.upstream_headers(request.headers, request.header("connection"), identity=False)
+            url, body = upstream_request(lease, cfg, wanted, content_type, request.body, head.target)
+            headers = proxy.upstream_headers(head.headers, head.connection, identity=False)
             started = time.perf_counter()
-            upstream = await proxy.send(pool, request.method, URL(url, encoded=True), headers, body)
+            upstream = await proxy.send(pool, head.method, _url(url), headers, body)
             track.forwarded(upstream.status, time.perf_counter() - started)
             if proxy.is_streamed(upstream.headers):
                 upstream.do_not_pool()  # llama-server closes it after a streamed body
-            return await self._relay(upstream, request.close or self._front.closing)
+            return await self._relay(upstream, head.close or self._front.closing)
         except SwapperError as err:  # refused (429, 503, 507...), failed to load, upstream unreachable
             track.failed(err.status)
             self._write_error(err)
-            return not request.close
+            return not head.close
         finally:
             if upstream is not None:
                 upstream.close()  # back to the pool after a complete body; else closed
@@ -340,23 +359,36 @@ class FrontConn(asyncio.Protocol):
             return self._write(start + _END if chunked else start)
         if not self._write(start):
             return False
-        while True:
-            if self._write_paused:
-                await self._wait_writable()
-            try:
-                chunk = await upstream.readany()
-            except proxy.UPSTREAM_READ_ERRORS:
-                # A truncated body must not look complete: drop the client connection (nginx and
-                # Go's ReverseProxy do the same).
-                if self._transport is not None:
-                    self._transport.close()
-                return False
-            if not chunk:
-                return self._write(_END) if chunked else self._alive()
-            if upstream.at_eof():
-                return self._write(_frame(chunk, chunked) + (_END if chunked else b""))
-            if not self._write(_frame(chunk, chunked)):
-                return False
+        # The rest goes from the upstream's data_received straight to the client: no task switch
+        # per chunk. Reading the upstream pauses while the client does not keep up.
+        self._upstream = upstream
+        upstream.pipe(self._relay_chunk if chunked else self._relay_bytes)
+        if self._write_paused:
+            upstream.pause_reading(True)
+        try:
+            await upstream.wait_done()
+        except proxy.UPSTREAM_READ_ERRORS:
+            # A truncated body must not look complete: drop the client connection (nginx and
+            # Go's ReverseProxy do the same).
+            if self._transport is not None:
+                self._transport.close()
+            return False
+        finally:
+            self._upstream = None
+        return self._alive()
+
+    def _relay_chunk(self, data: bytes, last: bool) -> None:
+        transport = self._transport
+        if transport is not None:
+            if data:
+                transport.write(b"%x\r\n%b\r\n%b" % (len(data), data, _END if last else b""))
+            elif last:
+                transport.write(_END)
+
+    def _relay_bytes(self, data: bytes, last: bool) -> None:
+        transport = self._transport
+        if transport is not None and data:
+            transport.write(data)
 
     def _write(self, data: bytes) -> bool:
         transport = self._transport
@@ -377,94 +409,66 @@ class FrontConn(asyncio.Protocol):
         )
         self._write(head.encode() + body)
 
-    async def _wait_writable(self) -> None:
-        while self._write_paused and self._transport is not None:
-            self._drain = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain
-            finally:
-                self._drain = None
 
-    def _wake_writer(self) -> None:
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+class _Head:
+    """A request head the front door can serve (what ``_parse_head`` accepted)."""
 
-    def _arm_idle_timer(self) -> None:
-        self._cancel_idle_timer()
-        self._idle_timer = asyncio.get_running_loop().call_later(KEEPALIVE, self.close_if_idle)
+    __slots__ = ("close", "connection", "content_type", "headers", "length", "method", "target")
 
-    def _cancel_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+    def __init__(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+        self.method = method
+        self.target = target  # path and query as the client sent them
+        self.headers = headers
+        self.length = -1  # Content-Length
+        self.close = False  # the client asked to close after this response
+        self.content_type: str | None = None  # the first Content-Type
+        self.connection: str | None = None  # every Connection value, comma-joined
 
 
 class _Request:
-    __slots__ = ("body", "close", "handed", "headers", "method", "path", "query", "raw", "target")
+    __slots__ = ("body", "handed", "head", "path", "query", "raw")
 
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        path: str,
-        query: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        close: bool,
-        raw: bytes,
-    ) -> None:
-        self.method = method
-        self.target = target  # path and query as the client sent them
+    def __init__(self, head: _Head, path: str, query: str, body: bytes, raw: bytes) -> None:
+        self.head = head
         self.path = path
         self.query = query
-        self.headers = headers
         self.body = body
-        self.close = close  # the client asked to close after this response
         self.raw = raw  # the request's bytes, for a hand-off
         self.handed = False
 
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (lower case), or None."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
 
-
-def _parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]], int, bool] | None:
-    """(method, target, headers, content length, close) of a plain HTTP/1.1 request head; None for
-    anything this parser leaves to aiohttp (no Content-Length, other framings, odd syntax)."""
-    lines = head.split(b"\r\n")
+def _parse_head(data: bytes) -> _Head | None:
+    """A plain HTTP/1.1 request head with a Content-Length; None for anything this parser leaves
+    to aiohttp (no Content-Length, other framings, upgrades, odd syntax)."""
+    lines = data.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not parts[1].startswith(b"/"):
         return None
-    headers: list[tuple[str, str]] = []
-    length = -1
-    close = False
+    try:
+        head = _Head(parts[0].decode("ascii"), parts[1].decode("ascii"), [])
+    except UnicodeDecodeError:
+        return None
+    headers = head.headers
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
+        name, sep, raw = line.partition(b":")
         if not sep or not name or not _TOKEN_BYTES.issuperset(name):
             return None  # also obs-fold, and whitespace before the colon (smuggling vectors)
         lower = name.lower()
-        value = value.strip(b" \t")
         if lower in _SLOW_HEADERS:
             return None
+        value = raw.strip(b" \t").decode("utf-8", "surrogateescape")
         if lower == b"content-length":
-            if length >= 0 or not value.isdigit():
+            if head.length >= 0 or not value.isdigit():
                 return None
-            length = int(value)
+            head.length = int(value)
+        elif lower == b"content-type":
+            if head.content_type is None:
+                head.content_type = value
         elif lower == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            close = b"close" in tokens
-        headers.append((name.decode("ascii"), value.decode("utf-8", "surrogateescape")))
-    if length < 0:
-        return None
-    try:
-        target = parts[1].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    return parts[0].decode("ascii", "replace"), target, headers, length, close
+            head.connection = value if head.connection is None else f"{head.connection}, {value}"
+            head.close = head.close or "close" in {t.strip().lower() for t in value.split(",")}
+        headers.append((name.decode("ascii"), value))
+    return head if head.length >= 0 else None
 
 
 def _query(query: str) -> dict[str, str]:
@@ -473,6 +477,12 @@ def _query(query: str) -> dict[str, str]:
     for name, value in parse_qsl(query, keep_blank_values=True):
         fields.setdefault(name, value)
     return fields
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(url: str) -> URL:
+    # A few distinct URLs (models × routes) recur for every request: parse each once.
+    return URL(url, encoded=True)
 
 
 def _frame(data: bytes, chunked: bool) -> bytes:
@@ -525,6 +535,7 @@ class FrontSite(web.BaseSite):
         server = runner.server
         assert server is not None
         self._front = Front(runner.app, server)
+        self._front.sweep_idle()
         self._listener = await asyncio.get_running_loop().create_server(
             self._front, self._host, self._port, reuse_address=True, backlog=self._backlog
         )
