@@ -10,10 +10,10 @@ load or its turn (``RunLoop.acquire``), and refusals (429, 503, 507, a failed lo
 here with the usual JSON error.
 
 Everything else is handed, with the bytes read so far, to aiohttp's ``RequestHandler`` on the same
-connection, which keeps that connection from then on: other routes, chunked or ``Expect``
-uploads, HTTP/1.0, bodies over ``maxBodyBytes``, bad JSON, unknown models, a failed API key, and a
-streamed request that must wait while ``sendLoadingState`` is on (aiohttp's path streams the
-loading state). The parser is deliberately conservative: whatever it is not sure of, the
+connection, which keeps that connection from then on: other routes, chunked uploads, HTTP/1.0,
+an ``Expect`` other than 100-continue, bodies over ``maxBodyBytes``, bad JSON, unknown models, a
+failed API key, and a streamed request that must wait while ``sendLoadingState`` is on (aiohttp's
+path streams the loading state). The parser is deliberately conservative: whatever it is not sure of, the
 battle-tested one answers, so this module never has to judge a malformed request.
 
 Owns: ``Front`` owns the set of connections still on the front door (``FrontSite.stop`` drains
@@ -69,7 +69,8 @@ MAX_PIPELINED: Final = 1024 * 1024  # bytes buffered behind a request in service
 KEEPALIVE: Final = 75.0  # seconds an idle connection stays open (aiohttp's default)
 _FAST_PATHS: Final = frozenset(BODY_ROUTES)
 # Request headers that send a request to aiohttp: framings and upgrades this parser leaves alone.
-_SLOW_HEADERS: Final = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_SLOW_HEADERS: Final = frozenset({b"transfer-encoding", b"upgrade"})
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110 token characters: what a header name may be made of.
 _TOKEN_BYTES: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789" + bytes(range(65, 91)) + bytes(range(97, 123)))
 _END: Final = b"0\r\n\r\n"
@@ -151,6 +152,7 @@ class FrontConn(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self.active_at = time.monotonic()  # last bytes in or response out; Front sweeps idle ones
+        self._continued = False  # 100 Continue sent for the request being received
 
     @property
     def busy(self) -> bool:
@@ -225,7 +227,11 @@ class FrontConn(asyncio.Protocol):
             self._hand_off()  # aiohttp answers 413
             return
         if len(buf) < end + 4 + length:
+            if head.expect and not self._continued and self._transport is not None:
+                self._continued = True  # the client waits for this before it sends the body
+                self._transport.write(_CONTINUE)
             return  # the body is still arriving
+        self._continued = False
         body = bytes(buf[end + 4 : end + 4 + length])
         request = _Request(head, path, query, body, bytes(buf[: end + 4 + length]))
         del buf[: end + 4 + length]
@@ -413,7 +419,7 @@ class FrontConn(asyncio.Protocol):
 class _Head:
     """A request head the front door can serve (what ``_parse_head`` accepted)."""
 
-    __slots__ = ("close", "connection", "content_type", "headers", "length", "method", "target")
+    __slots__ = ("close", "connection", "content_type", "expect", "headers", "length", "method", "target")
 
     def __init__(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
         self.method = method
@@ -423,6 +429,7 @@ class _Head:
         self.close = False  # the client asked to close after this response
         self.content_type: str | None = None  # the first Content-Type
         self.connection: str | None = None  # every Connection value, comma-joined
+        self.expect = False  # Expect: 100-continue (curl sends it for bodies over 1 KiB)
 
 
 class _Request:
@@ -464,6 +471,11 @@ def _parse_head(data: bytes) -> _Head | None:
         elif lower == b"content-type":
             if head.content_type is None:
                 head.content_type = value
+        elif lower == b"expect":
+            if value.lower() != "100-continue" or head.expect:
+                return None  # aiohttp answers 417
+            head.expect = True
+            continue  # answered here, not forwarded
         elif lower == b"connection":
             head.connection = value if head.connection is None else f"{head.connection}, {value}"
             head.close = head.close or "close" in {t.strip().lower() for t in value.split(",")}

@@ -181,7 +181,6 @@ CHUNKED_BODY = json.dumps({"model": "m", "messages": []}).encode()
             None,
             id="chunked upload",
         ),
-        pytest.param(chat(extra_headers="Expect: 100-continue\r\n"), 200, None, id="expect 100-continue"),
         pytest.param(chat().replace(b"HTTP/1.1", b"HTTP/1.0", 1), 200, None, id="HTTP/1.0"),
         pytest.param(chat(padding="x" * 5000), 413, "request_too_large", id="body over maxBodyBytes"),
     ],
@@ -239,6 +238,23 @@ async def test_refusals_while_waiting_are_rendered_by_the_front_door(aiohttp_cli
     assert front.handed == 0
     assert (await conn.ask(chat(model="nope")))[0] == 404  # the connection is still usable
     busy.close()
+    conn.close()
+
+
+async def test_expect_100_continue_is_answered_before_the_body(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    front = front_of(client)
+    served = front.served
+    conn = await Conn.open(client)
+    request = chat(extra_headers="Expect: 100-continue\r\n")
+    head, _, body = request.partition(b"\r\n\r\n")
+    await conn.send(head + b"\r\n\r\n")
+    assert await conn.reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    await conn.send(body)
+    assert (await read_response(conn.reader))[0] == 200
+    assert (front.served, front.handed) == (served + 1, 0)
+    status, _, _ = await conn.ask(chat(extra_headers="Expect: something-else\r\n"))
+    assert status == 417 and front.handed == 1  # aiohttp's answer
     conn.close()
 
 
