@@ -8,6 +8,9 @@ One run, rounds alternating the two targets (the order flips every round), media
 * streaming: chunks/s with 64 concurrent streams of ``--chunks`` events each, ratio to direct;
 * swapper CPU per request and per streamed chunk (the swapper process's own user+system time
   over each proxied phase, divided by the work done);
+* for reference, the upstream's own CPU per request in the direct phases: on a VM a process that
+  sleeps between requests pays a large fixed cost per wake-up at c=1, and a proxy is woken twice
+  per request (by the client, then by the upstream);
 * swapper RSS idle (after start-up and warm-up, and after the run) and with ``--queued``
   requests waiting on a model that takes 30 s to load (tests/upstreams/fake_server.py
   --load-delay 30), measured once they are all admitted; then the clients leave.
@@ -271,6 +274,7 @@ class Phase:
     requests: int = 0
     events: int = 0
     cpu: float = 0.0  # swapper CPU seconds over the phase (proxied only)
+    upstream_cpu: float = 0.0  # the upstream's CPU seconds over the phase
 
     def pct(self, q: int) -> float:
         lat = sorted(self.latencies)
@@ -438,10 +442,17 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
         await asyncio.sleep(0.5)
         rss_idle = sw.rss_mib()
 
+        upstream = next(p for p in sw.proc.children(recursive=True) if str(up_port) in " ".join(p.cmdline()))
+
+        def upstream_cpu() -> float:
+            t = upstream.cpu_times()
+            return t.user + t.system
+
         async def timed(run: Awaitable[Phase]) -> Phase:
-            cpu = sw.cpu()
+            cpu, up_cpu = sw.cpu(), upstream_cpu()
             phase = await run
             phase.cpu = sw.cpu() - cpu
+            phase.upstream_cpu = upstream_cpu() - up_cpu
             return phase
 
         for rnd in range(args.rounds):
@@ -453,6 +464,7 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
                     res.add(f"c{conc} p99", t, ph.pct(99) * 1e6)
                     res.add(f"c{conc} rps", t, ph.requests / ph.seconds)
                     res.add(f"c{conc} cpu/req", t, ph.cpu / ph.requests * 1e6)
+                    res.add(f"c{conc} upstream cpu/req", t, ph.upstream_cpu / ph.requests * 1e6)
                 res.compare(f"c{conc} p50", ratio=False)
                 res.compare(f"c{conc} p99", ratio=False)
                 res.compare(f"c{conc} rps", ratio=True)
@@ -560,6 +572,10 @@ def report(
         d, s, ratio = m(f"c{c} rps", "direct"), m(f"c{c} rps", "swapper"), m(f"c{c} rps ratio", "swapper")
         row(f"requests/s c={c}", f"{d:.0f}", f"{s:.0f}", f"{ratio:.3f}x")
         row(f"swapper CPU/request c={c} (us)", "", f"{m(f'c{c} cpu/req', 'swapper'):.0f}", "", "<= 150 us")
+        # What one request costs the upstream itself: on a VM, a process woken per request pays
+        # a large fixed cost per wake-up at c=1, which the proxy pays twice (client and upstream).
+        up = m(f"c{c} upstream cpu/req", "direct")
+        row(f"  upstream's own CPU/request c={c} (us)", f"{up:.0f}", "", "", "(reference)")
     d, s, ratio = m("chunks/s", "direct"), m("chunks/s", "swapper"), m("chunks/s ratio", "swapper")
     row(
         f"chunks/s, {args.streams} streams",

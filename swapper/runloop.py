@@ -60,6 +60,9 @@ class ModelSnapshot:
     started_at: float | None  # wall-clock time the current child was spawned
 
 
+# A ready child's output is read at most this often: a read per log line would cost more CPU than
+# proxying the request that logged it (children.Child.batch_output).
+OUTPUT_BATCH_SECONDS: Final = 0.01
 # Messages a request posts; only these may be handled in the poster's task (see _post).
 _INLINE: Final = frozenset({Acquire, Release})
 
@@ -264,6 +267,8 @@ class RunLoop:
                     self._events.child_start_failed(model, error.message)
                 else:
                     log.info("model ready", model=model, pid=self._pid(model))
+                    if (child := self._children.get(model)) is not None:
+                        child.batch_output(OUTPUT_BATCH_SECONDS)
                     if self._memory is not None:
                         self._memory.on_ready(model, self._pid(model))
                 self._sched.on_started(model, start_id, error, now)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
 import re
@@ -399,3 +400,37 @@ def test_env_override_wins(fake_model: MakeModel, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("SWAPPER_Y", "outer")
     model = replace(fake_model("alpha"), env=(("SWAPPER_Y", "inner"),))
     assert Child(model, on_line=lambda s, line: None).env()["SWAPPER_Y"] == "inner"
+
+
+def script_model(script: str) -> ModelConfig:
+    return ModelConfig(
+        id="script", cmd=(sys.executable, "-c", script), cmd_text="", proxy="", check_endpoint=None
+    )
+
+
+async def test_batched_output_arrives_whole_in_order_and_in_few_reads() -> None:
+    # 100 lines, one every 5 ms: read eagerly, nearly every line would be its own read.
+    script = "import sys, time\nfor i in range(100):\n    print(f'line {i}', flush=True); time.sleep(0.005)\n"
+    arrivals: list[tuple[float, str]] = []
+    child = Child(script_model(script), on_line=lambda _s, line: arrivals.append((time.monotonic(), line)))
+    await child.spawn()
+    child.batch_output(0.05)
+    assert await child.wait_exited() == 0
+    assert [line for _, line in arrivals] == [f"line {i}" for i in range(100)]
+    # Lines of one read arrive within microseconds of each other; reads are >= 50 ms apart.
+    reads = 1 + sum(1 for (a, _), (b, _) in itertools.pairwise(arrivals) if b - a > 0.002)
+    assert reads <= 25, reads  # ~0.5 s of output, read every 50 ms
+
+
+async def test_a_stop_reads_batched_output_at_once() -> None:
+    script = "import sys, time\nprint('first', flush=True)\nprint('second', flush=True)\ntime.sleep(60)\n"
+    lines = Lines()
+    child = Child(script_model(script), on_line=lines)
+    await child.spawn()
+    await lines.wait_for("first")
+    child.batch_output(3600.0)  # the pipe would rest for an hour after each read
+    began = time.monotonic()
+    await child.stop(grace=2.0)
+    await lines.wait_for("second", within=1.0)
+    assert child.exited()
+    assert time.monotonic() - began < 30, "the stop waited for the resting pipe"
