@@ -86,6 +86,8 @@ class Front:
         self.served = 0  # model requests served here
         self.handed = 0  # connections handed to aiohttp
         self.closing = False
+        # Cached: each asyncio.get_running_loop() is a getpid() syscall (fork detection).
+        self.loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
         self._runloop: RunLoop | None = None
         self._pool: H1Pool | None = None
@@ -235,7 +237,7 @@ class FrontConn(asyncio.Protocol):
         body = bytes(buf[end + 4 : end + 4 + length])
         request = _Request(head, path, query, body, bytes(buf[: end + 4 + length]))
         del buf[: end + 4 + length]
-        self._task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._task = self._front.loop.create_task(self._serve(request))
 
     def _hand_off(self, first: bytes = b"") -> None:
         """Gives this connection, with ``first`` and every byte buffered, to aiohttp for good."""

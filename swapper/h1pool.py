@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from typing import Final, cast
 
@@ -82,6 +83,8 @@ class _Conn(asyncio.Protocol):
 
     def __init__(self, pool: H1Pool, key: tuple[str, str, int]) -> None:
         self._pool = pool
+        # Cached: each asyncio.get_running_loop() is a getpid() syscall (fork detection).
+        self._loop = asyncio.get_running_loop()
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
@@ -373,7 +376,7 @@ class _Conn(asyncio.Protocol):
                 raise Disconnected("upstream closed the connection", response_started=self._got_bytes)
             transport.write(view[at : at + WRITE_SLICE])
             if self._write_paused:
-                self._drained = asyncio.get_running_loop().create_future()
+                self._drained = self._loop.create_future()
                 try:
                     await self._drained
                 finally:
@@ -451,7 +454,7 @@ class _Conn(asyncio.Protocol):
     # ---- internals ----
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
@@ -594,7 +597,7 @@ class H1Pool:
         conns = self._idle.get(key)
         if not conns:
             return None
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         while conns:
             conn = conns.pop()
             transport = conn.transport
@@ -608,7 +611,7 @@ class H1Pool:
         if self._closed:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
 
     def _forget(self, conn: _Conn) -> None:

@@ -96,6 +96,7 @@ class RunLoop:
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
         self._done = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False  # run() is taking messages: Acquire/Release may be handled inline
         self._handling = False  # inside _process: a post from a handler must queue, not recurse
 
@@ -126,8 +127,10 @@ class RunLoop:
         now = time.monotonic()
         if not self._may_inline() or not self._sched.serves_now(model, now):
             return None
-        reply: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._process(Acquire(req_id, model, reply, now, None, asyncio.current_task()))
+        loop = self._loop  # set while running; cached: get_running_loop() costs a getpid()
+        assert loop is not None
+        reply: asyncio.Future[Lease] = loop.create_future()
+        self._process(Acquire(req_id, model, reply, now, None, asyncio.current_task(loop)))
         if reply.done() and not reply.cancelled() and reply.exception() is None:
             return reply.result()
         self._process(Release(req_id, now))  # cannot happen while serves_now tells the truth
@@ -208,6 +211,7 @@ class RunLoop:
                 # The first sample is applied before the first decision; later ones are messages.
                 await self._memory.open(self._child_pids)
                 _ = self._spawn(self._memory.sample_forever(self._post, self._child_pids))
+            self._loop = asyncio.get_running_loop()
             self._running = True
             while not self._done:
                 self._process(await self._inbox.get())
