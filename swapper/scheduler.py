@@ -50,11 +50,13 @@ AGING_PER_SECOND = 0.1
 # Crash-loop backoff. One failed load is free (the next request retries at once: a port race or
 # a transient OOM heals by itself); from the second failure in a row on, the model refuses new
 # starts for 1 s, 2 s, 4 s ... (capped) and answers 503 + Retry-After at once, instead of
-# respawning a child that dies again on every request (a restart storm). A successful load
-# clears the count.
+# respawning a child that dies again on every request (a restart storm). A ready child that
+# exits on its own within STABLE_SECONDS (one that crashes on its first request, say) counts as a
+# failed load too; a child that stays up that long clears the count.
 BACKOFF_AFTER_FAILURES = 2
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
+STABLE_SECONDS = 30.0
 
 
 class State(enum.StrEnum):
@@ -143,6 +145,7 @@ class Scheduler:
         self._shutting_down = False
         self._retiring: set[str] = set()  # changed by a reload: stop once in-flight work is done
         self._failures: dict[str, LoadFailures] = {}  # consecutive failed loads, per model
+        self._ready_at: dict[str, float] = {}  # when each ready model's child became ready
 
     # ---- introspection (advisory reads; never gate a mutation on them from outside) ----
 
@@ -276,6 +279,7 @@ class Scheduler:
         if slot is None:
             return
         slot.state = State.STOPPED
+        self._note_life(model, now, crashed=False)
         self._drop_removed()
         for swap in list(self._swaps.values()):
             self._maybe_issue_start(swap)
@@ -287,6 +291,7 @@ class Scheduler:
         slot = self._slots.get(model)
         if slot is not None and slot.state is State.READY:
             slot.state = State.STOPPED
+            self._note_life(model, now, crashed=True)
             self._retiring.discard(model)  # the next child starts with the new config anyway
             self._drain(now)
 
@@ -471,8 +476,21 @@ class Scheduler:
 
     def _note_load(self, model: str, error: SwapperError | None, now: float) -> None:
         if error is None:
-            self._failures.pop(model, None)
+            self._ready_at[model] = now  # the count stays until the child proves stable
         else:
+            self._failures[model] = _next_failures(self._failures.get(model), error, now)
+
+    def _note_life(self, model: str, now: float, *, crashed: bool) -> None:
+        """A ready child's life ended: a stable one clears the failure count, a short one that
+        ended in a crash adds to it (a stop of ours leaves it as it was)."""
+        ready_at = self._ready_at.pop(model, None)
+        if ready_at is None:
+            return
+        lived = now - ready_at
+        if lived >= STABLE_SECONDS:
+            self._failures.pop(model, None)
+        elif crashed:
+            error = ModelLoadFailed(f"model '{model}' exited {lived:.1f}s after it became ready")
             self._failures[model] = _next_failures(self._failures.get(model), error, now)
 
     def _backoff(self, model: str, now: float) -> SwapperError | None:

@@ -25,6 +25,7 @@ Behaviour these tests pin down:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,6 +39,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 from aiohttp import ClientPayloadError
@@ -45,7 +47,7 @@ from aiohttp.test_utils import TestClient
 
 from swapper.config import Config
 from swapper.errors import ModelLoadFailed
-from swapper.scheduler import BACKOFF_CAP, State
+from swapper.scheduler import BACKOFF_CAP, STABLE_SECONDS, State
 from tests.conftest import TAG_ENV
 from tests.rawhttp import read_request
 from tests.test_scheduler import Harness
@@ -346,7 +348,7 @@ def test_backoff_doubles_up_to_the_cap() -> None:
     assert max(windows) == BACKOFF_CAP
 
 
-def test_backoff_success_resets_the_count() -> None:
+def test_backoff_a_stable_child_resets_the_count() -> None:
     h = Harness("a")
     for _ in range(3):
         h.req("a")
@@ -355,12 +357,47 @@ def test_backoff_success_resets_the_count() -> None:
     rid = h.req("a")
     h.ready("a")
     h.done(rid)
-    h.s.on_child_exited("a", h.now)  # crashes while idle: not a load failure
+    h.now += STABLE_SECONDS
+    h.s.on_child_exited("a", h.now)  # crashes after a stable life: the count starts over
     h.req("a")
     fail_load(h, "a")
     starts = len(h.fx.starts)
-    h.req("a")  # one failure after a success: retried at once
+    h.req("a")  # one failure after a stable run: retried at once
     assert len(h.fx.starts) == starts + 1
+
+
+def test_backoff_counts_a_child_that_dies_soon_after_it_became_ready() -> None:
+    # It loads fine and crashes on its first request: without this, a restart per request.
+    h = Harness("a")
+    for round_ in range(2):
+        rid = h.req("a")
+        h.ready("a")
+        h.now += 0.5
+        h.s.on_child_exited("a", h.now)
+        h.done(rid)
+        assert len(h.fx.starts) == round_ + 1
+    err = h.fx.failures[h.req("a")]
+    assert err.status == 503 and err.code == "model_load_backoff"
+    assert "exited 0.5s after it became ready" in err.message
+    assert len(h.fx.starts) == 2
+    h.now += 1.0
+    h.req("a")
+    assert len(h.fx.starts) == 3  # the window is over: one more try
+
+
+def test_backoff_ignores_our_own_stops() -> None:
+    h = Harness("a", "b")
+    for _ in range(3):  # a loads, then is evicted by b at once, three times
+        ra = h.req("a")
+        h.ready("a")
+        h.done(ra)
+        rb = h.req("b")
+        h.s.on_stopped("a", h.now)
+        h.ready("b")
+        h.done(rb)
+        h.req("a")
+        h.s.on_stopped("b", h.now)
+    assert not h.fx.failures
 
 
 def test_backoff_does_not_touch_other_models_or_joined_waiters() -> None:
@@ -419,6 +456,24 @@ async def test_crash_loop_backs_off_instead_of_respawning(aiohttp_client: Client
     assert int(refused[0].headers["Retry-After"]) >= 1
     await runloop(client).wait_idle()
     assert runloop(client).snapshot()["a"].status.queued == 0
+    assert pid_of(client, "a") is None
+
+
+async def test_a_child_that_dies_on_every_first_request_backs_off(
+    aiohttp_client: ClientFactory, wait_until: WaitUntil
+) -> None:
+    # Healthy, then dead as soon as it streams a byte: each request used to respawn it.
+    client = await client_for(aiohttp_client, fake_config({"a": "--crash-after-bytes 1"}))
+    for _ in range(2):
+        resp = await client.post(CHAT, json={"model": "a", "stream": True})
+        with contextlib.suppress(aiohttp.ClientError):
+            await resp.read()  # cut off: the child died mid-stream
+        await wait_until(lambda: runloop(client).state("a") is State.STOPPED, within=10.0, what="exit seen")
+    resp = await client.post(CHAT, json={"model": "a", "stream": True})
+    assert resp.status == 503
+    err = await error_of(resp)
+    assert err["code"] == "model_load_backoff" and "after it became ready" in err["message"]
+    assert int(resp.headers["Retry-After"]) >= 1
     assert pid_of(client, "a") is None
 
 

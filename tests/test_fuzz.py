@@ -25,7 +25,8 @@ request is released exactly once. It checks after every message:
     starting or ready);
   * a model whose current child has requests in flight is stopped only by unload or shutdown
     (requests still counted against a child that already died do not hold its successor);
-  * no start is issued inside a crash-loop backoff window (computed independently here).
+  * no start is issued inside a crash-loop backoff window (computed independently here: failed
+    loads and crashes within STABLE_SECONDS of becoming ready count; a stable child clears it).
 
 Liveness, checked at the end: once the world has delivered every outstanding ``Started`` (as
 success) and ``Stopped``, and every client has released whatever it holds, no request is left
@@ -49,7 +50,14 @@ from hypothesis import strategies as st
 
 from swapper import modelid
 from swapper.errors import BadRequest, ModelLoadFailed, SwapperError
-from swapper.scheduler import BACKOFF_AFTER_FAILURES, BACKOFF_CAP, BACKOFF_FIRST, Scheduler, State
+from swapper.scheduler import (
+    BACKOFF_AFTER_FAILURES,
+    BACKOFF_CAP,
+    BACKOFF_FIRST,
+    STABLE_SECONDS,
+    Scheduler,
+    State,
+)
 from tests.fakes import StubPlanner, config, model
 
 FUZZ = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -293,6 +301,7 @@ class World:
         # crash-loop oracle
         self.failures: Counter[str] = Counter()
         self.last_failure: dict[str, float] = {}
+        self.ready_at: dict[str, float] = {}  # a quick crash after this counts as a failure
         self.admin = False  # inside unload/shutdown: stopping a busy model is allowed
 
     # ---- Effects ----
@@ -367,7 +376,7 @@ class World:
         if ok:
             self.up.add(model)
             self.incarnation[model] += 1
-            self.failures[model] = 0
+            self.ready_at[model] = self.now  # the count stays until the child proves stable
             error = None
         else:
             self.failures[model] += 1
@@ -383,11 +392,23 @@ class World:
 
     def stopped(self, model: str) -> None:
         self.stopping.discard(model)
+        self._life_ended(model, crashed=False)
         self.sched.on_stopped(model, self.now)
 
     def crash(self, model: str) -> None:
         self.up.discard(model)
+        self._life_ended(model, crashed=True)
         self.sched.on_child_exited(model, self.now)
+
+    def _life_ended(self, model: str, *, crashed: bool) -> None:
+        ready_at = self.ready_at.pop(model, None)
+        if ready_at is None:
+            return
+        if self.now - ready_at >= STABLE_SECONDS:
+            self.failures[model] = 0
+        elif crashed:
+            self.failures[model] += 1
+            self.last_failure[model] = self.now
 
     def unload(self, models: list[str]) -> None:
         self.admin = True
