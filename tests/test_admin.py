@@ -95,9 +95,16 @@ async def test_status_keeps_the_last_error(aiohttp_client: ClientFactory) -> Non
     assert a["lastError"]["message"].startswith("start failed") and a["lastError"]["at"]
 
 
+async def logged(client: Any, model: str, text: str) -> None:
+    """Waits until ``model``'s output holds ``text``: a ready child's output is read in batches
+    (children.Child.batch_output), so a line may arrive a few ms after the response it logged."""
+    await wait_until(lambda: any(text in line for line in runloop(client).logs.history(model)))
+
+
 async def test_logs_holds_swapper_and_child_output(aiohttp_client: ClientFactory) -> None:
     client = await client_for(aiohttp_client, fake_config({"a": ""}))
     await chat(client, "a")
+    await logged(client, "a", "POST /v1/chat/completions 200")
     resp = await client.get("/logs")
     assert resp.status == 200 and resp.content_type == "text/plain"
     text = await resp.text()
@@ -107,7 +114,8 @@ async def test_logs_holds_swapper_and_child_output(aiohttp_client: ClientFactory
 
 async def test_log_stream_no_history_sends_only_new_lines(aiohttp_client: ClientFactory) -> None:
     client = await client_for(aiohttp_client, fake_config({"a": ""}))
-    await chat(client, "a")  # its lines are history now
+    await chat(client, "a")
+    await logged(client, "a", "POST /v1/chat/completions 200")  # its lines are history now
     stream = await client.get("/logs/stream/a?no-history")
     assert stream.status == 200 and stream.headers["X-Accel-Buffering"] == "no"
     resp = await client.post("/v1/embeddings", json={"model": "a", "input": "x"})
