@@ -235,7 +235,7 @@ class FrontConn(asyncio.Protocol):
             return  # the body is still arriving
         self._continued = False
         body = bytes(buf[end + 4 : end + 4 + length])
-        request = _Request(head, path, query, body, bytes(buf[: end + 4 + length]))
+        request = _Request(head, path, query, body, bytes(buf[: end + 4]))
         del buf[: end + 4 + length]
         self._task = self._front.loop.create_task(self._serve(request))
 
@@ -333,7 +333,7 @@ class FrontConn(asyncio.Protocol):
 
     def _slow(self, request: _Request) -> bool:
         request.handed = True
-        self._hand_off(request.raw)
+        self._hand_off(request.head_bytes + request.body)
         return False
 
     async def _relay(self, upstream: Response, close: bool) -> bool:
@@ -435,14 +435,16 @@ class _Head:
 
 
 class _Request:
-    __slots__ = ("body", "handed", "head", "path", "query", "raw")
+    __slots__ = ("body", "handed", "head", "head_bytes", "path", "query")
 
-    def __init__(self, head: _Head, path: str, query: str, body: bytes, raw: bytes) -> None:
+    def __init__(self, head: _Head, path: str, query: str, body: bytes, head_bytes: bytes) -> None:
         self.head = head
         self.path = path
         self.query = query
         self.body = body
-        self.raw = raw  # the request's bytes, for a hand-off
+        # The head as received, blank line included: with the body, what a hand-off replays (kept
+        # apart so that a large upload is not copied a second time for a hand-off that is rare).
+        self.head_bytes = head_bytes
         self.handed = False
 
 

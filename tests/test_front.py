@@ -6,6 +6,7 @@ connection reuse, pipelining and framing are under the test's control."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -328,3 +329,27 @@ async def test_a_plain_aiohttp_app_is_not_fronted(aiohttp_client: ClientFactory)
     app = web.Application()
     client = await aiohttp_client(app)
     assert not isinstance(client.server, FrontTestServer)
+
+
+async def test_the_upstream_gets_the_request_byte_for_byte(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    front = front_of(client)
+    served = front.served
+    body = json.dumps({"model": "m", "documents": ["x" * 1024] * 2048}).encode()  # 2 MiB
+    head = (
+        "POST /v1/rerank?a=%2F1&b= HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "X-Trace: caf\xe9\r\nConnection: keep-alive, X-Hop\r\nX-Hop: dropped\r\nKeep-Alive: 5\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1")
+    conn = await Conn.open(client)
+    status, _, answer = await conn.ask(head + body)
+    assert status == 200
+    echo = json.loads(answer)  # the fake echoes routes it does not implement
+    assert base64.b64decode(echo["body_b64"]) == body
+    assert echo["raw_path"] == "/v1/rerank?a=%2F1&b="
+    names = [name.lower() for name, _ in echo["header_list"]]
+    assert "x-trace" in names and "content-type" in names
+    assert not {"connection", "keep-alive", "x-hop"} & set(names)  # hop-by-hop, also by Connection
+    assert names.count("host") == 1 and names.count("content-length") == 1
+    assert front.served == served + 1
+    conn.close()
