@@ -354,7 +354,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             duration = time.monotonic() - began
             running = await wait_running_drained(base, within=10)
             leaked_slots = [r for r in running if r["inFlight"] or r["queued"]]
-            children = [p.pid for p in swapper.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+            children = [
+                p.pid
+                for p in swapper.children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE and "swapper.reaper" not in p.cmdline()
+            ]  # model children only: swapper's reaper (swapper/reaper.py) idles beside them
             end_rss, end_fds = swapper.memory_info().rss, swapper.num_fds()
             starts = await metric_sums(
                 base, ("swapper_model_starts_total", "swapper_model_unexpected_exits_total")

@@ -21,7 +21,8 @@ from aiohttp import web
 from swapper.config import Config
 from swapper.front import FrontSite
 from swapper.logs import LogHub
-from swapper.orphans import sweep_orphans
+from swapper.orphans import owner_mark, sweep_orphans
+from swapper.reaper import Reaper
 from swapper.reload import watch_config as watch
 from swapper.routes import RUNLOOP
 from swapper.server import make_app
@@ -54,6 +55,27 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, hup.set)
     if killed := await asyncio.to_thread(sweep_orphans):
         log.warning("reclaimed children of a swapper that died", pids=killed)
+    # Ends our children's own forks if we are SIGKILLed (the children die with us by themselves).
+    reaper = Reaper.start(owner_mark())
+    try:
+        await _serve_app(config, host, port, logs, stop, hup, config_path, watch_config)
+    finally:
+        await asyncio.to_thread(reaper.stop)  # every child is stopped: it finds nothing to kill
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+
+
+async def _serve_app(
+    config: Config,
+    host: str,
+    port: int,
+    logs: LogHub | None,
+    stop: asyncio.Event,
+    hup: asyncio.Event,
+    config_path: Path | None,
+    watch_config: bool,
+) -> None:
     app = make_app(config, logs)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
@@ -74,6 +96,3 @@ async def serve(
                 watcher.cancel()
     finally:
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-    log.info("stopped")

@@ -5,8 +5,10 @@ environment, and the start-up sweep that kills marked processes whose swapper is
 
 Why: PR_SET_PDEATHSIG kills a child when swapper is SIGKILLed, but the kernel does not pass it
 on across fork, so a grandchild (a wrapper script's server, a docker CLI's helper) can outlive
-it holding a port or VRAM. The next swapper to start finds it by the mark and ends it. The mark
-names the owner by pid *and* start time, so a reused pid never passes for a live owner.
+it holding a port or VRAM. The reaper (``swapper/reaper.py``) ends such processes the moment
+swapper dies; if the reaper could not (it was killed too), the next swapper to start finds them
+by the mark and ends them. The mark names the owner by pid *and* start time, so a reused pid
+never passes for a live owner.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 
 import psutil
 import structlog
@@ -40,13 +43,23 @@ def _owner_alive(mark: str) -> bool:
 def sweep_orphans() -> list[int]:
     """SIGKILLs processes marked by a swapper that no longer runs; returns their pids."""
     mine = owner_mark()
+    return _kill_where(lambda mark: mark != mine and not _owner_alive(mark))
+
+
+def kill_marked(mark: str) -> list[int]:
+    """SIGKILLs every process marked by the swapper ``mark`` names, whether or not that swapper
+    still looks alive (a SIGKILLed one stays a zombie until its parent reaps it); returns them."""
+    return _kill_where(lambda found: found == mark)
+
+
+def _kill_where(wanted: Callable[[str], bool]) -> list[int]:
     killed = []
     for proc in psutil.process_iter(["pid"]):
         try:
             mark = proc.environ().get(OWNER_ENV)
         except (psutil.Error, OSError):
             continue  # gone, or not ours to read
-        if not mark or mark == mine or _owner_alive(mark):
+        if not mark or not wanted(mark):
             continue
         with contextlib.suppress(psutil.Error, OSError):
             log.warning(

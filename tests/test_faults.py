@@ -18,8 +18,7 @@ Behaviour these tests pin down:
   * another process on the model's port: see ``test_port_taken_*`` for what swapper can and
     cannot tell apart;
   * swapper SIGKILLed (idle, mid-load, mid-stream, with a request queued) leaves no child
-    behind, 20 times; a *grandchild* forked by a child still survives it (strict xfail: a known
-    gap, see the test).
+    behind, 20 times, and no grandchild forked by a child either (swapper/reaper.py).
 """
 
 from __future__ import annotations
@@ -601,13 +600,8 @@ def test_sigkill_of_swapper_leaves_no_child_20_times(tmp_path: Path) -> None:
         _kill_round(cfg, moment, f"round {round_no} ({moment})")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: PR_SET_PDEATHSIG is set on the child only and is not inherited across fork, so"
-    " a grandchild outlives a SIGKILLed swapper until the next swapper starts and reclaims it"
-    " (swapper/orphans.py); the group kill in children.py needs swapper alive",
-)
 def test_sigkill_of_swapper_also_kills_grandchildren(tmp_path: Path) -> None:
+    # PR_SET_PDEATHSIG is not inherited across fork: the grandchild dies by the reaper's hand.
     cfg = _kill_config(tmp_path, b_flags="--fork-grandchild")
     listen = free_port()
     argv = [sys.executable, "-m", "swapper", "-c", str(cfg), "-l", f"127.0.0.1:{listen}"]
