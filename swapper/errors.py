@@ -124,6 +124,10 @@ class UpstreamError(SwapperError):
     code = "bad_gateway"
 
 
+class UpstreamRefused(UpstreamError):
+    """No connection could be made to the child at all: nothing was sent, so a retry is safe."""
+
+
 def error_body(err: SwapperError) -> bytes:
     return json.dumps(
         {

@@ -46,7 +46,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from swapper import auth, modelid, proxy
-from swapper.errors import SwapperError, error_body
+from swapper.errors import SwapperError, UpstreamRefused, error_body
 from swapper.events import EVENTS, EventBus
 from swapper.h1pool import H1Pool, Response
 from swapper.routes import (
@@ -316,7 +316,14 @@ class FrontConn(asyncio.Protocol):
             url, body = upstream_request(lease, cfg, wanted, content_type, request.body, head.target)
             headers = proxy.upstream_headers(head.headers, head.connection, identity=False)
             started = time.perf_counter()
-            upstream = await proxy.send(pool, head.method, _url(url), headers, body)
+            try:
+                upstream = await proxy.send(pool, head.method, _url(url), headers, body)
+            except UpstreamRefused:
+                # Its child died (the exit is not in yet) or stopped listening: nothing was sent,
+                # so restart it and try once more.
+                lease = await runloop.reacquire(lease)
+                url, body = upstream_request(lease, cfg, wanted, content_type, request.body, head.target)
+                upstream = await proxy.send(pool, head.method, _url(url), headers, body)
             track.forwarded(upstream.status, time.perf_counter() - started)
             if proxy.is_streamed(upstream.headers):
                 upstream.do_not_pool()  # llama-server closes it after a streamed body
@@ -328,7 +335,7 @@ class FrontConn(asyncio.Protocol):
         finally:
             if upstream is not None:
                 upstream.close()  # back to the pool after a complete body; else closed
-            runloop.release(req_id)
+            runloop.release(req_id if lease is None else lease.req_id)
             track.done()
 
     def _slow(self, request: _Request) -> bool:

@@ -28,6 +28,7 @@ class Lease:
     req_id: int
     model: str
     base_url: str
+    pid: int | None = None  # the child that was serving when granted (see Unreachable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,15 @@ class ChildExited:
 
 
 @dataclass(frozen=True, slots=True)
+class Unreachable:
+    """A request found ``model``'s child (``pid``) refusing connections although it is counted
+    ready: it died and its exit is not in yet, or it stopped listening. A stale ``pid`` is ignored."""
+
+    model: str
+    pid: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Periodic: TTL unloads, and queue re-evaluation as waits age past their bounds."""
 
@@ -124,5 +134,15 @@ class MemorySampled:
 
 
 Message = (
-    Acquire | Release | Started | Stopped | ChildExited | Tick | Unload | Reload | Shutdown | MemorySampled
+    Acquire
+    | Release
+    | Started
+    | Stopped
+    | ChildExited
+    | Unreachable
+    | Tick
+    | Unload
+    | Reload
+    | Shutdown
+    | MemorySampled
 )

@@ -27,7 +27,7 @@ copies beyond de-chunking.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from swapper.errors import UpstreamError
+from swapper.errors import UpstreamError, UpstreamRefused
 from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 
 __all__ = [
@@ -147,6 +147,7 @@ async def forward(
     body: bytes,
     *,
     response: web.StreamResponse | None = None,
+    on_refused: Callable[[], Awaitable[tuple[str, bytes]]] | None = None,
 ) -> ForwardResult:
     """Send ``request.method url`` with the client's headers and ``body``, relay the answer.
 
@@ -171,7 +172,14 @@ async def forward(
     incoming = request.headers
     headers = upstream_headers(incoming.items(), incoming.get(hdrs.CONNECTION), identity=response is not None)
     started = time.perf_counter()
-    upstream = await send(pool_of(session), request.method, target, headers, body)
+    try:
+        upstream = await send(pool_of(session), request.method, target, headers, body)
+    except UpstreamRefused:
+        if on_refused is None:
+            raise
+        url, body = await on_refused()
+        target = URL(url, encoded=True)
+        upstream = await send(pool_of(session), request.method, target, headers, body)
     ttfb = time.perf_counter() - started
     try:
         if is_streamed(upstream.headers):
@@ -263,7 +271,7 @@ async def send(pool: H1Pool, method: str, url: URL, headers: list[tuple[str, str
             # connection that was never made (ConnectFailed) is not retried: it would fail again.
             return await pool.request(method, url, headers, body, fresh=True)
     except ConnectFailed as exc:
-        raise UpstreamError(f"upstream {url.origin()} refused the connection: {exc.strerror}") from exc
+        raise UpstreamRefused(f"upstream {url.origin()} refused the connection: {exc.strerror}") from exc
     except TimeoutError as exc:
         raise UpstreamError(f"upstream {url.origin()} timed out before responding") from exc
     except OSError as exc:

@@ -143,6 +143,8 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
     req_id = runloop.new_request_id()
     track = track_request(request, req_id, model)  # metrics and /api/events; done() in finally
     preamble: LoadingStream | None = None
+    lease: Lease | None = None
+    raw_body = body
     try:
         if wanted.stream and wants_loading_state(config, cfg, request.path):
             preamble = LoadingStream(request, model, config.loading_state_mode)
@@ -152,9 +154,17 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
         else:
             lease = await runloop.acquire(req_id, model)
         track.granted()
-        url, body = upstream_request(lease, cfg, wanted, content_type, body, request.raw_path)
+        url, body = upstream_request(lease, cfg, wanted, content_type, raw_body, request.raw_path)
         response = preamble.response if preamble is not None else None
-        result = await proxy.forward(request, app[SESSION], url, body, response=response)
+
+        async def retry() -> tuple[str, bytes]:
+            # Its child died (the exit is not in yet) or stopped listening: restart it, try again.
+            nonlocal lease
+            assert lease is not None
+            lease = await runloop.reacquire(lease)
+            return upstream_request(lease, cfg, wanted, content_type, raw_body, request.raw_path)
+
+        result = await proxy.forward(request, app[SESSION], url, body, response=response, on_refused=retry)
         track.forwarded(result.status, result.ttfb)
         return result.response
     except SwapperError as err:
@@ -164,7 +174,7 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
             return preamble.response
         return error_response(err)
     finally:
-        runloop.release(req_id)
+        runloop.release(req_id if lease is None else lease.req_id)
         track.done()
 
 

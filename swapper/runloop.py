@@ -44,6 +44,7 @@ from swapper.messages import (
     Stopped,
     Tick,
     Unload,
+    Unreachable,
 )
 from swapper.planners import Planner, make_planner
 from swapper.scheduler import ModelStatus, Scheduler, State
@@ -135,6 +136,19 @@ class RunLoop:
             return reply.result()
         self._process(Release(req_id, now))  # cannot happen while serves_now tells the truth
         return None
+
+    async def reacquire(self, lease: Lease) -> Lease:
+        """After the upstream refused ``lease``'s connection: releases it, reports the child as
+        unreachable (the loop restarts it unless its exit was already seen), and waits for a new
+        lease on the same model under a new request id. Release the returned lease instead."""
+        self.release(lease.req_id)  # first: the restart must not cancel this request as in flight
+        self._post(Unreachable(lease.model, lease.pid))
+        req_id = self.new_request_id()
+        try:
+            return await self.acquire(req_id, lease.model)
+        except BaseException:
+            self.release(req_id)  # cancelled while waiting: the caller only knows the old id
+            raise
 
     def queue_position(self, req_id: int) -> int | None:
         """Advisory: 1-based place in the queue, None when not queued (e.g. waiting on a load)."""
@@ -283,6 +297,11 @@ class RunLoop:
                 self._sched.on_stopped(model, now)
             case ChildExited(model, pid, returncode):
                 self._on_child_exited(model, pid, returncode, now)
+            case Unreachable(model, pid):
+                child = self._children.get(model)
+                if child is not None and child.pid == pid and self._sched.state(model) is State.READY:
+                    log.warning("model refuses connections; restarting it", model=model, pid=pid)
+                    self._sched.on_unreachable(model, now)
             case Tick(at):
                 self._sched.on_tick(at)
             case Unload(models, reply):
@@ -347,7 +366,7 @@ class RunLoop:
         self._spawned_at[model] = time.time()
         self._starting[model] = self._spawn(self._start(child, start_id))
 
-    def stop(self, model: str, grace: float) -> None:
+    def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
         if self._memory is not None:
             self._memory.on_stopping(model)  # samples from now on see it shutting down: not learned
         starting = self._starting.pop(model, None)
@@ -356,7 +375,7 @@ class RunLoop:
         # Requests still streaming from it (an unload, a reload) are cut here: a llama-server
         # with an open response ignores SIGTERM until its client hangs up, so waiting for them
         # would only turn every such stop into a SIGKILL after the grace period.
-        for req_id in self._sched.in_flight(model):
+        for req_id in self._sched.in_flight(model) if cut else ():
             if (holder := self._holders.get(req_id)) is not None:
                 holder.cancel()
         self._stopping[model] = self._spawn(self._stop(model, self._children.get(model), starting, grace))
@@ -365,7 +384,7 @@ class RunLoop:
         reply = self._replies.pop(req_id, None)
         if reply is None or reply.done():
             return False
-        reply.set_result(Lease(req_id, model, self.config.models[model].proxy))
+        reply.set_result(Lease(req_id, model, self.config.models[model].proxy, self._pid(model)))
         return True
 
     def fail(self, req_id: int, error: SwapperError) -> None:

@@ -72,8 +72,9 @@ class Effects(Protocol):
     def start(self, model: str, start_id: int) -> None:
         """Spawn ``model`` and report ``Started(model, start_id, error)`` when healthy or failed."""
 
-    def stop(self, model: str, grace: float) -> None:
-        """Stop ``model`` (aborting a start in progress) and report ``Stopped(model)``."""
+    def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
+        """Stop ``model`` (aborting a start in progress) and report ``Stopped(model)``. ``cut``:
+        end the requests still in flight on it rather than let them finish or fail by themselves."""
 
     def grant(self, req_id: int, model: str) -> bool:
         """Hands the request its lease; reports whether the requester was still waiting."""
@@ -295,6 +296,19 @@ class Scheduler:
             self._retiring.discard(model)  # the next child starts with the new config anyway
             self._drain(now)
 
+    def on_unreachable(self, model: str, now: float) -> None:
+        """A ready child refuses connections: stop it (requests still on it are cut, as they are
+        failing anyway), so the next request restarts it. Counts toward the crash-loop backoff
+        like a quick crash, so a child that keeps doing this is not restarted per request."""
+        slot = self._slots.get(model)
+        if slot is None or slot.state is not State.READY:
+            return
+        self._note_life(model, now, crashed=True)
+        # Not cut: requests granted to it will be refused too and retry; ones mid-stream on a
+        # dead child end by themselves. Cutting them would drop them without an answer.
+        self._stop(model, cut=False)
+        self._drain(now)
+
     def on_tick(self, now: float) -> None:
         for model, slot in self._slots.items():
             cfg = self._config.models.get(model)
@@ -496,7 +510,9 @@ class Scheduler:
     def _backoff(self, model: str, now: float) -> SwapperError | None:
         """The error for a start of ``model`` refused because its loads keep failing, if any."""
         failures = self._failures.get(model)
-        if failures is None or now >= failures.retry_at:
+        # Below the threshold there is no window at all: a request stamped a moment before the
+        # failure was handled (it waited in the inbox behind it) must not be refused.
+        if failures is None or failures.count < BACKOFF_AFTER_FAILURES or now >= failures.retry_at:
             return None
         wait = failures.retry_at - now
         return ModelLoadFailed(
@@ -520,13 +536,13 @@ class Scheduler:
         if self._by_id.pop(req.req_id, None) is not None:
             self._slots[req.model].admitted -= 1
 
-    def _stop(self, model: str) -> None:
+    def _stop(self, model: str, *, cut: bool = True) -> None:
         # Any stop ends a retirement: an unload of a retiring model followed by its drain would
         # otherwise stop it twice, and the second Stopped would mark its next child stopped.
         self._retiring.discard(model)
         self._slots[model].state = State.STOPPING
         cfg = self._config.models.get(model)  # None: removed by a reload, still draining
-        self._fx.stop(model, cfg.unload_timeout if cfg else DEFAULT_UNLOAD_TIMEOUT)
+        self._fx.stop(model, cfg.unload_timeout if cfg else DEFAULT_UNLOAD_TIMEOUT, cut=cut)
 
     def _drop_removed(self) -> None:
         """Forgets models a reload removed, once they are stopped and nobody holds them."""

@@ -39,7 +39,7 @@ class FakeEffects:
         self.starts.append((model, start_id))
         self.log.append(f"start {model}")
 
-    def stop(self, model: str, grace: float) -> None:
+    def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
         self.stops.append(model)
         self.log.append(f"stop {model}")
 

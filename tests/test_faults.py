@@ -34,7 +34,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from swapper.config import Config
 from swapper.errors import ModelLoadFailed
 from swapper.scheduler import BACKOFF_CAP, STABLE_SECONDS, State
 from tests.conftest import TAG_ENV
+from tests.frontserver import FrontTestServer
 from tests.rawhttp import read_request
 from tests.test_scheduler import Harness
 from tests.test_swapping import FAKE, ClientFactory, chat, client_for, fake_config, free_port, pid_of, runloop
@@ -55,6 +56,13 @@ from tests.test_swapping import FAKE, ClientFactory, chat, client_for, fake_conf
 WaitUntil = Callable[..., Awaitable[None]]
 
 CHAT = "/v1/chat/completions"
+
+
+def front_handed(client: TestClient[Any, Any]) -> int:
+    """How many connections the front door handed to aiohttp (tests/frontserver.py)."""
+    server = client.server
+    assert isinstance(server, FrontTestServer)
+    return server.front_site.front.handed
 
 
 def with_model(cfg: Config, model: str, **changes: Any) -> Config:
@@ -474,6 +482,52 @@ async def test_a_child_that_dies_on_every_first_request_backs_off(
     assert err["code"] == "model_load_backoff" and "after it became ready" in err["message"]
     assert int(resp.headers["Retry-After"]) >= 1
     assert pid_of(client, "a") is None
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["front door", "aiohttp path"])
+async def test_a_child_that_stops_listening_is_restarted_not_a_502(
+    aiohttp_client: ClientFactory, chunked: bool
+) -> None:
+    # After one answer the child closes its listener but stays alive, counted ready: the next
+    # request is refused. It must be restarted and the request served, not answered 502. A
+    # chunked upload is handed to aiohttp's path (routes.py); a sized one stays on the front door.
+    client = await client_for(aiohttp_client, fake_config({"a": "--deaf-after 1"}))
+    await chat(client, "a")
+    first = pid_of(client, "a")
+    payload = json.dumps({"model": "a", "stream": True, "max_tokens": 2}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield payload
+
+    data: Any = chunks() if chunked else payload
+    resp = await client.post(CHAT, data=data, headers={"Content-Type": "application/json"})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    assert pid_of(client, "a") not in (None, first)  # a new child answered
+    assert first is not None and not psutil.pid_exists(first)  # stopped and reaped before the restart
+    await runloop(client).wait_idle()
+    assert runloop(client).snapshot()["a"].status.in_flight == 0
+    assert front_handed(client) == (1 if chunked else 0)
+
+
+def test_unreachable_stops_a_ready_model_once_and_counts_toward_backoff() -> None:
+    h = Harness("a")
+    rid = h.req("a")
+    h.ready("a")
+    h.done(rid)
+    h.s.on_unreachable("a", h.now)
+    assert h.fx.stops == ["a"] and h.s.state("a") is State.STOPPING
+    h.s.on_unreachable("a", h.now)  # a second report of the same child: nothing more
+    assert h.fx.stops == ["a"]
+    r2 = h.req("a")  # waits for the stop, then restarts the model
+    h.stopped("a")
+    assert len(h.fx.starts) == 2
+    h.ready("a")
+    assert r2 in h.fx.grants
+    h.done(r2)
+    h.s.on_unreachable("a", h.now)  # again at once: the second quick failure in a row
+    h.stopped("a")
+    assert h.fx.failures[h.req("a")].code == "model_load_backoff"
 
 
 # ---- swapper SIGKILLed ------------------------------------------------------------------------

@@ -318,7 +318,7 @@ class World:
             assert self.now >= self.last_failure[model] + window, f"start of {model} inside its backoff"
         self.loading[model] = start_id
 
-    def stop(self, model: str, grace: float) -> None:
+    def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
         assert model not in self.stopping, f"second stop of {model}"
         if not self.admin and model in self.up:
             busy = [

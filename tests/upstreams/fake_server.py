@@ -29,6 +29,8 @@ Behaviour flags (all optional except --port):
                          builds do (a readiness line that /health does not yet agree with)
   --alloc-mib N          allocate and touch N MiB of RAM before listening
   --exit-after S         crash (rc 2) S seconds after start, whatever it is doing
+  --deaf-after N         after answering N requests (not counting /health), stop listening and
+                         close the connection, but stay alive: new connections are refused
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -173,6 +175,8 @@ class Server:
         self.term_pending = False
         self.ready_at = START + args.load_delay
         self.stream_bytes = 0  # body bytes of streamed responses, for --crash-after-bytes
+        self.answered = 0  # requests other than /health, for --deaf-after
+        self.listener: asyncio.Server | None = None
 
     def healthy(self) -> bool:
         a = self.args
@@ -240,6 +244,12 @@ class Server:
             status, obj = 400, {"error": {"message": str(exc), "type": "invalid_request_error"}}
         if req.path != "/health":
             log(f"{req.method} {req.path} {status}")
+            self.answered += 1
+            if self.args.deaf_after is not None and self.answered >= self.args.deaf_after:
+                keep = False
+                if self.listener is not None and self.listener.is_serving():
+                    self.listener.close()
+                    log(f"deaf after {self.answered} requests: no longer accepting connections")
         return await self.send_json(writer, status, obj, keep_alive=keep, head_only=req.method == "HEAD")
 
     # --- streaming -----------------------------------------------------------------------
@@ -458,6 +468,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--print-early-ready", action="store_true")
     p.add_argument("--alloc-mib", type=int, default=0)
     p.add_argument("--exit-after", type=float, default=None)
+    p.add_argument("--deaf-after", type=int, default=None)
     return p.parse_args(argv)
 
 
@@ -488,6 +499,7 @@ async def main(argv: list[str]) -> None:
     if args.fork_grandchild:
         fork_grandchild()
     srv = await asyncio.start_server(server.handle_conn, args.host, args.port, limit=MAX_HEADER_BYTES)
+    server.listener = srv
     log(f"accepting connections on {args.host}:{args.port} (model loading)")
     if args.print_early_ready:
         log(f"HTTP server is listening, hostname: {args.host}, port: {args.port}")
@@ -501,7 +513,9 @@ async def main(argv: list[str]) -> None:
             ready_msg = "model loaded"
         loop.call_at(server.ready_at, log, ready_msg)
     async with srv:
-        await srv.serve_forever()
+        await srv.start_serving()
+        await asyncio.get_running_loop().create_future()  # until a signal ends the process (a
+        # closed listener, --deaf-after, must not end it, as serve_forever() would)
     del ballast
 
 
