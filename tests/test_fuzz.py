@@ -5,8 +5,8 @@ content types and queries, it returns a result or raises ``BadRequest``, nothing
 body is a well-formed JSON object, multipart form or urlencoded form naming a model, it finds it.
 
 Part 2, ``Scheduler``: a random sequence of messages (acquire, release, client leaves, Started ok
-or failed, stale Started, Stopped, child crash, tick, time passing, unload, config reload of one
-model, shutdown) is played
+or failed, stale Started, Stopped, child crash, child refusing connections, tick, time passing,
+unload, config reload of one model, shutdown) is played
 against the pure scheduler under a random planner (one at a time, disjoint, or a random symmetric
 conflict graph). ``World`` stands in for the run loop and keeps the Effects contract the way
 ``runloop.py`` does: a start yields exactly one ``Started`` unless a stop cancels it (then the
@@ -400,6 +400,15 @@ class World:
         self._life_ended(model, crashed=True)
         self.sched.on_child_exited(model, self.now)
 
+    def unreachable(self, model: str) -> None:
+        """A request found the ready child refusing connections: it is stopped (a stop that may
+        hit a busy model, like an unload) and counts as a quick crash."""
+        self._life_ended(model, crashed=True)
+        self.admin = True
+        self.sched.on_unreachable(model, self.now)
+        self.admin = False
+        assert model in self.stopping, f"unreachable {model} was not stopped"
+
     def _life_ended(self, model: str, *, crashed: bool) -> None:
         ready_at = self.ready_at.pop(model, None)
         if ready_at is None:
@@ -516,6 +525,7 @@ def enabled(world: World) -> list[Action]:
     actions += [(kind, i) for i in range(len(world.stale)) for kind in ("stale_ok", "stale_fail")]
     actions += [("stopped", m) for m in sorted(world.stopping)]
     actions += [("crash", m) for m in sorted(world.up)]
+    actions += [("unreachable", m) for m in sorted(world.up)]
     actions += [("tick", dt) for dt in DTS[::2]] + [("advance", dt) for dt in DTS[1::2]]
     actions += [("unload", (m,)) for m in world.models[:2]] + [("unload", world.models)]
     actions += [("reload", m) for m in world.models[:2]]
@@ -541,6 +551,8 @@ def play(world: World, action: Action) -> None:
         world.stopped(arg)
     elif kind == "crash":
         world.crash(arg)
+    elif kind == "unreachable":
+        world.unreachable(arg)
     elif kind == "tick":
         world.now += arg
         world.sched.on_tick(world.now)
