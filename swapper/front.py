@@ -118,7 +118,7 @@ class Front:
         since = time.monotonic() - KEEPALIVE
         for conn in list(self.conns):
             conn.close_if_idle(since)
-        self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE / 8, self.sweep_idle)
+        self._sweeper = self.loop.call_later(KEEPALIVE / 8, self.sweep_idle)
 
     def begin_shutdown(self) -> None:
         """Closes idle connections; busy ones close once their current response is complete."""

@@ -420,9 +420,7 @@ class _Conn(asyncio.Protocol):
 
     def pipe(self, sink: Callable[[bytes, bool], None]) -> None:
         self._sink = sink
-        if self._paused and self.transport is not None and not self._lost:
-            self._paused = False
-            self.transport.resume_reading()
+        self.pause_reading(False)  # a high-water pause is the sink owner's to manage from now on
         if self._chunks or self._state == _DONE:
             self._flush_to_sink()
 
