@@ -11,6 +11,10 @@ One run, rounds alternating the two targets (the order flips every round), media
 * for reference, the upstream's own CPU per request in the direct phases: on a VM a process that
   sleeps between requests pays a large fixed cost per wake-up at c=1, and a proxy is woken twice
   per request (by the client, then by the upstream);
+* nginx as a reference proxy in the same rounds when an ``nginx`` binary is found (``--nginx``;
+  Debian: ``apt-get install nginx-light``): one process, keep-alive to the upstream, no buffering.
+  The performance targets were set from nginx's figures on a calm machine (+32 us, 16 us of CPU per
+  request); on a VM whose wake-ups got dearer nginx pays that too, and this column shows by how much;
 * swapper RSS idle (after start-up and warm-up, and after the run) and with ``--queued``
   requests waiting on a model that takes 30 s to load (tests/upstreams/fake_server.py
   --load-delay 30), measured once they are all admitted; then the clients leave.
@@ -39,6 +43,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -371,6 +376,61 @@ async def swapper(config: str, root: Path = ROOT) -> AsyncIterator[Swapper]:
         os.unlink(path)
 
 
+NGINX_CONF = """\
+daemon off;
+master_process off;  # one process, so its CPU is the whole cost
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream up {{ server {host}:{up_port}; keepalive 256; }}
+  server {{
+    listen {host}:{port};
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def nginx(binary: str, up_port: int) -> AsyncIterator[Swapper]:
+    """nginx proxying to ``up_port``, as a reference (a ``Swapper`` only in shape: port and process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        conf = Path(tmp) / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=tmp, host=HOST, up_port=up_port, port=port))
+        proc = subprocess.Popen([binary, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"])  # noqa: ASYNC220
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError):
+                    _, reply = await Pool(port).call(f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                    if reply.status == 200:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not start: {(Path(tmp) / 'error.log').read_text()}")
+                await asyncio.sleep(0.05)
+            yield Swapper(port, psutil.Process(proc.pid))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def fast_config(up_port: int, slow_port: int, args: argparse.Namespace) -> str:
     return f"""\
 healthCheckTimeout: 60
@@ -417,10 +477,10 @@ class Results:
         values = self.rows.get(metric, {}).get(target, [])
         return statistics.median(values) if values else float("nan")
 
-    def compare(self, metric: str, *, ratio: bool) -> None:
-        """Records this round's swapper-vs-direct figure (difference or ratio) for ``metric``."""
-        d, s = self.last(metric, "direct"), self.last(metric, "swapper")
-        self.add(metric + (" ratio" if ratio else " added"), "swapper", s / d if ratio else s - d)
+    def compare(self, metric: str, target: str, *, ratio: bool) -> None:
+        """Records this round's target-vs-direct figure (difference or ratio) for ``metric``."""
+        d, s = self.last(metric, "direct"), self.last(metric, target)
+        self.add(metric + (" ratio" if ratio else " added"), target, s / d if ratio else s - d)
 
 
 async def bench_upstream(name: str, args: argparse.Namespace) -> None:
@@ -434,11 +494,15 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
     }
     stream_body = {**small_body, "max_tokens": args.chunks, "stream": True}
     res = Results()
-    async with swapper(config) as sw:
-        ports = {"direct": up_port, "swapper": sw.port}
+    async with contextlib.AsyncExitStack() as stack:
+        sw = await stack.enter_async_context(swapper(config))
+        proxies = {"swapper": sw}
+        await run_requests(sw.port, post("/v1/chat/completions", small_body, sw.port), 50, 1)  # loads it
+        if args.nginx:
+            proxies["nginx"] = await stack.enter_async_context(nginx(args.nginx, up_port))
+        ports = {"direct": up_port} | {t: p.port for t, p in proxies.items()}
         small = {t: post("/v1/chat/completions", small_body, p) for t, p in ports.items()}
         stream = {t: post("/v1/chat/completions", stream_body, p) for t, p in ports.items()}
-        await run_requests(sw.port, small["swapper"], 50, 1)  # loads the model
         await asyncio.sleep(0.5)
         rss_idle = sw.rss_mib()
 
@@ -448,32 +512,36 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
             t = upstream.cpu_times()
             return t.user + t.system
 
-        async def timed(run: Awaitable[Phase]) -> Phase:
-            cpu, up_cpu = sw.cpu(), upstream_cpu()
+        async def timed(target: str, run: Awaitable[Phase]) -> Phase:
+            proxy = proxies.get(target)
+            cpu, up_cpu = proxy.cpu() if proxy else 0.0, upstream_cpu()
             phase = await run
-            phase.cpu = sw.cpu() - cpu
+            phase.cpu = proxy.cpu() - cpu if proxy else 0.0
             phase.upstream_cpu = upstream_cpu() - up_cpu
             return phase
 
+        targets = list(ports)
         for rnd in range(args.rounds):
-            order = ["direct", "swapper"] if rnd % 2 == 0 else ["swapper", "direct"]
+            order = targets if rnd % 2 == 0 else targets[::-1]
             for conc, n in ((1, args.requests), (32, args.requests * 3)):
                 for t in order:
-                    ph = await timed(run_requests(ports[t], small[t], n, conc))
+                    ph = await timed(t, run_requests(ports[t], small[t], n, conc))
                     res.add(f"c{conc} p50", t, ph.pct(50) * 1e6)
                     res.add(f"c{conc} p99", t, ph.pct(99) * 1e6)
                     res.add(f"c{conc} rps", t, ph.requests / ph.seconds)
                     res.add(f"c{conc} cpu/req", t, ph.cpu / ph.requests * 1e6)
                     res.add(f"c{conc} upstream cpu/req", t, ph.upstream_cpu / ph.requests * 1e6)
-                res.compare(f"c{conc} p50", ratio=False)
-                res.compare(f"c{conc} p99", ratio=False)
-                res.compare(f"c{conc} rps", ratio=True)
+                for t in proxies:
+                    res.compare(f"c{conc} p50", t, ratio=False)
+                    res.compare(f"c{conc} p99", t, ratio=False)
+                    res.compare(f"c{conc} rps", t, ratio=True)
             for t in order:
-                ph = await timed(run_streams(ports[t], stream[t], args.streams, args.waves))
+                ph = await timed(t, run_streams(ports[t], stream[t], args.streams, args.waves))
                 res.add("chunks/s", t, ph.events / ph.seconds)
                 res.add("events/stream", t, ph.events / ph.requests)
                 res.add("cpu/chunk", t, ph.cpu / max(ph.events, 1) * 1e6)
-            res.compare("chunks/s", ratio=True)
+            for t in proxies:
+                res.compare("chunks/s", t, ratio=True)
             print(f"  {name}: round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         await asyncio.sleep(0.5)
         rss_after = sw.rss_mib()
@@ -553,50 +621,71 @@ def report(
 ) -> None:
     m = res.med
     fast = name == "fast"
+    ref = "nginx" in res.rows.get("c1 p50", {})
 
-    def row(label: str, direct: str = "", swapper: str = "", versus: str = "", target: str = "") -> None:
-        print(f"  {label:<36}{direct:>10}{swapper:>10}{versus:>12}   {target}")
+    def row(
+        label: str,
+        direct: str = "",
+        sw: tuple[str, str] = ("", ""),
+        ngx: tuple[str, str] = ("", ""),
+        target: str = "",
+    ) -> None:
+        cells = f"{direct:>10}{sw[0]:>10}{sw[1]:>11}" + (f"{ngx[0]:>10}{ngx[1]:>11}" if ref else "")
+        print(f"  {label:<38}{cells}   {target}")
+
+    def both(fmt: str, metric: str, versus: str = "", vfmt: str = "") -> dict[str, tuple[str, str]]:
+        out = {}
+        for t in ("swapper", "nginx"):
+            value = m(metric, t)
+            vs = f"{m(versus, t):{vfmt}}" if versus else ""
+            out["sw" if t == "swapper" else "ngx"] = (f"{value:{fmt}}" if value == value else "", vs)
+        return out
 
     print()
     print(
-        f"{name} upstream: {args.rounds} rounds alternating direct/swapper, medians over rounds; "
+        f"{name} upstream: {args.rounds} rounds alternating targets, medians over rounds; "
         f"{args.requests} requests at c=1, {args.requests * 3} at c=32, "
         f"{args.streams} streams x {args.chunks} chunks x {args.waves} waves per round"
     )
-    row("", "direct", "swapper", "vs direct", "target")
+    row("", "direct", ("swapper", "vs direct"), ("nginx", "vs direct"), "target")
     for c in (1, 32):
         for q in ("p50", "p99"):
             goal = "added <= 200 us" if (c, q, fast) == (1, "p50", True) else ""
-            d, s, added = m(f"c{c} {q}", "direct"), m(f"c{c} {q}", "swapper"), m(f"c{c} {q} added", "swapper")
-            row(f"latency c={c} {q} (us)", f"{d:.0f}", f"{s:.0f}", f"{added:+.0f}", goal)
-        d, s, ratio = m(f"c{c} rps", "direct"), m(f"c{c} rps", "swapper"), m(f"c{c} rps ratio", "swapper")
-        row(f"requests/s c={c}", f"{d:.0f}", f"{s:.0f}", f"{ratio:.3f}x")
-        row(f"swapper CPU/request c={c} (us)", "", f"{m(f'c{c} cpu/req', 'swapper'):.0f}", "", "<= 150 us")
+            row(
+                f"latency c={c} {q} (us)",
+                f"{m(f'c{c} {q}', 'direct'):.0f}",
+                **both(".0f", f"c{c} {q}", f"c{c} {q} added", "+.0f"),
+                target=goal,
+            )
+        row(
+            f"requests/s c={c}",
+            f"{m(f'c{c} rps', 'direct'):.0f}",
+            **both(".0f", f"c{c} rps", f"c{c} rps ratio", ".3f"),
+        )
+        row(f"proxy CPU/request c={c} (us)", "", **both(".0f", f"c{c} cpu/req"), target="<= 150 us")
         # What one request costs the upstream itself: on a VM, a process woken per request pays
         # a large fixed cost per wake-up at c=1, which the proxy pays twice (client and upstream).
         up = m(f"c{c} upstream cpu/req", "direct")
-        row(f"  upstream's own CPU/request c={c} (us)", f"{up:.0f}", "", "", "(reference)")
-    d, s, ratio = m("chunks/s", "direct"), m("chunks/s", "swapper"), m("chunks/s ratio", "swapper")
+        row(f"  upstream's own CPU/request c={c} (us)", f"{up:.0f}", target="(reference)")
     row(
         f"chunks/s, {args.streams} streams",
-        f"{d:.0f}",
-        f"{s:.0f}",
-        f"{ratio:.3f}x",
-        ">= 0.95x" if fast else "",
+        f"{m('chunks/s', 'direct'):.0f}",
+        **both(".0f", "chunks/s", "chunks/s ratio", ".3f"),
+        target=">= 0.95x" if fast else "",
     )
-    row(
-        "SSE events per stream", f"{m('events/stream', 'direct'):.1f}", f"{m('events/stream', 'swapper'):.1f}"
-    )
-    row("swapper CPU/chunk (us)", "", f"{m('cpu/chunk', 'swapper'):.1f}", "", "<= 10 us")
-    row("swapper RSS idle (MiB)", "", f"{rss_idle:.1f}", "", "<= 60 MB")
-    row("swapper RSS after the run (MiB)", "", f"{rss_after:.1f}")
+    row("SSE events per stream", f"{m('events/stream', 'direct'):.1f}", **both(".1f", "events/stream"))
+    row("proxy CPU/chunk (us)", "", **both(".1f", "cpu/chunk"), target="<= 10 us")
+    row("swapper RSS idle (MiB)", "", (f"{rss_idle:.1f}", ""), target="<= 60 MB")
+    row("swapper RSS after the run (MiB)", "", (f"{rss_after:.1f}", ""))
     if queued is not None:
         n, rss_q, rss_left = queued
-        row(f"swapper RSS, {n:.0f} queued (MiB)", "", f"{rss_q:.1f}", "", "<= 120 MB")
-        row("swapper RSS after they left (MiB)", "", f"{rss_left:.1f}")
+        row(f"swapper RSS, {n:.0f} queued (MiB)", "", (f"{rss_q:.1f}", ""), target="<= 120 MB")
+        row("swapper RSS after they left (MiB)", "", (f"{rss_left:.1f}", ""))
     for metric in ("c1 p50 added", "chunks/s ratio"):
-        values = res.rows.get(metric, {}).get("swapper", [])
-        print(f"  per round, {metric}: {', '.join(f'{v:.3g}' for v in values)}")
+        for t in ("swapper", "nginx"):
+            values = res.rows.get(metric, {}).get(t, [])
+            if values:
+                print(f"  per round, {t} {metric}: {', '.join(f'{v:.3g}' for v in values)}")
     sys.stdout.flush()
 
 
@@ -611,6 +700,11 @@ async def main() -> None:
     ap.add_argument("--queued", type=int, default=1000)
     ap.add_argument("--skip-queue", action="store_true", help="skip the RSS-with-queued-requests phase")
     ap.add_argument("--llama-ctx", type=int, default=256)
+    ap.add_argument(
+        "--nginx",
+        default=shutil.which("nginx") or shutil.which("/usr/sbin/nginx") or "",
+        help="nginx binary for the reference column ('' to leave it out); found on PATH by default",
+    )
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * args.queued + 1024))
