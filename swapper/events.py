@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from aiohttp import web
 
@@ -120,13 +120,29 @@ class Observer:
         """The bus closed (server shutdown): streams end now."""
 
 
+_HOOKS: Final = (
+    "model_state",
+    "child_ready",
+    "child_start_failed",
+    "child_exited",
+    "request_started",
+    "request_granted",
+    "request_finished",
+    "log_line",
+    "closed",
+)
+
+
 class EventBus:
     """The fan-out. ``subscribe`` observers; the publishers call the other methods."""
 
     def __init__(self) -> None:
-        # A tuple, rebuilt on (rare) changes, so that publishing iterates without copying and
-        # an observer may unsubscribe while being notified.
         self._observers: tuple[Observer, ...] = ()
+        # hook name -> the bound hooks of the observers that override it. Tuples, rebuilt on
+        # (rare) changes, so that publishing iterates without copying, an observer may
+        # unsubscribe while being notified, and a fact nobody listens to (most request facts,
+        # with no event stream open) costs a dict lookup: this runs several times per request.
+        self._hooks: dict[str, tuple[Callable[..., None], ...]] = dict.fromkeys(_HOOKS, ())
         self._states: dict[str, State] = {}
         self._in_flight: dict[int, RequestTrack] = {}
         self._closed = False
@@ -135,14 +151,23 @@ class EventBus:
         if self._closed:
             observer.closed()
             return
-        self._observers = (*self._observers, observer)
+        self._set_observers((*self._observers, observer))
 
     def unsubscribe(self, observer: Observer) -> None:
-        self._observers = tuple(o for o in self._observers if o is not observer)
+        self._set_observers(tuple(o for o in self._observers if o is not observer))
+
+    def _set_observers(self, observers: tuple[Observer, ...]) -> None:
+        self._observers = observers
+        self._hooks = {
+            hook: tuple(
+                getattr(o, hook) for o in observers if getattr(type(o), hook) is not getattr(Observer, hook)
+            )
+            for hook in _HOOKS
+        }
 
     def close(self) -> None:
         self._closed = True
-        self._notify(lambda o: o.closed())
+        self._notify("closed")
 
     def states(self) -> Mapping[str, State]:
         """Each model's state as of the last run-loop message (empty before the first)."""
@@ -167,39 +192,40 @@ class EventBus:
                 self._announce(model, old, new)
 
     def _announce(self, model: str, old: State, new: State) -> None:
-        self._notify(lambda o: o.model_state(model, old, new))
+        self._notify("model_state", model, old, new)
 
     def child_ready(self, model: str, load_seconds: float) -> None:
-        self._notify(lambda o: o.child_ready(model, load_seconds))
+        self._notify("child_ready", model, load_seconds)
 
     def child_start_failed(self, model: str, error: str) -> None:
-        self._notify(lambda o: o.child_start_failed(model, error))
+        self._notify("child_start_failed", model, error)
 
     def child_exited(self, model: str, pid: int, returncode: int) -> None:
-        self._notify(lambda o: o.child_exited(model, pid, returncode))
+        self._notify("child_exited", model, pid, returncode)
 
     def track(self, req_id: int, model: str, route: str, method: str, path: str) -> RequestTrack:
         """Starts tracking one request; its handler must call ``done()`` in ``finally``."""
         req = RequestTrack(self, req_id, model, route, method, path)
         self._in_flight[req_id] = req
-        self._notify(lambda o: o.request_started(req))
+        self._notify("request_started", req)
         return req
 
     def log_line(self, source: str, line: str) -> None:
-        self._notify(lambda o: o.log_line(source, line))
+        self._notify("log_line", source, line)
 
     def _request_granted(self, req: RequestTrack) -> None:
-        self._notify(lambda o: o.request_granted(req))
+        self._notify("request_granted", req)
 
     def _request_done(self, req: RequestTrack) -> None:
         if self._in_flight.pop(req.req_id, None) is not None:
-            self._notify(lambda o: o.request_finished(req))
+            self._notify("request_finished", req)
 
-    def _notify(self, call: Callable[[Observer], None]) -> None:
-        for observer in self._observers:
+    def _notify(self, hook: str, *args: object) -> None:
+        for call in self._hooks[hook]:
             try:
-                call(observer)
+                call(*args)
             except Exception:
+                observer = call.__self__  # type: ignore[attr-defined]  # a bound method
                 self.unsubscribe(observer)
                 log.exception("event observer %r failed and was dropped", observer)
 

@@ -125,17 +125,14 @@ class RunLoop:
         queue, a refusal) is then served by the full ``acquire`` path instead. Pair a lease with
         ``release`` in ``finally``, as with ``acquire``; the calling task is the lease's holder.
         """
-        now = time.monotonic()
-        if not self._may_inline() or not self._sched.serves_now(model, now):
+        if not self._may_inline() or not self._sched.admit_now(req_id, model, time.monotonic()):
             return None
-        loop = self._loop  # set while running; cached: get_running_loop() costs a getpid()
-        assert loop is not None
-        reply: asyncio.Future[Lease] = loop.create_future()
-        self._process(Acquire(req_id, model, reply, now, None, asyncio.current_task(loop)))
-        if reply.done() and not reply.cancelled() and reply.exception() is None:
-            return reply.result()
-        self._process(Release(req_id, now))  # cannot happen while serves_now tells the truth
-        return None
+        # No message, no future: the scheduler took it in flight, and serving changes no state,
+        # so there is nothing to settle or announce (what _process would do after an Acquire).
+        task = asyncio.current_task(self._loop)  # the cached loop: get_running_loop() costs a getpid()
+        if task is not None:
+            self._holders[req_id] = task
+        return Lease(req_id, model, self.config.models[model].proxy, self._pid(model))
 
     async def reacquire(self, lease: Lease) -> Lease:
         """After the upstream refused ``lease``'s connection: releases it, reports the child as

@@ -237,6 +237,20 @@ class Scheduler:
             return False
         return not self._queue or model not in self._claimed(now)
 
+    def admit_now(self, req_id: int, model: str, now: float) -> bool:
+        """``on_acquire`` for a request ``serves_now`` says is served at once, minus the Effects
+        grant: True with the request in flight (the caller hands out its lease), else False with
+        nothing changed. Serving a ready model changes no state, so the caller owes no effects."""
+        if not self.serves_now(model, now):
+            return False
+        self._seq += 1
+        req = Request(req_id, model, now, self._seq, self._config.models[model].priority)
+        slot = self._slots[model]
+        slot.admitted += 1
+        self._by_id[req_id] = req
+        slot.in_flight.add(req_id)
+        return True
+
     def on_release(self, req_id: int, now: float) -> None:
         req = self._by_id.pop(req_id, None)
         if req is None:

@@ -362,6 +362,21 @@ class World:
         self.waiting.add(self.next_id)
         self.sched.on_acquire(self.next_id, model, self.now)
 
+    def acquire_now(self, model: str) -> None:
+        """The front door's fast path: granted at once, exactly when an Acquire would be."""
+        self.next_id += 1
+        self.model_of[self.next_id] = model
+        would = self.sched.serves_now(model, self.now)
+        before = (self.sched.status(self.now), self.sched.queue_position(self.next_id))
+        if self.sched.admit_now(self.next_id, model, self.now):
+            assert would, f"admit_now took {model} when serves_now said no"
+            self.waiting.add(self.next_id)
+            assert self.grant(self.next_id, model)  # the same checks as a grant by Effects
+        else:
+            assert not would, f"admit_now refused {model} when serves_now said yes"
+            assert (self.sched.status(self.now), self.sched.queue_position(self.next_id)) == before
+            del self.model_of[self.next_id]  # it never entered (the client goes on to acquire)
+
     def release(self, req_id: int) -> None:
         if req_id in self.waiting:
             self.released_unanswered.add(req_id)
@@ -517,6 +532,7 @@ def enabled(world: World) -> list[Action]:
     """Every message the world could deliver next, from its current state."""
     actions: list[Action] = [("acquire", m) for m in world.models for _ in range(2)]
     actions.append(("acquire", GHOST))
+    actions += [("acquire_now", m) for m in world.models]
     actions += [("finish", r) for r in sorted(world.in_flight)]
     unanswered = sorted(world.waiting - world.gone)
     actions += [("leave", r) for r in unanswered] + [("leave_and_release", r) for r in unanswered]
@@ -536,6 +552,8 @@ def play(world: World, action: Action) -> None:
     kind, arg = action
     if kind == "acquire":
         world.acquire(arg)
+    elif kind == "acquire_now":
+        world.acquire_now(arg)
     elif kind in ("finish", "release"):
         world.release(arg)
     elif kind == "leave":
