@@ -91,3 +91,14 @@ def test_well_formed_heads_are_read_exactly(
 )
 def test_ambiguous_heads_are_left_to_aiohttp(bad: str, version: str) -> None:
     assert _parse_head(f"POST /v1/chat/completions {version}\r\n{bad}".encode()) is None
+
+
+@given(
+    before=st.sampled_from(["", "a", "text/plain"]),
+    breaker=st.sampled_from(["\n", "\r", "\n\t", "\rX-Evil: 1"]),
+    after=st.sampled_from(["", "b", "X-Evil: 1"]),
+)
+def test_a_bare_cr_or_lf_inside_a_header_is_refused(before: str, breaker: str, after: str) -> None:
+    # Forwarded as is, a bare line break could split one header into two at the upstream.
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nX-Note: {before}{breaker}{after}\r\nContent-Length: 2"
+    assert _parse_head(head.encode()) is None
