@@ -423,14 +423,24 @@ async def test_batched_output_arrives_whole_in_order_and_in_few_reads() -> None:
 
 
 async def test_a_stop_reads_batched_output_at_once() -> None:
-    script = "import sys, time\nprint('first', flush=True)\nprint('second', flush=True)\ntime.sleep(60)\n"
+    # The child's last words come on SIGTERM, while its pipe rests after reading "first": only a
+    # stop (or the exit it causes) that wakes the pipe sees them, and the pipe's close, without
+    # waiting out the rest.
+    # One write per line: a line split over two reads would wait out the rest in between.
+    script = (
+        "import os, signal, sys, time\n"
+        "def bye(*_):\n    os.write(1, b'second\\n')\n    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "os.write(1, b'first\\n')\n"
+        "time.sleep(60)\n"
+    )
     lines = Lines()
     child = Child(script_model(script), on_line=lines)
     await child.spawn()
+    child.batch_output(3600.0)  # before the first read: the pipe rests for an hour after it
     await lines.wait_for("first")
-    child.batch_output(3600.0)  # the pipe would rest for an hour after each read
     began = time.monotonic()
-    await child.stop(grace=2.0)
-    await lines.wait_for("second", within=1.0)
+    await child.stop(grace=10.0)
+    await lines.wait_for("second", within=10.0)
     assert child.exited()
     assert time.monotonic() - began < 30, "the stop waited for the resting pipe"
