@@ -297,7 +297,7 @@ async def run_requests(port: int, data: bytes, total: int, concurrency: int) -> 
             left -= 1
             began, reply = await pool.call(data)
             if reply.status != 200:
-                raise RuntimeError(f"HTTP {reply.status}")
+                raise RuntimeError(f"HTTP {reply.status} from port {port}")
             phase.latencies.append(reply.done - began)
             phase.events += reply.events
 
@@ -320,7 +320,7 @@ async def run_streams(port: int, data: bytes, streams: int, waves: int) -> Phase
         replies = await asyncio.gather(*(pool.call(data) for _ in range(streams)))
         for start, reply in replies:
             if reply.status != 200:
-                raise RuntimeError(f"HTTP {reply.status}")
+                raise RuntimeError(f"HTTP {reply.status} from port {port}")
             phase.latencies.append(reply.done - start)
             phase.events += reply.events
     phase.seconds = time.perf_counter() - began
@@ -398,6 +398,9 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffering off;
+      # llama-server closes a keep-alive connection after a stream: retry a POST that met a
+      # closed one (as swapper does) instead of answering 502.
+      proxy_next_upstream error timeout non_idempotent;
     }}
   }}
 }}
