@@ -6,8 +6,10 @@ built once from the config (names, the deepest name, the compiled ``upstream.ign
 Must not touch: children or scheduler state. A passthrough request takes a lease from the run
 loop exactly like an inference request (``acquire`` → ``proxy.forward`` → ``release`` in
 ``finally``), so any method on any path loads or swaps the model, waits its turn in the queue,
-and keeps a busy model from being evicted. Bodies are forwarded untouched: no ``useModelName``,
-no filters (llama-swap's upstream chain has none either).
+and keeps a busy model from being evicted; it is tracked like one too (``/metrics`` and
+``/api/events``, route ``/upstream/{rest}``), and a connection refused by a ready model's child
+is retried once on a restarted child. Bodies are forwarded untouched: no ``useModelName``, no
+filters (llama-swap's upstream chain has none either).
 
 Semantics (reference §4.2, checklist 61 and 65):
 
@@ -38,6 +40,8 @@ from aiohttp import hdrs, web
 from swapper import cors, proxy
 from swapper.config import Config
 from swapper.errors import Conflict, ModelNotFound, SwapperError
+from swapper.events import track_request
+from swapper.messages import Lease
 from swapper.routes import RUNLOOP, SESSION, error_response, read_body
 from swapper.scheduler import State
 
@@ -121,12 +125,26 @@ async def _handle(request: web.Request, resolver: PathResolver) -> web.StreamRes
     except SwapperError as err:
         return error_response(err)
     req_id = runloop.new_request_id()
+    track = track_request(request, req_id, model)  # metrics and /api/events, as a model request
+    lease: Lease | None = None
     try:
         lease = await runloop.acquire(req_id, model)
+        track.granted()
+
+        async def retry() -> tuple[str, bytes]:
+            # Its child died (the exit is not in yet) or stopped listening: restart it, try again.
+            nonlocal lease
+            assert lease is not None
+            lease = await runloop.reacquire(lease)
+            return f"{lease.base_url}{rest}{qmark}{query}", body
+
         url = f"{lease.base_url}{rest}{qmark}{query}"
-        result = await proxy.forward(request, app[SESSION], url, body)
+        result = await proxy.forward(request, app[SESSION], url, body, on_refused=retry)
+        track.forwarded(result.status, result.ttfb)
         return result.response
     except SwapperError as err:
+        track.failed(err.status)
         return error_response(err)
     finally:
-        runloop.release(req_id)
+        runloop.release(req_id if lease is None else lease.req_id)
+        track.done()

@@ -15,6 +15,7 @@ from swapper.scheduler import State
 from swapper.server import make_app
 from swapper.upstream import PathResolver
 from tests.ops_helpers import ops_config, runloop
+from tests.test_metrics import scrape, settled, value
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -187,3 +188,28 @@ async def test_load_failure_is_reported(aiohttp_client: ClientFactory) -> None:
     resp = await client.get("/upstream/m1/")
     assert resp.status == 502
     assert (await resp.json())["error"]["code"] == "model_load_failed"
+
+
+async def test_passthrough_requests_are_tracked_like_model_requests(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m1": ""})))
+    assert (await client.get("/upstream/m1/props")).status == 200
+    assert (await client.post("/upstream/m1/v1/chat/completions", json={"max_tokens": 2})).status == 200
+    await settled(client)
+    samples = await scrape(client)
+    route = "/upstream/{rest}"  # the route's template: bounded, whatever the paths
+    assert value(samples, "swapper_requests_total", model="m1", route=route, status="2xx") == 2
+    assert value(samples, "swapper_queue_wait_seconds_count", model="m1") == 2
+    assert value(samples, "swapper_ttfb_seconds_count", model="m1") == 2
+
+
+async def test_passthrough_to_a_deaf_child_restarts_it_instead_of_502(aiohttp_client: ClientFactory) -> None:
+    # After one answer the child closes its listener but stays alive, counted ready: the next
+    # request is refused before anything was sent, so it is retried on a restarted child.
+    client = await aiohttp_client(make_app(ops_config({"m1": "--deaf-after 1"})))
+    assert (await client.get("/upstream/m1/props")).status == 200
+    first = runloop(client).snapshot()["m1"].pid
+    resp = await client.get("/upstream/m1/props")
+    assert resp.status == 200, await resp.text()
+    assert runloop(client).snapshot()["m1"].pid not in (None, first)
+    await settled(client)
+    assert runloop(client).snapshot()["m1"].status.in_flight == 0
