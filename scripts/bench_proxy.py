@@ -357,23 +357,33 @@ async def swapper(config: str, root: Path = ROOT) -> AsyncIterator[Swapper]:
         [*argv, "--log-level", "warn"], cwd=root, stdout=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError):
-                _, reply = await Pool(port).call(f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-                if reply.status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("swapper did not start")
-            await asyncio.sleep(0.05)
+        if not await wait_serving(proc, port, within=30):
+            raise RuntimeError("swapper did not start")
         yield Swapper(port, psutil.Process(proc.pid))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, grace=30)
         os.unlink(path)
+
+
+async def wait_serving(proc: subprocess.Popen[bytes], port: int, within: float) -> bool:
+    """Whether ``GET /health`` on ``port`` answered 200 before ``proc`` exited or time ran out."""
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(OSError):
+            _, reply = await Pool(port).call(f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            if reply.status == 200:
+                return True
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 NGINX_CONF = """\
@@ -416,22 +426,11 @@ async def nginx(binary: str, up_port: int) -> AsyncIterator[Swapper]:
         conf.write_text(NGINX_CONF.format(dir=tmp, host=HOST, up_port=up_port, port=port))
         proc = subprocess.Popen([binary, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"])  # noqa: ASYNC220
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                with contextlib.suppress(OSError):
-                    _, reply = await Pool(port).call(f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-                    if reply.status == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not start: {(Path(tmp) / 'error.log').read_text()}")
-                await asyncio.sleep(0.05)
+            if not await wait_serving(proc, port, within=10):
+                raise RuntimeError(f"nginx did not start: {(Path(tmp) / 'error.log').read_text()}")
             yield Swapper(port, psutil.Process(proc.pid))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc, grace=10)
 
 
 def fast_config(up_port: int, slow_port: int, args: argparse.Namespace) -> str:
