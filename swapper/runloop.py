@@ -152,7 +152,13 @@ class RunLoop:
         return self._sched.queue_position(req_id)
 
     def release(self, req_id: int) -> None:
-        self._post(Release(req_id, time.monotonic()))
+        now = time.monotonic()
+        if self._may_inline() and self._sched.release_now(req_id, now):
+            # The common release (nothing waits, nothing retires): no message, nothing to settle
+            # or announce, as with try_acquire's grant.
+            self._holders.pop(req_id, None)
+            return
+        self._post(Release(req_id, now))
 
     async def unload(self, models: Iterable[str] | None = None) -> None:
         """Stops ``models`` (every model when None) and returns once they have all stopped."""

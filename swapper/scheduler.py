@@ -251,6 +251,24 @@ class Scheduler:
         slot.in_flight.add(req_id)
         return True
 
+    def release_now(self, req_id: int, now: float) -> bool:
+        """``on_release`` of a request in flight while nothing is queued and nothing retires: the
+        same bookkeeping, and True. Such a release changes no state and serves no waiter, so the
+        caller owes no effects. False, with nothing changed, for any other release."""
+        if self._queue or self._retiring:
+            return False
+        req = self._by_id.get(req_id)
+        if req is None:
+            return False
+        slot = self._slots[req.model]
+        if req_id not in slot.in_flight:
+            return False
+        del self._by_id[req_id]
+        slot.admitted -= 1
+        slot.in_flight.discard(req_id)
+        slot.last_used = now
+        return True
+
     def on_release(self, req_id: int, now: float) -> None:
         req = self._by_id.pop(req_id, None)
         if req is None:

@@ -49,7 +49,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swapper import modelid
-from swapper.errors import BadRequest, ModelLoadFailed, SwapperError
+from swapper.errors import BadRequest, ConcurrencyLimit, ModelLoadFailed, SwapperError
 from swapper.scheduler import (
     BACKOFF_AFTER_FAILURES,
     BACKOFF_CAP,
@@ -345,6 +345,16 @@ class World:
         return True
 
     def fail(self, req_id: int, error: SwapperError) -> None:
+        if isinstance(error, ConcurrencyLimit):
+            # Only when the model's limit is really taken, by requests neither answered with an
+            # error nor released: a leaked admission would refuse requests for good.
+            model = self.model_of[req_id]
+            held = {
+                r for r in self.waiting | self.in_flight.keys() if r != req_id and self.model_of[r] == model
+            }
+            assert len(held) >= self.cfg.models[model].concurrency_limit, (
+                f"{model}: 429 with {len(held)} held"
+            )
         self._answer(req_id)
         assert isinstance(error, SwapperError) and 400 <= error.status < 600
 
@@ -376,6 +386,18 @@ class World:
             assert not would, f"admit_now refused {model} when serves_now said yes"
             assert (self.sched.status(self.now), self.sched.queue_position(self.next_id)) == before
             del self.model_of[self.next_id]  # it never entered (the client goes on to acquire)
+
+    def release_now(self, req_id: int) -> None:
+        """The run loop's fast release: the same outcome as a Release, or nothing changed."""
+        before = self.sched.status(self.now)
+        if not self.sched.release_now(req_id, self.now):
+            assert self.sched.status(self.now) == before, "release_now refused but changed something"
+            self.release(req_id)  # the run loop then posts the Release
+            return
+        assert self.in_flight.get(req_id) is not None, f"release_now took {req_id}, not in flight"
+        self.released.add(req_id)
+        self.gone.discard(req_id)
+        del self.in_flight[req_id]
 
     def release(self, req_id: int) -> None:
         if req_id in self.waiting:
@@ -533,7 +555,7 @@ def enabled(world: World) -> list[Action]:
     actions: list[Action] = [("acquire", m) for m in world.models for _ in range(2)]
     actions.append(("acquire", GHOST))
     actions += [("acquire_now", m) for m in world.models]
-    actions += [("finish", r) for r in sorted(world.in_flight)]
+    actions += [(kind, r) for r in sorted(world.in_flight) for kind in ("finish", "finish_now")]
     unanswered = sorted(world.waiting - world.gone)
     actions += [("leave", r) for r in unanswered] + [("leave_and_release", r) for r in unanswered]
     actions += [("release", r) for r in sorted(world.gone)]
@@ -556,6 +578,8 @@ def play(world: World, action: Action) -> None:
         world.acquire_now(arg)
     elif kind in ("finish", "release"):
         world.release(arg)
+    elif kind == "finish_now":
+        world.release_now(arg)
     elif kind == "leave":
         world.gone.add(arg)  # its Release comes later; other messages may be handled first
     elif kind == "leave_and_release":
