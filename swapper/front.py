@@ -7,7 +7,9 @@ served here, straight on the transport: a well-formed HTTP/1.1 ``POST`` with a `
 body to an inference route (``routes.BODY_ROUTES``). A model that can serve at once is granted
 without a message round trip (``RunLoop.try_acquire``); otherwise the request waits here for its
 load or its turn (``RunLoop.acquire``), and refusals (429, 503, 507, a failed load) are answered
-here with the usual JSON error.
+here with the usual JSON error. ``GET /health``, ``/v1/models`` and ``/models`` are answered here
+too (with ``routes.model_list``), so that a client that lists models on a connection before its
+inference requests (an SDK's pool, a chat UI's backend) keeps that connection on this path.
 
 Everything else is handed, with the bytes read so far, to aiohttp's ``RequestHandler`` on the same
 connection, which keeps that connection from then on: other routes, chunked uploads, HTTP/1.0,
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import re
 import time
 from collections.abc import Callable
@@ -56,6 +59,7 @@ from swapper.routes import (
     RUNLOOP,
     SESSION,
     choose_model,
+    model_list,
     upstream_request,
     wants_loading_state,
 )
@@ -69,6 +73,10 @@ MAX_HEAD: Final = 16 * 1024  # a longer head goes to aiohttp, which has its own 
 MAX_PIPELINED: Final = 1024 * 1024  # bytes buffered behind a request in service; then stop reading
 KEEPALIVE: Final = 75.0  # seconds an idle connection stays open (aiohttp's default)
 _FAST_PATHS: Final = frozenset(BODY_ROUTES)
+# GETs answered here (routes.py's handlers answer the same on aiohttp's path).
+_ANSWERED_GETS: Final = frozenset({"/health", "/v1/models", "/models"})
+_HEALTH: Final = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\n\r\nOK"
+_HEALTH_CLOSE: Final = _HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 # Request headers _parse_head looks at (lower case); Transfer-Encoding and Upgrade send the
 # request to aiohttp: framings and upgrades this parser leaves alone.
 _FRAMING_HEADERS: Final = frozenset(
@@ -90,6 +98,7 @@ class Front:
         self.slow = slow  # aiohttp's server: makes the RequestHandler a connection is handed to
         self.conns: set[FrontConn] = set()
         self.served = 0  # model requests served here
+        self.answered = 0  # GETs answered here (health, model list)
         self.handed = 0  # connections handed to aiohttp
         self.closing = False
         # Cached: each asyncio.get_running_loop() is a getpid() syscall (fork detection).
@@ -214,36 +223,69 @@ class FrontConn(asyncio.Protocol):
     # ---- parsing and dispatch ----
 
     def _parse(self) -> None:
-        """Dispatches the request at the head of the buffer, if it is complete."""
+        """Dispatches the requests at the head of the buffer, as far as they are complete."""
         buf = self._buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD:
+        while self._task is None and self._transport is not None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._hand_off()
+                return
+            head = _parse_head(bytes(buf[:end]), bodyless=buf.startswith(b"GET "))
+            if head is None or self._front.closing:
                 self._hand_off()
-            return
-        head = _parse_head(bytes(buf[:end]))
-        if head is None:
-            self._hand_off()
-            return
-        path, _, query = head.target.partition("?")
-        if head.method != "POST" or path not in _FAST_PATHS or self._front.closing:
-            self._hand_off()
-            return
-        runloop = self._front.parts()[0]
-        length = head.length
-        if length > runloop.config.max_body_bytes:
-            self._hand_off()  # aiohttp answers 413
-            return
-        if len(buf) < end + 4 + length:
-            if head.expect and not self._continued and self._transport is not None:
-                self._continued = True  # the client waits for this before it sends the body
-                self._transport.write(_CONTINUE)
-            return  # the body is still arriving
-        self._continued = False
-        body = bytes(buf[end + 4 : end + 4 + length])
-        request = _Request(head, path, query, body, bytes(buf[: end + 4]))
-        del buf[: end + 4 + length]
-        self._task = self._front.loop.create_task(self._serve(request))
+                return
+            path, _, query = head.target.partition("?")
+            if head.method == "GET":
+                # Answered at once, so that a client that lists models (or checks health) on a
+                # connection before its inference requests keeps that connection here.
+                if head.length > 0 or path not in _ANSWERED_GETS or not self._answer_get(head, path):
+                    self._hand_off()
+                    return
+                del buf[: end + 4]
+                self._front.answered += 1
+                if head.close:
+                    self._transport.close()
+                    return
+                continue
+            if head.method != "POST" or path not in _FAST_PATHS:
+                self._hand_off()
+                return
+            runloop = self._front.parts()[0]
+            length = head.length
+            if length > runloop.config.max_body_bytes:
+                self._hand_off()  # aiohttp answers 413
+                return
+            if len(buf) < end + 4 + length:
+                if head.expect and not self._continued:
+                    self._continued = True  # the client waits for this before it sends the body
+                    self._transport.write(_CONTINUE)
+                return  # the body is still arriving
+            self._continued = False
+            body = bytes(buf[end + 4 : end + 4 + length])
+            request = _Request(head, path, query, body, bytes(buf[: end + 4]))
+            del buf[: end + 4 + length]
+            self._task = self._front.loop.create_task(self._serve(request))
+
+    def _answer_get(self, head: _Head, path: str) -> bool:
+        """Answers ``GET /health`` or the model list as aiohttp's handlers would; False (nothing
+        written) when aiohttp must: a missing or wrong API key (its middleware answers 401)."""
+        if path == "/health":
+            self._write(_HEALTH_CLOSE if head.close else _HEALTH)
+            return True
+        keys = self._front.keys
+        if keys and not auth.key_matches(auth.presented_keys(CIMultiDict(head.headers)), keys):
+            return False
+        body = json.dumps(model_list(self._front.parts()[0])).encode()
+        origin = next((v for n, v in head.headers if n.lower() == "origin"), None)
+        extra = f"Access-Control-Allow-Origin: {origin}\r\n" if origin else ""
+        if head.close:
+            extra += "Connection: close\r\n"
+        self._write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n%b\r\n%b" % (len(body), extra.encode("utf-8", "surrogateescape"), body)
+        )
+        return True
 
     def _hand_off(self, first: bytes = b"") -> None:
         """Gives this connection, with ``first`` and every byte buffered, to aiohttp for good."""
@@ -461,9 +503,10 @@ class _Request:
         self.handed = False
 
 
-def _parse_head(data: bytes) -> _Head | None:
+def _parse_head(data: bytes, *, bodyless: bool = False) -> _Head | None:
     """A plain HTTP/1.1 request head with a Content-Length; None for anything this parser leaves
-    to aiohttp (no Content-Length, other framings, upgrades, odd syntax)."""
+    to aiohttp (no Content-Length, other framings, upgrades, odd syntax). With ``bodyless`` (a
+    GET), a head without a Content-Length is accepted too, with ``length`` -1: no body."""
     # One C-level decode and one regex scan: a loop of splits and decodes per line cost ~8 µs a
     # request. UTF-8 with surrogateescape is what each value was decoded with before (CR and LF
     # are ASCII, so decoding the whole head splits nowhere differently), and round-trips on the
@@ -511,7 +554,7 @@ def _parse_head(data: bytes) -> _Head | None:
             headers.append((name, value))
         else:
             return None  # Transfer-Encoding, Upgrade: aiohttp's
-    return head if head.length >= 0 else None
+    return head if head.length >= 0 or bodyless else None
 
 
 def _query(query: str) -> dict[str, str]:

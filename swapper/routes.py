@@ -233,7 +233,14 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 async def handle_list_models(request: web.Request) -> web.Response:
-    runloop = request.app[RUNLOOP]
+    headers = {}
+    if origin := request.headers.get("Origin"):
+        headers["Access-Control-Allow-Origin"] = origin
+    return web.json_response(model_list(request.app[RUNLOOP]), headers=headers)
+
+
+def model_list(runloop: RunLoop) -> dict[str, Any]:
+    """The body of ``GET /v1/models`` (also served by the front door, ``front``)."""
     config = runloop.config
     snapshot = runloop.snapshot()
     now = int(time.time())
@@ -260,10 +267,7 @@ async def handle_list_models(request: web.Request) -> web.Response:
                 meta = {**record["meta"], "swapper": {"type": "alias", "modelID": mid}}
                 data.append({**record, "id": alias, "meta": meta})
     data.sort(key=lambda r: str(r["id"]))
-    headers = {}
-    if origin := request.headers.get("Origin"):
-        headers["Access-Control-Allow-Origin"] = origin
-    return web.json_response({"object": "list", "data": data}, headers=headers)
+    return {"object": "list", "data": data}
 
 
 async def handle_running(request: web.Request) -> web.Response:

@@ -161,6 +161,76 @@ async def test_a_handed_off_connection_goes_on_serving(aiohttp_client: ClientFac
     conn.close()
 
 
+async def test_model_list_and_health_are_answered_and_the_connection_stays(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # A client (an SDK's pool, a chat UI's backend) that lists models on a connection before its
+    # inference requests keeps that connection on the front door.
+    client = await loaded(aiohttp_client, per="aliases: [m-alias]")
+    front = front_of(client)
+    handed, served, answered = front.handed, front.served, front.answered
+    legacy = await Conn.open(client)  # HTTP/1.0 goes to aiohttp: its handler's answer
+    await legacy.send(b"GET /v1/models HTTP/1.0\r\nHost: x\r\nOrigin: http://ui.example\r\n\r\n")
+    expected = json.loads((await legacy.reader.read()).partition(b"\r\n\r\n")[2])
+    legacy.close()
+    conn = await Conn.open(client)
+    status, headers, body = await conn.ask(
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nOrigin: http://ui.example\r\n\r\n"
+    )
+    assert status == 200 and headers["content-type"] == "application/json; charset=utf-8"
+    assert headers["access-control-allow-origin"] == "http://ui.example"
+    listed = json.loads(body)
+    for entry in (*listed["data"], *expected["data"]):
+        entry.pop("created")  # a timestamp
+    assert listed == expected  # what aiohttp's handler answers
+    assert [m["id"] for m in listed["data"]] == ["m"] and listed["data"][0]["status"]["value"] == "loaded"
+    status, headers, body = await conn.ask(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and "access-control-allow-origin" not in headers  # no Origin, no echo
+    assert [m["id"] for m in json.loads(body)["data"]] == ["m"]
+    status, _, body = await conn.ask(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (status, body) == (200, b"OK")
+    assert (await conn.ask(chat()))[0] == 200
+    assert (front.handed, front.served, front.answered) == (handed + 1, served + 1, answered + 3)
+    # Pipelined behind each other, then a Connection: close.
+    await conn.send(
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        + chat(max_tokens=1)
+        + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert (await read_response(conn.reader))[0] == 200
+    assert (await read_response(conn.reader))[0] == 200
+    status, headers, _ = await read_response(conn.reader)
+    assert status == 200 and headers["connection"] == "close"
+    assert await conn.reader.read() == b""  # closed after it
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+            b"200",
+            id="a GET with a body",
+        ),
+        pytest.param(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", b"405", id="HEAD"),
+        pytest.param(b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n", b"200", id="HTTP/1.0"),
+    ],
+)
+async def test_other_gets_of_the_model_list_go_to_aiohttp(
+    aiohttp_client: ClientFactory, request_bytes: bytes, status: bytes
+) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    front = front_of(client)
+    answered = front.answered
+    conn = await Conn.open(client)
+    await conn.send(request_bytes)
+    head = await conn.reader.readuntil(b"\r\n\r\n")
+    assert head.split(b" ")[1] == status  # aiohttp's answer: HEAD has no route of its own
+    assert (front.handed, front.answered) == (1, answered)
+    conn.close()
+
+
 CHUNKED_BODY = json.dumps({"model": "m", "messages": []}).encode()
 
 
@@ -296,7 +366,16 @@ async def test_api_keys_are_checked_on_the_fast_path(aiohttp_client: ClientFacto
     status, headers, _ = await wrong.ask(chat(extra_headers="Authorization: Bearer sk-wrong\r\n"))
     assert status == 401 and "www-authenticate" in headers
     assert front.served == served + 1
-    for c in (conn, fresh, wrong):
+    # The model list needs a key too; health does not.
+    answered = front.answered
+    listing = await Conn.open(client)
+    assert (await listing.ask(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + key.encode() + b"\r\n"))[0] == 200
+    assert (await listing.ask(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
+    assert front.answered == answered + 2
+    status, headers, _ = await listing.ask(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 401 and "www-authenticate" in headers  # aiohttp's middleware answered
+    assert front.answered == answered + 2
+    for c in (conn, fresh, wrong, listing):
         c.close()
 
 

@@ -102,3 +102,10 @@ def test_a_bare_cr_or_lf_inside_a_header_is_refused(before: str, breaker: str, a
     # Forwarded as is, a bare line break could split one header into two at the upstream.
     head = f"POST /v1/chat/completions HTTP/1.1\r\nX-Note: {before}{breaker}{after}\r\nContent-Length: 2"
     assert _parse_head(head.encode()) is None
+
+
+def test_a_get_without_a_content_length_is_read_as_bodyless_only_when_asked() -> None:
+    raw = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAccept: */*"
+    assert _parse_head(raw) is None  # a POST path needs its Content-Length
+    head = _parse_head(raw, bodyless=True)
+    assert head is not None and head.length == -1 and head.headers == [("Host", "x"), ("Accept", "*/*")]
