@@ -330,7 +330,7 @@ class RunLoop:
         """After each message: answer finished unloads, note idleness, notice shutdown's end."""
         still = []
         for models, reply in self._unload_replies:
-            if self._sched.all_stopped(models) and not (models & self._stopping.keys()):
+            if self._sched.all_stopped(models) and models.isdisjoint(self._stopping):
                 if not reply.done():
                     reply.set_result(None)
             else:
