@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -49,6 +50,8 @@ MAX_CHUNK_LINE: Final = 4096
 # upstreams see the same requests as before).
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _EMPTY_BODY_STATUS: Final = frozenset({204, 304})
+# One header line: CRLF, a token (RFC 9110), a colon, the value without its leading blanks.
+_HEADER_LINE: Final = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)")
 
 # Parser states of one connection.
 _IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(6)
@@ -240,31 +243,31 @@ class _Conn(asyncio.Protocol):
             if len(buf) > MAX_HEAD:
                 raise ProtocolError("upstream response head too large")
             return False
-        lines = bytes(buf[:end]).split(b"\r\n")
+        # One decode and one regex scan, as the front door parses request heads: a loop of
+        # partitions, strips and decodes per line cost ~8 µs a response.
+        text = buf[:end].decode("utf-8", "surrogateescape")
         del buf[: end + 4]
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
-            raise ProtocolError(f"upstream sent a bad status line: {lines[0][:100]!r}")
+        eol = text.find("\r\n")
+        if eol < 0:
+            eol = len(text)
+        version, _, rest = text[:eol].partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not (code.isascii() and code.isdigit()):
+            raise ProtocolError(f"upstream sent a bad status line: {text[:eol][:100]!r}")
         status = int(code)
-        pairs: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[-1:] in b" \t" or name[:1] in b" \t":
-                raise ProtocolError(f"upstream sent a bad header line: {line[:100]!r}")
-            pairs.append(
-                (
-                    name.decode("ascii", "surrogateescape"),
-                    value.strip(b" \t").decode("utf-8", "surrogateescape"),
-                )
-            )
+        pairs = _HEADER_LINE.findall(text, eol)
+        lines = text.count("\r\n", eol)
+        if len(pairs) != lines or text.count("\n", eol) != lines or text.count("\r", eol) != lines:
+            raise ProtocolError(f"upstream sent a bad header line: {_first_bad_line(text[eol:])[:100]!r}")
+        if " \r\n" in text or "\t\r\n" in text or text.endswith((" ", "\t")):
+            pairs = [(name, value.rstrip(" \t")) for name, value in pairs]
         if 100 <= status < 200:
             if status == 101:
                 raise ProtocolError("upstream switched protocols; upgrades are not forwarded")
             return True  # an interim answer: the real one follows
         headers = CIMultiDict(pairs)
         connection = headers.get("Connection", "").lower()
-        if version == b"HTTP/1.0":
+        if version == "HTTP/1.0":
             self.keep_alive = "keep-alive" in connection
         else:
             self.keep_alive = "close" not in connection
@@ -287,7 +290,9 @@ class _Conn(asyncio.Protocol):
         else:
             self._state, self.keep_alive = _UNTIL_CLOSE, False
         self.status = status
-        self.reason = reason.decode("latin-1")
+        if not reason.isascii():  # a str of the bytes as sent, one character each (as aiohttp has it)
+            reason = reason.encode("utf-8", "surrogateescape").decode("latin-1")
+        self.reason = reason
         self.headers = CIMultiDictProxy(headers)  # last: only a valid head is seen by wait_head()
         return True
 
@@ -468,6 +473,14 @@ class _Conn(asyncio.Protocol):
             self._exc = exc
         self.close()
         self._wake()
+
+
+def _first_bad_line(block: str) -> str:
+    """The first line of a header block (each line after a CRLF) that ``_HEADER_LINE`` rejects."""
+    for line in block.split("\r\n")[1:]:
+        if not _HEADER_LINE.fullmatch("\r\n" + line):
+            return line
+    return block
 
 
 def _chunk_size(line: bytes | bytearray) -> int:

@@ -173,12 +173,26 @@ async def test_empty_post_gets_content_length_zero(pool: H1Pool) -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A : 1\r\nContent-Length: 0\r\n\r\n",  # a blank before the colon
+        b"HTTP/1.1 200 OK\r\nX-A: 1\rContent-Length: 0\r\n\r\n",  # a bare CR inside a line
+        b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 0\r\n\r\n",  # a bare LF inside a line
     ],
 )
 async def test_malformed_heads_are_protocol_errors(pool: H1Pool, raw: bytes) -> None:
     async with upstream(lambda req: [raw]) as (url, _):
         with pytest.raises(ProtocolError):
             await pool.request("GET", url, [], b"")
+
+
+async def test_head_values_lose_their_blanks_and_the_reason_keeps_its_bytes(pool: H1Pool) -> None:
+    raw = "HTTP/1.1 200 Très bien\r\nX-A:\t 1 \t\r\nX-B:2\r\nContent-Length: 2 \r\n\r\nok".encode()
+    async with upstream(lambda req: [raw]) as (url, _):
+        resp = await pool.request("GET", url, [], b"")
+        assert (resp.headers["X-A"], resp.headers["X-B"]) == ("1", "2")
+        # As a latin-1 str, like aiohttp's reason: each byte is one character, encodable again.
+        assert resp.reason.encode("latin-1") == "Très bien".encode()
+        assert await read_all(resp) == b"ok"
+        resp.close()
 
 
 @pytest.mark.parametrize(
