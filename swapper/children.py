@@ -57,6 +57,10 @@ READY_LINE: Final = re.compile(
 _READY_WORDS: Final = ("listening", "running on", "startup complete")
 LAST_LINES_KEPT: Final = 200
 MAX_LINE_BYTES: Final = 8192  # longer lines are split, so one runaway line cannot grow memory
+# A resting pipe is read again before it is a quarter full at the rate it last filled (Linux pipes
+# hold 64 KiB), and a rest shorter than _MIN_REST is not worth a timer.
+_PIPE_QUARTER: Final = 16 * 1024
+_MIN_REST: Final = 0.001
 # After the leader exits and its group is SIGKILLed, the pipes close within milliseconds; this
 # bound only matters if something escaped the group (setsid) while holding our pipes.
 DRAIN_TIMEOUT: Final = 1.0
@@ -166,6 +170,7 @@ class _Pipes(asyncio.SubprocessProtocol):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._batch = 0.0  # seconds to leave a pipe unread after each read (see batch_output)
         self._resting: set[int] = set()  # fds whose reading is paused until their timer fires
+        self._read_at: dict[int, float] = {}  # loop time of each fd's last read, while batching
         self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES_KEPT)
         self.leader_exited: asyncio.Future[int] = loop.create_future()
         self.finished: asyncio.Future[int] = loop.create_future()
@@ -175,31 +180,49 @@ class _Pipes(asyncio.SubprocessProtocol):
         self._transport = cast(asyncio.SubprocessTransport, transport)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        buf = self._partial[fd] + data
-        *lines, rest = buf.split(b"\n")
-        if len(rest) > MAX_LINE_BYTES:
-            lines.append(rest)
-            rest = b""
+        buf = self._partial[fd] + data if self._partial[fd] else data
+        end = buf.rfind(b"\n")
+        rest = buf[end + 1 :]
+        if len(rest) > MAX_LINE_BYTES:  # a runaway line: taken as it is, so memory stays bounded
+            rest, end = b"", len(buf)
         self._partial[fd] = rest
-        for raw in lines:
-            self._emit(fd, raw)
+        if end >= 0:
+            # One decode for every complete line (a newline never falls inside a UTF-8 sequence).
+            stream = "stdout" if fd == 1 else "stderr"
+            for text in buf[:end].decode("utf-8", "replace").split("\n"):
+                self._emit(stream, text)
         if self._batch and fd not in self._resting and self._transport is not None:
-            pipe = self._transport.get_pipe_transport(fd)
-            if pipe is not None and not pipe.is_closing():
-                self._resting.add(fd)
-                cast(asyncio.ReadTransport, pipe).pause_reading()
-                self._loop.call_later(self._batch, self._wake_pipe, fd)
+            self._rest(fd, len(data))
+
+    def _rest(self, fd: int, got: int) -> None:
+        """Pauses reading ``fd`` for as long as the pipe takes to fill a quarter at the rate it
+        just filled (``batch_output``'s seconds at most), so a chatty child never blocks on it."""
+        now = self._loop.time()
+        elapsed = now - self._read_at.get(fd, now)
+        self._read_at[fd] = now
+        rest = self._batch if got * self._batch <= _PIPE_QUARTER * elapsed else _PIPE_QUARTER * elapsed / got
+        if rest < _MIN_REST:
+            return
+        pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
+        if pipe is not None and not pipe.is_closing():
+            self._resting.add(fd)
+            cast(asyncio.ReadTransport, pipe).pause_reading()
+            self._loop.call_later(rest, self._wake_pipe, fd)
 
     def batch_output(self, seconds: float) -> None:
-        """From now on, leave each pipe unread for ``seconds`` after every read.
+        """From now on, leave each pipe unread for up to ``seconds`` after every read.
 
         A llama-server writes each log line on its own (~9 per request), and a read per line
         costs a loop wake-up and a syscall: ~300 µs of swapper's CPU per request, more than
         proxying it. Resting the pipe lets lines pile up, so one read takes many. Only for a
-        ready child: during a start, the readiness line must be seen at once. A pipe holds
-        64 KiB, so a child would need to log over 6 MB/s to ever block on it. ``0`` reads
-        eagerly again, at once (a stop must see the pipes close without delay).
+        ready child: during a start, the readiness line must be seen at once. A child that
+        logs fast gets shorter rests (``_rest``): its pipe (64 KiB) is read before it is a
+        quarter full, so it never blocks on a write. ``0`` reads eagerly again, at once (a stop
+        must see the pipes close without delay).
         """
+        if seconds and not self._batch:
+            now = self._loop.time()  # the first rest is measured from here (see _rest)
+            self._read_at = {1: now, 2: now}
         self._batch = seconds
         if not seconds:
             for fd in list(self._resting):
@@ -216,24 +239,23 @@ class _Pipes(asyncio.SubprocessProtocol):
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if rest := self._partial.pop(fd, b""):
-            self._emit(fd, rest)
+            self._emit("stdout" if fd == 1 else "stderr", rest.decode("utf-8", "replace"))
 
-    def _emit(self, fd: int, raw: bytes) -> None:
-        if len(raw) > MAX_LINE_BYTES:
-            for start in range(0, len(raw), MAX_LINE_BYTES):
-                self._emit(fd, raw[start : start + MAX_LINE_BYTES])
+    def _emit(self, stream: str, text: str) -> None:
+        if len(text) > MAX_LINE_BYTES:
+            for start in range(0, len(text), MAX_LINE_BYTES):
+                self._emit(stream, text[start : start + MAX_LINE_BYTES])
             return
-        text = raw.decode("utf-8", "replace")
         if "\r" in text:
             # Progress bars redraw with \r; the last redraw is the current state.
             text = text.rstrip("\r").rsplit("\r", 1)[-1]
-        if not text.strip():
+        if not text or text.isspace():
             return
         self.lines.append(text)
-        if _is_ready_line(text):
+        if not self._batch and _is_ready_line(text):  # batching: ready already, nobody waits
             self._on_ready()
         try:
-            self._on_line("stdout" if fd == 1 else "stderr", text)
+            self._on_line(stream, text)
         except Exception:
             # A failing consumer must not cost the rest of this chunk's lines (or later readiness
             # lines); the loop keeps reading the pipe either way.

@@ -50,7 +50,10 @@ class LogHub:
         self._echo_upstream = echo_upstream
 
     def add(self, source: str, line: str) -> None:
-        self._rings.setdefault(source, _Ring()).append(line)
+        ring = self._rings.get(source)
+        if ring is None:
+            ring = self._rings[source] = _Ring()
+        ring.append(line)
         self._all.append(tagged(source, line))
         for listener in self._listeners:
             listener(source, line)

@@ -62,8 +62,9 @@ class ModelSnapshot:
 
 
 # A ready child's output is read at most this often: a read per log line would cost more CPU than
-# proxying the request that logged it (children.Child.batch_output).
-OUTPUT_BATCH_SECONDS: Final = 0.01
+# proxying the request that logged it, and each read is a wake-up (children.Child.batch_output).
+# /logs and the log streams see a line up to this much after it was written.
+OUTPUT_BATCH_SECONDS: Final = 0.05
 # Messages a request posts; only these may be handled in the poster's task (see _post).
 _INLINE: Final = frozenset({Acquire, Release})
 

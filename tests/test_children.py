@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ import aiohttp
 import psutil
 import pytest
 
+from swapper import children
 from swapper.children import Child, exit_reason
 from swapper.config import ModelConfig
 from swapper.errors import ModelLoadFailed
@@ -422,7 +424,20 @@ async def test_batched_output_arrives_whole_in_order_and_in_few_reads() -> None:
     assert reads <= 25, reads  # ~0.5 s of output, read every 50 ms
 
 
-async def test_a_stop_reads_batched_output_at_once() -> None:
+async def test_a_chatty_child_never_blocks_on_a_resting_pipe() -> None:
+    # 8 MB as fast as the child can write: a pipe resting the full batch time after each read
+    # (64 KiB at most) would block it for an hour; rests shrink with the rate it fills at.
+    script = "import sys\nline = 'x' * 99 + '\\n'\nfor _ in range(80_000):\n    sys.stdout.write(line)\n"
+    got = collections.Counter[str]()
+    child = Child(script_model(script), on_line=lambda _s, line: got.update([line]))
+    await child.spawn()
+    child.batch_output(3600.0)
+    async with asyncio.timeout(60):
+        assert await child.wait_exited() == 0
+    assert got == {"x" * 99: 80_000}
+
+
+async def test_a_stop_reads_batched_output_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # The child's last words come on SIGTERM, while its pipe rests after reading "first": only a
     # stop (or the exit it causes) that wakes the pipe sees them, and the pipe's close, without
     # waiting out the rest.
@@ -437,7 +452,9 @@ async def test_a_stop_reads_batched_output_at_once() -> None:
     lines = Lines()
     child = Child(script_model(script), on_line=lines)
     await child.spawn()
-    child.batch_output(3600.0)  # before the first read: the pipe rests for an hour after it
+    # Before the first read: the pipe rests for an hour after it, however slowly it filled.
+    monkeypatch.setattr(children, "_PIPE_QUARTER", 1 << 62)
+    child.batch_output(3600.0)
     await lines.wait_for("first")
     began = time.monotonic()
     await child.stop(grace=10.0)
