@@ -15,6 +15,11 @@ One run, rounds alternating the two targets (the order flips every round), media
   Debian: ``apt-get install nginx-light``): one process, keep-alive to the upstream, no buffering.
   The performance targets were set from nginx's figures on a calm machine (+32 us, 16 us of CPU per
   request); on a VM whose wake-ups got dearer nginx pays that too, and this column shows by how much;
+* for the llama upstream, llama.cpp's own router mode (``llama-server --models-dir``, the same
+  binary and model, its child started with the same flags) as a second reference (``--no-router``
+  leaves it out). It answers every request with ``Connection: close``, so its clients reconnect per
+  request: the reconnect is outside its latency figures (timed from the write), inside its CPU
+  and requests/s. Its CPU is the router process's own, not its child's;
 * swapper RSS idle (after start-up and warm-up, and after the run) and with ``--queued``
   requests waiting on a model that takes 30 s to load (tests/upstreams/fake_server.py
   --load-delay 30), measured once they are all admitted; then the clients leave.
@@ -433,6 +438,27 @@ async def nginx(binary: str, up_port: int) -> AsyncIterator[Swapper]:
             stop(proc, grace=10)
 
 
+@contextlib.asynccontextmanager
+async def llama_router(args: argparse.Namespace) -> AsyncIterator[Swapper]:
+    """llama.cpp's router mode serving ``LLAMA_MODEL`` (as its file stem), one model at a time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / LLAMA_MODEL.name).symlink_to(LLAMA_MODEL)
+        port = free_port()
+        argv = [str(LLAMA), "--models-dir", tmp, "--models-max", "1", "--host", HOST, "--port", str(port)]
+        argv += ["-t", "1", "-c", str(args.llama_ctx), "--no-warmup"]  # passed on to its child
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            if not await wait_serving(proc, port, within=30):
+                raise RuntimeError("llama.cpp's router did not start")
+            yield Swapper(port, psutil.Process(proc.pid))
+        finally:
+            stop(proc, grace=10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)  # its child too, should it outlive it
+
+
 def fast_config(up_port: int, slow_port: int, args: argparse.Namespace) -> str:
     return f"""\
 healthCheckTimeout: 60
@@ -502,9 +528,19 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
         await run_requests(sw.port, post("/v1/chat/completions", small_body, sw.port), 50, 1)  # loads it
         if args.nginx:
             proxies["nginx"] = await stack.enter_async_context(nginx(args.nginx, up_port))
+        names = {"router": LLAMA_MODEL.stem}  # the model's name where it is not ``model``
+
+        def post_as(target: str, body: dict[str, object], port: int) -> bytes:
+            return post("/v1/chat/completions", {**body, "model": names.get(target, model)}, port)
+
+        if name == "llama" and args.router:
+            proxies["router"] = await stack.enter_async_context(llama_router(args))
+            # Its first request loads its child: not timed, like swapper's.
+            port = proxies["router"].port
+            await run_requests(port, post_as("router", small_body, port), 5, 1)
         ports = {"direct": up_port} | {t: p.port for t, p in proxies.items()}
-        small = {t: post("/v1/chat/completions", small_body, p) for t, p in ports.items()}
-        stream = {t: post("/v1/chat/completions", stream_body, p) for t, p in ports.items()}
+        small = {t: post_as(t, small_body, p) for t, p in ports.items()}
+        stream = {t: post_as(t, stream_body, p) for t, p in ports.items()}
         await asyncio.sleep(0.5)
         rss_idle = sw.rss_mib()
 
@@ -623,25 +659,24 @@ def report(
 ) -> None:
     m = res.med
     fast = name == "fast"
-    ref = "nginx" in res.rows.get("c1 p50", {})
+    proxies = [t for t in ("swapper", "nginx", "router") if t in res.rows.get("c1 p50", {})]
 
     def row(
-        label: str,
-        direct: str = "",
-        sw: tuple[str, str] = ("", ""),
-        ngx: tuple[str, str] = ("", ""),
-        target: str = "",
+        label: str, direct: str = "", cells: dict[str, tuple[str, str]] | None = None, target: str = ""
     ) -> None:
-        cells = f"{direct:>10}{sw[0]:>10}{sw[1]:>11}" + (f"{ngx[0]:>10}{ngx[1]:>11}" if ref else "")
-        print(f"  {label:<38}{cells}   {target}")
+        line = f"{direct:>10}" + "".join(f"{v:>10}{vs:>11}" for v, vs in (cells or {}).values())
+        print(f"  {label:<38}{line}   {target}")
 
-    def both(fmt: str, metric: str, versus: str = "", vfmt: str = "") -> dict[str, tuple[str, str]]:
-        out = {}
-        for t in ("swapper", "nginx"):
+    def each(fmt: str, metric: str, versus: str = "", vfmt: str = "") -> dict[str, tuple[str, str]]:
+        cells = {}
+        for t in proxies:
             value = m(metric, t)
             vs = f"{m(versus, t):{vfmt}}" if versus else ""
-            out["sw" if t == "swapper" else "ngx"] = (f"{value:{fmt}}" if value == value else "", vs)
-        return out
+            cells[t] = (f"{value:{fmt}}" if value == value else "", vs)  # NaN: not measured
+        return cells
+
+    def swapper_only(value: str) -> dict[str, tuple[str, str]]:
+        return {t: (value if t == "swapper" else "", "") for t in proxies}
 
     print()
     print(
@@ -649,42 +684,42 @@ def report(
         f"{args.requests} requests at c=1, {args.requests * 3} at c=32, "
         f"{args.streams} streams x {args.chunks} chunks x {args.waves} waves per round"
     )
-    row("", "direct", ("swapper", "vs direct"), ("nginx", "vs direct"), "target")
+    row("", "direct", {t: (t, "vs direct") for t in proxies}, "target")
     for c in (1, 32):
         for q in ("p50", "p99"):
             goal = "added <= 200 us" if (c, q, fast) == (1, "p50", True) else ""
             row(
                 f"latency c={c} {q} (us)",
                 f"{m(f'c{c} {q}', 'direct'):.0f}",
-                **both(".0f", f"c{c} {q}", f"c{c} {q} added", "+.0f"),
-                target=goal,
+                each(".0f", f"c{c} {q}", f"c{c} {q} added", "+.0f"),
+                goal,
             )
         row(
             f"requests/s c={c}",
             f"{m(f'c{c} rps', 'direct'):.0f}",
-            **both(".0f", f"c{c} rps", f"c{c} rps ratio", ".3f"),
+            each(".0f", f"c{c} rps", f"c{c} rps ratio", ".3f"),
         )
-        row(f"proxy CPU/request c={c} (us)", "", **both(".0f", f"c{c} cpu/req"), target="<= 150 us")
+        row(f"proxy CPU/request c={c} (us)", "", each(".0f", f"c{c} cpu/req"), "<= 150 us")
         # What one request costs the upstream itself: on a VM, a process woken per request pays
         # a large fixed cost per wake-up at c=1, which the proxy pays twice (client and upstream).
         up = m(f"c{c} upstream cpu/req", "direct")
-        row(f"  upstream's own CPU/request c={c} (us)", f"{up:.0f}", target="(reference)")
+        row(f"  upstream's own CPU/request c={c} (us)", f"{up:.0f}", swapper_only(""), "(reference)")
     row(
         f"chunks/s, {args.streams} streams",
         f"{m('chunks/s', 'direct'):.0f}",
-        **both(".0f", "chunks/s", "chunks/s ratio", ".3f"),
-        target=">= 0.95x" if fast else "",
+        each(".0f", "chunks/s", "chunks/s ratio", ".3f"),
+        ">= 0.95x" if fast else "",
     )
-    row("SSE events per stream", f"{m('events/stream', 'direct'):.1f}", **both(".1f", "events/stream"))
-    row("proxy CPU/chunk (us)", "", **both(".1f", "cpu/chunk"), target="<= 10 us")
-    row("swapper RSS idle (MiB)", "", (f"{rss_idle:.1f}", ""), target="<= 60 MB")
-    row("swapper RSS after the run (MiB)", "", (f"{rss_after:.1f}", ""))
+    row("SSE events per stream", f"{m('events/stream', 'direct'):.1f}", each(".1f", "events/stream"))
+    row("proxy CPU/chunk (us)", "", each(".1f", "cpu/chunk"), "<= 10 us")
+    row("swapper RSS idle (MiB)", "", swapper_only(f"{rss_idle:.1f}"), "<= 60 MB")
+    row("swapper RSS after the run (MiB)", "", swapper_only(f"{rss_after:.1f}"))
     if queued is not None:
         n, rss_q, rss_left = queued
-        row(f"swapper RSS, {n:.0f} queued (MiB)", "", (f"{rss_q:.1f}", ""), target="<= 120 MB")
-        row("swapper RSS after they left (MiB)", "", (f"{rss_left:.1f}", ""))
+        row(f"swapper RSS, {n:.0f} queued (MiB)", "", swapper_only(f"{rss_q:.1f}"), "<= 120 MB")
+        row("swapper RSS after they left (MiB)", "", swapper_only(f"{rss_left:.1f}"))
     for metric in ("c1 p50 added", "chunks/s ratio"):
-        for t in ("swapper", "nginx"):
+        for t in proxies:
             values = res.rows.get(metric, {}).get(t, [])
             if values:
                 print(f"  per round, {t} {metric}: {', '.join(f'{v:.3g}' for v in values)}")
@@ -702,6 +737,12 @@ async def main() -> None:
     ap.add_argument("--queued", type=int, default=1000)
     ap.add_argument("--skip-queue", action="store_true", help="skip the RSS-with-queued-requests phase")
     ap.add_argument("--llama-ctx", type=int, default=256)
+    ap.add_argument(
+        "--router",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="llama.cpp's router mode as a reference column for the llama upstream (default: on)",
+    )
     ap.add_argument(
         "--nginx",
         default=shutil.which("nginx") or shutil.which("/usr/sbin/nginx") or "",
