@@ -17,9 +17,11 @@ One run, rounds alternating the two targets (the order flips every round), media
   request); on a VM whose wake-ups got dearer nginx pays that too, and this column shows by how much;
 * for the llama upstream, llama.cpp's own router mode (``llama-server --models-dir``, the same
   binary and model, its child started with the same flags) as a second reference (``--no-router``
-  leaves it out). It answers every request with ``Connection: close``, so its clients reconnect per
-  request: the reconnect is outside its latency figures (timed from the write), inside its CPU
-  and requests/s. Its CPU is the router process's own, not its child's;
+  leaves it out). Its "vs direct" figures are against its own child, reached directly in the same
+  rounds (a separate llama-server, whose speed differs from swapper's child's). It answers every
+  request with ``Connection: close``, so its clients reconnect per request: the reconnect is
+  outside its latency figures (timed from the write), inside its CPU and requests/s. Its CPU is
+  the router process's own, not its child's;
 * swapper RSS idle (after start-up and warm-up, and after the run) and with ``--queued``
   requests waiting on a model that takes 30 s to load (tests/upstreams/fake_server.py
   --load-delay 30), measured once they are all admitted; then the clients leave.
@@ -438,6 +440,18 @@ async def nginx(binary: str, up_port: int) -> AsyncIterator[Swapper]:
             stop(proc, grace=10)
 
 
+# A proxy whose upstream is not swapper's child is compared with its own upstream reached directly
+# (in the same rounds, not shown as a column): llama.cpp's router starts its own llama-server.
+DIRECT_OF = {"router": "router's child"}
+
+
+def child_port(proc: psutil.Process) -> int:
+    """The ``--port`` of ``proc``'s only child (how llama.cpp's router starts a model)."""
+    (child,) = proc.children()
+    argv = child.cmdline()
+    return int(argv[argv.index("--port") + 1])
+
+
 @contextlib.asynccontextmanager
 async def llama_router(args: argparse.Namespace) -> AsyncIterator[Swapper]:
     """llama.cpp's router mode serving ``LLAMA_MODEL`` (as its file stem), one model at a time."""
@@ -506,8 +520,9 @@ class Results:
         return statistics.median(values) if values else float("nan")
 
     def compare(self, metric: str, target: str, *, ratio: bool) -> None:
-        """Records this round's target-vs-direct figure (difference or ratio) for ``metric``."""
-        d, s = self.last(metric, "direct"), self.last(metric, target)
+        """Records this round's target-vs-direct figure (difference or ratio) for ``metric``,
+        against the target's own upstream reached directly (``DIRECT_OF``)."""
+        d, s = self.last(metric, DIRECT_OF.get(target, "direct")), self.last(metric, target)
         self.add(metric + (" ratio" if ratio else " added"), target, s / d if ratio else s - d)
 
 
@@ -539,6 +554,9 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
             port = proxies["router"].port
             await run_requests(port, post_as("router", small_body, port), 5, 1)
         ports = {"direct": up_port} | {t: p.port for t, p in proxies.items()}
+        if "router" in proxies:
+            names[DIRECT_OF["router"]] = names["router"]
+            ports[DIRECT_OF["router"]] = child_port(proxies["router"].proc)
         small = {t: post_as(t, small_body, p) for t, p in ports.items()}
         stream = {t: post_as(t, stream_body, p) for t, p in ports.items()}
         await asyncio.sleep(0.5)
