@@ -231,8 +231,10 @@ class _Pipes(asyncio.SubprocessProtocol):
     def _wake_pipe(self, fd: int) -> None:
         self._resting.discard(fd)
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if transport is None:
             return
+        # Not transport.is_closing(): uvloop's is True once the process exited, and a pipe left
+        # paused then would hide its end (and the exit, see connection_lost) until DRAIN_TIMEOUT.
         pipe = transport.get_pipe_transport(fd)
         if pipe is not None and not pipe.is_closing():
             cast(asyncio.ReadTransport, pipe).resume_reading()

@@ -437,6 +437,33 @@ async def test_a_chatty_child_never_blocks_on_a_resting_pipe() -> None:
     assert got == {"x" * 99: 80_000}
 
 
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_crash_of_a_batching_child_is_seen_at_once(monkeypatch: pytest.MonkeyPatch, loop_name: str) -> None:
+    # SIGKILLed while its pipe rests: the exit must wake the pipe, whose end completes the exit.
+    # Left paused, the pipe would only close at DRAIN_TIMEOUT (an hour here; 1 s in production,
+    # a second in which a dead model looks alive). uvloop, which the CLI runs on, is where a
+    # pipe could be left paused: its process transport says it is closing once the process exits.
+    monkeypatch.setattr(children, "DRAIN_TIMEOUT", 3600.0)
+    monkeypatch.setattr(children, "_PIPE_QUARTER", 1 << 62)  # every read rests the full hour
+    script = "import os, time\nos.write(1, b'up\\n')\ntime.sleep(60)\n"
+
+    async def scenario() -> None:
+        lines = Lines()
+        exited = asyncio.get_running_loop().create_future()
+        child = Child(script_model(script), on_line=lines, on_exit=exited.set_result)
+        await child.spawn()
+        child.batch_output(3600.0)
+        await lines.wait_for("up")  # read, so the pipe now rests
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            assert await exited == -signal.SIGKILL
+
+    factory = pytest.importorskip("uvloop").new_event_loop if loop_name == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
+
+
 async def test_a_stop_reads_batched_output_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # The child's last words come on SIGTERM, while its pipe rests after reading "first": only a
     # stop (or the exit it causes) that wakes the pipe sees them, and the pipe's close, without
