@@ -27,11 +27,16 @@ then SIGKILLed so later tests start clean. "Started by this test" means: carries
 duration, so every child and grandchild inherits it), or is a descendant of the test process
 that was not there before the test. Other pytest runs on the same machine are left alone.
 Cost: one scan of /proc before and after each test (~2 ms).
+
+Event loop: uvloop, the loop ``swapper`` itself runs on, unless ``SWAPPER_TEST_LOOP=asyncio``
+asks for asyncio's own (the CLI's fallback without uvloop). The two differ in ways swapper meets
+(uvloop's process transport reports closing as soon as the process exits), so CI runs both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import socket
@@ -212,3 +217,15 @@ def aiohttp_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
         return await aiohttp_client(param, *args, **kwargs)
 
     return go
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """The loop the tests run on: uvloop, as ``swapper.cli.run`` does when it is installed, unless
+    ``SWAPPER_TEST_LOOP=asyncio`` asks for asyncio's own (the CLI's fallback; CI runs both)."""
+    if os.environ.get("SWAPPER_TEST_LOOP", "uvloop") != "asyncio":
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()

@@ -14,7 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -604,6 +604,7 @@ def _single_route_app(handler: Callable[..., object]) -> web.Application:
 
 def _site_url(site: web.TCPSite) -> str:
     server = site._server
-    assert isinstance(server, asyncio.Server)
-    host, port = server.sockets[0].getsockname()[:2]
+    # Not an isinstance() check: uvloop's servers do not subclass asyncio.Server.
+    assert server is not None
+    host, port = cast(asyncio.Server, server).sockets[0].getsockname()[:2]
     return f"http://{host}:{port}"
