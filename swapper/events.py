@@ -104,6 +104,10 @@ class Observer:
     def child_exited(self, model: str, pid: int, returncode: int) -> None:
         """A ready child exited without being asked to."""
 
+    def child_unreachable(self, model: str, pid: int) -> None:
+        """A ready child refused connections (dead with its exit not yet seen, or no longer
+        listening) and is being restarted: a failure like ``child_exited``, reported instead of it."""
+
     def request_started(self, req: RequestTrack) -> None:
         pass
 
@@ -125,6 +129,7 @@ _HOOKS: Final = (
     "child_ready",
     "child_start_failed",
     "child_exited",
+    "child_unreachable",
     "request_started",
     "request_granted",
     "request_finished",
@@ -202,6 +207,9 @@ class EventBus:
 
     def child_exited(self, model: str, pid: int, returncode: int) -> None:
         self._notify("child_exited", model, pid, returncode)
+
+    def child_unreachable(self, model: str, pid: int) -> None:
+        self._notify("child_unreachable", model, pid)
 
     def track(self, req_id: int, model: str, route: str, method: str, path: str) -> RequestTrack:
         """Starts tracking one request; its handler must call ``done()`` in ``finally``."""

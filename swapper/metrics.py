@@ -194,10 +194,18 @@ class Metrics(Observer):
         act.last_error, act.last_error_at = f"start failed: {error}", time.time()
 
     def child_exited(self, model: str, pid: int, returncode: int) -> None:
+        self._count_exit(model, f"pid {pid} exited unexpectedly (rc {returncode})")
+
+    def child_unreachable(self, model: str, pid: int) -> None:
+        # Counted as an unexpected exit: usually it is one whose exit was not seen yet (the stop
+        # that follows makes that exit an expected one), else a child that stopped serving.
+        self._count_exit(model, f"pid {pid} refused connections; restarted")
+
+    def _count_exit(self, model: str, error: str) -> None:
         self._model(model).exits.inc()
         act = self._activity[model]
         act.unexpected_exits += 1
-        act.last_error, act.last_error_at = f"pid {pid} exited unexpectedly (rc {returncode})", time.time()
+        act.last_error, act.last_error_at = error, time.time()
 
     def request_granted(self, req: RequestTrack) -> None:
         if req.waited is not None:

@@ -303,8 +303,10 @@ class RunLoop:
                 self._on_child_exited(model, pid, returncode, now)
             case Unreachable(model, pid):
                 child = self._children.get(model)
-                if child is not None and child.pid == pid and self._sched.state(model) is State.READY:
+                ready = self._sched.state(model) is State.READY
+                if pid is not None and child is not None and child.pid == pid and ready:
                     log.warning("model refuses connections; restarting it", model=model, pid=pid)
+                    self._events.child_unreachable(model, pid)
                     self._sched.on_unreachable(model, now)
             case Tick(at):
                 self._sched.on_tick(at)

@@ -508,6 +508,10 @@ async def test_a_child_that_stops_listening_is_restarted_not_a_502(
     await runloop(client).wait_idle()
     assert runloop(client).snapshot()["a"].status.in_flight == 0
     assert front_handed(client) == (1 if chunked else 0)
+    # A failure of a ready model, counted as one (the stop that restarted it is not a second).
+    [a] = (await (await client.get("/v1/status")).json())["models"]
+    assert a["unexpectedExits"] == 1
+    assert a["lastError"]["message"] == f"pid {first} refused connections; restarted"
 
 
 def test_unreachable_stops_a_ready_model_once_and_counts_toward_backoff() -> None:
