@@ -60,6 +60,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -359,17 +360,38 @@ async def swapper(config: str, root: Path = ROOT) -> AsyncIterator[Swapper]:
     os.write(fd, config.encode())
     os.close(fd)
     port = free_port()
-    argv = [sys.executable, "-m", "swapper", "--config", path, "--listen", f"{HOST}:{port}"]
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
-        [*argv, "--log-level", "warn"], cwd=root, stdout=subprocess.DEVNULL
-    )
+    argv = [
+        sys.executable,
+        "-m",
+        "swapper",
+        "--config",
+        path,
+        "--listen",
+        f"{HOST}:{port}",
+        "--log-level",
+        "warn",
+    ]
+    try:
+        async with serving(argv, port, "swapper", grace=30, cwd=root, stdout=subprocess.DEVNULL) as sw:
+            yield sw
+    finally:
+        os.unlink(path)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    argv: list[str], port: int, what: str, *, grace: float, log: Path | None = None, **popen: Any
+) -> AsyncIterator[Swapper]:
+    """Runs ``argv`` while the block runs, from the moment ``GET /health`` on ``port`` answers 200
+    (``log``, if given, is quoted when it never does); stops it after (SIGKILL after ``grace``)."""
+    proc = subprocess.Popen(argv, **popen)  # noqa: ASYNC220 - started once, before any timing
     try:
         if not await wait_serving(proc, port, within=30):
-            raise RuntimeError("swapper did not start")
+            why = f": {log.read_text()}" if log and log.exists() else ""  # noqa: ASYNC240 - on a failed start
+            raise RuntimeError(f"{what} did not start{why}")
         yield Swapper(port, psutil.Process(proc.pid))
     finally:
-        stop(proc, grace=30)
-        os.unlink(path)
+        stop(proc, grace)
 
 
 async def wait_serving(proc: subprocess.Popen[bytes], port: int, within: float) -> bool:
@@ -431,13 +453,10 @@ async def nginx(binary: str, up_port: int) -> AsyncIterator[Swapper]:
         port = free_port()
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=tmp, host=HOST, up_port=up_port, port=port))
-        proc = subprocess.Popen([binary, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"])  # noqa: ASYNC220
-        try:
-            if not await wait_serving(proc, port, within=10):
-                raise RuntimeError(f"nginx did not start: {(Path(tmp) / 'error.log').read_text()}")
-            yield Swapper(port, psutil.Process(proc.pid))
-        finally:
-            stop(proc, grace=10)
+        log = Path(tmp) / "error.log"
+        argv = [binary, "-p", tmp, "-c", str(conf), "-e", str(log)]
+        async with serving(argv, port, "nginx", grace=10, log=log) as proxy:
+            yield proxy
 
 
 # A proxy whose upstream is not swapper's child is compared with its own upstream reached directly
@@ -460,17 +479,18 @@ async def llama_router(args: argparse.Namespace) -> AsyncIterator[Swapper]:
         port = free_port()
         argv = [str(LLAMA), "--models-dir", tmp, "--models-max", "1", "--host", HOST, "--port", str(port)]
         argv += ["-t", "1", "-c", str(args.llama_ctx), "--no-warmup"]  # passed on to its child
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        pgid = None
         try:
-            if not await wait_serving(proc, port, within=30):
-                raise RuntimeError("llama.cpp's router did not start")
-            yield Swapper(port, psutil.Process(proc.pid))
+            async with serving(
+                argv, port, "llama.cpp's router", grace=10, start_new_session=True, **quiet
+            ) as router:
+                pgid = router.proc.pid
+                yield router
         finally:
-            stop(proc, grace=10)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)  # its child too, should it outlive it
+            if pgid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, 9)  # its child too, should it outlive it
 
 
 def fast_config(up_port: int, slow_port: int, args: argparse.Namespace) -> str:
