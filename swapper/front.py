@@ -50,9 +50,11 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from swapper import auth, modelid, proxy
+from swapper.config import ModelConfig
 from swapper.errors import SwapperError, UpstreamRefused, error_body
-from swapper.events import EVENTS, EventBus
-from swapper.h1pool import H1Pool, Response
+from swapper.events import EVENTS, EventBus, RequestTrack
+from swapper.h1pool import Connection, Disconnected, H1Pool, Response
+from swapper.messages import Lease
 from swapper.routes import (
     BODY_ROUTES,
     CONFIG,
@@ -87,6 +89,7 @@ _FRAMING_HEADERS: Final = frozenset(
 # them in the rare head that has any.
 _HEADER_LINE: Final = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BODILESS: Final = frozenset({204, 304})  # answers that never have a body
 _END: Final = b"0\r\n\r\n"
 
 
@@ -98,6 +101,7 @@ class Front:
         self.slow = slow  # aiohttp's server: makes the RequestHandler a connection is handed to
         self.conns: set[FrontConn] = set()
         self.served = 0  # model requests served here
+        self.inline = 0  # of those, answered with no task (FrontConn._start)
         self.answered = 0  # GETs answered here (health, model list)
         self.handed = 0  # connections handed to aiohttp
         self.closing = False
@@ -164,7 +168,7 @@ class FrontConn(asyncio.Protocol):
         self._front = front
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        self._task: asyncio.Task[None] | None = None
+        self._exchange: _Exchange | None = None  # the request in service
         self._upstream: Response | None = None  # the answer being piped to this client
         self._write_paused = False
         self._read_paused = False
@@ -173,7 +177,7 @@ class FrontConn(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self._task is not None
+        return self._exchange is not None
 
     # ---- asyncio.Protocol ----
 
@@ -186,15 +190,15 @@ class FrontConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        if self._task is not None:
-            self._task.cancel()  # the client left: the task closes the upstream and releases
+        if self._exchange is not None:
+            self._exchange.cancel()  # the client left: the upstream is closed and the lease released
         else:
             self._front.forget(self)
 
     def data_received(self, data: bytes) -> None:
         self.active_at = time.monotonic()
         self._buf += data
-        if self._task is not None:
+        if self._exchange is not None:
             if len(self._buf) > MAX_PIPELINED and not self._read_paused and self._transport is not None:
                 self._read_paused = True
                 self._transport.pause_reading()
@@ -217,7 +221,7 @@ class FrontConn(asyncio.Protocol):
     def close_if_idle(self, since: float | None = None) -> None:
         """Closes the connection if no request is in service (and none was since ``since``)."""
         idle = since is None or self.active_at < since
-        if idle and self._task is None and self._transport is not None:
+        if idle and self._exchange is None and self._transport is not None:
             self._transport.close()
 
     # ---- parsing and dispatch ----
@@ -225,7 +229,7 @@ class FrontConn(asyncio.Protocol):
     def _parse(self) -> None:
         """Dispatches the requests at the head of the buffer, as far as they are complete."""
         buf = self._buf
-        while self._task is None and self._transport is not None:
+        while self._exchange is None and self._transport is not None:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
@@ -265,7 +269,8 @@ class FrontConn(asyncio.Protocol):
             body = bytes(buf[end + 4 : end + 4 + length])
             request = _Request(head, path, query, body, bytes(buf[: end + 4]))
             del buf[: end + 4 + length]
-            self._task = self._front.loop.create_task(self._serve(request))
+            self._start(request)
+            return  # served one at a time: the next when this one is done
 
     def _answer_get(self, head: _Head, path: str) -> bool:
         """Answers ``GET /health`` or the model list as aiohttp's handlers would; False (nothing
@@ -308,22 +313,126 @@ class FrontConn(asyncio.Protocol):
 
     # ---- serving one request ----
 
-    async def _serve(self, request: _Request) -> None:
+    def _start(self, request: _Request) -> None:
+        """Serves ``request``: inline while everything goes the common way, else in a task.
+
+        Inline means no task, no future and no await: the grant, the upstream write on a pooled
+        connection, and (in the upstream's ``data_received``) the answer, when it is a sized one
+        that arrived whole. That is most requests to a ready model, and a task's creation and
+        wake-ups cost about as much CPU as the rest of the proxy's Python (scripts/bench_proxy.py).
+        At the first step that must wait (a load or queue, a new upstream connection, a retry, a
+        streamed or partial body), the rest of the request moves to a task (``_forward``).
+        """
+        runloop, pool, bus = self._front.parts()
+        config = runloop.config  # a reload replaces it; read it once per request
+        head = request.head
+        try:
+            query = _query(request.query) if request.query else {}
+            wanted = modelid.extract(head.method, head.content_type, request.body, query)
+            model = choose_model(wanted.model, config, runloop)
+            keys = self._front.keys
+            if keys and not auth.key_matches(auth.presented_keys(CIMultiDict(head.headers)), keys):
+                raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it
+        except SwapperError:
+            self._slow(request)
+            return
+        cfg = config.models[model]
+        ex = _Exchange(self, request, model, cfg, wanted, runloop.new_request_id())
+        lease = runloop.try_acquire(ex.req_id, model, ex)
+        if lease is None and wanted.stream and wants_loading_state(config, cfg, request.path):
+            self._slow(request)  # it has to wait, and aiohttp's path streams the loading state
+            return
+        self._front.served += 1
+        ex.track = bus.track(ex.req_id, model, request.path, head.method, request.path)
+        self._exchange = ex
+        if lease is not None:
+            try:
+                ex.granted(lease)
+                ex.sent = pool.send_now(head.method, _url(ex.url), ex.headers, ex.body, ex.progress)
+            except SwapperError as err:  # the body could not be shaped for the model
+                self._end_inline(ex, err)
+                return
+            except Exception:
+                log.exception("front door failed", path=request.path)
+                self.abort(ex)
+                return
+            if ex.sent is not None:
+                return  # the answer comes to ex.progress
+        ex.task = self._front.loop.create_task(self._serve(ex))
+
+    def _progress(self, ex: _Exchange) -> None:
+        """The inline request's upstream connection moved on (``H1Pool.send_now``)."""
+        sent = ex.sent
+        assert sent is not None
+        if sent.headers is None:
+            exc = sent.failure
+            if exc is None:
+                return  # the head is still arriving
+            ex.sent = None
+            sent.abandon()
+            if isinstance(exc, Disconnected) and not exc.response_started:
+                # The pooled connection was dead before it answered (llama-server closes one after
+                # every stream): nothing was answered, so retry on a fresh one, as proxy.send does.
+                ex.task = self._front.loop.create_task(self._serve(ex))
+            else:
+                self._end_inline(ex, proxy.failed_before_response(exc, _url(ex.url)))
+            return
+        upstream = ex.upstream = sent.response()
+        ex.sent = None
+        ex.forwarded()
+        headers = upstream.headers
+        body = None if proxy.is_sse(headers) else upstream.take_whole()
+        if body is None:
+            ex.task = self._front.loop.create_task(self._serve(ex))  # streamed, or still arriving
+            return
+        close = ex.request.head.close or self._front.closing
+        head, chunked = _answer_head(upstream, close, sse=False)
+        if body:
+            head += b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if chunked else body
+        elif chunked and upstream.status not in _BODILESS:
+            head += _END
+        self._end_inline(ex, None, head)
+
+    def _end_inline(self, ex: _Exchange, err: SwapperError | None, answer: bytes = b"") -> None:
+        """Writes the inline request's answer (or ``err``), releases it, and goes on to the next."""
+        self._front.inline += 1
+        keep = not ex.request.head.close
+        if err is not None:
+            ex.track.failed(err.status)
+            self._write_error(err)
+        else:
+            keep = self._write(answer)
+        ex.finish()
+        # Not from inside the upstream's callback: the next request may reuse its connection.
+        self._done(ex, keep, soon=True)
+
+    def abort(self, ex: _Exchange) -> None:
+        """Ends the inline request ``ex`` unanswered: its client left, or its model is being stopped."""
+        if ex.sent is not None:
+            ex.sent.abandon()  # the upstream learns that nobody waits for this answer
+            ex.sent = None
+        ex.finish()
+        self._done(ex, False)
+
+    async def _serve(self, ex: _Exchange) -> None:
         keep = False
         try:
-            keep = await self._serve_model(request)
+            keep = await self._forward(ex)
         except asyncio.CancelledError:
             pass  # the client left, or the model is being stopped under it (unload, reload)
         except Exception:
-            log.exception("front door failed", path=request.path)
-        finally:
-            self._task = None
-        if request.handed:
-            return
+            log.exception("front door failed", path=ex.request.path)
+        self._done(ex, keep)
+
+    def _done(self, ex: _Exchange, keep: bool, *, soon: bool = False) -> None:
+        """After ``ex``'s answer: closes the connection, or serves what the client sent next."""
+        if self._exchange is not ex:
+            return  # already ended (an abort, then the task's own end)
+        self._exchange = None
         transport = self._transport
         if transport is None:
             self._front.forget(self)
-        elif not keep or request.head.close or self._front.closing:
+        elif not keep or ex.request.head.close or self._front.closing:
             transport.close()
             self._front.forget(self)
         else:
@@ -332,80 +441,48 @@ class FrontConn(asyncio.Protocol):
                 transport.resume_reading()
             self.active_at = time.monotonic()
             if self._buf:
-                self._parse()
+                if soon:
+                    self._front.loop.call_soon(self._parse)
+                else:
+                    self._parse()
 
-    async def _serve_model(self, request: _Request) -> bool:
-        """Serves ``request`` or hands the connection off; True if the connection may be reused."""
-        runloop, pool, bus = self._front.parts()
-        config = runloop.config  # a reload replaces it; read it once per request
-        head = request.head
-        content_type = head.content_type
+    async def _forward(self, ex: _Exchange) -> bool:
+        """The request from wherever ``_start`` left it: waits for its lease if it has none, sends
+        it if it was not sent, and relays the answer. True if the connection may be reused."""
+        runloop, pool, _ = self._front.parts()
+        head = ex.request.head
         try:
-            query = _query(request.query) if request.query else {}
-            wanted = modelid.extract(head.method, content_type, request.body, query)
-            model = choose_model(wanted.model, config, runloop)
-            keys = self._front.keys
-            if keys and not auth.key_matches(auth.presented_keys(CIMultiDict(head.headers)), keys):
-                raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it
-        except SwapperError:
-            return self._slow(request)
-        cfg = config.models[model]
-        req_id = runloop.new_request_id()
-        lease = runloop.try_acquire(req_id, model)
-        if lease is None and wanted.stream and wants_loading_state(config, cfg, request.path):
-            return self._slow(request)  # it has to wait, and aiohttp's path streams the loading state
-        self._front.served += 1
-        track = bus.track(req_id, model, request.path, head.method, request.path)
-        upstream = None
-        try:
-            if lease is None:
-                lease = await runloop.acquire(req_id, model)  # a load or a queue: wait here
-            track.granted()
-            url, body = upstream_request(lease, cfg, wanted, content_type, request.body, head.target)
-            headers = proxy.upstream_headers(head.headers, head.connection, identity=False)
-            started = time.perf_counter()
-            try:
-                upstream = await proxy.send(pool, head.method, _url(url), headers, body)
-            except UpstreamRefused:
-                # Its child died (the exit is not in yet) or stopped listening: nothing was sent,
-                # so restart it and try once more.
-                lease = await runloop.reacquire(lease)
-                url, body = upstream_request(lease, cfg, wanted, content_type, request.body, head.target)
-                upstream = await proxy.send(pool, head.method, _url(url), headers, body)
-            track.forwarded(upstream.status, time.perf_counter() - started)
-            if proxy.is_streamed(upstream.headers):
-                upstream.do_not_pool()  # llama-server closes it after a streamed body
+            if ex.lease is None:
+                ex.granted(await runloop.acquire(ex.req_id, ex.model))  # a load or a queue: wait here
+            upstream = ex.upstream
+            if upstream is None:
+                ex.started = time.perf_counter()
+                try:
+                    upstream = await proxy.send(pool, head.method, _url(ex.url), ex.headers, ex.body)
+                except UpstreamRefused:
+                    # Its child died (the exit is not in yet) or stopped listening: nothing was sent,
+                    # so restart it and try once more.
+                    assert ex.lease is not None
+                    ex.granted(await runloop.reacquire(ex.lease))
+                    upstream = await proxy.send(pool, head.method, _url(ex.url), ex.headers, ex.body)
+                ex.upstream = upstream
+                ex.forwarded()
             return await self._relay(upstream, head.close or self._front.closing)
         except SwapperError as err:  # refused (429, 503, 507...), failed to load, upstream unreachable
-            track.failed(err.status)
+            ex.track.failed(err.status)
             self._write_error(err)
             return not head.close
         finally:
-            if upstream is not None:
-                upstream.close()  # back to the pool after a complete body; else closed
-            runloop.release(req_id if lease is None else lease.req_id)
-            track.done()
+            ex.finish()
 
-    def _slow(self, request: _Request) -> bool:
-        request.handed = True
+    def _slow(self, request: _Request) -> None:
         self._hand_off(request.head_bytes + request.body)
-        return False
 
     async def _relay(self, upstream: Response, close: bool) -> bool:
         """Writes the upstream's answer; True if it completed (the connection may be reused)."""
-        headers = upstream.headers
-        status = upstream.status
-        sse = proxy.is_sse(headers)
-        bodiless = status in (204, 304)
-        chunked = not bodiless and ("content-length" not in headers or "transfer-encoding" in headers)
-        extra = ""
-        if chunked:
-            extra += "Transfer-Encoding: chunked\r\n"
-        if sse:
-            extra += "X-Accel-Buffering: no\r\n"  # nginx and friends in front of us must not buffer
-        if close:
-            extra += "Connection: close\r\n"
-        head = proxy.response_head(status, upstream.reason, headers, extra, rechunked=chunked)
+        sse = proxy.is_sse(upstream.headers)
+        head, chunked = _answer_head(upstream, close, sse=sse)
+        bodiless = upstream.status in _BODILESS
         first = b""
         if not sse and not bodiless:
             # Read ahead: a small answer leaves in one write, and an upstream that dies before its
@@ -473,6 +550,112 @@ class FrontConn(asyncio.Protocol):
         self._write(head.encode() + body)
 
 
+class _Exchange:
+    """One model request in service on a front-door connection, from its grant to its answer.
+
+    It is the run loop's holder of the request's lease (``cancel`` cuts it when the model is
+    stopped under it) and owns what the request holds: the lease, its ``RequestTrack``, and the
+    upstream connection or response; ``finish`` gives them all back, once.
+    """
+
+    __slots__ = (
+        "body",
+        "cfg",
+        "conn",
+        "finished",
+        "headers",
+        "lease",
+        "model",
+        "req_id",
+        "request",
+        "sent",
+        "started",
+        "task",
+        "track",
+        "upstream",
+        "url",
+        "wanted",
+    )
+
+    def __init__(
+        self,
+        conn: FrontConn,
+        request: _Request,
+        model: str,
+        cfg: ModelConfig,
+        wanted: modelid.RequestModel,
+        req_id: int,
+    ) -> None:
+        self.conn = conn
+        self.request = request
+        self.model = model
+        self.cfg = cfg
+        self.wanted = wanted
+        self.req_id = req_id
+        self.lease: Lease | None = None
+        self.track: RequestTrack  # set by FrontConn._start before anything can finish it
+        self.task: asyncio.Task[None] | None = None  # once it waits for something
+        self.sent: Connection | None = None  # sent inline, no response head yet
+        self.upstream: Response | None = None
+        self.url = ""
+        self.body = b""
+        self.headers: list[tuple[str, str]] = []
+        self.started = 0.0  # when it went upstream
+        self.finished = False
+
+    def granted(self, lease: Lease) -> None:
+        """``lease`` is in hand: what goes upstream follows from it (a reacquire's new one too)."""
+        first = self.lease is None
+        self.lease = lease
+        self.req_id = lease.req_id
+        if first:
+            self.track.granted()
+        request = self.request
+        head = request.head
+        self.url, self.body = upstream_request(
+            lease, self.cfg, self.wanted, head.content_type, request.body, head.target
+        )
+        if first:
+            self.headers = proxy.upstream_headers(head.headers, head.connection, identity=False)
+        self.started = time.perf_counter()
+
+    def forwarded(self) -> None:
+        """The upstream's response head is in."""
+        upstream = self.upstream
+        assert upstream is not None
+        self.track.forwarded(upstream.status, time.perf_counter() - self.started)
+        if proxy.is_streamed(upstream.headers):
+            upstream.do_not_pool()  # llama-server closes it after a streamed body
+
+    def progress(self) -> None:
+        """Called by the upstream connection of an inline request (``H1Pool.send_now``)."""
+        try:
+            self.conn._progress(self)
+        except Exception:  # never into h1pool's callback, with the lease still held
+            log.exception("front door failed", path=self.request.path)
+            self.conn.abort(self)
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        elif not self.finished:
+            self.conn.abort(self)
+
+    def finish(self) -> None:
+        """Gives back the upstream connection, the lease and the track; idempotent."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.sent is not None:
+            self.sent.abandon()
+            self.sent = None
+        if self.upstream is not None:
+            self.upstream.close()  # back to the pool after a complete body; else closed
+            self.upstream = None
+        self.conn._front.parts()[0].release(self.req_id)
+        self.track.done()
+
+
 class _Head:
     """A request head the front door can serve (what ``_parse_head`` accepted)."""
 
@@ -490,7 +673,7 @@ class _Head:
 
 
 class _Request:
-    __slots__ = ("body", "handed", "head", "head_bytes", "path", "query")
+    __slots__ = ("body", "head", "head_bytes", "path", "query")
 
     def __init__(self, head: _Head, path: str, query: str, body: bytes, head_bytes: bytes) -> None:
         self.head = head
@@ -500,7 +683,6 @@ class _Request:
         # The head as received, blank line included: with the body, what a hand-off replays (kept
         # apart so that a large upload is not copied a second time for a hand-off that is rare).
         self.head_bytes = head_bytes
-        self.handed = False
 
 
 def _parse_head(data: bytes, *, bodyless: bool = False) -> _Head | None:
@@ -569,6 +751,22 @@ def _query(query: str) -> dict[str, str]:
 def _url(url: str) -> URL:
     # A few distinct URLs (models × routes) recur for every request: parse each once.
     return URL(url, encoded=True)
+
+
+def _answer_head(upstream: Response, close: bool, *, sse: bool) -> tuple[bytes, bool]:
+    """The head of the client's answer to ``upstream``, and whether its body goes out chunked
+    (the upstream's was, or had no length)."""
+    headers = upstream.headers
+    status = upstream.status
+    chunked = status not in _BODILESS and ("content-length" not in headers or "transfer-encoding" in headers)
+    extra = ""
+    if chunked:
+        extra += "Transfer-Encoding: chunked\r\n"
+    if sse:
+        extra += "X-Accel-Buffering: no\r\n"  # nginx and friends in front of us must not buffer
+    if close:
+        extra += "Connection: close\r\n"
+    return proxy.response_head(status, upstream.reason, headers, extra, rechunked=chunked), chunked
 
 
 def _frame(data: bytes, chunked: bool) -> bytes:

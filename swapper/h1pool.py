@@ -40,7 +40,7 @@ from typing import Final, cast
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-__all__ = ["ConnectFailed", "Disconnected", "H1Pool", "ProtocolError", "Response"]
+__all__ = ["ConnectFailed", "Connection", "Disconnected", "H1Pool", "ProtocolError", "Response"]
 
 HIGH_WATER: Final = 256 * 1024  # unread body bytes that pause reading from the upstream
 WRITE_SLICE: Final = 256 * 1024  # request bodies larger than this are written in drained slices
@@ -81,7 +81,7 @@ class ProtocolError(ConnectionError):
     """The upstream's response was not valid HTTP/1.1 (or used something this client refuses)."""
 
 
-class _Conn(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One connection and its response parser; the parser runs inside ``data_received``."""
 
     def __init__(self, pool: H1Pool, key: tuple[str, str, int]) -> None:
@@ -96,6 +96,7 @@ class _Conn(asyncio.Protocol):
         self._unread = 0
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Callable[[bytes, bool], None] | None = None  # see Response.pipe
+        self._notify: Callable[[], None] | None = None  # see H1Pool.send_now
         self._drained: asyncio.Future[None] | None = None
         self._exc: Exception | None = None
         self._lost = False
@@ -444,10 +445,36 @@ class _Conn(asyncio.Protocol):
             else:
                 transport.resume_reading()
 
+    @property
+    def failure(self) -> Exception | None:
+        """Why the response broke off, once it has (see ``H1Pool.send_now``)."""
+        return self._exc
+
+    def response(self) -> Response:
+        """The response, once ``headers`` are in (see ``H1Pool.send_now``); notifications stop."""
+        self._notify = None
+        return Response(self._pool, self)
+
+    def take_whole(self) -> bytes | None:
+        """The whole body if it has all arrived (and none was read), else None with nothing taken."""
+        if self._state != _DONE:
+            return None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._unread = 0
+        return data
+
     def reset(self) -> None:
+        self._notify = None
         self._state = _IDLE
         self.headers = None
         self._sink = None
+
+    def abandon(self) -> None:
+        """Closes a response sent with ``H1Pool.send_now`` that nobody will read; no more calls."""
+        self._notify = None
+        self.close()
 
     def close(self) -> None:
         self.keep_alive = False
@@ -464,6 +491,10 @@ class _Conn(asyncio.Protocol):
             self._waiter = None
 
     def _wake(self) -> None:
+        notify = self._notify
+        if notify is not None:
+            notify()  # last, wherever it is called: the callee may reuse or close this connection
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -496,10 +527,10 @@ class Response:
 
     __slots__ = ("_conn", "_pool", "headers", "reason", "status")
 
-    def __init__(self, pool: H1Pool, conn: _Conn) -> None:
+    def __init__(self, pool: H1Pool, conn: Connection) -> None:
         assert conn.headers is not None
         self._pool = pool
-        self._conn: _Conn | None = conn
+        self._conn: Connection | None = conn
         self.status = conn.status
         self.reason = conn.reason
         self.headers: CIMultiDictProxy[str] = conn.headers
@@ -513,6 +544,12 @@ class Response:
         if conn is None:
             return b""
         return await conn.readany()
+
+    def take_whole(self) -> bytes | None:
+        """The whole body if it has already arrived (none of it read yet), else None and nothing
+        is taken: lets a caller answer a small response without awaiting."""
+        conn = self._conn
+        return b"" if conn is None else conn.take_whole()
 
     def at_eof(self) -> bool:
         """True once the whole body has arrived and been read."""
@@ -562,7 +599,7 @@ class H1Pool:
     def __init__(self, *, connect_timeout: float = 10.0, keepalive: float = 30.0) -> None:
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
-        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._idle: dict[tuple[str, str, int], list[Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
@@ -594,6 +631,36 @@ class H1Pool:
             raise
         return Response(self, conn)
 
+    def send_now(
+        self,
+        method: str,
+        url: URL,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        notify: Callable[[], None],
+    ) -> Connection | None:
+        """Sends one request on an idle keep-alive connection without awaiting anything; None, with
+        nothing sent, when there is no idle connection or the body needs more than one write.
+
+        For a caller that answers from callbacks, with no task (the front door's inline path):
+        ``notify()`` is called from the connection's callbacks each time the response moves on
+        (bytes arrived, or it broke off). Once ``headers`` is set, ``response()`` gives the
+        ``Response`` (and stops the notifications); while it is None, ``failure`` says whether
+        the response broke off (a ``Disconnected`` whose ``response_started`` is False on a pooled
+        connection is safe to retry). ``abandon()`` gives it up. Same arguments as ``request``.
+        """
+        if self._closed or len(body) > WRITE_SLICE or method == "HEAD":
+            return None
+        conn = self._take((url.scheme, url.raw_host or "", url.port or 0))
+        if conn is None:
+            return None
+        assert conn.transport is not None  # _take checked it
+        conn.start(head_only=False)
+        conn._notify = notify
+        head = _request_head(method, url, headers, body)
+        conn.transport.write(head + body if body else head)
+        return conn
+
     def close(self) -> None:
         """Closes every idle connection; connections in use close with their responses."""
         self._closed = True
@@ -604,7 +671,7 @@ class H1Pool:
 
     # ---- internals ----
 
-    def _take(self, key: tuple[str, str, int]) -> _Conn | None:
+    def _take(self, key: tuple[str, str, int]) -> Connection | None:
         conns = self._idle.get(key)
         if not conns:
             return None
@@ -618,19 +685,19 @@ class H1Pool:
             return conn
         return None
 
-    def _put(self, conn: _Conn) -> None:
+    def _put(self, conn: Connection) -> None:
         if self._closed:
             conn.close()
             return
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
 
-    def _forget(self, conn: _Conn) -> None:
+    def _forget(self, conn: Connection) -> None:
         conns = self._idle.get(conn.key)
         if conns and conn in conns:
             conns.remove(conn)
 
-    async def _connect(self, url: URL, key: tuple[str, str, int]) -> _Conn:
+    async def _connect(self, url: URL, key: tuple[str, str, int]) -> Connection:
         loop = asyncio.get_running_loop()
         host, port = key[1], key[2]
         tls = None
@@ -641,7 +708,7 @@ class H1Pool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Conn(self, key), host, port, ssl=tls, server_hostname=host if tls else None
+                    lambda: Connection(self, key), host, port, ssl=tls, server_hostname=host if tls else None
                 )
         except TimeoutError:
             raise ConnectFailed(errno.ETIMEDOUT, "connect timed out") from None

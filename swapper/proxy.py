@@ -42,6 +42,7 @@ from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 __all__ = [
     "UPSTREAM_READ_ERRORS",
     "ForwardResult",
+    "failed_before_response",
     "forward",
     "hop_by_hop",
     "is_sse",
@@ -270,12 +271,18 @@ async def send(pool: H1Pool, method: str, url: URL, headers: list[tuple[str, str
             # was seen. No response byte arrived, so one retry on a fresh connection is safe. A
             # connection that was never made (ConnectFailed) is not retried: it would fail again.
             return await pool.request(method, url, headers, body, fresh=True)
-    except ConnectFailed as exc:
-        raise UpstreamRefused(f"upstream {url.origin()} refused the connection: {exc.strerror}") from exc
-    except TimeoutError as exc:
-        raise UpstreamError(f"upstream {url.origin()} timed out before responding") from exc
-    except OSError as exc:
-        raise UpstreamError(f"upstream {url.origin()} failed before responding: {exc!r}") from exc
+    except OSError as exc:  # h1pool's errors, TimeoutError included
+        raise failed_before_response(exc, url) from exc
+
+
+def failed_before_response(exc: Exception, url: URL) -> UpstreamError:
+    """What to answer when ``url``'s upstream could not be reached (``UpstreamRefused``: nothing
+    was sent) or broke before its response head."""
+    if isinstance(exc, ConnectFailed):
+        return UpstreamRefused(f"upstream {url.origin()} refused the connection: {exc.strerror}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(f"upstream {url.origin()} timed out before responding")
+    return UpstreamError(f"upstream {url.origin()} failed before responding: {exc!r}")
 
 
 async def _relay(request: web.Request, upstream: Response) -> tuple[web.StreamResponse, int, bool]:

@@ -19,7 +19,7 @@ import itertools
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, assert_never
+from typing import Any, Final, Protocol, assert_never
 
 import aiohttp
 import structlog
@@ -52,6 +52,13 @@ from swapper.scheduler import ModelStatus, Scheduler, State
 log = structlog.get_logger("swapper.runloop")
 
 TICK_SECONDS = 1.0
+
+
+class Holder(Protocol):
+    """Whoever serves a granted request: cut by ``cancel()`` when its model is stopped under it
+    (unload, reload). The requester's task, or the front door's inline exchange."""
+
+    def cancel(self) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +100,7 @@ class RunLoop:
         self._stopping: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[int, asyncio.Future[Lease]] = {}
-        self._holders: dict[int, asyncio.Task[object]] = {}  # req_id -> the requester's task
+        self._holders: dict[int, Holder] = {}  # req_id -> who serves it (see Holder)
         self._unload_replies: list[tuple[frozenset[str], asyncio.Future[None]]] = []
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
@@ -119,20 +126,22 @@ class RunLoop:
         self._post(Acquire(req_id, model, reply, time.monotonic(), on_wait, task))
         return await reply
 
-    def try_acquire(self, req_id: int, model: str) -> Lease | None:
+    def try_acquire(self, req_id: int, model: str, holder: Holder | None = None) -> Lease | None:
         """The lease at once if ``model`` can serve this request now, else None with nothing changed.
 
         For the front door's fast path (``front``): a request that would have to wait (a load, a
         queue, a refusal) is then served by the full ``acquire`` path instead. Pair a lease with
-        ``release`` in ``finally``, as with ``acquire``; the calling task is the lease's holder.
+        ``release`` in ``finally``, as with ``acquire``; ``holder`` (default: the calling task) is
+        what a stop of the model cancels.
         """
         if not self._may_inline() or not self._sched.admit_now(req_id, model, time.monotonic()):
             return None
         # No message, no future: the scheduler took it in flight, and serving changes no state,
         # so there is nothing to settle or announce (what _process would do after an Acquire).
-        task = asyncio.current_task(self._loop)  # the cached loop: get_running_loop() costs a getpid()
-        if task is not None:
-            self._holders[req_id] = task
+        if holder is None:
+            holder = asyncio.current_task(self._loop)  # the cached loop: get_running_loop() costs a getpid()
+        if holder is not None:
+            self._holders[req_id] = holder
         return Lease(req_id, model, self.config.models[model].proxy, self._pid(model))
 
     async def reacquire(self, lease: Lease) -> Lease:

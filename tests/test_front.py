@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -431,4 +432,90 @@ async def test_the_upstream_gets_the_request_byte_for_byte(aiohttp_client: Clien
     assert not {"connection", "keep-alive", "x-hop"} & set(names)  # hop-by-hop, also by Connection
     assert names.count("host") == 1 and names.count("content-length") == 1
     assert front.served == served + 1
+    conn.close()
+
+
+# ---- the inline path: a ready model's sized answer with no task ----
+
+
+def in_flight(client: TestClient[Any, Any]) -> int:
+    return runloop(client).snapshot()["m"].status.in_flight
+
+
+async def test_sized_answers_on_a_pooled_connection_are_relayed_inline(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    front = front_of(client)
+    conn = await Conn.open(client)
+    assert (await conn.ask(chat()))[0] == 200  # leaves an upstream connection in the pool
+    inline = front.inline
+    for _ in range(3):
+        status, headers, body = await conn.ask(chat())
+        assert status == 200
+        assert int(headers["content-length"]) == len(body)
+        assert json.loads(body)["choices"][0]["message"]["content"]
+    assert front.inline == inline + 3
+    # A stream goes out inline but is relayed by a task, and its upstream connection is not
+    # pooled (llama-server closes it), so the next request connects anew, in a task too.
+    status, _, body = await conn.ask(chat(stream=True))
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+    assert (await conn.ask(chat()))[0] == 200
+    assert front.inline == inline + 3
+    assert (await conn.ask(chat()))[0] == 200
+    assert front.inline == inline + 4
+    assert in_flight(client) == 0
+    conn.close()
+
+
+async def test_a_client_leaving_before_an_inline_answer_frees_its_slot_and_the_upstream(
+    aiohttp_client: ClientFactory,
+) -> None:
+    client = await loaded(aiohttp_client)
+    front = front_of(client)
+    warm = await Conn.open(client)
+    assert (await warm.ask(chat()))[0] == 200
+    conn = await Conn.open(client)
+    await conn.send(chat(extra_headers="X-Fake-Delay: 60\r\n"))
+    await wait_until(lambda: in_flight(client) == 1, what="the request in flight")
+    assert any(c.busy for c in front.conns)
+    child = psutil.Process(runloop(client).snapshot()["m"].pid)
+
+    def upstream_saw_the_close() -> bool:
+        return any(c.status == psutil.CONN_CLOSE_WAIT for c in child.net_connections("tcp"))
+
+    conn.close()
+    # Released when the client left, not when the upstream answers a minute later; and the
+    # upstream's connection is closed, so a real server would stop generating.
+    await wait_until(lambda: in_flight(client) == 0, within=10, what="release")
+    await wait_until(upstream_saw_the_close, within=10, what="the upstream connection closed")
+    assert (await warm.ask(chat()))[0] == 200
+    warm.close()
+
+
+async def test_an_unload_cuts_an_inline_request(aiohttp_client: ClientFactory) -> None:
+    client = await loaded(aiohttp_client)
+    warm = await Conn.open(client)
+    assert (await warm.ask(chat()))[0] == 200
+    inline = front_of(client).inline
+    await warm.send(chat(extra_headers="X-Fake-Delay: 60\r\n"))
+    await wait_until(lambda: in_flight(client) == 1, what="the request in flight")
+    resp = await client.post("/api/models/unload")
+    assert resp.status == 200
+    assert runloop(client).state("m") is State.STOPPED
+    assert await warm.reader.read() == b""  # closed, unanswered: the answer would have been cut
+    assert front_of(client).inline == inline
+    warm.close()
+
+
+async def test_a_pooled_connection_that_dies_unanswered_is_retried(aiohttp_client: ClientFactory) -> None:
+    # The fake drops every request that arrives on a reused connection, unanswered: each inline
+    # send on a pooled connection fails before any response byte and is retried on a fresh one.
+    client = await loaded(aiohttp_client, flags="--drop-reused")
+    front = front_of(client)
+    conn = await Conn.open(client)
+    inline = front.inline
+    for _ in range(3):
+        status, _, body = await conn.ask(chat())
+        assert status == 200, body
+    assert front.inline == inline
+    assert in_flight(client) == 0
     conn.close()

@@ -31,6 +31,8 @@ Behaviour flags (all optional except --port):
   --exit-after S         crash (rc 2) S seconds after start, whatever it is doing
   --deaf-after N         after answering N requests (not counting /health), stop listening and
                          close the connection, but stay alive: new connections are refused
+  --drop-reused          close a keep-alive connection, unanswered, when a second request arrives
+                         on it (not /health): a pooled connection that died as it was reused
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -38,6 +40,8 @@ GET /props, GET /health, POST /sdapi/v1/txt2img, POST /v1/images/generations,
 POST /v1/audio/transcriptions and POST /inference (multipart), and an echo route for anything
 else: ``{"method", "path", "raw_path", "query", "headers", "header_list", "body_b64",
 "model_name", "pid"}``. Generated token i is ``"<model-name>#<i> "``.
+
+A request with the header ``X-Fake-Delay: S`` is answered S seconds late (not a stream).
 
 Log lines go to stdout, one per request and one per state change. SIGTERM/SIGINT exit rc 0.
 """
@@ -185,6 +189,7 @@ class Server:
     # --- connection handling -------------------------------------------------------------
 
     async def handle_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0  # requests answered on this connection, /health not counted
         try:
             while True:
                 try:
@@ -194,6 +199,11 @@ class Server:
                     break
                 if req is None:
                     break
+                if req.path != "/health":
+                    served += 1
+                    if self.args.drop_reused and served > 1:
+                        log(f"{req.method} {req.path} dropped: a reused connection")
+                        break
                 self.in_flight += 1
                 try:
                     keep_alive = await self.dispatch(req, writer)
@@ -243,6 +253,8 @@ class Server:
         except BadRequest as exc:
             status, obj = 400, {"error": {"message": str(exc), "type": "invalid_request_error"}}
         if req.path != "/health":
+            if delay := float(req.header("x-fake-delay", "0") or 0):
+                await asyncio.sleep(delay)
             log(f"{req.method} {req.path} {status}")
             self.answered += 1
             if self.args.deaf_after is not None and self.answered >= self.args.deaf_after:
@@ -469,6 +481,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--alloc-mib", type=int, default=0)
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--deaf-after", type=int, default=None)
+    p.add_argument("--drop-reused", action="store_true")
     return p.parse_args(argv)
 
 
