@@ -6,8 +6,11 @@ NVML session opened by the first sample that looks for GPUs.
 
 Recording: ``Metrics`` is an ``events.Observer``. Run-loop facts (starts, load times, unexpected
 exits) and request facts (status, queue wait, time to first byte) arrive as bus hooks on the event
-loop's thread. A request costs two dict lookups and four lock-protected adds, because its label
-children are bound once per (model, route) and cached; nothing is recorded per chunk. Label values
+loop's thread. Run-loop facts go into prometheus_client's own series. Request facts, several per
+request, go into plain counts (``_Tally``, ``_RouteSeries``) that are turned into metric families
+at scrape time, on the same thread: a prometheus_client series takes a lock per add and walks its
+buckets in Python, which made metrics a tenth of a proxied request's CPU. A request costs a few
+dict lookups and integer adds; nothing is recorded per chunk. Label values
 are bounded: ``model`` is a configured id (the handler has resolved aliases and rejected unknown
 names before tracking starts) and ``route`` is the matched route's template, never the raw path.
 
@@ -21,6 +24,7 @@ Must not touch: children or scheduler internals; it reads only the snapshot it i
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from swapper.events import Observer, RequestTrack
@@ -78,23 +82,40 @@ class Sample:
     gpus: tuple[GpuUsage, ...]  # empty without NVML
 
 
+class _Tally:
+    """One histogram series in plain counts (event loop thread only): ``counts[i]`` observations
+    fell in bucket ``i`` (the last one is +Inf), not cumulative; turned into a family at scrape."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value: le
+        self.sum += value
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        buckets, total = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(total)))
+        family.add_metric(labels, buckets, self.sum)
+
+
 class _RouteSeries:
-    """The label children one (model, route) records into, bound on first use."""
+    """Requests answered for one (model, route), by status class (-1: no answer)."""
 
-    __slots__ = ("_counter", "_labels", "by_class")
+    __slots__ = ("by_class",)
 
-    def __init__(self, counter: Counter, model: str, route: str) -> None:
-        self._counter = counter
-        self._labels = (model, route)
-        self.by_class: dict[int, Counter] = {}  # status // 100 (-1: no answer) -> child
+    def __init__(self) -> None:
+        self.by_class: dict[int, int] = {}
 
-    def count(self, status: int | None) -> Counter:
+    def count(self, status: int | None) -> None:
         key = -1 if status is None else status // 100
-        child = self.by_class.get(key)
-        if child is None:
-            label = "cancelled" if status is None else f"{key}xx"
-            child = self.by_class[key] = self._counter.labels(*self._labels, label)
-        return child
+        self.by_class[key] = self.by_class.get(key, 0) + 1
 
 
 class _ModelSeries:
@@ -105,8 +126,8 @@ class _ModelSeries:
         self.failed = m.starts.labels(model, "failed")
         self.load = m.load_seconds.labels(model)
         self.exits = m.unexpected_exits.labels(model)
-        self.wait = m.queue_wait.labels(model)
-        self.ttfb = m.ttfb.labels(model)
+        self.wait = _Tally(WAIT_BUCKETS)
+        self.ttfb = _Tally(TTFB_BUCKETS)
 
 
 class _Families(Collector):
@@ -123,27 +144,6 @@ class Metrics(Observer):
     def __init__(self, models: Iterable[str]) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
-        self.requests = Counter(
-            "swapper_requests",
-            "Model requests answered, by model, route template and status class "
-            "('cancelled': the client left before an answer)",
-            ["model", "route", "status"],
-            registry=reg,
-        )
-        self.queue_wait = Histogram(
-            "swapper_queue_wait_seconds",
-            "Time from asking the run loop for a model to holding its lease (load or queue)",
-            ["model"],
-            buckets=WAIT_BUCKETS,
-            registry=reg,
-        )
-        self.ttfb = Histogram(
-            "swapper_ttfb_seconds",
-            "Time from the request's arrival to the upstream's response headers, swap included",
-            ["model"],
-            buckets=TTFB_BUCKETS,
-            registry=reg,
-        )
         self.starts = Counter(
             "swapper_model_starts",
             "Child start attempts that ended, by outcome (ready, failed)",
@@ -215,8 +215,8 @@ class Metrics(Observer):
         key = (req.model, req.route)
         route = self._routes.get(key)
         if route is None:
-            route = self._routes[key] = _RouteSeries(self.requests, req.model, req.route)
-        route.count(req.status).inc()
+            route = self._routes[key] = _RouteSeries()
+        route.count(req.status)
         if req.ttfb is not None:
             self._model(req.model).ttfb.observe(req.ttfb)
         act = self._activity.get(req.model)
@@ -249,8 +249,34 @@ class Metrics(Observer):
         that planner runs: its footprints become a gauge.
         """
         sample = await self.sample(snapshot)
-        present = _Families(_gauges(snapshot, sample) + _footprints(memory))
+        present = _Families(self._request_families() + _gauges(snapshot, sample) + _footprints(memory))
         return await asyncio.to_thread(_render, self.registry, present)
+
+    def _request_families(self) -> list[Metric]:
+        """The request series as they stand (built on the event loop's thread, which records them)."""
+        requests = CounterMetricFamily(
+            "swapper_requests",
+            "Model requests answered, by model, route template and status class "
+            "('cancelled': the client left before an answer)",
+            labels=["model", "route", "status"],
+        )
+        for (model, route), series in sorted(self._routes.items()):
+            for key, count in sorted(series.by_class.items()):
+                requests.add_metric([model, route, "cancelled" if key < 0 else f"{key}xx"], count)
+        wait = HistogramMetricFamily(
+            "swapper_queue_wait_seconds",
+            "Time from asking the run loop for a model to holding its lease (load or queue)",
+            labels=["model"],
+        )
+        ttfb = HistogramMetricFamily(
+            "swapper_ttfb_seconds",
+            "Time from the request's arrival to the upstream's response headers, swap included",
+            labels=["model"],
+        )
+        for model, m in sorted(self._models.items()):
+            m.wait.add_to(wait, [model])
+            m.ttfb.add_to(ttfb, [model])
+        return [requests, wait, ttfb]
 
     def close(self) -> None:
         self._gpu.close()

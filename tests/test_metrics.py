@@ -201,3 +201,59 @@ async def test_feed_takes_pushes_from_worker_threads() -> None:
     feed: Feed[str] = Feed(10)
     await asyncio.to_thread(feed.push, "from a thread")  # e.g. a log line logged in to_thread
     assert await feed.wait_batch(None) == ["from a thread"]
+
+
+def test_request_series_render_as_prometheus_clients_own_would() -> None:
+    # The request series are plain counts turned into families at scrape time; what they render
+    # must match prometheus_client's Counter and Histogram fed the same facts (less _created).
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from swapper.metrics import TTFB_BUCKETS, WAIT_BUCKETS
+
+    metrics = Metrics(["a", "b"])
+    bus = EventBus()
+    bus.subscribe(metrics)
+    reference = CollectorRegistry()
+    requests = Counter("swapper_requests", "x", ["model", "route", "status"], registry=reference)
+    wait = Histogram("swapper_queue_wait_seconds", "x", ["model"], buckets=WAIT_BUCKETS, registry=reference)
+    ttfb = Histogram("swapper_ttfb_seconds", "x", ["model"], buckets=TTFB_BUCKETS, registry=reference)
+    for model in ("a", "b"):
+        wait.labels(model)
+        ttfb.labels(model)
+    # Near bounds, between them, past the last, and a request the client left unanswered.
+    facts = [
+        ("a", 0.001, 0.005, 200),
+        ("a", 0.0, 0.0075, 503),
+        ("b", 700.0, 301.0, 200),
+        ("a", 0.3, None, None),
+    ]
+    for i, (model, waited, upstream_ttfb, status) in enumerate(facts):
+        track = bus.track(i, model, CHAT, "POST", CHAT)
+        track.started -= waited  # as if it had waited that long
+        track.granted()
+        if status is not None:
+            assert upstream_ttfb is not None
+            track.forwarded(status, upstream_ttfb)
+        track.done()
+        assert track.waited is not None
+        wait.labels(model).observe(track.waited)
+        if track.ttfb is not None:
+            ttfb.labels(model).observe(track.ttfb)
+        label = "cancelled" if status is None else f"{status // 100}xx"
+        requests.labels(model, CHAT, label).inc()
+    for at_a_bound in (0.005, 600.0):  # exactly: a tracked wait is never exact
+        metrics._model("b").wait.observe(at_a_bound)
+        wait.labels("b").observe(at_a_bound)
+
+    def series(text: str, prefix: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {
+            k: round(v, 6)
+            for k, v in parse(text).items()
+            if k[0].startswith(prefix) and "created" not in k[0]
+        }
+
+    ours = generate_latest(_Families(metrics._request_families())).decode()
+    theirs = generate_latest(reference).decode()
+    for prefix in ("swapper_requests", "swapper_queue_wait_seconds", "swapper_ttfb_seconds"):
+        assert series(ours, prefix) == series(theirs, prefix), prefix
+        assert series(ours, prefix)
