@@ -343,22 +343,28 @@ class FrontConn(asyncio.Protocol):
             self._slow(request)  # it has to wait, and aiohttp's path streams the loading state
             return
         self._front.served += 1
-        ex.track = bus.track(ex.req_id, model, request.path, head.method, request.path)
         self._exchange = ex
-        if lease is not None:
-            try:
-                ex.granted(lease)
-                ex.sent = pool.send_now(head.method, _url(ex.url), ex.headers, ex.body, ex.progress)
-            except SwapperError as err:  # the body could not be shaped for the model
-                self._end_inline(ex, err)
-                return
-            except Exception:
-                log.exception("front door failed", path=request.path)
-                self.abort(ex)
-                return
-            if ex.sent is not None:
-                return  # the answer comes to ex.progress
-        ex.task = self._front.loop.create_task(self._serve(ex))
+        if lease is None:
+            ex.track = bus.track(ex.req_id, model, request.path, head.method, request.path)
+            ex.task = self._front.loop.create_task(self._serve(ex))
+            return
+        failure = None
+        try:
+            ex.granted(lease)
+            ex.sent = pool.send_now(head.method, _url(ex.url), ex.headers, ex.body, ex.progress)
+        except Exception as exc:
+            failure = exc
+        # Tracked once the request is on its way upstream: the answer waits for none of this.
+        ex.track = bus.track(ex.req_id, model, request.path, head.method, request.path)
+        ex.track.granted()
+        if failure is None:
+            if ex.sent is None:
+                ex.task = self._front.loop.create_task(self._serve(ex))  # no idle upstream connection
+        elif isinstance(failure, SwapperError):  # the body could not be shaped for the model
+            self._end_inline(ex, failure)
+        else:
+            log.error("front door failed", path=request.path, exc_info=failure)
+            self.abort(ex)
 
     def _progress(self, ex: _Exchange) -> None:
         """The inline request's upstream connection moved on (``H1Pool.send_now``)."""
@@ -377,12 +383,12 @@ class FrontConn(asyncio.Protocol):
             else:
                 self._end_inline(ex, proxy.failed_before_response(exc, _url(ex.url)))
             return
+        arrived = time.perf_counter()
         upstream = ex.upstream = sent.response()
         ex.sent = None
-        ex.forwarded()
-        headers = upstream.headers
-        body = None if proxy.is_sse(headers) else upstream.take_whole()
+        body = None if proxy.is_sse(upstream.headers) else upstream.take_whole()
         if body is None:
+            ex.forwarded(arrived)
             ex.task = self._front.loop.create_task(self._serve(ex))  # streamed, or still arriving
             return
         close = ex.request.head.close or self._front.closing
@@ -391,17 +397,21 @@ class FrontConn(asyncio.Protocol):
             head += b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if chunked else body
         elif chunked and upstream.status not in _BODILESS:
             head += _END
-        self._end_inline(ex, None, head)
+        self._end_inline(ex, None, head, arrived)
 
-    def _end_inline(self, ex: _Exchange, err: SwapperError | None, answer: bytes = b"") -> None:
-        """Writes the inline request's answer (or ``err``), releases it, and goes on to the next."""
-        self._front.inline += 1
+    def _end_inline(
+        self, ex: _Exchange, err: SwapperError | None, answer: bytes = b"", arrived: float = 0.0
+    ) -> None:
+        """Writes the inline request's answer (or ``err``), releases it, and goes on to the next.
+        ``arrived``: when the upstream's answer came (for its TTFB), recorded after the write."""
         keep = not ex.request.head.close
         if err is not None:
             ex.track.failed(err.status)
             self._write_error(err)
         else:
             keep = self._write(answer)
+            ex.forwarded(arrived)
+        self._front.inline += 1
         ex.finish()
         # Not from inside the upstream's callback: the next request may reuse its connection.
         self._done(ex, keep, soon=True)
@@ -454,6 +464,7 @@ class FrontConn(asyncio.Protocol):
         try:
             if ex.lease is None:
                 ex.granted(await runloop.acquire(ex.req_id, ex.model))  # a load or a queue: wait here
+                ex.track.granted()
             upstream = ex.upstream
             if upstream is None:
                 ex.started = time.perf_counter()
@@ -466,7 +477,7 @@ class FrontConn(asyncio.Protocol):
                     ex.granted(await runloop.reacquire(ex.lease))
                     upstream = await proxy.send(pool, head.method, _url(ex.url), ex.headers, ex.body)
                 ex.upstream = upstream
-                ex.forwarded()
+                ex.forwarded(time.perf_counter())
             return await self._relay(upstream, head.close or self._front.closing)
         except SwapperError as err:  # refused (429, 503, 507...), failed to load, upstream unreachable
             ex.track.failed(err.status)
@@ -608,8 +619,6 @@ class _Exchange:
         first = self.lease is None
         self.lease = lease
         self.req_id = lease.req_id
-        if first:
-            self.track.granted()
         request = self.request
         head = request.head
         self.url, self.body = upstream_request(
@@ -619,11 +628,11 @@ class _Exchange:
             self.headers = proxy.upstream_headers(head.headers, head.connection, identity=False)
         self.started = time.perf_counter()
 
-    def forwarded(self) -> None:
-        """The upstream's response head is in."""
+    def forwarded(self, arrived: float) -> None:
+        """The upstream's response head came in at ``arrived`` (``time.perf_counter``)."""
         upstream = self.upstream
         assert upstream is not None
-        self.track.forwarded(upstream.status, time.perf_counter() - self.started)
+        self.track.forwarded(upstream.status, arrived - self.started)
         if proxy.is_streamed(upstream.headers):
             upstream.do_not_pool()  # llama-server closes it after a streamed body
 
