@@ -108,9 +108,7 @@ class Front:
         # Cached: each asyncio.get_running_loop() is a getpid() syscall (fork detection).
         self.loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
-        self._runloop: RunLoop | None = None
-        self._pool: H1Pool | None = None
-        self._bus: EventBus | None = None
+        self._parts: tuple[RunLoop, H1Pool, EventBus] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         # The keys aiohttp's auth middleware was built with (at start-up, like it).
         self.keys = tuple(key.encode() for key in app[CONFIG].api_keys)
@@ -120,11 +118,11 @@ class Front:
 
     def parts(self) -> tuple[RunLoop, H1Pool, EventBus]:
         """The run loop, forwarding pool and event bus (looked up once, after start-up set them)."""
-        if self._runloop is None or self._pool is None or self._bus is None:
-            self._runloop = self.app[RUNLOOP]
-            self._pool = proxy.pool_of(self.app[SESSION])
-            self._bus = self.app[EVENTS]
-        return self._runloop, self._pool, self._bus
+        parts = self._parts
+        if parts is None:
+            app = self.app
+            parts = self._parts = (app[RUNLOOP], proxy.pool_of(app[SESSION]), app[EVENTS])
+        return parts
 
     def sweep_idle(self) -> None:
         """Closes connections idle for ``KEEPALIVE`` seconds, now and every few seconds after.
@@ -765,9 +763,7 @@ def _url(url: str) -> URL:
 def _answer_head(upstream: Response, close: bool, *, sse: bool) -> tuple[bytes, bool]:
     """The head of the client's answer to ``upstream``, and whether its body goes out chunked
     (the upstream's was, or had no length)."""
-    headers = upstream.headers
-    status = upstream.status
-    chunked = status not in _BODILESS and ("content-length" not in headers or "transfer-encoding" in headers)
+    chunked = upstream.status not in _BODILESS and (not upstream.sized or upstream.coded)
     extra = ""
     if chunked:
         extra += "Transfer-Encoding: chunked\r\n"
@@ -775,7 +771,7 @@ def _answer_head(upstream: Response, close: bool, *, sse: bool) -> tuple[bytes, 
         extra += "X-Accel-Buffering: no\r\n"  # nginx and friends in front of us must not buffer
     if close:
         extra += "Connection: close\r\n"
-    return proxy.response_head(status, upstream.reason, headers, extra, rechunked=chunked), chunked
+    return proxy.response_head(upstream, extra, rechunked=chunked), chunked
 
 
 def _frame(data: bytes, chunked: bool) -> bytes:

@@ -110,6 +110,11 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.headers: CIMultiDictProxy[str] | None = None
+        # Of the response head, besides ``headers`` (see Response):
+        self.block = ""
+        self.connection = ""
+        self.coded = False
+        self.sized = False
 
     # ---- asyncio.Protocol ----
 
@@ -267,13 +272,17 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError("upstream switched protocols; upgrades are not forwarded")
             return True  # an interim answer: the real one follows
         headers = CIMultiDict(pairs)
-        connection = headers.get("Connection", "").lower()
+        self.connection = headers.get("Connection", "")
+        connection = self.connection.lower()
         if version == "HTTP/1.0":
             self.keep_alive = "keep-alive" in connection
         else:
             self.keep_alive = "close" not in connection
         coding = headers.get("Transfer-Encoding")
         lengths = headers.getall("Content-Length", ())
+        self.coded = coding is not None
+        self.sized = bool(lengths)
+        self.block = text[eol:]
         if self._head_only or status in _EMPTY_BODY_STATUS:
             self._state = _DONE
         elif coding is not None:
@@ -525,7 +534,7 @@ def _chunk_size(line: bytes | bytearray) -> int:
 class Response:
     """One upstream response: status line and headers, then the body via ``readany()``."""
 
-    __slots__ = ("_conn", "_pool", "headers", "reason", "status")
+    __slots__ = ("_conn", "_pool", "block", "coded", "connection", "headers", "reason", "sized", "status")
 
     def __init__(self, pool: H1Pool, conn: Connection) -> None:
         assert conn.headers is not None
@@ -534,6 +543,12 @@ class Response:
         self.status = conn.status
         self.reason = conn.reason
         self.headers: CIMultiDictProxy[str] = conn.headers
+        # The header lines as received, each after a CRLF (valid: the parser checked every line),
+        # so that a proxy can forward them without rebuilding them from ``headers``.
+        self.block = conn.block
+        self.connection = conn.connection  # the first Connection value, as sent ("" if none)
+        self.coded = conn.coded  # it has a Transfer-Encoding
+        self.sized = conn.sized  # it has a Content-Length
 
     async def readany(self) -> bytes:
         """The body bytes that have arrived (waiting for some if none have); b"" at the end.

@@ -26,6 +26,7 @@ copies beyond de-chunking.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from swapper.errors import UpstreamError, UpstreamRefused
@@ -76,6 +77,12 @@ _REQUEST_DROP_LOWER = frozenset(name.lower() for name in _REQUEST_DROP)
 # and a sized response lets the client keep its connection without chunked framing.
 _RESPONSE_DROP = _HOP_BY_HOP
 _RESPONSE_DROP_LOWER = frozenset(name.lower() for name in _RESPONSE_DROP)
+# The same as whole header lines of a response's header block (h1pool's Response.block: each line
+# after a CRLF, checked to be "name:value"), to cut them out in one scan.
+_RESPONSE_DROP_LINES = re.compile("\r\n(?:" + "|".join(_RESPONSE_DROP) + "):[^\r\n]*", re.I)
+_RECHUNKED_DROP_LINES = re.compile(
+    "\r\n(?:" + "|".join((*_RESPONSE_DROP, "Content-Length")) + "):[^\r\n]*", re.I
+)
 # Connection values that name no extra hop-by-hop header, so need no parsing.
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})
 # aiohttp would otherwise invent these when the client sent none. Accept-Encoding matters most:
@@ -230,21 +237,26 @@ def hop_by_hop(connection: str) -> frozenset[str]:
     return frozenset(token for part in connection.split(",") if (token := part.strip().lower()))
 
 
-def response_head(
-    status: int, reason: str, headers: CIMultiDictProxy[str], extra: str, *, rechunked: bool
-) -> bytes:
+def response_head(upstream: Response, extra: str, *, rechunked: bool) -> bytes:
     """A status line and the upstream's headers minus hop-by-hop ones, then ``extra`` (header
     lines, each ending in CRLF) and the blank line: what the client gets, before the body.
     ``rechunked`` drops Content-Length too (the body goes out chunked)."""
-    drop = _RESPONSE_DROP_LOWER | {"content-length"} if rechunked else _RESPONSE_DROP_LOWER
-    connection = headers.get(hdrs.CONNECTION)
-    if connection and connection not in _PLAIN_CONNECTION:
-        drop = drop | hop_by_hop(connection)
-    parts = [f"HTTP/1.1 {status} {reason}\r\n"]
-    parts += [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in drop]
+    connection = upstream.connection
+    if not connection or connection in _PLAIN_CONNECTION:
+        # The common case: the header lines as received, the hop-by-hop ones cut out in one scan.
+        drop = _RECHUNKED_DROP_LINES if rechunked else _RESPONSE_DROP_LINES
+        lines = drop.sub("", upstream.block)
+        head = f"HTTP/1.1 {upstream.status} {upstream.reason}{lines}\r\n{extra}\r\n"
+        return head.encode("utf-8", "surrogateescape")  # how h1pool decoded them
+    # Connection names more hop-by-hop headers (RFC 9110 §7.6.1): filter header by header.
+    names = _RESPONSE_DROP_LOWER | hop_by_hop(connection)
+    if rechunked:
+        names |= {"content-length"}
+    parts = [f"HTTP/1.1 {upstream.status} {upstream.reason}\r\n"]
+    parts += [f"{name}: {value}\r\n" for name, value in upstream.headers.items() if name.lower() not in names]
     parts.append(extra)
     parts.append("\r\n")
-    return "".join(parts).encode("utf-8", "surrogateescape")  # how h1pool decoded them
+    return "".join(parts).encode("utf-8", "surrogateescape")
 
 
 def _drop(headers: CIMultiDict[str], names: tuple[str, ...], connection: str | None) -> None:

@@ -15,6 +15,7 @@ import pytest
 from yarl import URL
 
 from swapper.h1pool import HIGH_WATER, ConnectFailed, Disconnected, H1Pool, ProtocolError, Response
+from swapper.proxy import response_head
 from tests.rawhttp import read_request
 
 STEP = 5.0
@@ -269,3 +270,55 @@ async def test_unread_response_closes_its_connection(pool: H1Pool) -> None:
         resp.close()  # the body was never read: the connection cannot be reused
         assert conn.transport is not None and conn.transport.is_closing()
         assert pool._take(conn.key) is None
+
+
+# What the proxy forwards of a response head (proxy.response_head, from Response.block).
+LLAMA_HEAD = (
+    b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
+    b"Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n"
+    b"Keep-Alive: timeout=5, max=100\r\n\r\n{}"
+)
+ODD_CASE_HEAD = (
+    b"HTTP/1.0 201 Made It\r\nKEEP-ALIVE: x\r\nconnection: keep-alive\r\nTea: green\r\n"
+    b"Keep-Alive-Extra: y\r\nTE: trailers\r\nProxy-Connection: close\r\nContent-Length: 2\r\n\r\n{}"
+)
+NAMED_HEAD = (
+    b"HTTP/1.1 200 OK\r\nConnection: X-Private\r\nX-Private: secret\r\nX-Public: p\r\n"
+    b"Content-Length: 2\r\n\r\n{}"
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "rechunked", "expected"),
+    [
+        (
+            LLAMA_HEAD,
+            False,
+            b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
+            b"Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\nX-Extra: 1\r\n\r\n",
+        ),
+        (
+            LLAMA_HEAD,
+            True,
+            b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
+            b"Content-Type: application/json; charset=utf-8\r\nX-Extra: 1\r\n\r\n",
+        ),
+        # Hop-by-hop names in any case go; names that only start like one stay.
+        (
+            ODD_CASE_HEAD,
+            False,
+            b"HTTP/1.1 201 Made It\r\nTea: green\r\nKeep-Alive-Extra: y\r\nContent-Length: 2\r\n"
+            b"X-Extra: 1\r\n\r\n",
+        ),
+        # A header that Connection names is hop-by-hop too.
+        (NAMED_HEAD, False, b"HTTP/1.1 200 OK\r\nX-Public: p\r\nContent-Length: 2\r\nX-Extra: 1\r\n\r\n"),
+    ],
+    ids=["llama-server", "rechunked", "odd-case", "connection-named"],
+)
+async def test_the_forwarded_head_drops_hop_by_hop_headers(
+    pool: H1Pool, raw: bytes, rechunked: bool, expected: bytes
+) -> None:
+    async with upstream(lambda req: [raw], close_after=True) as (url, _):
+        resp = await pool.request("POST", url / "x", [], b"{}")
+        assert response_head(resp, "X-Extra: 1\r\n", rechunked=rechunked) == expected
+        resp.close()
