@@ -4,7 +4,7 @@ Owns: nothing mutable. ``rewrite_body()`` is a pure, synchronous function of its
 
 Must not touch: headers (the caller sets ``Content-Length`` from the returned bytes), routing (the
 configured model id keeps deciding where a request goes; only the upstream sees the rewritten
-name), and the caller's parsed payload (it is copied before any change).
+name).
 
 Concurrency: none; no I/O, no shared state.
 
@@ -52,8 +52,9 @@ def rewrite_body(
 
     ``model_name`` is the model's ``useModelName`` (``None`` for none); ``requested`` is the name
     the client asked for (id or alias), the key into ``setParamsByID``. ``parsed`` is the JSON
-    object ``modelid.extract()`` already parsed from this body (``RequestModel.payload``); it saves
-    a second parse and is never mutated. Raises ``BadRequest`` for a body that cannot be read.
+    object ``modelid.extract()`` parsed from this body (``RequestModel.payload``), if any: a body
+    it read as JSON under another content type is rewritten as JSON too. Raises ``BadRequest`` for
+    a body that cannot be read.
     """
     by_id = filters.set_params_by_id.get(requested)
     if model_name is None and not filters.strip_params and not filters.set_params and not by_id:
@@ -62,7 +63,7 @@ def rewrite_body(
         return body
     kind = body_kind(content_type, body)
     if kind == "json" or parsed is not None:  # parsed: JSON sent under another content type
-        return _rewrite_json(body, parsed, model_name, filters, by_id)
+        return _rewrite_json(body, model_name, filters, by_id)
     if kind == "multipart" and model_name is not None:
         assert content_type is not None
         return _rewrite_multipart_model(content_type, body, model_name)
@@ -71,20 +72,19 @@ def rewrite_body(
 
 def _rewrite_json(
     body: bytes,
-    parsed: Mapping[str, Any] | None,
     model_name: str | None,
     filters: Filters,
     by_id: Mapping[str, Any] | None,
 ) -> bytes:
-    if parsed is None:
-        try:
-            parsed = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise BadRequest(f"invalid JSON body: {exc}") from None
-    if not isinstance(parsed, dict):
+    # Parsed again, by the standard library, whatever modelid read: orjson reads an integer over
+    # 64 bits as a float, which is fine for finding the model but would change the number here.
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"invalid JSON body: {exc}") from None
+    if not isinstance(payload, dict):
         # modelid rejects these before we get here; forward rather than guess.
         return body
-    payload = dict(parsed)  # shallow: every rule works on top-level keys only
     changed = False
     if model_name is not None and payload.get(_MODEL) != model_name:
         payload[_MODEL] = model_name

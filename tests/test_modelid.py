@@ -274,3 +274,22 @@ def test_json_body_under_another_content_type_is_read_as_json(ctype: str) -> Non
 def test_brace_body_that_is_not_json_falls_back_to_the_declared_type() -> None:
     got = extract("POST", "application/x-www-form-urlencoded", b"{x=1&model=m", {})
     assert got.model == "m"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "temperature": NaN, "stream": true}',  # the standard library's extension
+        b'{"model": "m", "stop": ["\\ud800"], "stream": true}',  # a lone surrogate
+        '{"model": "m", "stream": true}'.encode("utf-16"),  # not UTF-8
+        b'{"model": "m", "seed": 123456789012345678901234567890, "stream": true}',
+    ],
+    ids=["nan", "lone-surrogate", "utf-16", "big-int"],
+)
+def test_json_the_standard_library_reads_is_read(body: bytes) -> None:
+    assert extract("POST", "application/json", body, {}) == RequestModel("m", True)
+
+
+def test_json_nothing_reads_gets_the_standard_librarys_message() -> None:
+    with pytest.raises(BadRequest, match="invalid JSON body: Expecting ',' delimiter"):
+        extract("POST", "application/json", b'{"model": "m" "stream": true}', {})

@@ -191,3 +191,18 @@ def test_lone_surrogate_round_trips() -> None:
 def test_malformed_json_with_filters_is_bad_request() -> None:
     with pytest.raises(BadRequest):
         rewrite(b'{"model":', model_name="x")
+
+
+def test_a_rewritten_body_keeps_numbers_exact() -> None:
+    # modelid reads bodies with orjson, which reads an integer over 64 bits as a float; a
+    # rewrite must not turn the client's seed into 1.2345678901234568e+29.
+    body = b'{"model": "m", "seed": 123456789012345678901234567890, "temperature": 0.1}'
+    wanted = extract("POST", JSON, body, {})
+    out = rewrite(body, filters=Filters(set_params={"top_k": 5}), parsed=wanted.payload)
+    assert b'"seed":123456789012345678901234567890' in out
+    assert json.loads(out) == {
+        "model": "m",
+        "seed": 123456789012345678901234567890,
+        "temperature": 0.1,
+        "top_k": 5,
+    }
