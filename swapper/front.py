@@ -710,10 +710,11 @@ def _parse_head(data: bytes, *, bodyless: bool = False) -> _Head | None:
     if not (parts[0].isascii() and parts[1].isascii()):
         return None
     fields = _HEADER_LINE.findall(text, eol)
-    lines = text.count("\r\n", eol)
-    if len(fields) != lines or text.count("\n", eol) != lines or text.count("\r", eol) != lines:
+    lines = len(fields)
+    if text.count("\r", eol) != lines or text.count("\n", eol) != lines:
         # A line that is not ``token: value`` (obs-fold, a blank before the colon), or a bare CR
-        # or LF, which an upstream might read as a line break (header smuggling).
+        # or LF, which an upstream might read as a line break (header smuggling). Each matched
+        # line holds one CR and one LF, so equal counts mean the matches are all there is.
         return None
     trailing = " \r\n" in text or "\t\r\n" in text or text.endswith((" ", "\t"))
     head = _Head(parts[0], parts[1], [])

@@ -262,8 +262,8 @@ class Connection(asyncio.Protocol):
             raise ProtocolError(f"upstream sent a bad status line: {text[:eol][:100]!r}")
         status = int(code)
         pairs = _HEADER_LINE.findall(text, eol)
-        lines = text.count("\r\n", eol)
-        if len(pairs) != lines or text.count("\n", eol) != lines or text.count("\r", eol) != lines:
+        lines = len(pairs)  # one CR and one LF each: equal counts mean no other line, no bare CR/LF
+        if text.count("\r", eol) != lines or text.count("\n", eol) != lines:
             raise ProtocolError(f"upstream sent a bad header line: {_first_bad_line(text[eol:])[:100]!r}")
         if " \r\n" in text or "\t\r\n" in text or text.endswith((" ", "\t")):
             pairs = [(name, value.rstrip(" \t")) for name, value in pairs]
