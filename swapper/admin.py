@@ -49,7 +49,7 @@ def add_admin_routes(app: web.Application, logs: LogHub) -> None:
     bus = EventBus()
     metrics = Metrics(app[CONFIG].models)
     bus.subscribe(metrics)
-    logs.listen(bus.log_line)
+    logs.listen(bus.log_lines)
     app[EVENTS] = bus
     app[METRICS] = metrics
 
@@ -57,7 +57,7 @@ def add_admin_routes(app: web.Application, logs: LogHub) -> None:
         bus.close()
 
     async def release(app: web.Application) -> None:
-        logs.unlisten(bus.log_line)
+        logs.unlisten(bus.log_lines)
         metrics.close()
 
     app.on_shutdown.append(close_streams)

@@ -218,8 +218,11 @@ class EventBus:
         self._notify("request_started", req)
         return req
 
-    def log_line(self, source: str, line: str) -> None:
-        self._notify("log_line", source, line)
+    def log_lines(self, source: str, lines: list[str]) -> None:
+        """``LogHub``'s listener: each line is a ``log_line`` fact (free while nobody listens)."""
+        if self._hooks["log_line"]:
+            for line in lines:
+                self._notify("log_line", source, line)
 
     def _request_granted(self, req: RequestTrack) -> None:
         self._notify("request_granted", req)

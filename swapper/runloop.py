@@ -374,7 +374,7 @@ class RunLoop:
         cfg = self.config.models[model]
         child = Child(
             cfg,
-            on_line=lambda stream, line: self._logs.child_line(model, stream, line),
+            on_lines=lambda stream, lines: self._logs.child_lines(model, stream, lines),
             on_exit=lambda returncode: self._on_exit(child, returncode),
         )
         self._children[model] = child

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import itertools
 import json
 import os
 import re
@@ -36,14 +35,14 @@ WaitUntil = Callable[..., Awaitable[None]]
 
 
 class Lines:
-    """Records on_line calls and lets a test await a line matching a pattern."""
+    """Records on_lines calls, a line at a time, and lets a test await a line matching a pattern."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
         self._changed = asyncio.Event()
 
-    def __call__(self, stream: str, line: str) -> None:
-        self.seen.append((stream, line))
+    def __call__(self, stream: str, lines: list[str]) -> None:
+        self.seen.extend((stream, line) for line in lines)
         self._changed.set()
 
     def find(self, pattern: str) -> re.Match[str] | None:
@@ -62,7 +61,7 @@ class Lines:
 
 @asynccontextmanager
 async def running(model: ModelConfig, lines: Lines, **kwargs: Any) -> AsyncIterator[Child]:
-    child = Child(model, on_line=lines, **kwargs)
+    child = Child(model, on_lines=lines, **kwargs)
     await child.spawn()
     try:
         yield child
@@ -105,7 +104,7 @@ async def test_lines_are_split_cleaned_and_bounded(tmp_path: Path) -> None:
         id="script", cmd=(sys.executable, "-c", script), cmd_text="", proxy="", check_endpoint=None
     )
     lines = Lines()
-    child = Child(model, on_line=lines)
+    child = Child(model, on_lines=lines)
     await child.spawn()
     assert await child.wait_exited() == 0
     stdout = [line for stream, line in lines.seen if stream == "stdout"]
@@ -118,10 +117,10 @@ async def test_lines_are_split_cleaned_and_bounded(tmp_path: Path) -> None:
 
 
 async def test_failing_on_line_callback_does_not_stop_reading(fake_model: MakeModel) -> None:
-    def explode(stream: str, line: str) -> None:
+    def explode(stream: str, lines: list[str]) -> None:
         raise RuntimeError("consumer bug")
 
-    child = Child(fake_model("alpha", "--exit-after", "0.2"), on_line=explode)
+    child = Child(fake_model("alpha", "--exit-after", "0.2"), on_lines=explode)
     await child.spawn()
     assert await child.wait_exited() == 2
     assert any("fake crash" in line for line in child.last_lines())
@@ -129,7 +128,7 @@ async def test_failing_on_line_callback_does_not_stop_reading(fake_model: MakeMo
 
 async def test_stop_sends_sigterm_to_the_group(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("alpha"), on_line=lines)
+    child = Child(fake_model("alpha"), on_lines=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")  # its SIGTERM handler is installed by now
     t0 = time.monotonic()
@@ -142,7 +141,7 @@ async def test_stop_sends_sigterm_to_the_group(fake_model: MakeModel) -> None:
 
 async def test_sigterm_ignored_escalates_to_sigkill_after_grace(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("stubborn", "--ignore-sigterm"), on_line=lines)
+    child = Child(fake_model("stubborn", "--ignore-sigterm"), on_lines=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")  # SIGTERM is ignored from here on
     t0 = time.monotonic()
@@ -155,7 +154,7 @@ async def test_sigterm_ignored_escalates_to_sigkill_after_grace(fake_model: Make
 
 async def test_stop_kills_a_forked_grandchild(fake_model: MakeModel, wait_until: WaitUntil) -> None:
     lines = Lines()
-    child = Child(fake_model("forker", "--fork-grandchild"), on_line=lines)
+    child = Child(fake_model("forker", "--fork-grandchild"), on_lines=lines)
     await child.spawn()
     grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
     assert not gone(grandchild)
@@ -173,7 +172,7 @@ def test_groups_and_grandchildren_under_uvloop(fake_model: MakeModel, wait_until
 
     async def scenario() -> None:
         lines = Lines()
-        child = Child(fake_model("forker", "--fork-grandchild"), on_line=lines)
+        child = Child(fake_model("forker", "--fork-grandchild"), on_lines=lines)
         await child.spawn()
         grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
         assert child.pid is not None
@@ -187,7 +186,7 @@ def test_groups_and_grandchildren_under_uvloop(fake_model: MakeModel, wait_until
 
 async def test_crashed_leader_takes_its_group_with_it(fake_model: MakeModel, wait_until: WaitUntil) -> None:
     lines = Lines()
-    child = Child(fake_model("forker", "--fork-grandchild", "--exit-after", "0.3"), on_line=lines)
+    child = Child(fake_model("forker", "--fork-grandchild", "--exit-after", "0.3"), on_lines=lines)
     await child.spawn()
     grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
     # The grandchild holds the pipes open, yet the exit is reported promptly with all output.
@@ -199,7 +198,7 @@ async def test_crashed_leader_takes_its_group_with_it(fake_model: MakeModel, wai
 
 async def test_cmd_stop_replaces_pid_and_is_used_instead_of_sigterm(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("alpha", cmd_stop=("kill", "-INT", "${PID}")), on_line=lines)
+    child = Child(fake_model("alpha", cmd_stop=("kill", "-INT", "${PID}")), on_lines=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     assert await child.stop(grace=5.0) == 0
@@ -210,7 +209,7 @@ async def test_cmd_stop_replaces_pid_and_is_used_instead_of_sigterm(fake_model: 
 async def test_cmd_stop_that_does_nothing_is_followed_by_sigkill(fake_model: MakeModel) -> None:
     lines = Lines()
     model = fake_model("alpha", cmd_stop=(sys.executable, "-c", "print('stopping ${PID}')"))
-    child = Child(model, on_line=lines)
+    child = Child(model, on_lines=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     assert await child.stop(grace=0.3) == -signal.SIGKILL
@@ -219,7 +218,7 @@ async def test_cmd_stop_that_does_nothing_is_followed_by_sigkill(fake_model: Mak
 
 async def test_unrunnable_cmd_stop_falls_back_to_sigterm(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("alpha", cmd_stop=("/nonexistent/stop-it", "${PID}")), on_line=lines)
+    child = Child(fake_model("alpha", cmd_stop=("/nonexistent/stop-it", "${PID}")), on_lines=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     assert await child.stop(grace=5.0) in (0, -signal.SIGTERM)
@@ -230,7 +229,7 @@ async def test_missing_binary_raises_model_load_failed() -> None:
     model = ModelConfig(
         id="ghost", cmd=("/nonexistent/llama-server", "-m", "x"), cmd_text="", proxy="", check_endpoint=None
     )
-    child = Child(model, on_line=lambda s, line: None)
+    child = Child(model, on_lines=lambda s, line: None)
     with pytest.raises(ModelLoadFailed, match=r"'ghost'.*/nonexistent/llama-server.*no such file"):
         await child.spawn()
     assert child.pid is None and not child.exited()
@@ -241,7 +240,7 @@ async def test_non_executable_binary_raises_model_load_failed(tmp_path: Path) ->
     script.write_text("#!/bin/sh\n")
     model = ModelConfig(id="noexec", cmd=(str(script),), cmd_text="", proxy="", check_endpoint=None)
     with pytest.raises(ModelLoadFailed, match="permission denied"):
-        await Child(model, on_line=lambda s, line: None).spawn()
+        await Child(model, on_lines=lambda s, line: None).spawn()
 
 
 async def test_model_env_is_added_to_the_environment(tmp_path: Path) -> None:
@@ -255,7 +254,7 @@ async def test_model_env_is_added_to_the_environment(tmp_path: Path) -> None:
         env=(("SWAPPER_X", "42"),),
     )
     lines = Lines()
-    child = Child(model, on_line=lines)
+    child = Child(model, on_lines=lines)
     await child.spawn()
     assert await child.wait_exited() == 0
     assert lines.seen == [("stdout", "42 True")]
@@ -263,7 +262,7 @@ async def test_model_env_is_added_to_the_environment(tmp_path: Path) -> None:
 
 async def test_concurrent_and_repeated_stops_share_one_outcome(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("alpha"), on_line=lines)
+    child = Child(fake_model("alpha"), on_lines=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     results = await asyncio.gather(child.stop(1.0), child.stop(5.0), child.stop(0.0))
@@ -274,7 +273,7 @@ async def test_concurrent_and_repeated_stops_share_one_outcome(fake_model: MakeM
 
 async def test_cancelled_stop_kills_at_once(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("stubborn", "--ignore-sigterm"), on_line=lines)
+    child = Child(fake_model("stubborn", "--ignore-sigterm"), on_lines=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     stopping = asyncio.ensure_future(child.stop(grace=60.0))
@@ -292,7 +291,7 @@ from swapper.config import ModelConfig
 
 async def main():
     model = ModelConfig(id="orphan", cmd=tuple(sys.argv[1:]), cmd_text="", proxy="", check_endpoint=None)
-    child = Child(model, on_line=lambda stream, line: None)
+    child = Child(model, on_lines=lambda stream, line: None)
     await child.spawn()
     print(child.pid, flush=True)
     await asyncio.Event().wait()
@@ -377,7 +376,7 @@ async def test_fake_server_endpoints(fake_model: MakeModel, wait_until: WaitUnti
 async def test_fake_server_crash_after_bytes(fake_model: MakeModel) -> None:
     lines = Lines()
     model = fake_model("alpha", "--crash-after-bytes", "300")
-    child = Child(model, on_line=lines)
+    child = Child(model, on_lines=lines)
     await child.spawn()
     async with aiohttp.ClientSession(model.proxy) as http:
         from swapper.health import wait_healthy
@@ -401,7 +400,7 @@ def test_exit_reason() -> None:
 def test_env_override_wins(fake_model: MakeModel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWAPPER_Y", "outer")
     model = replace(fake_model("alpha"), env=(("SWAPPER_Y", "inner"),))
-    assert Child(model, on_line=lambda s, line: None).env()["SWAPPER_Y"] == "inner"
+    assert Child(model, on_lines=lambda s, line: None).env()["SWAPPER_Y"] == "inner"
 
 
 def script_model(script: str) -> ModelConfig:
@@ -413,15 +412,13 @@ def script_model(script: str) -> ModelConfig:
 async def test_batched_output_arrives_whole_in_order_and_in_few_reads() -> None:
     # 100 lines, one every 5 ms: read eagerly, nearly every line would be its own read.
     script = "import sys, time\nfor i in range(100):\n    print(f'line {i}', flush=True); time.sleep(0.005)\n"
-    arrivals: list[tuple[float, str]] = []
-    child = Child(script_model(script), on_line=lambda _s, line: arrivals.append((time.monotonic(), line)))
+    reads: list[list[str]] = []  # the lines of one read come in one call
+    child = Child(script_model(script), on_lines=lambda _s, lines: reads.append(lines))
     await child.spawn()
     child.batch_output(0.05)
     assert await child.wait_exited() == 0
-    assert [line for _, line in arrivals] == [f"line {i}" for i in range(100)]
-    # Lines of one read arrive within microseconds of each other; reads are >= 50 ms apart.
-    reads = 1 + sum(1 for (a, _), (b, _) in itertools.pairwise(arrivals) if b - a > 0.002)
-    assert reads <= 25, reads  # ~0.5 s of output, read every 50 ms
+    assert [line for lines in reads for line in lines] == [f"line {i}" for i in range(100)]
+    assert len(reads) <= 25, len(reads)  # ~0.5 s of output, read every 50 ms
 
 
 async def test_a_chatty_child_never_blocks_on_a_resting_pipe() -> None:
@@ -429,7 +426,7 @@ async def test_a_chatty_child_never_blocks_on_a_resting_pipe() -> None:
     # (64 KiB at most) would block it for an hour; rests shrink with the rate it fills at.
     script = "import sys\nline = 'x' * 99 + '\\n'\nfor _ in range(80_000):\n    sys.stdout.write(line)\n"
     got = collections.Counter[str]()
-    child = Child(script_model(script), on_line=lambda _s, line: got.update([line]))
+    child = Child(script_model(script), on_lines=lambda _s, lines: got.update(lines))
     await child.spawn()
     child.batch_output(3600.0)
     async with asyncio.timeout(60):
@@ -450,7 +447,7 @@ def test_a_crash_of_a_batching_child_is_seen_at_once(monkeypatch: pytest.MonkeyP
     async def scenario() -> None:
         lines = Lines()
         exited = asyncio.get_running_loop().create_future()
-        child = Child(script_model(script), on_line=lines, on_exit=exited.set_result)
+        child = Child(script_model(script), on_lines=lines, on_exit=exited.set_result)
         await child.spawn()
         child.batch_output(3600.0)
         await lines.wait_for("up")  # read, so the pipe now rests
@@ -477,7 +474,7 @@ async def test_a_stop_reads_batched_output_at_once(monkeypatch: pytest.MonkeyPat
         "time.sleep(60)\n"
     )
     lines = Lines()
-    child = Child(script_model(script), on_line=lines)
+    child = Child(script_model(script), on_lines=lines)
     await child.spawn()
     # Before the first read: the pipe rests for an hour after it, however slowly it filled.
     monkeypatch.setattr(children, "_PIPE_QUARTER", 1 << 62)

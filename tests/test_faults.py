@@ -157,12 +157,13 @@ async def test_never_healthy_fails_at_the_health_timeout_and_kills_the_child(
     client = await client_for(aiohttp_client, cfg)
     pids: list[int] = []
 
-    def on_line(source: str, line: str) -> None:
+    def on_lines(source: str, lines: list[str]) -> None:
         # "fake_server[PID]: loading model a"
-        if source == "a" and "loading model" in line:
-            pids.append(int(line.split("[", 1)[1].split("]", 1)[0]))
+        for line in lines:
+            if source == "a" and "loading model" in line:
+                pids.append(int(line.split("[", 1)[1].split("]", 1)[0]))
 
-    runloop(client).logs.listen(on_line)
+    runloop(client).logs.listen(on_lines)
     began = time.monotonic()
     resp = await client.post(CHAT, json={"model": "a"})
     elapsed = time.monotonic() - began
@@ -440,12 +441,11 @@ async def test_crash_loop_backs_off_instead_of_respawning(aiohttp_client: Client
     client = await client_for(aiohttp_client, fake_config({"a": "--exit-during-load"}))
     spawns = 0
 
-    def on_line(source: str, line: str) -> None:
+    def on_lines(source: str, lines: list[str]) -> None:
         nonlocal spawns
-        if source == "a" and "loading model a" in line:
-            spawns += 1
+        spawns += sum(source == "a" and "loading model a" in line for line in lines)
 
-    runloop(client).logs.listen(on_line)
+    runloop(client).logs.listen(on_lines)
     for _ in range(2):
         resp = await client.post(CHAT, json={"model": "a"})
         assert resp.status == 502

@@ -30,7 +30,7 @@ async def spawn() -> AsyncIterator[Spawn]:
     children: list[Child] = []
 
     async def start(model: ModelConfig) -> Child:
-        child = Child(model, on_line=lambda stream, line: None)
+        child = Child(model, on_lines=lambda stream, lines: None)
         await child.spawn()
         children.append(child)
         return child
@@ -68,7 +68,7 @@ async def test_readiness_line_triggers_an_immediate_probe(
 
 async def test_no_check_endpoint_means_ready_at_once(http: aiohttp.ClientSession) -> None:
     model = ModelConfig(id="x", cmd=("true",), cmd_text="true", proxy="", check_endpoint=None)
-    await wait_healthy(http, Child(model, on_line=lambda s, line: None), None, 0.001)
+    await wait_healthy(http, Child(model, on_lines=lambda s, lines: None), None, 0.001)
 
 
 async def test_exit_while_loading_fails_fast(
