@@ -10,8 +10,6 @@ slow reader), so a slow log reader can never stall a child's stdout.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import logging
 import sys
 from collections import deque
@@ -21,54 +19,45 @@ import structlog
 
 SWAPPER = "swapper"
 RING_BYTES = 100 * 1024
-_PLUS_NEWLINE = (1).__add__  # a line's bytes in a ring: its own and a newline's
 
 Listener = Callable[[str, list[str]], None]  # (source, lines added together)
 
 
 class _Ring:
-    """The last ``RING_BYTES`` of lines (at least the newest line), kept a batch at a time.
+    """The last ``RING_BYTES`` of lines (at least the newest line), a newline each counted.
 
-    A batch is the lines of one read of a child's pipe (a ready llama-server's ~9 lines a request
-    arrive dozens at a time): adding, counting and dropping them is C-level work on whole lists,
-    not Python a line, which cost more than the requests that made the lines.
+    Kept a batch at a time: a batch is the lines of one read of a child's pipe (a ready
+    llama-server's ~9 lines a request come dozens at a time), and adding one is a few C-level
+    calls, whatever its length, not Python a line, which cost more than the requests that made
+    the lines. A batch goes whole once the newer ones hold ``RING_BYTES`` without it, so the ring
+    holds up to a batch more than it shows; reading (rare: /logs, error reports) trims to the
+    line. In the combined ring a batch carries its source's tag, put on its lines when read.
     """
 
     __slots__ = ("_batches", "_bytes", "_sizes")
 
     def __init__(self) -> None:
-        self._batches: deque[list[str]] = deque()
-        self._sizes: deque[int] = deque()  # bytes of each batch, a newline a line included
+        self._batches: deque[tuple[str, list[str]]] = deque()  # (tag, lines), oldest first
+        self._sizes: deque[int] = deque()  # bytes of each batch as shown: tag, line, newline
         self._bytes = 0
 
-    def extend(self, lines: list[str]) -> None:
-        size = sum(map(len, lines)) + len(lines)
-        self._batches.append(lines)
+    def extend(self, lines: list[str], tag: str = "") -> None:
+        size = sum(map(len, lines)) + len(lines) * (1 + len(tag))
+        self._batches.append((tag, lines))
         self._sizes.append(size)
         self._bytes += size
-        while self._bytes > RING_BYTES:
-            excess = self._bytes - RING_BYTES
-            if len(self._batches) > 1 and self._sizes[0] <= excess:
-                self._batches.popleft()
-                self._bytes -= self._sizes.popleft()
-                continue
-            # Only some lines of the oldest batch go: the fewest that cover the excess, never the
-            # newest line. Each line's running total of bytes, by C-level map and accumulate.
-            oldest = self._batches[0]
-            ends = list(itertools.accumulate(map(_PLUS_NEWLINE, map(len, oldest))))
-            cut = min(bisect.bisect_left(ends, excess) + 1, len(oldest) - (len(self._batches) == 1))
-            if cut <= 0:
-                return  # one line alone over the budget: kept
-            self._bytes -= ends[cut - 1]
-            if cut == len(oldest):
-                self._batches.popleft()
-                self._sizes.popleft()
-            else:
-                self._batches[0] = oldest[cut:]  # a new list: the caller's stays as it was
-                self._sizes[0] -= ends[cut - 1]
+        while len(self._sizes) > 1 and self._bytes - self._sizes[0] >= RING_BYTES:
+            self._batches.popleft()
+            self._bytes -= self._sizes.popleft()
 
     def __iter__(self) -> Iterator[str]:
-        return itertools.chain.from_iterable(self._batches)
+        shown = [tag + line if tag else line for tag, lines in self._batches for line in lines]
+        excess = self._bytes - RING_BYTES
+        drop = 0
+        while excess > 0 and drop < len(shown) - 1:  # the fewest oldest lines that cover it
+            excess -= len(shown[drop]) + 1
+            drop += 1
+        return iter(shown[drop:])
 
 
 class LogHub:
@@ -86,7 +75,7 @@ class LogHub:
         if ring is None:
             ring = self._rings[source] = _Ring()
         ring.extend(lines)
-        self._all.extend(list(map(f"[{source}] ".__add__, lines)))  # tagged(), in C
+        self._all.extend(lines, tagged(source, ""))
         for listener in self._listeners:
             listener(source, lines)
 

@@ -12,13 +12,13 @@ from swapper import logs
 from swapper.logs import RING_BYTES, LogHub, _Ring, tagged
 
 
-def reference(batches: list[list[str]]) -> list[str]:
+def reference(batches: list[list[str]], tag: str = "") -> list[str]:
     """The rule, a line at a time: the newest lines whose bytes (a newline each) fit the budget,
     and always at least the newest line."""
     kept: deque[str] = deque()
     size = 0
     for batch in batches:
-        for line in batch:
+        for line in (tag + x for x in batch):
             kept.append(line)
             size += len(line) + 1
             while size > RING_BYTES and len(kept) > 1:
@@ -30,15 +30,18 @@ line = st.integers(min_value=0, max_value=9000).map(lambda n: "x" * n) | st.text
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(line, min_size=1, max_size=30), min_size=1, max_size=40))
-def test_a_ring_keeps_what_a_line_by_line_ring_would(batches: list[list[str]]) -> None:
+@given(
+    st.lists(st.lists(line, min_size=1, max_size=30), min_size=1, max_size=40), st.sampled_from(["", "[a] "])
+)
+def test_a_ring_shows_what_a_line_by_line_ring_would(batches: list[list[str]], tag: str) -> None:
     ring = _Ring()
     for i, batch in enumerate(batches):
         given_batch = list(batch)
-        ring.extend(batch)
-        assert list(ring) == reference(batches[: i + 1])
-        assert ring._bytes == sum(len(x) + 1 for x in ring)
+        ring.extend(batch, tag)
+        assert list(ring) == reference(batches[: i + 1], tag)
         assert batch == given_batch  # the caller's list is never changed
+        # It holds at most one batch beyond what it shows: without its oldest, under the budget.
+        assert len(ring._sizes) == 1 or ring._bytes - ring._sizes[0] < RING_BYTES
 
 
 def test_a_small_budget_is_enforced_across_batches(monkeypatch: pytest.MonkeyPatch) -> None:
