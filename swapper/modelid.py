@@ -14,7 +14,7 @@ Where the model comes from (llama-swap's ``extractContext`` order):
 * ``GET``/``HEAD``: the query (``?model=``, ``?stream=true``); any body is ignored.
 * JSON (content type contains ``application/json`` or ``+json``, or no content type and a body
   that starts with ``{``): the top-level ``model`` string and ``stream`` bool, parsed once; the
-  parsed object rides along in ``RequestModel.payload``.
+  ``RequestModel.is_json`` says the body was read as JSON (``shaping`` rewrites it as such).
 * ``multipart/form-data``: the ``model`` and ``stream`` fields, found by scanning for the part
   delimiters; file parts are skipped with ``bytes.find`` and never copied or decoded.
 * ``application/x-www-form-urlencoded``: ``urllib.parse.parse_qs``.
@@ -59,14 +59,13 @@ _FIELDS = frozenset({b"model", b"stream"})
 class RequestModel:
     """The model name as requested (``None`` when the request names none) and the stream flag.
 
-    ``payload`` is the parsed top-level JSON object when the body was JSON (``parse_json``: an
-    integer over 64 bits may come back as a float); pass it to ``shaping.rewrite_body(parsed=...)``,
-    which tells JSON sent under another content type by it. Treat it as read-only.
+    ``is_json``: the body was read as a JSON object (also one sent under another content type);
+    pass it to ``shaping.rewrite_body(is_json=...)``.
     """
 
     model: str | None
     stream: bool
-    payload: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    is_json: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +134,8 @@ def parse_json(body: bytes) -> Any:
     What orjson refuses and the standard library reads (NaN and Infinity, lone surrogates,
     encodings other than UTF-8) goes to the standard library, so every body the standard library
     reads is read, and one neither reads fails with the standard library's message. orjson reads
-    an integer over 64 bits as a float: close enough to route by, not to re-serialise (shaping
-    parses again when it rewrites).
+    an integer over 64 bits as a float: fine for finding the model, not for re-serialising
+    (shaping parses again, with the standard library, when it rewrites).
     """
     try:
         return orjson.loads(body)
@@ -156,7 +155,7 @@ def _from_json(body: bytes, query: Mapping[str, str]) -> RequestModel:
         raise BadRequest(f'invalid JSON body: "model" must be a string, got {type(model).__name__}')
     stream = payload.get("stream")
     flag = _truthy(query.get("stream")) if stream is None else stream is True
-    return RequestModel(model or query.get("model") or None, flag, payload)
+    return RequestModel(model or query.get("model") or None, flag, is_json=True)
 
 
 def _from_urlencoded(body: bytes, query: Mapping[str, str]) -> RequestModel:

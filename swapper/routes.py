@@ -194,7 +194,7 @@ def upstream_request(
         model_name=cfg.use_model_name,
         filters=cfg.filters,
         requested=wanted.model or lease.model,
-        parsed=wanted.payload,
+        is_json=wanted.is_json,
     )
     return lease.base_url + upstream_path(raw_path), body
 

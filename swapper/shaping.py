@@ -46,15 +46,14 @@ def rewrite_body(
     model_name: str | None,
     filters: Filters,
     requested: str,
-    parsed: Mapping[str, Any] | None = None,
+    is_json: bool = False,
 ) -> bytes:
     """Return the body to send upstream: ``body`` itself when no rule changes it.
 
     ``model_name`` is the model's ``useModelName`` (``None`` for none); ``requested`` is the name
-    the client asked for (id or alias), the key into ``setParamsByID``. ``parsed`` is the JSON
-    object ``modelid.extract()`` parsed from this body (``RequestModel.payload``), if any: a body
-    it read as JSON under another content type is rewritten as JSON too. Raises ``BadRequest`` for
-    a body that cannot be read.
+    the client asked for (id or alias), the key into ``setParamsByID``. ``is_json``: modelid read
+    the body as JSON (``RequestModel.is_json``), so JSON sent under another content type is
+    rewritten as JSON too. Raises ``BadRequest`` for a body that cannot be read.
     """
     by_id = filters.set_params_by_id.get(requested)
     if model_name is None and not filters.strip_params and not filters.set_params and not by_id:
@@ -62,7 +61,7 @@ def rewrite_body(
     if not body:
         return body
     kind = body_kind(content_type, body)
-    if kind == "json" or parsed is not None:  # parsed: JSON sent under another content type
+    if kind == "json" or is_json:  # is_json: also JSON sent under another content type
         return _rewrite_json(body, model_name, filters, by_id)
     if kind == "multipart" and model_name is not None:
         assert content_type is not None
