@@ -346,7 +346,7 @@ class FrontConn(asyncio.Protocol):
         self._exchange = ex
         if lease is None:
             ex.track = bus.track(ex.req_id, model, request.path, head.method, request.path)
-            ex.task = self._front.loop.create_task(self._serve(ex))
+            self._in_task(ex)
             return
         failure = None
         try:
@@ -359,7 +359,7 @@ class FrontConn(asyncio.Protocol):
         ex.track.granted()
         if failure is None:
             if ex.sent is None:
-                ex.task = self._front.loop.create_task(self._serve(ex))  # no idle upstream connection
+                self._in_task(ex)  # no idle upstream connection
         elif isinstance(failure, SwapperError):  # the body could not be shaped for the model
             self._end_inline(ex, failure)
         else:
@@ -379,7 +379,7 @@ class FrontConn(asyncio.Protocol):
             if isinstance(exc, Disconnected) and not exc.response_started:
                 # The pooled connection was dead before it answered (llama-server closes one after
                 # every stream): nothing was answered, so retry on a fresh one, as proxy.send does.
-                ex.task = self._front.loop.create_task(self._serve(ex))
+                self._in_task(ex)
             else:
                 self._end_inline(ex, proxy.failed_before_response(exc, _url(ex.url)))
             return
@@ -389,7 +389,7 @@ class FrontConn(asyncio.Protocol):
         body = None if proxy.is_sse(upstream.headers) else upstream.take_whole()
         if body is None:
             ex.forwarded(arrived)
-            ex.task = self._front.loop.create_task(self._serve(ex))  # streamed, or still arriving
+            self._in_task(ex)  # streamed, or still arriving
             return
         close = ex.request.head.close or self._front.closing
         head, chunked = _answer_head(upstream, close, sse=False)
@@ -423,6 +423,13 @@ class FrontConn(asyncio.Protocol):
             ex.sent = None
         ex.finish()
         self._done(ex, False)
+
+    def _in_task(self, ex: _Exchange) -> None:
+        """Goes on with ``ex`` in a task (``_forward``), from wherever it stands."""
+        ex.task = self._front.loop.create_task(self._serve(ex))
+        # A task cancelled before its first step never runs its coroutine, so neither _forward's
+        # finally: the client can leave (or an unload cut it) in the same loop turn that made it.
+        ex.task.add_done_callback(ex.task_done)
 
     async def _serve(self, ex: _Exchange) -> None:
         keep = False
@@ -648,6 +655,11 @@ class _Exchange:
         if self.task is not None:
             self.task.cancel()
         elif not self.finished:
+            self.conn.abort(self)
+
+    def task_done(self, task: asyncio.Task[None]) -> None:
+        """Its task ended: if it never ran (cancelled before its first step), end it here."""
+        if not self.finished:
             self.conn.abort(self)
 
     def finish(self) -> None:

@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from swapper.front import Front
+from swapper.events import EVENTS
+from swapper.front import Front, FrontConn
 from swapper.scheduler import State
 from swapper.server import make_app
 from tests.frontserver import FrontTestServer
@@ -519,3 +520,34 @@ async def test_a_pooled_connection_that_dies_unanswered_is_retried(aiohttp_clien
     assert front.inline == inline
     assert in_flight(client) == 0
     conn.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["no-pooled-connection", "streamed"])
+async def test_a_request_cut_before_its_task_runs_is_released(
+    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    # The client leaves (or an unload cuts the request) in the loop turn in which its rest moved
+    # to a task: a task cancelled before its first step never runs its coroutine, finally and all.
+    client = await loaded(aiohttp_client)
+    conn = await Conn.open(client)
+    if not stream:
+        # A stream's upstream connection is not pooled: the next request has to connect, in a task.
+        assert (await conn.ask(chat(stream=True)))[0] == 200
+    moved = FrontConn._in_task
+
+    def move_then_cut(self: FrontConn, ex: Any) -> None:
+        moved(self, ex)
+        ex.cancel()
+
+    monkeypatch.setattr(FrontConn, "_in_task", move_then_cut)
+    await conn.send(chat(stream=stream))
+    async with asyncio.timeout(5):
+        assert await conn.reader.read() == b""  # cut: the connection closes unanswered
+    await wait_until(lambda: in_flight(client) == 0, within=5, what="release")
+    assert not client.app[EVENTS].in_flight()  # its track ended too
+    await wait_until(lambda: not any(c.busy for c in front_of(client).conns), within=5, what="idle")
+    conn.close()
+    monkeypatch.undo()
+    again = await Conn.open(client)
+    assert (await again.ask(chat()))[0] == 200
+    again.close()
