@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import re
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -53,7 +52,7 @@ from swapper import auth, modelid, proxy
 from swapper.config import ModelConfig
 from swapper.errors import SwapperError, UpstreamRefused, error_body
 from swapper.events import EVENTS, EventBus, RequestTrack
-from swapper.h1pool import Connection, Disconnected, H1Pool, Response
+from swapper.h1pool import HEADER_LINE, Connection, Disconnected, H1Pool, Response
 from swapper.messages import Lease
 from swapper.routes import (
     BODY_ROUTES,
@@ -84,12 +83,8 @@ _HEALTH_CLOSE: Final = _HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\
 _FRAMING_HEADERS: Final = frozenset(
     {"content-length", "content-type", "expect", "connection", "transfer-encoding", "upgrade"}
 )
-# One header line: CRLF, a token (RFC 9110), a colon, the value without its leading blanks.
-# Trailing blanks stay on the value (a lazy match that drops them costs 2.5x): _parse_head strips
-# them in the rare head that has any.
-# The value stops at a CR only ([^\r] scans 20% faster than [^\r\n]): a bare LF inside it is
-# caught by the parser's count of LFs, as a bare CR is by its count of CRs.
-_HEADER_LINE: Final = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r]*)")
+# Header lines are matched with h1pool.HEADER_LINE, which leaves trailing blanks on a value (a
+# lazy match that drops them costs 2.5x): _parse_head strips them in the rare head that has any.
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODILESS: Final = frozenset({204, 304})  # answers that never have a body
 _END: Final = b"0\r\n\r\n"
@@ -351,6 +346,7 @@ class FrontConn(asyncio.Protocol):
         failure = None
         try:
             ex.granted(lease)
+            ex.started = time.perf_counter()
             ex.sent = pool.send_now(head.method, _url(ex.url), ex.headers, ex.body, ex.progress)
         except Exception as exc:
             failure = exc
@@ -394,8 +390,8 @@ class FrontConn(asyncio.Protocol):
         close = ex.request.head.close or self._front.closing
         head, chunked = _answer_head(upstream, close, sse=False)
         if body:
-            head += b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if chunked else body
-        elif chunked and upstream.status not in _BODILESS:
+            head += _frame(body, chunked)
+        if chunked:  # never for a bodiless status (_answer_head)
             head += _END
         self._end_inline(ex, None, head, arrived)
 
@@ -633,7 +629,6 @@ class _Exchange:
         )
         if first:
             self.headers = proxy.upstream_headers(head.headers, head.connection, identity=False)
-        self.started = time.perf_counter()
 
     def forwarded(self, arrived: float) -> None:
         """The upstream's response head came in at ``arrived`` (``time.perf_counter``)."""
@@ -723,7 +718,7 @@ def _parse_head(data: bytes, *, bodyless: bool = False) -> _Head | None:
         return None
     if not (parts[0].isascii() and parts[1].isascii()):
         return None
-    fields = _HEADER_LINE.findall(text, eol)
+    fields = HEADER_LINE.findall(text, eol)
     lines = len(fields)
     if text.count("\r", eol) != lines or text.count("\n", eol) != lines:
         # A line that is not ``token: value`` (obs-fold, a blank before the colon), or a bare CR
