@@ -7,7 +7,8 @@ One run, rounds alternating the two targets (the order flips every round), media
   swapper minus direct (per round, then the median), and requests/s;
 * streaming: chunks/s with 64 concurrent streams of ``--chunks`` events each, ratio to direct;
 * swapper CPU per request and per streamed chunk (the swapper process's own user+system time
-  over each proxied phase, divided by the work done);
+  over each proxied phase, divided by the work done), and per request the kernel's share of it
+  (system time: syscalls and wake-ups, about the same for every proxy on a machine);
 * for reference, the upstream's own CPU per request in the direct phases: on a VM a process that
   sleeps between requests pays a large fixed cost per wake-up at c=1, and a proxy is woken twice
   per request (by the client, then by the upstream);
@@ -286,7 +287,8 @@ class Phase:
     seconds: float = 0.0
     requests: int = 0
     events: int = 0
-    cpu: float = 0.0  # swapper CPU seconds over the phase (proxied only)
+    cpu: float = 0.0  # the proxy's CPU seconds over the phase (proxied only)
+    kernel_cpu: float = 0.0  # the part of ``cpu`` spent in the kernel (system time)
     upstream_cpu: float = 0.0  # the upstream's CPU seconds over the phase
 
     def pct(self, q: int) -> float:
@@ -348,6 +350,9 @@ class Swapper:
     def cpu(self) -> float:
         t = self.proc.cpu_times()
         return t.user + t.system
+
+    def kernel_cpu(self) -> float:
+        return float(self.proc.cpu_times().system)
 
     def rss_mib(self) -> float:
         return self.proc.memory_info().rss / 2**20
@@ -591,8 +596,10 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
         async def timed(target: str, run: Awaitable[Phase]) -> Phase:
             proxy = proxies.get(target)
             cpu, up_cpu = proxy.cpu() if proxy else 0.0, upstream_cpu()
+            kernel = proxy.kernel_cpu() if proxy else 0.0
             phase = await run
             phase.cpu = proxy.cpu() - cpu if proxy else 0.0
+            phase.kernel_cpu = proxy.kernel_cpu() - kernel if proxy else 0.0
             phase.upstream_cpu = upstream_cpu() - up_cpu
             return phase
 
@@ -606,6 +613,7 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
                     res.add(f"c{conc} p99", t, ph.pct(99) * 1e6)
                     res.add(f"c{conc} rps", t, ph.requests / ph.seconds)
                     res.add(f"c{conc} cpu/req", t, ph.cpu / ph.requests * 1e6)
+                    res.add(f"c{conc} kernel cpu/req", t, ph.kernel_cpu / ph.requests * 1e6)
                     res.add(f"c{conc} upstream cpu/req", t, ph.upstream_cpu / ph.requests * 1e6)
                 for t in proxies:
                     res.compare(f"c{conc} p50", t, ratio=False)
@@ -738,6 +746,9 @@ def report(
             each(".0f", f"c{c} rps", f"c{c} rps ratio", ".3f"),
         )
         row(f"proxy CPU/request c={c} (us)", "", each(".0f", f"c{c} cpu/req"), "<= 150 us")
+        # The kernel's share (system time: the syscalls and the wake-ups) is about the same for
+        # every proxy; what differs between them is the rest, user time.
+        row(f"  of which in the kernel c={c} (us)", "", each(".0f", f"c{c} kernel cpu/req"), "(reference)")
         # What one request costs the upstream itself: on a VM, a process woken per request pays
         # a large fixed cost per wake-up at c=1, which the proxy pays twice (client and upstream).
         up = m(f"c{c} upstream cpu/req", "direct")
