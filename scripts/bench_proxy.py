@@ -347,12 +347,10 @@ class Swapper:
     port: int
     proc: psutil.Process
 
-    def cpu(self) -> float:
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far: user + system, and system alone (the kernel's share), one reading."""
         t = self.proc.cpu_times()
-        return t.user + t.system
-
-    def kernel_cpu(self) -> float:
-        return float(self.proc.cpu_times().system)
+        return t.user + t.system, t.system
 
     def rss_mib(self) -> float:
         return self.proc.memory_info().rss / 2**20
@@ -595,11 +593,11 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
 
         async def timed(target: str, run: Awaitable[Phase]) -> Phase:
             proxy = proxies.get(target)
-            cpu, up_cpu = proxy.cpu() if proxy else 0.0, upstream_cpu()
-            kernel = proxy.kernel_cpu() if proxy else 0.0
+            (cpu, kernel), up_cpu = proxy.cpu() if proxy else (0.0, 0.0), upstream_cpu()
             phase = await run
-            phase.cpu = proxy.cpu() - cpu if proxy else 0.0
-            phase.kernel_cpu = proxy.kernel_cpu() - kernel if proxy else 0.0
+            if proxy:
+                cpu_end, kernel_end = proxy.cpu()
+                phase.cpu, phase.kernel_cpu = cpu_end - cpu, kernel_end - kernel
             phase.upstream_cpu = upstream_cpu() - up_cpu
             return phase
 
