@@ -31,7 +31,7 @@ from aiohttp.typedefs import Handler, Middleware
 from swapper.errors import Unauthorized
 from swapper.routes import error_response
 
-__all__ = ["OPEN_PATHS", "REALM", "key_matches", "middleware", "presented_keys"]
+__all__ = ["OPEN_PATHS", "REALM", "allows", "key_matches", "middleware", "presented_keys"]
 
 log = structlog.get_logger("swapper.auth")
 
@@ -42,12 +42,22 @@ OPEN_PATHS = frozenset({"/health"})
 
 def presented_keys(headers: Mapping[str, str]) -> list[bytes]:
     """Every credential in ``headers``, as bytes: Basic password, Bearer token, ``x-api-key``."""
+    return _credentials(_bytes(headers.get(hdrs.AUTHORIZATION, "")), _bytes(headers.get("x-api-key", "")))
+
+
+def allows(keys: Iterable[bytes], authorization: bytes | None, api_key: bytes | None) -> bool:
+    """Whether the ``Authorization`` and ``x-api-key`` values present one of ``keys`` (the front
+    door's check, on the raw values; the middleware's is the same)."""
+    return key_matches(_credentials(authorization or b"", api_key or b""), keys)
+
+
+def _credentials(authorization: bytes, api_key: bytes) -> list[bytes]:
     found: list[bytes] = []
-    scheme, _, value = headers.get(hdrs.AUTHORIZATION, "").strip().partition(" ")
+    scheme, _, value = authorization.strip().partition(b" ")
     value = value.strip()
-    if value and scheme.lower() == "bearer":
-        found.append(_bytes(value))
-    elif value and scheme.lower() == "basic":
+    if value and scheme.lower() == b"bearer":
+        found.append(value)
+    elif value and scheme.lower() == b"basic":
         try:
             decoded = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
@@ -55,8 +65,8 @@ def presented_keys(headers: Mapping[str, str]) -> list[bytes]:
         _, colon, password = decoded.partition(b":")
         if colon and password:
             found.append(password)
-    if api_key := headers.get("x-api-key", "").strip():
-        found.append(_bytes(api_key))
+    if api_key := api_key.strip():
+        found.append(api_key)
     return found
 
 

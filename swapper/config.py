@@ -36,6 +36,7 @@ Additions of our own, all optional (llama-swap has none of them):
   evicted may be held back by traffic to the running model before new work for it stops.
 * ``concurrencyLimit`` at top level: the default for every model (llama-swap: per model only).
 * ``logFormat``: ``console`` or ``json``. ``loadingStateMode``: ``reasoning`` or ``comments``.
+* ``requestHeaderTimeout``: seconds a client may take to send a request head, from its first byte.
 * ``routing.router.use: memory`` with ``settings.memory`` (``gpuBudget``, ``ramBudget``,
   ``reserve``, ``stateFile``, ``releaseTimeout``), and per model ``memory: {estimate, device}``
   (or ``memoryEstimate``). Sizes are byte counts or strings like ``"512MiB"``, ``"2GB"``, ``"8G"``
@@ -67,6 +68,7 @@ DEFAULT_CONCURRENCY_LIMIT = 10
 DEFAULT_MAX_WAIT = 30.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUED = 1000
+DEFAULT_REQUEST_HEADER_TIMEOUT = 20.0
 DEFAULT_UPSTREAM_IGNORE_PATHS: tuple[str, ...] = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 DEFAULT_GROUP = "(default)"
 DEFAULT_CHECK_ENDPOINT = "/health"
@@ -163,6 +165,7 @@ class Config:
     default_model: str | None = None  # model id that requests without a model go to
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queued: int = DEFAULT_MAX_QUEUED  # global cap on queued requests -> 503
+    request_header_timeout: float = DEFAULT_REQUEST_HEADER_TIMEOUT  # seconds a request head may take
     global_ttl: float = 0.0
     api_keys: tuple[str, ...] = ()
     include_aliases_in_list: bool = False
@@ -228,6 +231,9 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         default_model=default_model,
         max_body_bytes=_opt_size(top.get("maxBodyBytes"), "maxBodyBytes") or DEFAULT_MAX_BODY_BYTES,
         max_queued=_positive_int(top.get("maxQueued"), "maxQueued", DEFAULT_MAX_QUEUED),
+        request_header_timeout=_positive_number(
+            top.get("requestHeaderTimeout"), "requestHeaderTimeout", DEFAULT_REQUEST_HEADER_TIMEOUT
+        ),
         global_ttl=defaults.global_ttl,
         api_keys=_parse_api_keys(top.get("apiKeys")),
         include_aliases_in_list=_opt_bool(top.get("includeAliasesInList"), "includeAliasesInList", False),
@@ -268,7 +274,10 @@ _TOP_KEYS = _words(
     healthCheckTimeout logLevel logToStdout startPort macros models globalTTL unloadTimeout
     apiKeys includeAliasesInList sendLoadingState hooks upstream routing groups matrix
     """
-) | _words("defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode")  # ours
+) | _words(  # ours
+    "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
+    "requestHeaderTimeout"
+)
 _TOP_UNSUPPORTED = _words(
     """
     logTimeFormat logRequests metricsMaxInMemory captureBuffer store ui performance profiles
@@ -598,6 +607,15 @@ def _positive_int(value: object, path: str, default: int) -> int:
     number = _as_int(value, path)
     if number <= 0:
         raise ConfigError(f"{path}: must be greater than 0, got {number}")
+    return number
+
+
+def _positive_number(value: object, path: str, default: float) -> float:
+    if value is None:
+        return default
+    number = _as_number(value, path)
+    if not number > 0:
+        raise ConfigError(f"{path}: must be greater than 0, got {value!r}")
     return number
 
 

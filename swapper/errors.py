@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -135,3 +136,19 @@ def error_body(err: SwapperError) -> bytes:
             "src": "swapper",
         }
     ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A small whole response swapper writes itself (an error, the model list, health): each
+    server renders it its own way (``routes.answer_response``, the front door's writer)."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    charset: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def error_answer(err: SwapperError) -> Answer:
+    return Answer(err.status, error_body(err), headers=tuple(err.headers.items()))

@@ -1,93 +1,95 @@
 """The front door: a lean HTTP/1.1 server for the requests that must be fast.
 
-Why: aiohttp's server side costs ~175-195 µs of CPU per request on the 2-vCPU machines swapper is
-measured on (request objects, routing, response objects, the writer), more than the ≤150 µs a
-whole proxied request may cost (../shared/docs/performance-anchors.md). So inference requests are
-served here, straight on the transport: a well-formed HTTP/1.1 ``POST`` with a ``Content-Length``
-body to an inference route (``routes.BODY_ROUTES``). A model that can serve at once is granted
-without a message round trip (``RunLoop.try_acquire``); otherwise the request waits here for its
-load or its turn (``RunLoop.acquire``), and refusals (429, 503, 507, a failed load) are answered
-here with the usual JSON error. ``GET /health``, ``/v1/models`` and ``/models`` are answered here
-too (with ``routes.model_list``), so that a client that lists models on a connection before its
-inference requests (an SDK's pool, a chat UI's backend) keeps that connection on this path.
+Why: aiohttp's server side (request objects, routing, response objects, the writer) costs more
+CPU per request than all the rest of a proxied request. So inference requests are served here,
+straight on the transport: an HTTP/1.1 ``POST`` with a Content-Length body (or none) to an
+inference route (``routes.BODY_ROUTES``). A model that can serve at once is granted without a
+message round trip; otherwise the request waits here for its load or its turn, and refusals (429,
+503, 507, a failed load) are answered here with the usual JSON error. The ``routes.ANSWERED_GETS``
+(health, the model list) are answered here too, GET and HEAD, so that a client that lists models on
+a connection before its inference requests keeps that connection on this path.
 
-Everything else is handed, with the bytes read so far, to aiohttp's ``RequestHandler`` on the same
-connection, which keeps that connection from then on: other routes, chunked uploads, HTTP/1.0,
-an ``Expect`` other than 100-continue, bodies over ``maxBodyBytes``, bad JSON, unknown models, a
-failed API key, and a streamed request that must wait while ``sendLoadingState`` is on (aiohttp's
-path streams the loading state). The parser is deliberately conservative: whatever it is not sure of, the
-battle-tested one answers, so this module never has to judge a malformed request.
+Every head is parsed by llhttp (``codec.RequestReader``), with aiohttp's limits and rules: what
+llhttp refuses is answered 400 here and the connection closed. Everything else is handed, with
+the bytes read so far, to aiohttp's ``RequestHandler`` on the same connection, which keeps that
+connection from then on: other routes and methods, chunked uploads, HTTP/1.0, upgrades, bodies
+over ``maxBodyBytes``, bad JSON, unknown models, a failed API key, and a streamed request that
+must wait while ``sendLoadingState`` is on (aiohttp's path streams the loading state).
 
 Owns: ``Front`` owns the set of connections still on the front door (``FrontSite.stop`` drains
-them); a ``FrontConn`` owns its read buffer and the task serving its current request. Requests
-are served one at a time per connection, in order (pipelined bytes wait in the buffer).
+them, one timer sweeps them); a ``FrontConn`` owns its read buffer, its ``RequestReader`` and the
+``exchange.Exchange`` of its current request. Requests are served one at a time per connection,
+in order (pipelined bytes wait in the buffer).
 
-Per request this does what ``routes.handle_model_request`` does, with the same helpers (model id,
-lease, ``RequestTrack`` for metrics and events, shaping, ``proxy.send``), and writes the upstream's
-answer itself: status and headers minus hop-by-hop ones, then the body verbatim with its
-``Content-Length``, or re-chunked (SSE also gets ``X-Accel-Buffering: no``). Backpressure holds end
-to end: a client that stops reading pauses this writer (``pause_writing``), which stops reading
-the upstream, whose socket then fills. A client that leaves cancels the request's task, which
-closes the upstream connection on the way out, so llama-server stops generating.
+Bounds: reading stops while a request is in service and more than ``MAX_PIPELINED`` bytes wait
+behind it, and while the client does not read what it is sent (``pause_writing``): nothing is
+parsed or answered until it does. A head must be whole within ``requestHeaderTimeout`` seconds
+of its first byte (408 and close); an idle connection closes
+after ``KEEPALIVE`` seconds, here and on aiohttp's side (``runner_options``).
+
+The answer to a model request is the upstream's status and headers minus hop-by-hop ones, then the
+body verbatim with its Content-Length, or re-chunked (SSE also gets ``X-Accel-Buffering: no``).
+Backpressure holds end to end: a client that stops reading pauses this writer (``pause_writing``),
+which stops reading the upstream, whose socket then fills. A client that leaves ends the request,
+which closes the upstream connection, so llama-server stops generating.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Final, cast
+from typing import Any, Final, cast
 from urllib.parse import parse_qsl
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from swapper import auth, modelid, proxy
-from swapper.config import ModelConfig
-from swapper.errors import SwapperError, UpstreamRefused, error_body
-from swapper.events import EVENTS, EventBus, RequestTrack
-from swapper.h1pool import HEADER_LINE, Connection, Disconnected, H1Pool, Response
-from swapper.messages import Lease
+from swapper.codec import (
+    CHUNK_END,
+    HOP_BY_HOP,
+    RECHUNKED_DROP,
+    BadMessage,
+    RequestHead,
+    RequestReader,
+    chunk,
+    forwardable,
+    response_head,
+)
+from swapper.errors import Answer, BadRequest, SwapperError, UpstreamError, error_answer
+from swapper.events import EVENTS, EventBus
+from swapper.exchange import Exchange, upstream_path
+from swapper.h1pool import Disconnected, H1Pool, Response
 from swapper.routes import (
+    ANSWERED_GETS,
     BODY_ROUTES,
     CONFIG,
     RUNLOOP,
     SESSION,
     choose_model,
-    model_list,
-    upstream_request,
     wants_loading_state,
 )
 from swapper.runloop import RunLoop
 
-__all__ = ["Front", "FrontConn", "FrontSite"]
+__all__ = ["Front", "FrontConn", "FrontSite", "runner_options"]
 
 log = structlog.get_logger("swapper.front")
 
-MAX_HEAD: Final = 16 * 1024  # a longer head goes to aiohttp, which has its own limits
 MAX_PIPELINED: Final = 1024 * 1024  # bytes buffered behind a request in service; then stop reading
-KEEPALIVE: Final = 75.0  # seconds an idle connection stays open (aiohttp's default)
+KEEPALIVE: Final = 75.0  # seconds an idle connection stays open (aiohttp's default before 3.10)
 _FAST_PATHS: Final = frozenset(BODY_ROUTES)
-# GETs answered here (routes.py's handlers answer the same on aiohttp's path).
-_ANSWERED_GETS: Final = frozenset({"/health", "/v1/models", "/models"})
-_HEALTH: Final = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\n\r\nOK"
-_HEALTH_CLOSE: Final = _HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
-# Request headers _parse_head looks at (lower case); Transfer-Encoding and Upgrade send the
-# request to aiohttp: framings and upgrades this parser leaves alone.
-_FRAMING_HEADERS: Final = frozenset(
-    {"content-length", "content-type", "expect", "connection", "transfer-encoding", "upgrade"}
-)
-# Header lines are matched with h1pool.HEADER_LINE, which leaves trailing blanks on a value (a
-# lazy match that drops them costs 2.5x): _parse_head strips them in the rare head that has any.
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODILESS: Final = frozenset({204, 304})  # answers that never have a body
-_END: Final = b"0\r\n\r\n"
+_CLOSE: Final = b"Connection: close\r\n"
+
+
+def runner_options() -> dict[str, Any]:
+    """How swapper's aiohttp server is run (``web.AppRunner``'s keywords): a handed-off connection
+    keeps the front door's idle bound, and a client that leaves cancels its handler."""
+    return {"handler_cancellation": True, "access_log": None, "keepalive_timeout": KEEPALIVE}
 
 
 class Front:
@@ -101,14 +103,19 @@ class Front:
         self.inline = 0  # of those, answered with no task (FrontConn._start)
         self.answered = 0  # GETs answered here (health, model list)
         self.handed = 0  # connections handed to aiohttp
+        self.refused = 0  # heads llhttp or the limits refused (400), or too slow (408)
         self.closing = False
         # Cached: each asyncio.get_running_loop() is a getpid() syscall (fork detection).
         self.loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
         self._parts: tuple[RunLoop, H1Pool, EventBus] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        config = app[CONFIG]
         # The keys aiohttp's auth middleware was built with (at start-up, like it).
-        self.keys = tuple(key.encode() for key in app[CONFIG].api_keys)
+        self.keys = tuple(key.encode() for key in config.api_keys)
+        self.head_timeout = config.request_header_timeout
+        self.keepalive = KEEPALIVE
+        self._sweep_every = min(self.keepalive, self.head_timeout) / 8
 
     def __call__(self) -> FrontConn:
         return FrontConn(self)
@@ -121,18 +128,20 @@ class Front:
             parts = self._parts = (app[RUNLOOP], proxy.pool_of(app[SESSION]), app[EVENTS])
         return parts
 
-    def sweep_idle(self) -> None:
-        """Closes connections idle for ``KEEPALIVE`` seconds, now and every few seconds after.
+    def sweep(self) -> None:
+        """Closes connections idle for ``KEEPALIVE`` seconds and heads that overran their
+        deadline, now and every few seconds after.
 
         One timer for all connections: a timer per connection, re-armed per request, would cost
         every request a heap push and a cancel.
         """
         if self.closing:
             return
-        since = time.monotonic() - KEEPALIVE
+        now = time.monotonic()
+        idle_since, head_since = now - self.keepalive, now - self.head_timeout
         for conn in list(self.conns):
-            conn.close_if_idle(since)
-        self._sweeper = self.loop.call_later(KEEPALIVE / 8, self.sweep_idle)
+            conn.sweep(idle_since, head_since)
+        self._sweeper = self.loop.call_later(self._sweep_every, self.sweep)
 
     def begin_shutdown(self) -> None:
         """Closes idle connections; busy ones close once their current response is complete."""
@@ -162,8 +171,14 @@ class FrontConn(asyncio.Protocol):
     def __init__(self, front: Front) -> None:
         self._front = front
         self._transport: asyncio.Transport | None = None
+        # The current request's bytes from its first one on, and whatever was pipelined after:
+        # all of it is what a hand-off gives aiohttp.
         self._buf = bytearray()
-        self._exchange: _Exchange | None = None  # the request in service
+        self._reader: RequestReader | None = None
+        self._head: RequestHead | None = None  # whole, its body still arriving
+        self._keep = True  # the request in service lets the connection live on
+        self._head_at = 0.0  # when the current head's first byte was seen (0: no head under way)
+        self._exchange: Exchange | None = None  # the request in service
         self._upstream: Response | None = None  # the answer being piped to this client
         self._write_paused = False
         self._read_paused = False
@@ -193,12 +208,10 @@ class FrontConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.active_at = time.monotonic()
         self._buf += data
-        if self._exchange is not None:
-            if len(self._buf) > MAX_PIPELINED and not self._read_paused and self._transport is not None:
-                self._read_paused = True
-                self._transport.pause_reading()
-            return
-        self._parse()
+        if self._exchange is None and not self._write_paused:
+            self._parse()
+        else:
+            self._bound_buffer()
 
     def eof_received(self) -> bool | None:
         return None  # close: a client that half-closed is gone for our purposes
@@ -212,90 +225,140 @@ class FrontConn(asyncio.Protocol):
         self._write_paused = False
         if self._upstream is not None:
             self._upstream.pause_reading(False)
+        elif self._exchange is None and self._buf and self._transport is not None:
+            self._parse()  # what was held back while the client did not read
 
-    def close_if_idle(self, since: float | None = None) -> None:
-        """Closes the connection if no request is in service (and none was since ``since``)."""
-        idle = since is None or self.active_at < since
-        if idle and self._exchange is None and self._transport is not None:
+    def sweep(self, idle_since: float, head_since: float) -> None:
+        """Closes the connection if it is idle since before ``idle_since``, or if its head began
+        before ``head_since`` and is still not whole (with a 408)."""
+        if self._exchange is not None or self._transport is None:
+            return
+        if self._head_at and self._head_at < head_since and self._head is None:
+            self._front.refused += 1
+            self._answer(error_answer(_TIMEOUT), close=True)
+        elif self.active_at < idle_since:
             self._transport.close()
 
-    # ---- parsing and dispatch ----
+    def close_if_idle(self) -> None:
+        """Closes the connection if no request is in service."""
+        if self._exchange is None and self._transport is not None:
+            self._transport.close()
+
+    # ---- reading requests ----
+
+    def _bound_buffer(self) -> None:
+        """Stops reading while too much waits unparsed (behind a request in service, or while
+        the client does not read its answers)."""
+        if len(self._buf) > MAX_PIPELINED and not self._read_paused and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
 
     def _parse(self) -> None:
-        """Dispatches the requests at the head of the buffer, as far as they are complete."""
-        buf = self._buf
+        """Serves the requests at the head of the buffer, as far as they are complete, until one
+        is in service, the client stops reading, or the connection is handed off or closed."""
         while self._exchange is None and self._transport is not None:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    self._hand_off()
+            if self._write_paused:
+                self._bound_buffer()  # resume_writing parses on
                 return
-            head = _parse_head(bytes(buf[:end]), bodyless=buf.startswith(b"GET "))
-            if head is None or self._front.closing:
-                self._hand_off()
+            try:
+                head = self._read_head()
+            except BadMessage as exc:
+                self._front.refused += 1
+                self._answer(error_answer(BadRequest(f"bad request: {exc}")), close=True)
                 return
-            path, _, query = head.target.partition("?")
-            if head.method == "GET":
-                # Answered at once, so that a client that lists models (or checks health) on a
-                # connection before its inference requests keeps that connection here.
-                if head.length > 0 or path not in _ANSWERED_GETS or not self._answer_get(head, path):
-                    self._hand_off()
-                    return
-                del buf[: end + 4]
-                self._front.answered += 1
-                if head.close:
-                    self._transport.close()
-                    return
-                continue
-            if head.method != "POST" or path not in _FAST_PATHS:
-                self._hand_off()
+            if head is None:
                 return
-            runloop = self._front.parts()[0]
-            length = head.length
-            if length > runloop.config.max_body_bytes:
-                self._hand_off()  # aiohttp answers 413
+            if not self._dispatch(head):
                 return
-            if len(buf) < end + 4 + length:
-                if head.expect and not self._continued:
-                    self._continued = True  # the client waits for this before it sends the body
-                    self._transport.write(_CONTINUE)
-                return  # the body is still arriving
-            self._continued = False
-            body = bytes(buf[end + 4 : end + 4 + length])
-            request = _Request(head, path, query, body, bytes(buf[: end + 4]))
-            del buf[: end + 4 + length]
-            self._start(request)
-            return  # served one at a time: the next when this one is done
+        if self._read_paused and self._transport is not None and len(self._buf) <= MAX_PIPELINED:
+            self._read_paused = False
+            self._transport.resume_reading()
 
-    def _answer_get(self, head: _Head, path: str) -> bool:
-        """Answers ``GET /health`` or the model list as aiohttp's handlers would; False (nothing
-        written) when aiohttp must: a missing or wrong API key (its middleware answers 401)."""
-        if path == "/health":
-            self._write(_HEALTH_CLOSE if head.close else _HEALTH)
-            return True
-        keys = self._front.keys
-        if keys and not auth.key_matches(auth.presented_keys(CIMultiDict(head.headers)), keys):
-            return False
-        body = json.dumps(model_list(self._front.parts()[0])).encode()
-        origin = next((v for n, v in head.headers if n.lower() == "origin"), None)
-        extra = f"Access-Control-Allow-Origin: {origin}\r\n" if origin else ""
-        if head.close:
-            extra += "Connection: close\r\n"
-        self._write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
-            b"Content-Length: %d\r\n%b\r\n%b" % (len(body), extra.encode("utf-8", "surrogateescape"), body)
+    def _read_head(self) -> RequestHead | None:
+        """The current request's head once it is whole (llhttp reads it as it arrives), else None."""
+        if self._head is not None:
+            return self._head  # whole already: its body is what was awaited
+        if not self._buf:
+            self._head_at = 0.0
+            return None
+        if not self._head_at:
+            self._head_at = time.monotonic()
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = RequestReader()
+        head = self._head = reader.read_head(self._buf)
+        if head is not None:
+            self._head_at = 0.0
+        return head
+
+    def _dispatch(self, head: RequestHead) -> bool:
+        """Acts on a whole head; True if the next request may be read at once."""
+        front = self._front
+        if head.for_aiohttp or front.closing:
+            return self._hand_off()
+        method, path = head.method, head.path
+        if method in ("GET", "HEAD") and path in ANSWERED_GETS and head.length <= 0:
+            return self._answer_get(head, method == "HEAD")
+        if method != "POST" or path not in _FAST_PATHS:
+            return self._hand_off()
+        runloop = front.parts()[0]
+        length = max(head.length, 0)
+        if length > runloop.config.max_body_bytes:
+            return self._hand_off()  # aiohttp answers 413
+        assert self._reader is not None
+        start = self._reader.fed
+        if len(self._buf) < start + length:
+            if head.expect and not self._continued:
+                self._continued = True  # the client waits for this before it sends the body
+                self._write(_CONTINUE)
+            return False  # the body is still arriving
+        self._continued = False
+        body = bytes(self._buf[start : start + length])
+        self._reader.feed(body)  # llhttp ends the message with its body; the reader is ready again
+        # The head as it came: a request checked in _start may still go to aiohttp (a failed key,
+        # an unknown model...); kept apart from the body, which is then not copied again.
+        head_bytes = bytes(self._buf[:start])
+        self._consumed(start + length)
+        self._start(head, body, head_bytes)
+        return False  # served one at a time: the next when this one is done
+
+    def _consumed(self, size: int) -> None:
+        """The current request's ``size`` bytes are read: the next request starts after them."""
+        del self._buf[:size]
+        self._head = None
+        if self._reader is not None:
+            self._reader.next()
+
+    def _answer_get(self, head: RequestHead, head_only: bool) -> bool:
+        """Answers one of the ``ANSWERED_GETS`` as aiohttp's handler would, unless aiohttp must (a
+        missing or wrong API key: its middleware answers 401 and logs it)."""
+        front = self._front
+        if front.keys and head.path not in auth.OPEN_PATHS and not self._key_ok(head):
+            return self._hand_off()
+        origin = head.header(b"origin")
+        answer = ANSWERED_GETS[head.path](
+            front.parts()[0], None if origin is None else origin.decode("utf-8", "surrogateescape")
         )
-        return True
+        assert self._reader is not None
+        self._consumed(self._reader.fed)
+        front.answered += 1
+        close = not head.keep_alive
+        self._answer(answer, close=close, head_only=head_only)
+        return not close
 
-    def _hand_off(self, first: bytes = b"") -> None:
+    def _key_ok(self, head: RequestHead) -> bool:
+        return auth.allows(self._front.keys, head.header(b"authorization"), head.header(b"x-api-key"))
+
+    def _hand_off(self, first: bytes = b"") -> bool:
         """Gives this connection, with ``first`` and every byte buffered, to aiohttp for good."""
         transport = self._transport
         data = first + bytes(self._buf)
         self._buf.clear()
+        self._reader = self._head = None
         self._front.handed += 1
         self._front.forget(self)
         if transport is None or transport.is_closing():
-            return
+            return False
         handler = self._front.slow()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -305,68 +368,86 @@ class FrontConn(asyncio.Protocol):
             handler.data_received(data)
         if self._read_paused:
             transport.resume_reading()
+        return False
 
     # ---- serving one request ----
 
-    def _start(self, request: _Request) -> None:
-        """Serves ``request``: inline while everything goes the common way, else in a task.
+    def _start(self, head: RequestHead, body: bytes, head_bytes: bytes) -> None:
+        """Serves a model request: inline while everything goes the common way, else in a task.
 
         Inline means no task, no future and no await: the grant, the upstream write on a pooled
         connection, and (in the upstream's ``data_received``) the answer, when it is a sized one
         that arrived whole. That is most requests to a ready model, and a task's creation and
-        wake-ups cost about as much CPU as the rest of the proxy's Python (scripts/bench_proxy.py).
-        At the first step that must wait (a load or queue, a new upstream connection, a retry, a
-        streamed or partial body), the rest of the request moves to a task (``_forward``).
+        wake-ups cost about as much CPU as the rest of the proxy's Python. At the first step that
+        must wait (a load or queue, a new upstream connection, a retry, a streamed or partial
+        body), the rest of the request moves to a task (``_forward``).
         """
-        runloop, pool, bus = self._front.parts()
+        front = self._front
+        runloop, pool, bus = front.parts()
         config = runloop.config  # a reload replaces it; read it once per request
-        head = request.head
         try:
-            query = _query(request.query) if request.query else {}
-            wanted = modelid.extract(head.method, head.content_type, request.body, query)
+            query = _query(head.query) if head.query else {}
+            wanted = modelid.extract(head.method, head.content_type, body, query)
             model = choose_model(wanted.model, config, runloop)
-            keys = self._front.keys
-            if keys and not auth.key_matches(auth.presented_keys(CIMultiDict(head.headers)), keys):
+            if front.keys and not self._key_ok(head):
                 raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it
         except SwapperError:
-            self._slow(request)
+            self._hand_off(head_bytes + body)
             return
         cfg = config.models[model]
-        ex = _Exchange(self, request, model, cfg, wanted, runloop.new_request_id())
-        lease = runloop.try_acquire(ex.req_id, model, ex)
-        if lease is None and wanted.stream and wants_loading_state(config, cfg, request.path):
-            self._slow(request)  # it has to wait, and aiohttp's path streams the loading state
+        ex = Exchange(
+            runloop,
+            pool,
+            model=model,
+            cfg=cfg,
+            wanted=wanted,
+            method=head.method,
+            target=upstream_path(head.target),
+            content_type=head.content_type,
+            headers=proxy.upstream_headers(head.headers, identity=False, connection=head.connection),
+            body=body,
+        )
+        ex.cut = self._cut
+        granted = ex.try_grant()
+        if not granted and wanted.stream and wants_loading_state(config, cfg, head.path):
+            # It has to wait, and aiohttp's path streams the loading state.
+            self._hand_off(head_bytes + body)
             return
-        self._front.served += 1
+        front.served += 1
         self._exchange = ex
-        if lease is None:
-            ex.track = bus.track(ex.req_id, model, request.path, head.method, request.path)
+        self._keep = head.keep_alive
+        if not granted:
+            ex.begin_track(bus, head.path, head.path)
             self._in_task(ex)
             return
         failure = None
         try:
-            ex.granted(lease)
-            ex.started = time.perf_counter()
-            ex.sent = pool.send_now(head.method, _url(ex.url), ex.headers, ex.body, ex.progress)
+            sent = ex.send_now(lambda: self._progress(ex))
         except Exception as exc:
             failure = exc
         # Tracked once the request is on its way upstream: the answer waits for none of this.
-        ex.track = bus.track(ex.req_id, model, request.path, head.method, request.path)
-        ex.track.granted()
+        ex.begin_track(bus, head.path, head.path).granted()
         if failure is None:
-            if ex.sent is None:
+            if not sent:
                 self._in_task(ex)  # no idle upstream connection
         elif isinstance(failure, SwapperError):  # the body could not be shaped for the model
             self._end_inline(ex, failure)
         else:
-            log.error("front door failed", path=request.path, exc_info=failure)
-            self.abort(ex)
+            log.error("front door failed", path=head.path, exc_info=failure)
+            self._cut(ex)
 
-    def _progress(self, ex: _Exchange) -> None:
+    def _progress(self, ex: Exchange) -> None:
         """The inline request's upstream connection moved on (``H1Pool.send_now``)."""
+        try:
+            self._step_inline(ex)
+        except Exception:  # never into h1pool's callback, with the lease still held
+            log.exception("front door failed")
+            self._cut(ex)
+
+    def _step_inline(self, ex: Exchange) -> None:
         sent = ex.sent
         assert sent is not None
-        if sent.headers is None:
+        if not sent.answered:
             exc = sent.failure
             if exc is None:
                 return  # the head is still arriving
@@ -377,140 +458,123 @@ class FrontConn(asyncio.Protocol):
                 # every stream): nothing was answered, so retry on a fresh one, as proxy.send does.
                 self._in_task(ex)
             else:
-                self._end_inline(ex, proxy.failed_before_response(exc, _url(ex.url)))
+                self._end_inline(ex, proxy.failed_before_response(exc, ex.url))
             return
         arrived = time.perf_counter()
-        upstream = ex.upstream = sent.response()
         ex.sent = None
-        body = None if proxy.is_sse(upstream.headers) else upstream.take_whole()
+        upstream = sent.response()
+        body = None if upstream.sse else upstream.take_whole()
         if body is None:
-            ex.forwarded(arrived)
+            ex.answered(upstream, arrived)
             self._in_task(ex)  # streamed, or still arriving
             return
-        close = ex.request.head.close or self._front.closing
-        head, chunked = _answer_head(upstream, close, sse=False)
+        ex.upstream = upstream
+        head, chunked = _answer_head(upstream, self._closing_after())
         if body:
-            head += _frame(body, chunked)
+            head += chunk(body) if chunked else body
         if chunked:  # never for a bodiless status (_answer_head)
-            head += _END
+            head += CHUNK_END
         self._end_inline(ex, None, head, arrived)
 
     def _end_inline(
-        self, ex: _Exchange, err: SwapperError | None, answer: bytes = b"", arrived: float = 0.0
+        self, ex: Exchange, err: SwapperError | None, answer: bytes = b"", arrived: float = 0.0
     ) -> None:
         """Writes the inline request's answer (or ``err``), releases it, and goes on to the next.
         ``arrived``: when the upstream's answer came (for its TTFB), recorded after the write."""
-        keep = not ex.request.head.close
+        keep = self._keep
         if err is not None:
             ex.track.failed(err.status)
-            self._write_error(err)
+            self._answer(error_answer(err), close=not keep)
         else:
-            keep = self._write(answer)
-            ex.forwarded(arrived)
+            keep = self._write(answer) and keep
+            assert ex.upstream is not None
+            ex.answered(ex.upstream, arrived)
         self._front.inline += 1
         ex.finish()
         # Not from inside the upstream's callback: the next request may reuse its connection.
         self._done(ex, keep, soon=True)
 
-    def abort(self, ex: _Exchange) -> None:
+    def _cut(self, ex: Exchange) -> None:
         """Ends the inline request ``ex`` unanswered: its client left, or its model is being stopped."""
-        if ex.sent is not None:
-            ex.sent.abandon()  # the upstream learns that nobody waits for this answer
-            ex.sent = None
         ex.finish()
         self._done(ex, False)
 
-    def _in_task(self, ex: _Exchange) -> None:
+    def _in_task(self, ex: Exchange) -> None:
         """Goes on with ``ex`` in a task (``_forward``), from wherever it stands."""
-        ex.task = self._front.loop.create_task(self._serve(ex))
+        ex.task = task = self._front.loop.create_task(self._serve(ex))
         # A task cancelled before its first step never runs its coroutine, so neither _forward's
         # finally: the client can leave (or an unload cut it) in the same loop turn that made it.
-        ex.task.add_done_callback(ex.task_done)
+        task.add_done_callback(lambda _: self._task_ended(ex))
 
-    async def _serve(self, ex: _Exchange) -> None:
+    def _task_ended(self, ex: Exchange) -> None:
+        if not ex.finished:
+            self._cut(ex)  # it never ran
+
+    async def _serve(self, ex: Exchange) -> None:
         keep = False
         try:
             keep = await self._forward(ex)
         except asyncio.CancelledError:
             pass  # the client left, or the model is being stopped under it (unload, reload)
         except Exception:
-            log.exception("front door failed", path=ex.request.path)
+            log.exception("front door failed", path=ex.target)
         self._done(ex, keep)
 
-    def _done(self, ex: _Exchange, keep: bool, *, soon: bool = False) -> None:
+    def _done(self, ex: Exchange, keep: bool, *, soon: bool = False) -> None:
         """After ``ex``'s answer: closes the connection, or serves what the client sent next."""
         if self._exchange is not ex:
-            return  # already ended (an abort, then the task's own end)
+            return  # already ended (a cut, then the task's own end)
         self._exchange = None
         transport = self._transport
         if transport is None:
             self._front.forget(self)
-        elif not keep or ex.request.head.close or self._front.closing:
+        elif not keep or self._front.closing:
             transport.close()
             self._front.forget(self)
         else:
-            if self._read_paused:
-                self._read_paused = False
-                transport.resume_reading()
             self.active_at = time.monotonic()
-            if self._buf:
-                if soon:
-                    self._front.loop.call_soon(self._parse)
-                else:
-                    self._parse()
+            if soon:
+                self._front.loop.call_soon(self._parse)
+            else:
+                self._parse()
 
-    async def _forward(self, ex: _Exchange) -> bool:
+    async def _forward(self, ex: Exchange) -> bool:
         """The request from wherever ``_start`` left it: waits for its lease if it has none, sends
         it if it was not sent, and relays the answer. True if the connection may be reused."""
-        runloop, pool, _ = self._front.parts()
-        head = ex.request.head
         try:
             if ex.lease is None:
-                ex.granted(await runloop.acquire(ex.req_id, ex.model))  # a load or a queue: wait here
+                ex.granted(await ex.acquire())  # a load or a queue: wait here
                 ex.track.granted()
             upstream = ex.upstream
             if upstream is None:
-                ex.started = time.perf_counter()
-                try:
-                    upstream = await proxy.send(pool, head.method, _url(ex.url), ex.headers, ex.body)
-                except UpstreamRefused:
-                    # Its child died (the exit is not in yet) or stopped listening: nothing was sent,
-                    # so restart it and try once more.
-                    assert ex.lease is not None
-                    ex.granted(await runloop.reacquire(ex.lease))
-                    upstream = await proxy.send(pool, head.method, _url(ex.url), ex.headers, ex.body)
-                ex.upstream = upstream
-                ex.forwarded(time.perf_counter())
-            return await self._relay(upstream, head.close or self._front.closing)
+                upstream = await ex.send()
+            return await self._relay(upstream) and self._keep
         except SwapperError as err:  # refused (429, 503, 507...), failed to load, upstream unreachable
             ex.track.failed(err.status)
-            self._write_error(err)
-            return not head.close
+            self._answer(error_answer(err), close=not self._keep)
+            return self._keep
         finally:
             ex.finish()
 
-    def _slow(self, request: _Request) -> None:
-        self._hand_off(request.head_bytes + request.body)
-
-    async def _relay(self, upstream: Response, close: bool) -> bool:
+    async def _relay(self, upstream: Response) -> bool:
         """Writes the upstream's answer; True if it completed (the connection may be reused)."""
-        sse = proxy.is_sse(upstream.headers)
-        head, chunked = _answer_head(upstream, close, sse=sse)
+        head, chunked = _answer_head(upstream, self._closing_after())
         bodiless = upstream.status in _BODILESS
         first = b""
-        if not sse and not bodiless:
+        if not upstream.sse and not bodiless:
             # Read ahead: a small answer leaves in one write, and an upstream that dies before its
             # body is still a clean 502.
             try:
                 first = await upstream.readany()
             except proxy.UPSTREAM_READ_ERRORS as exc:
-                self._write_error(SwapperError(f"upstream broke before sending a body: {exc!r}", status=502))
+                err = UpstreamError(f"upstream broke before sending a body: {exc!r}")
+                self._answer(error_answer(err), close=True)
                 return False
         if bodiless:
             return self._write(head)
-        start = head + _frame(first, chunked) if first else head
+        start = head + (chunk(first) if chunked else first) if first else head
         if upstream.at_eof():
-            return self._write(start + _END if chunked else start)
+            return self._write(start + CHUNK_END if chunked else start)
         if not self._write(start):
             return False
         # The rest goes from the upstream's data_received straight to the client: no task switch
@@ -529,20 +593,25 @@ class FrontConn(asyncio.Protocol):
             return False
         finally:
             self._upstream = None
-        return self._alive()
+        return self._transport is not None and not self._transport.is_closing()
 
     def _relay_chunk(self, data: bytes, last: bool) -> None:
         transport = self._transport
         if transport is not None:
             if data:
-                transport.write(b"%x\r\n%b\r\n%b" % (len(data), data, _END if last else b""))
+                transport.write(b"%x\r\n%b\r\n%b" % (len(data), data, CHUNK_END if last else b""))
             elif last:
-                transport.write(_END)
+                transport.write(CHUNK_END)
 
     def _relay_bytes(self, data: bytes, last: bool) -> None:
         transport = self._transport
         if transport is not None and data:
             transport.write(data)
+
+    # ---- writing ----
+
+    def _closing_after(self) -> bool:
+        return not self._keep or self._front.closing
 
     def _write(self, data: bytes) -> bool:
         transport = self._transport
@@ -551,209 +620,23 @@ class FrontConn(asyncio.Protocol):
         transport.write(data)
         return True
 
-    def _alive(self) -> bool:
-        return self._transport is not None and not self._transport.is_closing()
-
-    def _write_error(self, err: SwapperError) -> None:
-        body = error_body(err)
-        lines = "".join(f"{name}: {value}\r\n" for name, value in err.headers.items())
-        head = (
-            f"HTTP/1.1 {err.status} {_reason(err.status)}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{lines}\r\n"
-        )
-        self._write(head.encode() + body)
-
-
-class _Exchange:
-    """One model request in service on a front-door connection, from its grant to its answer.
-
-    It is the run loop's holder of the request's lease (``cancel`` cuts it when the model is
-    stopped under it) and owns what the request holds: the lease, its ``RequestTrack``, and the
-    upstream connection or response; ``finish`` gives them all back, once.
-    """
-
-    __slots__ = (
-        "body",
-        "cfg",
-        "conn",
-        "finished",
-        "headers",
-        "lease",
-        "model",
-        "req_id",
-        "request",
-        "sent",
-        "started",
-        "task",
-        "track",
-        "upstream",
-        "url",
-        "wanted",
-    )
-
-    def __init__(
-        self,
-        conn: FrontConn,
-        request: _Request,
-        model: str,
-        cfg: ModelConfig,
-        wanted: modelid.RequestModel,
-        req_id: int,
-    ) -> None:
-        self.conn = conn
-        self.request = request
-        self.model = model
-        self.cfg = cfg
-        self.wanted = wanted
-        self.req_id = req_id
-        self.lease: Lease | None = None
-        self.track: RequestTrack  # set by FrontConn._start before anything can finish it
-        self.task: asyncio.Task[None] | None = None  # once it waits for something
-        self.sent: Connection | None = None  # sent inline, no response head yet
-        self.upstream: Response | None = None
-        self.url = ""
-        self.body = b""
-        self.headers: list[tuple[str, str]] = []
-        self.started = 0.0  # when it went upstream
-        self.finished = False
-
-    def granted(self, lease: Lease) -> None:
-        """``lease`` is in hand: what goes upstream follows from it (a reacquire's new one too)."""
-        first = self.lease is None
-        self.lease = lease
-        self.req_id = lease.req_id
-        request = self.request
-        head = request.head
-        self.url, self.body = upstream_request(
-            lease, self.cfg, self.wanted, head.content_type, request.body, head.target
-        )
-        if first:
-            self.headers = proxy.upstream_headers(head.headers, head.connection, identity=False)
-
-    def forwarded(self, arrived: float) -> None:
-        """The upstream's response head came in at ``arrived`` (``time.perf_counter``)."""
-        upstream = self.upstream
-        assert upstream is not None
-        self.track.forwarded(upstream.status, arrived - self.started)
-        if proxy.is_streamed(upstream.headers):
-            upstream.do_not_pool()  # llama-server closes it after a streamed body
-
-    def progress(self) -> None:
-        """Called by the upstream connection of an inline request (``H1Pool.send_now``)."""
-        try:
-            self.conn._progress(self)
-        except Exception:  # never into h1pool's callback, with the lease still held
-            log.exception("front door failed", path=self.request.path)
-            self.conn.abort(self)
-
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        elif not self.finished:
-            self.conn.abort(self)
-
-    def task_done(self, task: asyncio.Task[None]) -> None:
-        """Its task ended: if it never ran (cancelled before its first step), end it here."""
-        if not self.finished:
-            self.conn.abort(self)
-
-    def finish(self) -> None:
-        """Gives back the upstream connection, the lease and the track; idempotent."""
-        if self.finished:
-            return
-        self.finished = True
-        if self.sent is not None:
-            self.sent.abandon()
-            self.sent = None
-        if self.upstream is not None:
-            self.upstream.close()  # back to the pool after a complete body; else closed
-            self.upstream = None
-        self.conn._front.parts()[0].release(self.req_id)
-        self.track.done()
+    def _answer(self, answer: Answer, *, close: bool = False, head_only: bool = False) -> None:
+        """Writes ``answer`` whole (``head_only``: without its body, for HEAD); ``close`` closes
+        the connection after it."""
+        content_type = answer.content_type
+        if answer.charset:
+            content_type += f"; charset={answer.charset}"
+        fields = [("Content-Type", content_type), ("Content-Length", str(len(answer.body))), *answer.headers]
+        if close:
+            fields.append(("Connection", "close"))
+        lines = "".join(f"{name}: {value}\r\n" for name, value in fields)
+        data = response_head(answer.status, _reason(answer.status), lines.encode("utf-8", "surrogateescape"))
+        if self._write(data if head_only else data + answer.body) and close:
+            assert self._transport is not None
+            self._transport.close()
 
 
-class _Head:
-    """A request head the front door can serve (what ``_parse_head`` accepted)."""
-
-    __slots__ = ("close", "connection", "content_type", "expect", "headers", "length", "method", "target")
-
-    def __init__(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
-        self.method = method
-        self.target = target  # path and query as the client sent them
-        self.headers = headers
-        self.length = -1  # Content-Length
-        self.close = False  # the client asked to close after this response
-        self.content_type: str | None = None  # the first Content-Type
-        self.connection: str | None = None  # every Connection value, comma-joined
-        self.expect = False  # Expect: 100-continue (curl sends it for bodies over 1 KiB)
-
-
-class _Request:
-    __slots__ = ("body", "head", "head_bytes", "path", "query")
-
-    def __init__(self, head: _Head, path: str, query: str, body: bytes, head_bytes: bytes) -> None:
-        self.head = head
-        self.path = path
-        self.query = query
-        self.body = body
-        # The head as received, blank line included: with the body, what a hand-off replays (kept
-        # apart so that a large upload is not copied a second time for a hand-off that is rare).
-        self.head_bytes = head_bytes
-
-
-def _parse_head(data: bytes, *, bodyless: bool = False) -> _Head | None:
-    """A plain HTTP/1.1 request head with a Content-Length; None for anything this parser leaves
-    to aiohttp (no Content-Length, other framings, upgrades, odd syntax). With ``bodyless`` (a
-    GET), a head without a Content-Length is accepted too, with ``length`` -1: no body."""
-    # One C-level decode and one regex scan: a loop of splits and decodes per line cost ~8 µs a
-    # request. UTF-8 with surrogateescape is what each value was decoded with before (CR and LF
-    # are ASCII, so decoding the whole head splits nowhere differently), and round-trips on the
-    # way out.
-    text = data.decode("utf-8", "surrogateescape")
-    eol = text.find("\r\n")
-    if eol < 0:
-        eol = len(text)
-    parts = text[:eol].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1" or not parts[1].startswith("/"):
-        return None
-    if not (parts[0].isascii() and parts[1].isascii()):
-        return None
-    fields = HEADER_LINE.findall(text, eol)
-    lines = len(fields)
-    if text.count("\r", eol) != lines or text.count("\n", eol) != lines:
-        # A line that is not ``token: value`` (obs-fold, a blank before the colon), or a bare CR
-        # or LF, which an upstream might read as a line break (header smuggling). Each matched
-        # line holds one CR and one LF, so equal counts mean the matches are all there is.
-        return None
-    trailing = " \r\n" in text or "\t\r\n" in text or text.endswith((" ", "\t"))
-    head = _Head(parts[0], parts[1], [])
-    headers = head.headers
-    for name, value in fields:
-        if trailing:
-            value = value.rstrip(" \t")
-        lower = name.lower()
-        if lower not in _FRAMING_HEADERS:
-            headers.append((name, value))
-        elif lower == "content-length":
-            if head.length >= 0 or not value.isdigit() or not value.isascii():
-                return None
-            head.length = int(value)
-            headers.append((name, value))
-        elif lower == "content-type":
-            if head.content_type is None:
-                head.content_type = value
-            headers.append((name, value))
-        elif lower == "expect":
-            if value.lower() != "100-continue" or head.expect:
-                return None  # aiohttp answers 417
-            head.expect = True  # answered here, not forwarded
-        elif lower == "connection":
-            head.connection = value if head.connection is None else f"{head.connection}, {value}"
-            head.close = head.close or "close" in {t.strip().lower() for t in value.split(",")}
-            headers.append((name, value))
-        else:
-            return None  # Transfer-Encoding, Upgrade: aiohttp's
-    return head if head.length >= 0 or bodyless else None
+_TIMEOUT: Final = SwapperError("request head not received in time", status=408, code="request_timeout")
 
 
 def _query(query: str) -> dict[str, str]:
@@ -764,36 +647,25 @@ def _query(query: str) -> dict[str, str]:
     return fields
 
 
-@functools.lru_cache(maxsize=1024)
-def _url(url: str) -> URL:
-    # A few distinct URLs (models × routes) recur for every request: parse each once.
-    return URL(url, encoded=True)
-
-
-def _answer_head(upstream: Response, close: bool, *, sse: bool) -> tuple[bytes, bool]:
+def _answer_head(upstream: Response, close: bool) -> tuple[bytes, bool]:
     """The head of the client's answer to ``upstream``, and whether its body goes out chunked
     (the upstream's was, or had no length)."""
-    chunked = upstream.status not in _BODILESS and (not upstream.sized or upstream.coded)
-    extra = ""
+    reader = upstream.reader
+    chunked = upstream.status not in _BODILESS and not upstream.sized
+    lines = forwardable(reader.headers, reader.connection, RECHUNKED_DROP if chunked else HOP_BY_HOP)
     if chunked:
-        extra += "Transfer-Encoding: chunked\r\n"
-    if sse:
-        extra += "X-Accel-Buffering: no\r\n"  # nginx and friends in front of us must not buffer
+        lines += b"Transfer-Encoding: chunked\r\n"
+    if upstream.sse:
+        lines += b"X-Accel-Buffering: no\r\n"  # nginx and friends in front of us must not buffer
     if close:
-        extra += "Connection: close\r\n"
-    return proxy.response_head(upstream, extra, rechunked=chunked), chunked
+        lines += _CLOSE
+    return response_head(upstream.status, upstream.reason, lines), chunked
 
 
-def _frame(data: bytes, chunked: bool) -> bytes:
-    if not chunked:
-        return data
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def _reason(status: int) -> str:
+def _reason(status: int) -> bytes:
     with contextlib.suppress(ValueError):
-        return HTTPStatus(status).phrase
-    return "Error"
+        return HTTPStatus(status).phrase.encode()
+    return b"Error"
 
 
 class FrontSite(web.BaseSite):
@@ -834,7 +706,7 @@ class FrontSite(web.BaseSite):
         server = runner.server
         assert server is not None
         self._front = Front(runner.app, server)
-        self._front.sweep_idle()
+        self._front.sweep()
         self._listener = await asyncio.get_running_loop().create_server(
             self._front, self._host, self._port, reuse_address=True, backlog=self._backlog
         )

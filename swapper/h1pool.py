@@ -1,10 +1,10 @@
 """A lean HTTP/1.1 client for the forwarding hot path: a keep-alive pool and a streaming reader.
 
-Why not aiohttp's ``ClientSession`` here: one round trip through it costs ~200 µs of CPU on the
-2-vCPU machines swapper is measured on (request and response objects, timer contexts, trace and
-cookie hooks, redirect and auth handling, connector bookkeeping), about as much as all the rest of
-a proxied request. This client does only what forwarding needs and costs a fraction of that
-(scripts/bench_proxy.py). Health probes and everything else keep using aiohttp's client.
+Why not aiohttp's ``ClientSession`` here: one round trip through it costs about as much CPU as all
+the rest of a proxied request (request and response objects, timer contexts, trace and cookie
+hooks, redirect and auth handling, connector bookkeeping). This client does only what forwarding
+needs; responses are parsed by llhttp (``codec.ResponseReader``), which also de-chunks them.
+Health probes and everything else keep using aiohttp's client.
 
 Owns: the idle keep-alive connections of each origin (``close()`` closes them) and, while a
 response is being read, that response's connection: ``Response.close()`` returns it to the pool
@@ -12,10 +12,10 @@ when its body was read to the end and both sides allow reuse, and closes it othe
 how an upstream learns that its client left).
 
 Scope: what local inference servers speak. Responses framed by Content-Length, by the chunked
-transfer coding (extensions and trailers are skipped) or by the end of the connection; HEAD
+transfer coding (extensions and trailers are dropped) or by the end of the connection; HEAD
 requests and 1xx/204/304 answers have no body; interim 1xx answers are skipped. No upgrades, no
 pipelining, no redirects, no decompression (body bytes pass verbatim), no proxies, no cookies.
-A response that breaks these rules raises ``ProtocolError``.
+A response llhttp refuses raises ``ProtocolError``, and its connection is closed, never reused.
 
 Backpressure: reading from the socket pauses while more than ``HIGH_WATER`` body bytes wait
 unread, and resumes once the reader has taken them, so a slow client slows the upstream down.
@@ -31,45 +31,27 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import re
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Final, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-__all__ = [
-    "HEADER_LINE",
-    "ConnectFailed",
-    "Connection",
-    "Disconnected",
-    "H1Pool",
-    "ProtocolError",
-    "Response",
-]
+from swapper.codec import BadMessage, ResponseReader, request_head
+
+__all__ = ["ConnectFailed", "Connection", "Disconnected", "H1Pool", "ProtocolError", "Response"]
 
 HIGH_WATER: Final = 256 * 1024  # unread body bytes that pause reading from the upstream
 WRITE_SLICE: Final = 256 * 1024  # request bodies larger than this are written in drained slices
-MAX_HEAD: Final = 64 * 1024  # a response head larger than this is a protocol error
-MAX_CHUNK_LINE: Final = 4096
 # Methods that get no "Content-Length: 0" when their body is empty (aiohttp's rule, kept so that
 # upstreams see the same requests as before).
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-_EMPTY_BODY_STATUS: Final = frozenset({204, 304})
-# One header line: CRLF, a token (RFC 9110), a colon, the value without its leading blanks (the
-# front door's request parser uses it too). Trailing blanks stay on the value. The value stops at
-# a CR only ([^\r] scans 20% faster than [^\r\n]): a bare LF inside it is caught by the parser's
-# count of LFs, as a bare CR is by its count of CRs.
-HEADER_LINE: Final = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r]*)")
+_SSE: Final = b"text/event-stream"
 
-# Parser states of one connection.
-_IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(6)
-# Sub-states while in _CHUNKED: _chunk_left > 0 is data still due in the current chunk;
-_CHUNK_SIZE_LINE: Final = 0  # ...a size line is next;
-_CHUNK_CRLF: Final = -1  # ...the CRLF that ends a chunk's data is next;
-_CHUNK_TRAILERS: Final = -2  # ...trailer fields (or the final CRLF) are next.
+# Connection states.
+_IDLE, _HEAD, _BODY, _DONE = range(4)
 
 
 class ConnectFailed(ConnectionError):
@@ -93,7 +75,7 @@ class ProtocolError(ConnectionError):
 
 
 class Connection(asyncio.Protocol):
-    """One connection and its response parser; the parser runs inside ``data_received``."""
+    """One connection and the reader of its current response; llhttp runs in ``data_received``."""
 
     def __init__(self, pool: H1Pool, key: tuple[str, str, int]) -> None:
         self._pool = pool
@@ -102,7 +84,7 @@ class Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
-        self._buf = bytearray()
+        self.reader: ResponseReader | None = None
         self._chunks: list[bytes] = []  # body bytes parsed and not yet read
         self._unread = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -114,18 +96,7 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._write_paused = False
         self._state = _IDLE
-        self._head_only = False
         self._got_bytes = False
-        self._left = 0  # _LENGTH: bytes still due; _CHUNKED: see the _CHUNK_* sub-states
-        self.keep_alive = False
-        self.status = 0
-        self.reason = ""
-        self.headers: CIMultiDictProxy[str] | None = None
-        # Of the response head, besides ``headers`` (see Response):
-        self.block = ""
-        self.connection = ""
-        self.coded = False
-        self.sized = False
 
     # ---- asyncio.Protocol ----
 
@@ -135,15 +106,16 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self.keep_alive = False
         state = self._state
-        if state == _UNTIL_CLOSE and exc is None:
-            self._state = _DONE
+        if state == _BODY and exc is None and self.reader is not None and self.reader.eof():
+            pass  # a body delimited by the connection's end: _end() completed it
         elif state not in (_IDLE, _DONE) and self._exc is None:
             why = "closed the connection" if exc is None else f"reset the connection ({exc!r})"
-            where = "mid-body" if state != _HEAD else "before responding"
+            where = "mid-body" if state == _BODY else "before responding"
             self._exc = Disconnected(f"upstream {why} {where}", response_started=self._got_bytes)
         self._pool._forget(self)
+        if self._sink is not None and self._state == _DONE:
+            self._flush_to_sink()
         self._wake()
         drained = self._drained
         if drained is not None and not drained.done():
@@ -159,40 +131,18 @@ class Connection(asyncio.Protocol):
             drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self._state in (_IDLE, _DONE) or self._exc is not None:
+        reader = self.reader
+        if self._state in (_IDLE, _DONE) or self._exc is not None or reader is None:
             # Bytes nobody asked for (after a complete response, or while pooled): the connection
             # is out of step with the upstream and cannot be reused.
             self._fail(ProtocolError("upstream sent data outside a response"))
             return
         self._got_bytes = True
-        if self._buf:
-            pass  # a partial head, size line or CRLF is pending: parse from the buffer
-        elif self._state == _CHUNKED:
-            # The common streaming case: parse the segment itself, buffer only an incomplete tail.
-            try:
-                used = self._parse_chunks(data)
-            except ProtocolError as exc:
-                self._fail(exc)
-                return
-            if used < len(data):
-                self._buf += data[used:]
-            data = b""
-        elif self._state in (_LENGTH, _UNTIL_CLOSE) and len(data) <= self._left_or_all():
-            # The whole segment is body: no copy into the buffer.
-            self._chunks.append(data)
-            self._unread += len(data)
-            if self._state == _LENGTH:
-                self._left -= len(data)
-                if self._left == 0:
-                    self._state = _DONE
-            data = b""
-        if data:
-            self._buf += data
-            try:
-                self._parse()
-            except ProtocolError as exc:
-                self._fail(exc)
-                return
+        try:
+            reader.feed(data)
+        except BadMessage as exc:
+            self._fail(ProtocolError(f"upstream sent an invalid response: {exc}"))
+            return
         if self._sink is not None:
             if self._chunks or self._state == _DONE:
                 self._flush_to_sink()
@@ -204,187 +154,38 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
         self._wake()
 
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost() settles the state
+
+    # ---- ResponseReader callbacks ----
+
+    def _got_head(self) -> None:
+        self._state = _BODY
+
+    def _got_body(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._unread += len(data)
+
+    def _got_end(self) -> None:
+        self._state = _DONE
+
     def _flush_to_sink(self) -> None:
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._unread = 0
         assert self._sink is not None
-        self._sink(data, self._state == _DONE)
-
-    def _left_or_all(self) -> int:
-        return self._left if self._state == _LENGTH else 1 << 62
-
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost() settles the state
-
-    # ---- the parser ----
-
-    def _parse(self) -> None:
-        while True:
-            state = self._state
-            if state == _HEAD:
-                if not self._parse_head():
-                    return
-            elif state == _LENGTH:
-                self._take(min(self._left, len(self._buf)))
-                if self._left == 0:
-                    self._state = _DONE
-                return
-            elif state == _CHUNKED:
-                del self._buf[: self._parse_chunks(self._buf)]
-                return
-            elif state == _UNTIL_CLOSE:
-                self._take(len(self._buf))
-                return
-            else:  # _DONE with bytes left over: the upstream sent more than it framed
-                if self._buf:
-                    raise ProtocolError("upstream sent bytes after the end of its response")
-                return
-
-    def _take(self, n: int) -> None:
-        if n <= 0:
-            return
-        buf = self._buf
-        data = bytes(buf) if n == len(buf) else bytes(buf[:n])
-        del buf[:n]
-        self._chunks.append(data)
-        self._unread += n
-        if self._state == _LENGTH:
-            self._left -= n
-
-    def _parse_head(self) -> bool:
-        buf = self._buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD:
-                raise ProtocolError("upstream response head too large")
-            return False
-        # One decode and one regex scan, as the front door parses request heads: a loop of
-        # partitions, strips and decodes per line cost ~8 µs a response.
-        text = buf[:end].decode("utf-8", "surrogateescape")
-        del buf[: end + 4]
-        eol = text.find("\r\n")
-        if eol < 0:
-            eol = len(text)
-        version, _, rest = text[:eol].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not (code.isascii() and code.isdigit()):
-            raise ProtocolError(f"upstream sent a bad status line: {text[:eol][:100]!r}")
-        status = int(code)
-        pairs = HEADER_LINE.findall(text, eol)
-        lines = len(pairs)  # one CR and one LF each: equal counts mean no other line, no bare CR/LF
-        if text.count("\r", eol) != lines or text.count("\n", eol) != lines:
-            raise ProtocolError(f"upstream sent a bad header line: {_first_bad_line(text[eol:])[:100]!r}")
-        if " \r\n" in text or "\t\r\n" in text or text.endswith((" ", "\t")):
-            pairs = [(name, value.rstrip(" \t")) for name, value in pairs]
-        if 100 <= status < 200:
-            if status == 101:
-                raise ProtocolError("upstream switched protocols; upgrades are not forwarded")
-            return True  # an interim answer: the real one follows
-        headers = CIMultiDict(pairs)
-        self.connection = headers.get("Connection", "")
-        connection = self.connection.lower()
-        if version == "HTTP/1.0":
-            self.keep_alive = "keep-alive" in connection
-        else:
-            self.keep_alive = "close" not in connection
-        coding = headers.get("Transfer-Encoding")
-        lengths = headers.getall("Content-Length", ())
-        self.coded = coding is not None
-        self.sized = bool(lengths)
-        self.block = text[eol:]
-        if self._head_only or status in _EMPTY_BODY_STATUS:
-            self._state = _DONE
-        elif coding is not None:
-            if coding.rsplit(",", 1)[-1].strip().lower() == "chunked":
-                self._state, self._left = _CHUNKED, _CHUNK_SIZE_LINE
-            else:
-                self._state, self.keep_alive = _UNTIL_CLOSE, False
-            if lengths:
-                self.keep_alive = False  # both framings: chunked wins, the connection is suspect
-        elif lengths:
-            if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
-                raise ProtocolError(f"upstream sent a bad Content-Length: {lengths!r}")
-            self._left = int(lengths[0])
-            self._state = _LENGTH if self._left else _DONE
-        else:
-            self._state, self.keep_alive = _UNTIL_CLOSE, False
-        self.status = status
-        if not reason.isascii():  # a str of the bytes as sent, one character each (as aiohttp has it)
-            reason = reason.encode("utf-8", "surrogateescape").decode("latin-1")
-        self.reason = reason
-        self.headers = CIMultiDictProxy(headers)  # last: only a valid head is seen by wait_head()
-        return True
-
-    def _parse_chunks(self, src: bytes | bytearray) -> int:
-        """De-chunks what ``src`` holds; returns how many bytes it consumed.
-
-        One joined bytes object per call, however many chunks arrived together: a busy stream
-        delivers dozens of small SSE chunks per read, and per-chunk objects would cost more than
-        the parsing.
-        """
-        end = len(src)
-        pieces: list[bytes | bytearray] = []
-        pos = 0
-        left = self._left
-        while True:
-            if left > 0:  # data of the current chunk
-                stop = pos + left
-                if stop > end:
-                    if pos < end:
-                        pieces.append(src[pos:end])
-                        left -= end - pos
-                        pos = end
-                    break
-                pieces.append(src[pos:stop])
-                pos = stop
-                left = _CHUNK_CRLF
-            if left == _CHUNK_CRLF:
-                if end - pos < 2:
-                    break
-                if src[pos] != 13 or src[pos + 1] != 10:
-                    raise ProtocolError("upstream sent a chunk without its CRLF")
-                pos += 2
-                left = _CHUNK_SIZE_LINE
-            eol = src.find(b"\r\n", pos)
-            if eol < 0:
-                if end - pos > (MAX_HEAD if left == _CHUNK_TRAILERS else MAX_CHUNK_LINE):
-                    raise ProtocolError("upstream sent an overlong chunk size or trailer line")
-                break
-            if left == _CHUNK_TRAILERS:  # skipped line by line, up to the empty one
-                empty = eol == pos
-                pos = eol + 2
-                if empty:
-                    self._state = _DONE
-                    break
-                continue
-            line = src[pos:eol]
-            try:
-                size = int(line, 16)  # the common case: no extensions
-            except ValueError:
-                size = _chunk_size(line)
-            if size < 0:
-                raise ProtocolError(f"upstream sent a bad chunk size: {bytes(line[:20])!r}")
-            pos = eol + 2
-            left = size or _CHUNK_TRAILERS
-        self._left = left
-        if pieces:
-            data = b"".join(pieces)
-            self._chunks.append(data)
-            self._unread += len(data)
-        if self._state == _DONE and pos < end:
-            raise ProtocolError("upstream sent bytes after the end of its response")
-        return pos
+        sink, last = self._sink, self._state == _DONE
+        if last:
+            self._sink = None  # the last call: nothing more goes to it
+        sink(data, last)
 
     # ---- used by H1Pool and Response ----
 
     def start(self, head_only: bool) -> None:
+        self.reader = ResponseReader(self._got_head, self._got_body, self._got_end, head_only=head_only)
         self._state = _HEAD
-        self._head_only = head_only
         self._got_bytes = False
-        self.headers = None
-        self.keep_alive = False
 
     async def send(self, head: bytes, body: bytes) -> None:
         transport = self.transport
@@ -396,7 +197,7 @@ class Connection(asyncio.Protocol):
         transport.write(head)
         view = memoryview(body)
         for at in range(0, len(body), WRITE_SLICE):
-            if self.headers is not None:
+            if self._state != _HEAD:
                 return  # the upstream answered early (a 413, say): the rest is not wanted
             if self._lost:
                 raise Disconnected("upstream closed the connection", response_started=self._got_bytes)
@@ -408,8 +209,13 @@ class Connection(asyncio.Protocol):
                 finally:
                     self._drained = None
 
+    @property
+    def answered(self) -> bool:
+        """Whether the response head is in (see ``H1Pool.send_now``)."""
+        return self._state in (_BODY, _DONE)
+
     async def wait_head(self) -> None:
-        while self.headers is None:
+        while self._state == _HEAD:
             if self._exc is not None:
                 raise self._exc
             await self._wait()
@@ -435,12 +241,13 @@ class Connection(asyncio.Protocol):
         return self._state == _DONE and not self._chunks
 
     def reusable(self) -> bool:
+        reader = self.reader
         return (
             self._state == _DONE
-            and self.keep_alive
+            and reader is not None
+            and reader.keep_alive
             and not self._lost
             and not self._chunks
-            and not self._buf
             and self._exc is None
         )
 
@@ -471,7 +278,7 @@ class Connection(asyncio.Protocol):
         return self._exc
 
     def response(self) -> Response:
-        """The response, once ``headers`` are in (see ``H1Pool.send_now``); notifications stop."""
+        """The response, once ``answered`` (see ``H1Pool.send_now``); notifications stop."""
         self._notify = None
         return Response(self._pool, self)
 
@@ -488,7 +295,7 @@ class Connection(asyncio.Protocol):
     def reset(self) -> None:
         self._notify = None
         self._state = _IDLE
-        self.headers = None
+        self.reader = None
         self._sink = None
 
     def abandon(self) -> None:
@@ -497,7 +304,8 @@ class Connection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        self.keep_alive = False
+        if self.reader is not None:
+            self.reader.keep_alive = False
         if self.transport is not None:
             self.transport.close()
 
@@ -526,40 +334,58 @@ class Connection(asyncio.Protocol):
         self._wake()
 
 
-def _first_bad_line(block: str) -> str:
-    """The first line of a header block (each line after a CRLF) that ``HEADER_LINE`` rejects."""
-    for line in block.split("\r\n")[1:]:
-        if "\n" in line or not HEADER_LINE.fullmatch("\r\n" + line):
-            return line
-    return block
-
-
-def _chunk_size(line: bytes | bytearray) -> int:
-    """The size in a chunk size line with extensions (``1a;name=value``); -1 if unparsable."""
-    text = bytes(line).split(b";", 1)[0].strip(b" \t")
-    if not text or any(c not in b"0123456789abcdefABCDEF" for c in text):
-        return -1
-    return int(text, 16)
-
-
 class Response:
-    """One upstream response: status line and headers, then the body via ``readany()``."""
+    """One upstream response: status line and headers, then the body via ``readany()``.
 
-    __slots__ = ("_conn", "_pool", "block", "coded", "connection", "headers", "reason", "sized", "status")
+    ``raw_headers`` are the fields as received (bytes, trailing blanks trimmed); ``headers`` is
+    the same as a case-insensitive multidict of str, built when first asked for.
+    """
+
+    __slots__ = ("_conn", "_headers", "_pool", "reader", "reason", "status")
 
     def __init__(self, pool: H1Pool, conn: Connection) -> None:
-        assert conn.headers is not None
+        reader = conn.reader
+        assert reader is not None and reader.status
         self._pool = pool
         self._conn: Connection | None = conn
-        self.status = conn.status
-        self.reason = conn.reason
-        self.headers: CIMultiDictProxy[str] = conn.headers
-        # The header lines as received, each after a CRLF (valid: the parser checked every line),
-        # so that a proxy can forward them without rebuilding them from ``headers``.
-        self.block = conn.block
-        self.connection = conn.connection  # the first Connection value, as sent ("" if none)
-        self.coded = conn.coded  # it has a Transfer-Encoding
-        self.sized = conn.sized  # it has a Content-Length
+        self.reader = reader  # the head's facts: framing, Content-Type, Connection
+        self.status = reader.status
+        self.reason = reader.reason
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.reader.headers
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(
+                CIMultiDict(
+                    (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+                    for name, value in self.reader.headers
+                )
+            )
+        return self._headers
+
+    @property
+    def sse(self) -> bool:
+        return self.reader.content_type.startswith(_SSE)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the upstream closes the connection after this answer although it said keep-alive.
+
+        Sized and empty (204, 304, HEAD) answers keep their connection; chunked and SSE ones don't
+        (llama-server does this after every stream).
+        """
+        return self.reader.chunked or self.sse
+
+    @property
+    def sized(self) -> bool:
+        """The body goes out as it came, framed by its Content-Length (no re-chunking needed)."""
+        reader = self.reader
+        return reader.sized and not reader.te
 
     async def readany(self) -> bytes:
         """The body bytes that have arrived (waiting for some if none have); b"" at the end.
@@ -585,8 +411,9 @@ class Response:
     def pipe(self, sink: Callable[[bytes, bool], None]) -> None:
         """Hands the rest of the body to ``sink(data, last)`` as it arrives, inside the upstream's
         ``data_received`` (no task switch per chunk, for the front door's relay); bytes already
-        read ahead go at once. ``last`` is True with the body's final bytes. Then await
-        ``wait_done()``; use ``pause_reading`` for backpressure. No ``readany()`` after this."""
+        read ahead go at once. ``last`` is True with the body's final bytes, also for a body
+        that ends with the connection. Then await ``wait_done()``; use ``pause_reading`` for
+        backpressure. No ``readany()`` after this."""
         if self._conn is not None:
             self._conn.pipe(sink)
 
@@ -603,8 +430,7 @@ class Response:
 
     def do_not_pool(self) -> None:
         """Close the connection at ``close()`` even if it could be reused."""
-        if self._conn is not None:
-            self._conn.keep_alive = False
+        self.reader.keep_alive = False
 
     def close(self) -> None:
         """Return the connection to the pool if the body is complete and reuse is allowed;
@@ -630,16 +456,16 @@ class H1Pool:
         self._closed = False
 
     async def request(
-        self, method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes, *, fresh: bool = False
+        self, method: str, url: URL, headers: bytes, body: bytes, *, fresh: bool = False
     ) -> Response:
         """Sends one request and waits for the response head.
 
         ``url`` must be absolute and already encoded; its path and query go out verbatim.
-        ``headers`` must not contain Host or Content-Length: both are written from ``url`` and
-        ``body`` (Content-Length also for an empty body, unless the method is GET, HEAD, OPTIONS
-        or TRACE). ``fresh`` skips the idle connections. Raises ``ConnectFailed``,
-        ``Disconnected`` (with ``response_started`` False when a retry is safe) or
-        ``ProtocolError``.
+        ``headers`` are header lines (``codec.forwardable``) without Host or Content-Length: both
+        are written from ``url`` and ``body`` (Content-Length also for an empty body, unless the
+        method is GET, HEAD, OPTIONS or TRACE). ``fresh`` skips the idle connections. Raises
+        ``ConnectFailed``, ``Disconnected`` (with ``response_started`` False when a retry is safe)
+        or ``ProtocolError``.
         """
         if self._closed:
             raise ConnectFailed("the upstream connection pool is closed")
@@ -658,21 +484,16 @@ class H1Pool:
         return Response(self, conn)
 
     def send_now(
-        self,
-        method: str,
-        url: URL,
-        headers: Iterable[tuple[str, str]],
-        body: bytes,
-        notify: Callable[[], None],
+        self, method: str, url: URL, headers: bytes, body: bytes, notify: Callable[[], None]
     ) -> Connection | None:
         """Sends one request on an idle keep-alive connection without awaiting anything; None, with
         nothing sent, when there is no idle connection or the body needs more than one write.
 
         For a caller that answers from callbacks, with no task (the front door's inline path):
         ``notify()`` is called from the connection's callbacks each time the response moves on
-        (bytes arrived, or it broke off). Once ``headers`` is set, ``response()`` gives the
-        ``Response`` (and stops the notifications); while it is None, ``failure`` says whether
-        the response broke off (a ``Disconnected`` whose ``response_started`` is False on a pooled
+        (bytes arrived, or it broke off). Once ``answered``, ``response()`` gives the
+        ``Response`` (and stops the notifications); until then ``failure`` says whether the
+        response broke off (a ``Disconnected`` whose ``response_started`` is False on a pooled
         connection is safe to retry). ``abandon()`` gives it up. Same arguments as ``request``.
         """
         if self._closed or len(body) > WRITE_SLICE or method == "HEAD":
@@ -743,15 +564,11 @@ class H1Pool:
         return conn
 
 
-def _request_head(method: str, url: URL, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+def _request_head(method: str, url: URL, headers: bytes, body: bytes) -> bytes:
     host = url.raw_host or ""
     if ":" in host:
         host = f"[{host}]"
     if not url.is_default_port():
         host = f"{host}:{url.port}"
-    parts = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host}\r\n"]
-    parts += [f"{name}: {value}\r\n" for name, value in headers]
-    if body or method not in _NO_BODY_METHODS:
-        parts.append(f"Content-Length: {len(body)}\r\n")
-    parts.append("\r\n")
-    return "".join(parts).encode("utf-8", "surrogateescape")
+    length = len(body) if body or method not in _NO_BODY_METHODS else None
+    return request_head(method, url.raw_path_qs, host, headers, length)

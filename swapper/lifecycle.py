@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from swapper.config import Config
-from swapper.front import FrontSite
+from swapper.front import FrontSite, runner_options
 from swapper.logs import LogHub
 from swapper.orphans import owner_mark, sweep_orphans
 from swapper.reaper import Reaper
@@ -77,7 +77,7 @@ async def _serve_app(
     watch_config: bool,
 ) -> None:
     app = make_app(config, logs)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+    runner = web.AppRunner(app, **runner_options(), shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
     try:
         # Connections start on the front door's fast path; it hands anything else to the runner's

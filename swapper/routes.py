@@ -9,23 +9,27 @@ scheduler directly.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from swapper import modelid, proxy, shaping
+from swapper import modelid, proxy
 from swapper.config import Config, ModelConfig
 from swapper.errors import (
+    Answer,
     BodyTooLarge,
     ModelNotFound,
     ModelRequired,
     NotFound,
     SwapperError,
-    error_body,
+    error_answer,
 )
 from swapper.events import track_request
+from swapper.exchange import Exchange, upstream_path
 from swapper.loading import LoadingStream, wait_with_preamble
 from swapper.messages import Lease
 from swapper.runloop import RunLoop
@@ -81,20 +85,18 @@ QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props", "/slots")
 
 
 def error_response(err: SwapperError) -> web.Response:
+    return answer_response(error_answer(err))
+
+
+def answer_response(answer: Answer) -> web.Response:
+    """``answer`` as aiohttp's response (the front door writes the same bytes itself)."""
     return web.Response(
-        status=err.status,
-        body=error_body(err),
-        content_type="application/json",
-        headers=err.headers,
+        status=answer.status,
+        body=answer.body,
+        content_type=answer.content_type,
+        charset=answer.charset,
+        headers=answer.headers,
     )
-
-
-def upstream_path(path: str) -> str:
-    if path.startswith("/v/"):
-        return path[2:]
-    if path.startswith("/audioapi/"):
-        return path[len("/audioapi") :]
-    return path
 
 
 def choose_model(name: str | None, config: Config, runloop: RunLoop) -> str:
@@ -129,6 +131,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def handle_model_request(request: web.Request) -> web.StreamResponse:
+    """A model request that reached aiohttp (the front door serves most of them; see ``front``)."""
     app = request.app
     runloop = app[RUNLOOP]
     config = runloop.config  # a reload replaces it; read it once per request
@@ -140,33 +143,34 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
     except SwapperError as err:
         return error_response(err)
     cfg = config.models[model]
-    req_id = runloop.new_request_id()
-    track = track_request(request, req_id, model)  # metrics and /api/events; done() in finally
+    ex = Exchange(
+        runloop,
+        proxy.pool_of(app[SESSION]),
+        model=model,
+        cfg=cfg,
+        wanted=wanted,
+        method=request.method,
+        target=upstream_path(request.raw_path),
+        content_type=content_type,
+        headers=proxy.upstream_headers(request.raw_headers, identity=False),
+        body=body,
+    )
+    track = ex.track = track_request(request, ex.req_id, model)
     preamble: LoadingStream | None = None
-    lease: Lease | None = None
-    raw_body = body
     try:
         if wanted.stream and wants_loading_state(config, cfg, request.path):
             preamble = LoadingStream(request, model, config.loading_state_mode)
-            lease = await acquire_with_preamble(runloop, req_id, model, preamble)
-            if not preamble.response.prepared:
+            ex.granted(await acquire_with_preamble(ex, preamble))
+            if preamble.response.prepared:
+                # Its headers are out and carry no Content-Encoding: ask for an unencoded body.
+                ex.headers = proxy.upstream_headers(request.raw_headers, identity=True)
+            else:
                 preamble = None  # served at once: the upstream's own headers go out
         else:
-            lease = await runloop.acquire(req_id, model)
+            ex.granted(await ex.acquire())
         track.granted()
-        url, body = upstream_request(lease, cfg, wanted, content_type, raw_body, request.raw_path)
-        response = preamble.response if preamble is not None else None
-
-        async def retry() -> tuple[str, bytes]:
-            # Its child died (the exit is not in yet) or stopped listening: restart it, try again.
-            nonlocal lease
-            assert lease is not None
-            lease = await runloop.reacquire(lease)
-            return upstream_request(lease, cfg, wanted, content_type, raw_body, request.raw_path)
-
-        result = await proxy.forward(request, app[SESSION], url, body, response=response, on_refused=retry)
-        track.forwarded(result.status, result.ttfb)
-        return result.response
+        upstream = await ex.send()
+        return (await proxy.relay(request, upstream, preamble.response if preamble else None)).response
     except SwapperError as err:
         track.failed(err.status)
         if preamble is not None and preamble.response.prepared:
@@ -174,29 +178,7 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
             return preamble.response
         return error_response(err)
     finally:
-        runloop.release(req_id if lease is None else lease.req_id)
-        track.done()
-
-
-def upstream_request(
-    lease: Lease,
-    cfg: ModelConfig,
-    wanted: modelid.RequestModel,
-    content_type: str | None,
-    body: bytes,
-    raw_path: str,
-) -> tuple[str, bytes]:
-    """The URL and body to send upstream: the body shaped for the model (useModelName, filters),
-    the URL from the client's raw path (its percent-encoding and query kept byte for byte)."""
-    body = shaping.rewrite_body(
-        content_type,
-        body,
-        model_name=cfg.use_model_name,
-        filters=cfg.filters,
-        requested=wanted.model or lease.model,
-        is_json=wanted.is_json,
-    )
-    return lease.base_url + upstream_path(raw_path), body
+        ex.finish()
 
 
 def wants_loading_state(config: Config, cfg: ModelConfig, path: str) -> bool:
@@ -206,7 +188,7 @@ def wants_loading_state(config: Config, cfg: ModelConfig, path: str) -> bool:
     return config.loading_state_mode == "comments" or path.endswith("/chat/completions")
 
 
-async def acquire_with_preamble(runloop: RunLoop, req_id: int, model: str, preamble: LoadingStream) -> Lease:
+async def acquire_with_preamble(ex: Exchange, preamble: LoadingStream) -> Lease:
     """Acquires; if the request has to wait, streams status to the client meanwhile.
 
     Admission errors (429, 404) arrive before any byte is written, since the loop answers them
@@ -218,29 +200,43 @@ async def acquire_with_preamble(runloop: RunLoop, req_id: int, model: str, pream
         if not waiting.done():
             waiting.set_result(None)
 
-    lease = asyncio.ensure_future(runloop.acquire(req_id, model, on_wait=on_wait))
+    ex.task = asyncio.current_task()  # cut by a stop of the model, not the acquiring task below
+    lease = asyncio.ensure_future(ex.acquire(on_wait=on_wait))
     try:
         await asyncio.wait({lease, waiting}, return_when=asyncio.FIRST_COMPLETED)
         if not lease.done():
-            await wait_with_preamble(preamble, lease, lambda: runloop.queue_position(req_id))
+            await wait_with_preamble(preamble, lease, lambda: ex.runloop.queue_position(ex.req_id))
         return await lease
     finally:
         lease.cancel()  # a no-op once done; otherwise the client left while we waited
 
 
-async def handle_health(request: web.Request) -> web.Response:
-    return web.Response(text="OK")
+def health_answer(runloop: RunLoop, origin: str | None) -> Answer:
+    return Answer(200, b"OK", "text/plain", "utf-8")
 
 
-async def handle_list_models(request: web.Request) -> web.Response:
-    headers = {}
-    if origin := request.headers.get("Origin"):
-        headers["Access-Control-Allow-Origin"] = origin
-    return web.json_response(model_list(request.app[RUNLOOP]), headers=headers)
+def models_answer(runloop: RunLoop, origin: str | None) -> Answer:
+    """``GET /v1/models``; a browser page may read it cross-origin (the front door serves it too)."""
+    headers = (("Access-Control-Allow-Origin", origin),) if origin else ()
+    return Answer(200, json.dumps(model_list(runloop)).encode(), charset="utf-8", headers=headers)
+
+
+# GETs whose whole answer is a function of the run loop's state (and the request's Origin),
+# answered by the front door and by aiohttp from the same function.
+ANSWERED_GETS: Final[Mapping[str, Callable[[RunLoop, str | None], Answer]]] = {
+    "/health": health_answer,
+    "/v1/models": models_answer,
+    "/models": models_answer,
+}
+
+
+async def _handle_answered_get(request: web.Request) -> web.Response:
+    answer = ANSWERED_GETS[request.path]
+    return answer_response(answer(request.app[RUNLOOP], request.headers.get(hdrs.ORIGIN)))
 
 
 def model_list(runloop: RunLoop) -> dict[str, Any]:
-    """The body of ``GET /v1/models`` (also served by the front door, ``front``)."""
+    """The body of ``GET /v1/models``."""
     config = runloop.config
     snapshot = runloop.snapshot()
     now = int(time.time())
@@ -322,16 +318,19 @@ def add_routes(app: web.Application) -> None:
     known: dict[str, set[str]] = {}
 
     def add(method: str, path: str, handler: Any) -> None:
-        app.router.add_route(method, path, handler)
+        if method == hdrs.METH_GET:
+            app.router.add_get(path, handler)  # and HEAD, as every GET route answers it
+            known.setdefault(path, set()).add(hdrs.METH_HEAD)
+        else:
+            app.router.add_route(method, path, handler)
         known.setdefault(path, set()).add(method)
 
     for path in BODY_ROUTES:
         add("POST", path, handle_model_request)
     for path in QUERY_ROUTES:
         add("GET", path, handle_model_request)
-    add("GET", "/health", handle_health)
-    add("GET", "/v1/models", handle_list_models)
-    add("GET", "/models", handle_list_models)
+    for path in ANSWERED_GETS:
+        add("GET", path, _handle_answered_get)
     add("GET", "/running", handle_running)
     add("GET", "/unload", handle_unload_all_get)
     add("POST", "/api/models/unload", handle_unload_all_post)

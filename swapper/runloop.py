@@ -114,15 +114,23 @@ class RunLoop:
     def new_request_id(self) -> int:
         return next(self._ids)
 
-    async def acquire(self, req_id: int, model: str, *, on_wait: Callable[[], None] | None = None) -> Lease:
+    async def acquire(
+        self,
+        req_id: int,
+        model: str,
+        *,
+        on_wait: Callable[[], None] | None = None,
+        holder: asyncio.Task[Any] | None = None,
+    ) -> Lease:
         """Waits until ``model`` may serve this request; pair with ``release`` in ``finally``.
 
         ``on_wait`` is called once the request is admitted but has to wait (load or queue).
+        ``holder`` (default: the calling task) is the task a stop of the model cancels.
         """
         if self._done:
             raise ShuttingDown("swapper is shutting down")
         reply: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        task = asyncio.current_task()
+        task = holder or asyncio.current_task()
         self._post(Acquire(req_id, model, reply, time.monotonic(), on_wait, task))
         return await reply
 

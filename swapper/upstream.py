@@ -41,7 +41,7 @@ from swapper import cors, proxy
 from swapper.config import Config
 from swapper.errors import Conflict, ModelNotFound, SwapperError
 from swapper.events import track_request
-from swapper.messages import Lease
+from swapper.exchange import Exchange
 from swapper.routes import RUNLOOP, SESSION, error_response, read_body
 from swapper.scheduler import State
 
@@ -124,27 +124,26 @@ async def _handle(request: web.Request, resolver: PathResolver) -> web.StreamRes
         body = await read_body(request)
     except SwapperError as err:
         return error_response(err)
-    req_id = runloop.new_request_id()
-    track = track_request(request, req_id, model)  # metrics and /api/events, as a model request
-    lease: Lease | None = None
+    ex = Exchange(
+        runloop,
+        proxy.pool_of(app[SESSION]),
+        model=model,
+        cfg=runloop.config.models[model],
+        wanted=None,  # forwarded untouched
+        method=request.method,
+        target=f"{rest}{qmark}{query}",
+        content_type=request.headers.get(hdrs.CONTENT_TYPE),
+        headers=proxy.upstream_headers(request.raw_headers, identity=False),
+        body=body,
+    )
+    track = ex.track = track_request(request, ex.req_id, model)  # metrics and /api/events
     try:
-        lease = await runloop.acquire(req_id, model)
+        ex.granted(await ex.acquire())
         track.granted()
-
-        async def retry() -> tuple[str, bytes]:
-            # Its child died (the exit is not in yet) or stopped listening: restart it, try again.
-            nonlocal lease
-            assert lease is not None
-            lease = await runloop.reacquire(lease)
-            return f"{lease.base_url}{rest}{qmark}{query}", body
-
-        url = f"{lease.base_url}{rest}{qmark}{query}"
-        result = await proxy.forward(request, app[SESSION], url, body, on_refused=retry)
-        track.forwarded(result.status, result.ttfb)
-        return result.response
+        upstream = await ex.send()
+        return (await proxy.relay(request, upstream)).response
     except SwapperError as err:
         track.failed(err.status)
         return error_response(err)
     finally:
-        runloop.release(req_id if lease is None else lease.req_id)
-        track.done()
+        ex.finish()

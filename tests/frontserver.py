@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from swapper.front import FrontSite
+from swapper.front import FrontSite, runner_options
 
 
 class FrontTestServer(TestServer):
@@ -18,7 +18,7 @@ class FrontTestServer(TestServer):
         if self.runner:
             return
         self._loop = loop
-        self.runner = await self._make_runner(handler_cancellation=True, access_log=None, **kwargs)
+        self.runner = await self._make_runner(**{**runner_options(), **kwargs})
         await self.runner.setup()
         site = FrontSite(self.runner, "127.0.0.1", 0, grace=5.0)
         await site.start()

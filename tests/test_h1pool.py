@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager, suppress
 import pytest
 from yarl import URL
 
+from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, forwardable, response_head
 from swapper.h1pool import HIGH_WATER, ConnectFailed, Disconnected, H1Pool, ProtocolError, Response
-from swapper.proxy import response_head
 from tests.rawhttp import read_request
 
 STEP = 5.0
@@ -95,8 +95,8 @@ CHUNKED = (
 async def test_chunked_with_extensions_and_trailers(pool: H1Pool, split: bool) -> None:
     async with upstream(lambda req: bytewise(CHUNKED) if split else [CHUNKED]) as (url, seen):
         for _ in range(2):
-            resp = await pool.request("POST", url / "x", [("X-Req", "1")], b"{}")
-            assert (resp.status, resp.reason, resp.headers["X-A"]) == (200, "OK", "1")
+            resp = await pool.request("POST", url / "x", b"X-Req: 1\r\n", b"{}")
+            assert (resp.status, resp.reason, resp.headers["X-A"]) == (200, b"OK", "1")
             assert await read_all(resp) == b"hello 0123456789"
             resp.close()
     assert len(seen) == 2
@@ -108,7 +108,7 @@ async def test_chunked_with_extensions_and_trailers(pool: H1Pool, split: bool) -
 async def test_sized_body_and_interim_answer(pool: H1Pool, split: bool) -> None:
     raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nabcde"
     async with upstream(lambda req: bytewise(raw) if split else [raw]) as (url, _):
-        resp = await pool.request("GET", url, [], b"")
+        resp = await pool.request("GET", url, b"", b"")
         assert resp.status == 201
         assert await read_all(resp) == b"abcde"
         resp.close()
@@ -125,7 +125,7 @@ async def test_keep_alive_reuse_and_connection_close(pool: H1Pool) -> None:
     peers: list[object] = []
     async with upstream(lambda req: [next(replies)]) as (url, seen):
         for expected in (b"a", b"b", b"c"):
-            resp = await pool.request("GET", url, [], b"")
+            resp = await pool.request("GET", url, b"", b"")
             conn = resp._conn
             assert conn is not None and conn.transport is not None
             peers.append(conn.transport.get_extra_info("sockname"))
@@ -137,7 +137,7 @@ async def test_keep_alive_reuse_and_connection_close(pool: H1Pool) -> None:
 
 async def test_body_until_close_and_head_and_empty_statuses(pool: H1Pool) -> None:
     async with upstream(lambda req: [b"HTTP/1.1 200 OK\r\n\r\nall of it"], close_after=True) as (url, _):
-        resp = await pool.request("GET", url, [], b"")
+        resp = await pool.request("GET", url, b"", b"")
         assert await read_all(resp) == b"all of it"
         resp.close()
 
@@ -148,7 +148,7 @@ async def test_body_until_close_and_head_and_empty_statuses(pool: H1Pool) -> Non
 
     async with upstream(reply) as (url, seen):
         for method in ("HEAD", "GET", "HEAD"):
-            resp = await pool.request(method, url, [], b"")
+            resp = await pool.request(method, url, b"", b"")
             assert resp.headers["Content-Length"] == "10"
             assert await read_all(resp) == b""
             resp.close()
@@ -158,7 +158,7 @@ async def test_body_until_close_and_head_and_empty_statuses(pool: H1Pool) -> Non
 
 async def test_empty_post_gets_content_length_zero(pool: H1Pool) -> None:
     async with upstream(lambda req: [b"HTTP/1.1 204 No Content\r\n\r\n"]) as (url, seen):
-        resp = await pool.request("POST", url, [], b"")
+        resp = await pool.request("POST", url, b"", b"")
         assert resp.status == 204 and await read_all(resp) == b""
         resp.close()
     assert seen[0].endswith(b"Content-Length: 0\r\n\r\n")
@@ -182,16 +182,15 @@ async def test_empty_post_gets_content_length_zero(pool: H1Pool) -> None:
 async def test_malformed_heads_are_protocol_errors(pool: H1Pool, raw: bytes) -> None:
     async with upstream(lambda req: [raw]) as (url, _):
         with pytest.raises(ProtocolError):
-            await pool.request("GET", url, [], b"")
+            await pool.request("GET", url, b"", b"")
 
 
 async def test_head_values_lose_their_blanks_and_the_reason_keeps_its_bytes(pool: H1Pool) -> None:
     raw = "HTTP/1.1 200 Très bien\r\nX-A:\t 1 \t\r\nX-B:2\r\nContent-Length: 2 \r\n\r\nok".encode()
     async with upstream(lambda req: [raw]) as (url, _):
-        resp = await pool.request("GET", url, [], b"")
+        resp = await pool.request("GET", url, b"", b"")
         assert (resp.headers["X-A"], resp.headers["X-B"]) == ("1", "2")
-        # As a latin-1 str, like aiohttp's reason: each byte is one character, encodable again.
-        assert resp.reason.encode("latin-1") == "Très bien".encode()
+        assert resp.reason == "Très bien".encode()  # the bytes as sent
         assert await read_all(resp) == b"ok"
         resp.close()
 
@@ -202,7 +201,7 @@ async def test_head_values_lose_their_blanks_and_the_reason_keeps_its_bytes(pool
 async def test_malformed_chunks_break_the_body(pool: H1Pool, body: bytes) -> None:
     raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
     async with upstream(lambda req: [raw]) as (url, _):
-        resp = await pool.request("GET", url, [], b"")
+        resp = await pool.request("GET", url, b"", b"")
         with pytest.raises(ProtocolError):
             await read_all(resp)
         resp.close()
@@ -211,7 +210,7 @@ async def test_malformed_chunks_break_the_body(pool: H1Pool, body: bytes) -> Non
 async def test_body_cut_short_raises_after_the_bytes_that_came(pool: H1Pool) -> None:
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"
     async with upstream(lambda req: [raw], close_after=True) as (url, _):
-        resp = await pool.request("GET", url, [], b"")
+        resp = await pool.request("GET", url, b"", b"")
         assert await resp.readany() == b"abc"
         with pytest.raises(Disconnected) as info:
             await resp.readany()
@@ -222,7 +221,7 @@ async def test_body_cut_short_raises_after_the_bytes_that_came(pool: H1Pool) -> 
 async def test_close_before_responding_is_a_safe_to_retry_disconnect(pool: H1Pool) -> None:
     async with upstream(lambda req: [], close_after=True) as (url, _):
         with pytest.raises(Disconnected) as info:
-            await pool.request("GET", url, [], b"")
+            await pool.request("GET", url, b"", b"")
         assert not info.value.response_started
 
 
@@ -232,7 +231,7 @@ async def test_connect_failure(pool: H1Pool) -> None:
     server.close()
     await server.wait_closed()
     with pytest.raises(ConnectFailed) as info:
-        await pool.request("GET", URL(f"http://127.0.0.1:{port}/"), [], b"")
+        await pool.request("GET", URL(f"http://127.0.0.1:{port}/"), b"", b"")
     assert info.value.strerror
 
 
@@ -242,7 +241,7 @@ async def test_reading_pauses_above_the_high_water_mark(
     size = 4 * HIGH_WATER
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
     async with upstream(lambda req: [raw]) as (url, _):
-        resp = await pool.request("GET", url, [], b"")
+        resp = await pool.request("GET", url, b"", b"")
         conn = resp._conn
         assert conn is not None
         # Nobody reads: the buffer fills, then reading from the socket stops.
@@ -255,7 +254,7 @@ async def test_reading_pauses_above_the_high_water_mark(
 async def test_large_request_body_is_sent_whole(pool: H1Pool) -> None:
     body = bytes(range(256)) * 4096 * 3  # 3 MiB: written in drained slices
     async with upstream(lambda req: [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]) as (url, seen):
-        resp = await pool.request("PUT", url / "up", [("Content-Type", "application/octet-stream")], body)
+        resp = await pool.request("PUT", url / "up", b"Content-Type: application/octet-stream\r\n", body)
         assert await read_all(resp) == b"ok"
         resp.close()
     assert seen[0].endswith(b"\r\n\r\n" + body)
@@ -264,7 +263,7 @@ async def test_large_request_body_is_sent_whole(pool: H1Pool) -> None:
 async def test_unread_response_closes_its_connection(pool: H1Pool) -> None:
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd"
     async with upstream(lambda req: [raw[:-2], raw[-2:]]) as (url, _):
-        resp = await pool.request("GET", url, [], b"")
+        resp = await pool.request("GET", url, b"", b"")
         conn = resp._conn
         assert conn is not None
         resp.close()  # the body was never read: the connection cannot be reused
@@ -272,7 +271,7 @@ async def test_unread_response_closes_its_connection(pool: H1Pool) -> None:
         assert pool._take(conn.key) is None
 
 
-# What the proxy forwards of a response head (proxy.response_head, from Response.block).
+# What a proxy forwards of a response head (codec.forwardable of Response.raw_headers).
 LLAMA_HEAD = (
     b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
     b"Content-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n"
@@ -319,6 +318,95 @@ async def test_the_forwarded_head_drops_hop_by_hop_headers(
     pool: H1Pool, raw: bytes, rechunked: bool, expected: bytes
 ) -> None:
     async with upstream(lambda req: [raw], close_after=True) as (url, _):
-        resp = await pool.request("POST", url / "x", [], b"{}")
-        assert response_head(resp, "X-Extra: 1\r\n", rechunked=rechunked) == expected
+        resp = await pool.request("POST", url / "x", b"", b"{}")
+        drop = RECHUNKED_DROP if rechunked else HOP_BY_HOP
+        lines = forwardable(resp.raw_headers, resp.reader.connection, drop) + b"X-Extra: 1\r\n"
+        assert response_head(resp.status, resp.reason, lines) == expected
         resp.close()
+
+
+# ---- llhttp's strictness (each of these was accepted, or crashed the parser, before it) ----
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\nX-Injected: 1\r\nContent-Length: 0\r\n\r\n", id="bare LF in status"),
+        pytest.param(b"HTTP/1.1 200 OK\rX-Injected: 1\r\nContent-Length: 0\r\n\r\n", id="bare CR in status"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n", id="NUL in a value"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n", id="control byte"),
+        pytest.param("HTTP/1.1 200 OK\r\nContent-Length: ²\r\n\r\n".encode(), id="non-ASCII digit length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\nhello", id="hex length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 129 + b"\r\n", id="129 header fields"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 8191 + b"\r\n\r\n", id="an 8191-byte value"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * (70 * 1024), id="a head over 64 KiB"),
+    ],
+)
+async def test_heads_llhttp_refuses_are_protocol_errors(pool: H1Pool, raw: bytes) -> None:
+    async with upstream(lambda req: [raw]) as (url, _):
+        with pytest.raises(ProtocolError):
+            await pool.request("GET", url, b"", b"")
+
+
+@pytest.mark.parametrize("size", [b"0x5", b"1_0", b"-0", b" 5", b"+5"])
+async def test_chunk_sizes_llhttp_refuses_break_the_body(pool: H1Pool, size: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nhello\r\n0\r\n\r\n"
+    async with upstream(lambda req: [raw]) as (url, _):
+        resp = await pool.request("GET", url, b"", b"")
+        with pytest.raises(ProtocolError):
+            await read_all(resp)
+        resp.close()
+
+
+async def test_content_length_beside_chunking_loses_and_the_connection_is_not_reused(pool: H1Pool) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    async with upstream(lambda req: [raw]) as (url, _):
+        resp = await pool.request("GET", url, b"", b"")
+        assert await read_all(resp) == b"hello"  # the chunking wins (RFC 9112 §6.3)
+        assert not resp.sized and resp.reader.forward_drop == RECHUNKED_DROP
+        conn = resp._conn
+        assert conn is not None
+        resp.close()
+        assert pool._take(conn.key) is None  # a suspect connection is never reused
+
+
+async def test_a_piped_body_that_ends_with_the_connection_gets_its_last_call(pool: H1Pool) -> None:
+    raw = [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ", b"second"]
+    async with upstream(lambda req: raw, close_after=True) as (url, _):
+        resp = await pool.request("GET", url, b"", b"")
+        calls: list[tuple[bytes, bool]] = []
+        resp.pipe(lambda data, last: calls.append((data, last)))
+        async with asyncio.timeout(STEP):
+            await resp.wait_done()
+        assert b"".join(data for data, _ in calls) == b"first second"
+        assert calls[-1][1] is True  # the sink learns the end, so its client's body can end
+        resp.close()
+
+
+async def test_bytes_after_a_response_break_its_connection(pool: H1Pool) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
+    async with upstream(lambda req: [raw]) as (url, _):
+        resp = await pool.request("GET", url, b"", b"")
+        assert await read_all(resp) == b"ok"
+        conn = resp._conn
+        assert conn is not None
+        resp.close()
+        assert pool._take(conn.key) is None
+
+
+async def test_head_then_get_on_the_same_connection(pool: H1Pool) -> None:
+    def reply(req: bytes) -> list[bytes]:
+        if req.startswith(b"HEAD"):
+            return [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"]
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"]
+
+    async with upstream(reply) as (url, _):
+        peers = []
+        for method, body in (("HEAD", b""), ("GET", b"hello")):
+            resp = await pool.request(method, url, b"", b"")
+            conn = resp._conn
+            assert conn is not None and conn.transport is not None
+            peers.append(conn.transport.get_extra_info("sockname"))
+            assert await read_all(resp) == body
+            resp.close()
+        assert peers[0] == peers[1]

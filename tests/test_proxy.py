@@ -1,5 +1,6 @@
-"""proxy.forward() against real sockets: aiohttp upstreams, and hand-written ones for the
-connection-level behaviours (stale keep-alive, truncation) that aiohttp's server never shows.
+"""proxy.send() and proxy.relay() (aiohttp's side of the hot path) against real sockets: aiohttp
+upstreams, and hand-written ones for the connection-level behaviours (stale keep-alive,
+truncation) that aiohttp's server never shows.
 
 No test sleeps to wait for state: each waits on an Event or on a reply, under a short timeout so
 a proxy that buffers fails fast instead of hanging.
@@ -11,6 +12,7 @@ import asyncio
 import gzip
 import io
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -23,8 +25,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
-from swapper.errors import UpstreamError, error_body
-from swapper.proxy import ForwardResult, forward, make_session
+from swapper.errors import UpstreamError, UpstreamRefused, error_body
+from swapper.proxy import make_session, pool_of, relay, send, upstream_headers
 from tests.rawhttp import read_request
 
 MAX_BODY = 64 * 1024 * 1024
@@ -39,12 +41,20 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @dataclass
+class Result:
+    status: int
+    bytes_out: int
+    complete: bool
+    ttfb: float
+
+
+@dataclass
 class Proxy:
-    """A tiny proxy app: its handler reads the body and calls forward(), as routes will."""
+    """A tiny proxy app: its handler reads the body, sends it and relays the answer, as routes do."""
 
     session: aiohttp.ClientSession
     base: str
-    results: list[ForwardResult] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     handler_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -58,18 +68,27 @@ class Proxy:
             prepared = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await prepared.prepare(request)
             await prepared.write(self.preamble)
+        url = URL(self.base + request.raw_path, encoded=True)
+        headers = upstream_headers(request.raw_headers, identity=prepared is not None)
+        upstream = None
         try:
-            result = await forward(
-                request, self.session, self.base + request.raw_path, body, response=prepared
-            )
+            started = time.perf_counter()
+            upstream = await send(pool_of(self.session), request.method, url, headers, body)
+            ttfb = time.perf_counter() - started
+            if upstream.streamed:
+                upstream.do_not_pool()
+            relayed = await relay(request, upstream, prepared)
         except UpstreamError as exc:
             return web.Response(status=exc.status, body=error_body(exc), content_type="application/json")
         except asyncio.CancelledError:
             self.handler_cancelled.set()
             raise
-        self.results.append(result)
+        finally:
+            if upstream is not None:
+                upstream.close()
+        self.results.append(Result(upstream.status, relayed.bytes_out, relayed.complete, ttfb))
         self.done.set()
-        return result.response
+        return relayed.response
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -388,12 +407,10 @@ async def test_connection_refused_is_upstream_error(
     assert error["code"] == "bad_gateway" and "refused the connection" in error["message"]
 
 
-async def test_forward_raises_upstream_error(session: aiohttp.ClientSession) -> None:
-    from aiohttp.test_utils import make_mocked_request
-
-    request = make_mocked_request("GET", "/x")
-    with pytest.raises(UpstreamError, match="refused"):
-        await forward(request, session, f"http://127.0.0.1:{unused_port()}/x", b"")
+async def test_send_raises_upstream_refused(session: aiohttp.ClientSession) -> None:
+    url = URL(f"http://127.0.0.1:{unused_port()}/x")
+    with pytest.raises(UpstreamRefused, match="refused"):
+        await send(pool_of(session), "GET", url, b"", b"")
 
 
 async def test_upstream_that_closes_without_answering_is_upstream_error(
@@ -608,3 +625,26 @@ def _site_url(site: web.TCPSite) -> str:
     assert server is not None
     host, port = cast(asyncio.Server, server).sockets[0].getsockname()[:2]
     return f"http://{host}:{port}"
+
+
+async def test_content_length_beside_chunking_is_not_forwarded(
+    aiohttp_client: AiohttpClient, session: aiohttp.ClientSession
+) -> None:
+    # RFC 9112 §6.3: the chunking wins. Copying the Content-Length over a de-chunked body (as
+    # aiohttp's path did) gives the client two framings to choose from.
+    raw = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    async with RawUpstream(lambda conn, index: (raw, True)) as upstream:
+        _, client = await start_proxy(aiohttp_client, session, upstream.base)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(STEP):
+            answer = await reader.read()
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"content-length" not in head.lower()
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"5\r\nhello\r\n0\r\n\r\n"

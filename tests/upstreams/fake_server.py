@@ -41,7 +41,9 @@ POST /v1/audio/transcriptions and POST /inference (multipart), and an echo route
 else: ``{"method", "path", "raw_path", "query", "headers", "header_list", "body_b64",
 "model_name", "pid"}``. Generated token i is ``"<model-name>#<i> "``.
 
-A request with the header ``X-Fake-Delay: S`` is answered S seconds late (not a stream).
+A request with the header ``X-Fake-Delay: S`` is answered S seconds late (not a stream). One with
+``X-Fake-Raw: <base64>`` is answered with exactly those bytes, then the connection is closed (for
+malformed, oddly framed or connection-delimited answers).
 
 Log lines go to stdout, one per request and one per state change. SIGTERM/SIGINT exit rc 0.
 """
@@ -239,6 +241,13 @@ class Server:
 
     async def dispatch(self, req: Request, writer: asyncio.StreamWriter) -> bool:
         keep = req.keep_alive()
+        if raw := req.header("x-fake-raw", ""):
+            # Whatever bytes the test wants as the answer (malformed ones too), then the end of
+            # the connection.
+            writer.write(base64.b64decode(raw))
+            await writer.drain()
+            log(f"{req.method} {req.path} raw answer")
+            return False
         route = ROUTES.get((req.method, req.path))
         try:
             if route is None:

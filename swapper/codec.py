@@ -1,0 +1,503 @@
+"""HTTP/1.1 on the wire: llhttp reads it, this module writes it.
+
+Every request head a client sends and every response a child sends is parsed by llhttp, through
+MagicStack's ``httptools`` bindings (the parser aiohttp and uvicorn are built on): whatever llhttp
+refuses, swapper refuses. On top of llhttp this module adds aiohttp's limits (``MAX_HEADERS``
+fields, ``MAX_FIELD`` bytes in a target, a header name or a header value) and aiohttp's rules for
+requests (exactly one ``Host`` on HTTP/1.1; origin-form or absolute-form targets), so that the
+front door accepts exactly the requests aiohttp's server would (tests/test_wire_differential.py).
+
+Owns: nothing shared. A ``RequestReader`` belongs to one front-door connection and a
+``ResponseReader`` to one upstream connection; each holds its parser and the message being read.
+
+Framing: a ``RequestReader`` is fed one head at a time (the bytes up to and including the blank
+line; the front door finds it with a substring search, the only framing it does itself) and then,
+for a request the front door serves, that request's Content-Length body; so llhttp never reads
+past a message the front door may still hand, byte for byte, to aiohttp. A ``ResponseReader`` is
+fed whatever arrives and reports the body as llhttp de-chunks it; a body that llhttp delimits by
+the connection's end is completed by ``ResponseReader.eof``.
+
+Writing: ``request_head`` and ``response_head`` build heads from header pairs as they were
+received (bytes), so nothing is decoded and re-encoded on the way through. Hop-by-hop headers
+(RFC 9110 §7.6.1: the fixed list and whatever ``Connection`` names) are dropped by
+``forwardable``, the one filter both directions use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Final
+
+import httptools
+
+__all__ = [
+    "CHUNK_END",
+    "MAX_FIELD",
+    "MAX_HEADERS",
+    "BadMessage",
+    "RequestHead",
+    "RequestReader",
+    "ResponseReader",
+    "chunk",
+    "forwardable",
+    "kept_fields",
+    "request_head",
+    "response_head",
+]
+
+MAX_HEADERS: Final = 128  # header fields in one head (aiohttp's default)
+MAX_FIELD: Final = 8190  # bytes in a request target, a header name or a header value (aiohttp's)
+MAX_LINE: Final = 2 * MAX_FIELD + 16  # a longer head line (name, colon, value) breaks a limit for sure
+MAX_RESPONSE_HEAD: Final = 64 * 1024  # bytes in a child's response head
+CHUNK_END: Final = b"0\r\n\r\n"
+
+# Hop-by-hop headers (RFC 9110 §7.6.1), lower case: never forwarded in either direction.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authentication-info",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# What a proxied request never carries on: hop-by-hop headers; Host (written from the upstream
+# URL); Content-Length (written from the body as sent); Expect (answered by swapper itself).
+REQUEST_DROP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# What a response re-framed as chunked drops besides the hop-by-hop headers.
+RECHUNKED_DROP: Final = HOP_BY_HOP | {b"content-length"}
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b""})
+
+
+class BadMessage(Exception):
+    """A message llhttp or swapper's limits refuse; for a request the answer is a 400."""
+
+
+def kept_fields(
+    headers: Iterable[tuple[bytes, bytes]], connection: bytes, drop: frozenset[bytes] = HOP_BY_HOP
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` minus ``drop`` (lower-case names) and the names listed in ``connection`` (the
+    message's Connection values, comma-joined): what a proxy passes on."""
+    if connection not in _PLAIN_CONNECTION:
+        drop = drop | {name.strip().lower() for name in connection.split(b",")}
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def forwardable(
+    headers: Iterable[tuple[bytes, bytes]], connection: bytes, drop: frozenset[bytes] = HOP_BY_HOP
+) -> bytes:
+    """``kept_fields`` as header lines, each ending in CRLF."""
+    return b"".join([b"%s: %s\r\n" % field for field in kept_fields(headers, connection, drop)])
+
+
+def request_head(method: str, target: str, host: str, lines: bytes, body: int | None) -> bytes:
+    """A request head: ``lines`` are header lines (see ``forwardable``); ``body`` the length
+    for a Content-Length line (None: no such line)."""
+    length = b"" if body is None else b"Content-Length: %d\r\n" % body
+    return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+        method.encode(),
+        target.encode("utf-8", "surrogateescape"),
+        host.encode(),
+        lines,
+        length,
+    )
+
+
+def response_head(status: int, reason: bytes, lines: bytes) -> bytes:
+    """A response head: the status line, ``lines`` (each ending in CRLF) and the blank line."""
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, lines)
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of the chunked transfer coding."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+# ---- requests ----
+
+
+class RequestHead:
+    """A request head llhttp accepted, and the facts the front door decides on.
+
+    ``target`` is the path and query as sent (an absolute-form target reduced to them), and
+    ``headers`` are the fields as received, values without trailing blanks.
+    """
+
+    __slots__ = (
+        "connection",
+        "content_type",
+        "expect",
+        "headers",
+        "http11",
+        "keep_alive",
+        "length",
+        "long_line",
+        "method",
+        "path",
+        "query",
+        "target",
+        "te",
+        "upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = ""
+        self.path = ""
+        self.query = ""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.http11 = True
+        self.keep_alive = True
+        self.upgrade = False  # an Upgrade or CONNECT: aiohttp's business
+        # A header line over MAX_FIELD bytes: where aiohttp's own line limits apply (they differ
+        # by a few bytes with the line's place in the head), aiohttp judges.
+        self.long_line = False
+        self.length = -1  # Content-Length, -1 if none
+        self.te = False  # a Transfer-Encoding (llhttp accepts it only as chunked)
+        self.content_type: str | None = None  # the first Content-Type
+        self.connection = b""  # every Connection value, comma-joined
+        self.expect: bytes | None = None  # the Expect value, lower case
+
+    @property
+    def for_aiohttp(self) -> bool:
+        """Whether only aiohttp's server may answer it: an upgrade, HTTP/1.0, a chunked body, an
+        expectation other than 100-continue (417), a line near aiohttp's line limits."""
+        return (
+            self.upgrade
+            or not self.http11
+            or self.te
+            or self.long_line
+            or self.expect not in (None, b"100-continue")
+        )
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for field, value in self.headers:
+            if field.lower() == name:
+                return value
+        return None
+
+
+# Headers whose values the reader looks at, by lower-case name.
+_CONTENT_LENGTH, _CONTENT_TYPE, _CONNECTION, _EXPECT, _HOST, _TE = (
+    b"content-length",
+    b"content-type",
+    b"connection",
+    b"expect",
+    b"host",
+    b"transfer-encoding",
+)
+_WATCHED: Final = frozenset({_CONTENT_LENGTH, _CONTENT_TYPE, _CONNECTION, _EXPECT, _HOST, _TE})
+
+
+class RequestReader:
+    """llhttp's request parser for one connection, and the head it is reading.
+
+    ``feed`` a head's bytes (or part of them); once the blank line is in, ``head`` is set. Then
+    either ``feed`` the request's body (``complete`` turns True at its end, and the reader is
+    ready for the next head) or drop the reader. Raises ``BadMessage`` for anything llhttp or the
+    limits refuse; the reader is then unusable.
+    """
+
+    __slots__ = ("_facts", "_headers", "_hosts", "_parser", "_url", "complete", "fed", "head")
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self.head: RequestHead | None = None
+        self.complete = False
+        self.fed = 0  # bytes of the current message fed so far (see read_head)
+        self._url = b""
+        self._hosts = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._facts = RequestHead()
+
+    def read_head(self, buf: bytearray) -> RequestHead | None:
+        """Feeds the head at the start of ``buf`` (a connection's unread bytes) as far as it has
+        arrived; returns it once whole (once), else None. The end of a head is its first blank
+        line: llhttp takes no bare LF or CR, so no valid head ends anywhere else. Blank lines
+        before a request (which llhttp skips) are dropped from ``buf``. Then ``fed`` is the
+        head's size, and what follows is its body or the next request."""
+        while True:
+            fed = self.fed
+            end = buf.find(b"\r\n\r\n", max(0, fed - 3))
+            stop = len(buf) if end < 0 else end + 4
+            if stop > fed:
+                self.feed(bytes(buf[fed:stop]))
+                self.fed = stop
+            head = self.head
+            if head is not None:
+                self.head = None
+                return head
+            if end < 0:
+                if len(buf) - (buf.rfind(b"\r\n") + 2) > MAX_LINE:
+                    raise BadMessage(f"a line longer than {MAX_LINE} bytes")
+                return None
+            del buf[:stop]  # blank lines only: llhttp read them and waits for a request
+            self.fed = 0
+
+    def next(self) -> None:
+        """The current message was read to its end (``fed`` bytes): the next one starts after it."""
+        self.fed = 0
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # Upgrade or CONNECT: on_headers_complete marked it
+        except httptools.HttpParserError as exc:
+            raise _refusal(exc) from None
+
+    # ---- llhttp callbacks ----
+
+    def on_message_begin(self) -> None:
+        self.head = None
+        self.complete = False
+        self._url = b""
+        self._hosts = 0
+        self._headers = []
+        self._facts = RequestHead()
+
+    def on_url(self, url: bytes) -> None:
+        url = self._url + url if self._url else url
+        if len(url) > MAX_FIELD:
+            raise BadMessage(f"request target longer than {MAX_FIELD} bytes")
+        self._url = url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        if len(headers) >= MAX_HEADERS:
+            raise BadMessage(f"more than {MAX_HEADERS} header fields")
+        if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
+            raise BadMessage(f"header field longer than {MAX_FIELD} bytes")
+        if len(name) + len(value) + 2 > MAX_FIELD:
+            self._facts.long_line = True
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        headers.append((name, value))
+        lower = name.lower()
+        if lower not in _WATCHED:
+            return
+        facts = self._facts
+        if lower == _CONTENT_LENGTH:
+            facts.length = int(value)  # llhttp checked it: digits, one value
+        elif lower == _CONTENT_TYPE:
+            if facts.content_type is None:
+                facts.content_type = value.decode("utf-8", "surrogateescape")
+        elif lower == _CONNECTION:
+            facts.connection = value if not facts.connection else facts.connection + b", " + value
+        elif lower == _EXPECT:
+            facts.expect = value.lower() if facts.expect is None else b"(several)"
+        elif lower == _HOST:
+            self._hosts += 1
+        else:
+            facts.te = True
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        facts = self._facts
+        facts.headers = self._headers
+        facts.method = parser.get_method().decode()
+        facts.http11 = parser.get_http_version() == "1.1"
+        facts.keep_alive = parser.should_keep_alive()
+        facts.upgrade = parser.should_upgrade()
+        if facts.http11 and self._hosts != 1:
+            # RFC 9112 §3.2; aiohttp refuses both cases too.
+            raise BadMessage("missing Host header" if not self._hosts else "more than one Host header")
+        facts.target, facts.path, facts.query = _origin_form(self._url, facts.method)
+        self.head = facts
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def _origin_form(url: bytes, method: str) -> tuple[str, str, str]:
+    """(target, path, query) of a request target: origin-form as sent; absolute-form reduced to
+    its path and query; authority-form only for CONNECT and ``*`` only for OPTIONS (as aiohttp)."""
+    target = url.decode("utf-8", "surrogateescape")
+    if not target.startswith("/"):
+        if target == "*" and method == "OPTIONS" or method == "CONNECT":
+            return target, target, ""
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            raise BadMessage("request target is not a path or an absolute URL") from None
+        if not parsed.host:
+            raise BadMessage("request target is not a path or an absolute URL")
+        path = (parsed.path or b"/").decode("utf-8", "surrogateescape")
+        target = f"{path}?{parsed.query.decode('utf-8', 'surrogateescape')}" if parsed.query else path
+    path, _, query = target.partition("?")
+    return target, path, query
+
+
+def _refusal(exc: httptools.HttpParserError) -> BadMessage:
+    cause = exc.__context__
+    if isinstance(cause, BadMessage):
+        return cause
+    if cause is not None:  # a bug in a callback, not a bad request: let it show
+        raise cause
+    return BadMessage(str(exc) or type(exc).__name__)
+
+
+# ---- responses ----
+
+
+class ResponseReader:
+    """llhttp's response parser for one response on one upstream connection.
+
+    ``on_head()`` is called once the (final, non-interim) head is in, ``on_body(data)`` with each
+    piece of de-chunked body, ``on_end()`` at its end; ``feed`` raises ``BadMessage`` for what llhttp
+    or the limits refuse, and for bytes after the end. For a response to HEAD (``head_only``) the
+    body is taken to be empty whatever the head says.
+
+    Content-Length beside a chunked Transfer-Encoding is accepted (RFC 9112 §6.3: the chunking
+    wins); ``both_framings`` says it happened, so the connection is not reused, and the
+    Content-Length is never forwarded (``forward_drop``).
+    """
+
+    __slots__ = (
+        "_ended",
+        "_fed",
+        "_head_only",
+        "_on_body",
+        "_on_end",
+        "_on_head",
+        "_parser",
+        "_reason",
+        "chunked",
+        "connection",
+        "content_type",
+        "headers",
+        "keep_alive",
+        "reason",
+        "sized",
+        "status",
+        "te",
+        "until_close",
+    )
+
+    def __init__(
+        self,
+        on_head: Callable[[], None],
+        on_body: Callable[[bytes], None],
+        on_end: Callable[[], None],
+        *,
+        head_only: bool = False,
+    ) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        self._on_head, self._on_body, self._on_end = on_head, on_body, on_end
+        self._head_only = head_only
+        self._ended = False
+        self._fed = 0  # head bytes fed so far (bounded by MAX_RESPONSE_HEAD)
+        self._reason = b""
+        self.status = 0  # 0 until the head is in
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_type = b""  # lower case
+        self.connection = b""  # every Connection value, comma-joined
+        self.chunked = False
+        self.te = False  # any Transfer-Encoding
+        self.sized = False  # a Content-Length
+        self.until_close = False  # the body ends with the connection
+        self.keep_alive = False
+
+    @property
+    def both_framings(self) -> bool:
+        return self.te and self.sized
+
+    @property
+    def forward_drop(self) -> frozenset[bytes]:
+        """What the client's copy of the head drops, if the body keeps its framing."""
+        return RECHUNKED_DROP if self.te else HOP_BY_HOP
+
+    def feed(self, data: bytes) -> None:
+        if self.status == 0:
+            self._fed += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise BadMessage("upstream switched protocols; upgrades are not forwarded") from None
+        except httptools.HttpParserError as exc:
+            raise _refusal(exc) from None
+        if self.status == 0 and self._fed > MAX_RESPONSE_HEAD:
+            raise BadMessage(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+
+    def eof(self) -> bool:
+        """The connection ended: True if that completed the body (it is delimited by the end)."""
+        if self.until_close and not self._ended:
+            self._end()
+            return True
+        return self._ended
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    # ---- llhttp callbacks ----
+
+    def on_message_begin(self) -> None:
+        if self._ended:
+            raise BadMessage("upstream sent bytes after the end of its response")
+        self._reason = b""
+        self.headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:
+            return  # a trailer field: not forwarded
+        headers = self.headers
+        if len(headers) >= MAX_HEADERS:
+            raise BadMessage(f"more than {MAX_HEADERS} header fields")
+        if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
+            raise BadMessage(f"header field longer than {MAX_FIELD} bytes")
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            return  # an interim answer (101 raises HttpParserUpgrade): the real one follows
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == _CONTENT_TYPE:
+                if not self.content_type:
+                    self.content_type = value.lower()
+            elif lower == _TE:
+                self.te = True
+                self.chunked = value.rstrip().lower().endswith(b"chunked")
+            elif lower == _CONTENT_LENGTH:
+                self.sized = True
+            elif lower == _CONNECTION:
+                self.connection = value if not self.connection else self.connection + b", " + value
+        self.keep_alive = parser.should_keep_alive() and not self.both_framings
+        bodiless = self._head_only or status in (204, 304)
+        self.until_close = not bodiless and not self.chunked and not (self.sized and not self.te)
+        self.reason = self._reason
+        self.status = status
+        self._on_head()
+        if self._head_only:
+            self._end()  # llhttp was not told about HEAD: it is dropped with this reader
+
+    def on_body(self, data: bytes) -> None:
+        if self._ended:
+            raise BadMessage("upstream sent a body after its response to HEAD")
+        self._on_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.status == 0:
+            return  # the end of an interim answer
+        if not self._ended:
+            self._end()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._on_end()

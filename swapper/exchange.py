@@ -1,0 +1,216 @@
+"""One model request, from its grant to its release, whichever server received it.
+
+The front door (``front``), aiohttp's inference handler (``routes``) and the ``/upstream``
+passthrough (``upstream``) each receive requests their own way and write answers their own way
+(straight on the transport, or through an aiohttp response); everything between is this one flow:
+
+    grant (``try_grant`` with no wait, or ``acquire``) → shape the body for the model (``granted``)
+    → send (``send_now`` on an idle pooled connection with no await, or ``send``) → if the child
+    refused the connection, restart it and send once more (``send``, the only place that retries)
+    → the receiver relays the answer → ``finish`` gives back the lease, the upstream and the track.
+
+Owns: what one request holds: its lease, its ``RequestTrack`` (metrics and ``/api/events``), and
+the upstream connection or response. ``finish`` is idempotent and always runs once the request
+ends, however it ends.
+
+The run loop's ``Holder`` of the lease: ``cancel`` cuts the request when its model is stopped
+under it (unload, reload): the task serving it is cancelled, or, for a request served with no
+task, the receiver's ``cut`` callback ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+
+from yarl import URL
+
+from swapper import modelid, proxy, shaping
+from swapper.config import ModelConfig
+from swapper.errors import UpstreamRefused
+from swapper.events import EventBus, RequestTrack
+from swapper.h1pool import Connection, H1Pool, Response
+from swapper.messages import Lease
+from swapper.runloop import RunLoop
+
+__all__ = ["Exchange", "upstream_path"]
+
+
+def upstream_path(path: str) -> str:
+    """The path a model route's request goes upstream on (the versionless ``/v/...`` forms and
+    ``/audioapi/...`` lose their prefix)."""
+    if path.startswith("/v/"):
+        return path[2:]
+    if path.startswith("/audioapi/"):
+        return path[len("/audioapi") :]
+    return path
+
+
+class Exchange:
+    """One model request in service (see the module docstring for the flow)."""
+
+    __slots__ = (
+        "body",
+        "cfg",
+        "cut",
+        "finished",
+        "headers",
+        "lease",
+        "method",
+        "model",
+        "out",
+        "pool",
+        "req_id",
+        "runloop",
+        "sent",
+        "shape",
+        "started",
+        "target",
+        "task",
+        "track",
+        "upstream",
+        "url",
+        "wanted",
+        "content_type",
+    )
+
+    def __init__(
+        self,
+        runloop: RunLoop,
+        pool: H1Pool,
+        *,
+        model: str,
+        cfg: ModelConfig,
+        wanted: modelid.RequestModel | None,
+        method: str,
+        target: str,
+        content_type: str | None,
+        headers: bytes,
+        body: bytes,
+    ) -> None:
+        """``target``: the path and query to send upstream, appended to the lease's base URL.
+        ``wanted``: the model as the body named it, for shaping (None: the body goes verbatim,
+        as ``/upstream`` sends it). ``headers``: the header lines to send (``proxy.upstream_headers``)."""
+        self.runloop = runloop
+        self.pool = pool
+        self.model = model
+        self.cfg = cfg
+        self.wanted = wanted
+        self.method = method
+        self.target = target
+        self.content_type = content_type
+        self.headers = headers
+        self.body = body
+        self.req_id = runloop.new_request_id()
+        self.lease: Lease | None = None
+        self.track: RequestTrack  # set by the receiver (begin_track) before anything can finish it
+        self.task: asyncio.Task[None] | None = None  # the task serving it, once it has one
+        self.cut: Callable[[Exchange], None] | None = None  # ends it when it has no task
+        self.sent: Connection | None = None  # sent with send_now, no response head yet
+        self.upstream: Response | None = None
+        self.url = URL()
+        self.out = b""  # the body as it goes upstream
+        self.started = 0.0  # perf_counter when it last went upstream
+        self.finished = False
+
+    def begin_track(self, bus: EventBus, route: str, path: str) -> RequestTrack:
+        self.track = bus.track(self.req_id, self.model, route, self.method, path)
+        return self.track
+
+    # ---- the lease ----
+
+    def try_grant(self) -> bool:
+        """Takes the lease if the model can serve at once (no message round trip), else False."""
+        lease = self.runloop.try_acquire(self.req_id, self.model, self)
+        if lease is None:
+            return False
+        self.granted(lease)
+        return True
+
+    async def acquire(self, on_wait: Callable[[], None] | None = None) -> Lease:
+        """Waits for the lease (a load or a queue); ``granted`` it afterwards. A stop of the model
+        cancels ``task`` (default: the calling task)."""
+        return await self.runloop.acquire(self.req_id, self.model, on_wait=on_wait, holder=self.task)
+
+    def granted(self, lease: Lease) -> None:
+        """``lease`` is in hand: what goes upstream follows from it (a reacquire's new one too).
+        Raises ``BadRequest`` for a body that cannot be shaped."""
+        self.lease = lease
+        self.req_id = lease.req_id
+        self.url = _url(lease.base_url + self.target)
+        wanted, cfg = self.wanted, self.cfg
+        if wanted is None:
+            self.out = self.body
+            return
+        self.out = shaping.rewrite_body(
+            self.content_type,
+            self.body,
+            model_name=cfg.use_model_name,
+            filters=cfg.filters,
+            requested=wanted.model or lease.model,
+            is_json=wanted.is_json,
+        )
+
+    # ---- sending ----
+
+    def send_now(self, notify: Callable[[], None]) -> bool:
+        """Sends on an idle pooled connection with no await (``H1Pool.send_now``); False, with
+        nothing sent, if there is none."""
+        self.started = time.perf_counter()
+        self.sent = self.pool.send_now(self.method, self.url, self.headers, self.out, notify)
+        return self.sent is not None
+
+    async def send(self) -> Response:
+        """Sends the request and returns the upstream's response head (also in ``upstream``).
+
+        A child that refuses the connection died (its exit is not in yet) or stopped listening:
+        nothing reached it, so it is restarted and the request sent once more.
+        """
+        self.started = time.perf_counter()
+        try:
+            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out)
+        except UpstreamRefused:
+            assert self.lease is not None
+            self.granted(await self.runloop.reacquire(self.lease))
+            self.started = time.perf_counter()
+            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out)
+        self.answered(upstream, time.perf_counter())
+        return upstream
+
+    def answered(self, upstream: Response, arrived: float) -> None:
+        """The upstream's response head came in at ``arrived`` (``time.perf_counter``)."""
+        self.upstream = upstream
+        self.track.forwarded(upstream.status, arrived - self.started)
+        if upstream.streamed:
+            upstream.do_not_pool()  # llama-server closes the connection after a streamed body
+
+    # ---- the end ----
+
+    def cancel(self) -> None:
+        """The run loop cuts the request (its model is being stopped)."""
+        if self.task is not None:
+            self.task.cancel()
+        elif not self.finished and self.cut is not None:
+            self.cut(self)
+
+    def finish(self) -> None:
+        """Gives back the upstream connection, the lease and the track; idempotent."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.sent is not None:
+            self.sent.abandon()  # the upstream learns that nobody waits for this answer
+            self.sent = None
+        if self.upstream is not None:
+            self.upstream.close()  # back to the pool after a complete body; else closed
+            self.upstream = None
+        self.runloop.release(self.req_id)
+        self.track.done()
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(url: str) -> URL:
+    # A few distinct URLs (models × routes) recur for every request: parse each once.
+    return URL(url, encoded=True)
