@@ -17,8 +17,8 @@ Checks, in order (the first failure exits 1 with what went wrong):
    repository root, where they exist after scripts/bootstrap.sh, none); an invalid config exits 2.
 4. A real start with a fake-upstream model (tests/upstreams/fake_server.py, run from the checkout
    by the virtualenv's python): READY=1 on an sd_notify socket once it listens, ``/health``, one
-   proxied chat completion, the reaper running from the installed package, and on SIGTERM
-   STOPPING=1, exit 0 and no child left.
+   proxied chat completion, ``/ui/`` when the wheel has a UI (``swapper/ui/``), the reaper running
+   from the installed package, and on SIGTERM STOPPING=1, exit 0 and no child left.
 5. A start whose model forks a grandchild, then SIGKILL: the child (parent-death signal) and the
    grandchild (the installed reaper) are gone within seconds.
 6. ``systemd-analyze verify`` of examples/swapper.service with ExecStart pointing at the installed
@@ -266,7 +266,7 @@ def start(swapper: Path, config: Path, work: Path, env: dict[str, str]) -> tuple
     return proc, f"http://127.0.0.1:{port}"
 
 
-def serve_and_stop(swapper: Path, python: Path, work: Path) -> None:
+def serve_and_stop(swapper: Path, python: Path, work: Path, with_ui: bool) -> None:
     step("a real start: sd_notify READY, /health, a proxied request, the reaper, SIGTERM")
     config = fake_config(work / "fake.yaml", python)
     with notify_socket() as (address, sock):
@@ -281,6 +281,8 @@ def serve_and_stop(swapper: Path, python: Path, work: Path) -> None:
             reply = json.loads(body)
             expect(status == 200 and "smoke#0" in body.decode(), f"proxied request: {status} {body[:300]!r}")
             expect(reply.get("model") == "smoke", f"proxied request: {reply}")
+            if with_ui:
+                expect(http(url + "/ui/")[0] == 200, "/ui/ did not answer 200")
             kids = descendants(proc.pid)
             reaper = [pid for pid, cmd in kids.items() if "-m swapper.reaper" in cmd]
             expect(len(reaper) == 1, f"no reaper among swapper's processes: {kids}")
@@ -361,7 +363,7 @@ def main() -> int:
         work.mkdir()
         version = wheel.name.split("-")[1]
         report = check_commands(swapper, python, work, version)
-        serve_and_stop(swapper, python, work)
+        serve_and_stop(swapper, python, work, any(n.startswith("swapper/ui/") for n in names))
         sigkill(swapper, python, work)
         verify_unit(swapper, work)
     except SmokeFailure as exc:
