@@ -1,7 +1,8 @@
 """The composition root: start serving, wait for a signal, then shut down in order.
 
-Owns: construction order, signal handling (handlers only set an event), and the shutdown
-sequence under one deadline:
+Owns: construction order, signal handling (handlers only set an event), the start-up line and
+the service manager's readiness notices (``sdnotify``: READY once listening, STOPPING on a
+signal), and the shutdown sequence under one deadline:
   1. stop accepting connections;
   2. let in-flight requests finish, up to ``grace`` seconds (aiohttp's runner does this);
   3. the run loop fails every waiter and stops every child (process groups, SIGKILL after each
@@ -18,6 +19,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from swapper import __version__, check
 from swapper.config import Config
 from swapper.front import FrontSite, runner_options
 from swapper.logs import LogHub
@@ -25,6 +27,7 @@ from swapper.orphans import owner_mark, sweep_orphans
 from swapper.reaper import Reaper
 from swapper.reload import watch_config as watch
 from swapper.routes import RUNLOOP
+from swapper.sdnotify import Notifier
 from swapper.server import make_app
 
 log = structlog.get_logger("swapper")
@@ -49,6 +52,7 @@ async def serve(
     """
     stop = stop or asyncio.Event()
     hup = asyncio.Event()
+    notifier = Notifier.from_environment()  # before any child or the reaper is spawned
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -58,7 +62,7 @@ async def serve(
     # Ends our children's own forks if we are SIGKILLed (the children die with us by themselves).
     reaper = Reaper.start(owner_mark())
     try:
-        await _serve_app(config, host, port, logs, stop, hup, config_path, watch_config)
+        await _serve_app(config, host, port, logs, stop, hup, config_path, watch_config, notifier)
     finally:
         await asyncio.to_thread(reaper.stop)  # every child is stopped: it finds nothing to kill
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -75,6 +79,7 @@ async def _serve_app(
     hup: asyncio.Event,
     config_path: Path | None,
     watch_config: bool,
+    notifier: Notifier,
 ) -> None:
     app = make_app(config, logs)
     runner = web.AppRunner(app, **runner_options(), shutdown_timeout=SHUTDOWN_GRACE)
@@ -84,7 +89,10 @@ async def _serve_app(
         # aiohttp server (swapper/front.py).
         site = FrontSite(runner, host, port, grace=SHUTDOWN_GRACE)
         await site.start()
-        log.info("listening", url=f"http://{host}:{port}", models=sorted(config.models))
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        where = str(config_path) if config_path is not None else None
+        log.info("listening", version=__version__, listen=[url], config=where, **check.summary(config))
+        notifier.notify("READY=1", f"STATUS=listening on {url}")
         async with asyncio.TaskGroup() as tasks:
             watcher = None
             if config_path is not None:
@@ -92,6 +100,7 @@ async def _serve_app(
                 watcher = tasks.create_task(watch(config_path, runloop, hup, poll=watch_config))
             await stop.wait()
             log.info("shutting down")
+            notifier.notify("STOPPING=1", "STATUS=draining requests, then stopping every model")
             if watcher is not None:
                 watcher.cancel()
     finally:

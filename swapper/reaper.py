@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 # Nothing heavy at module level: the reaper process imports this module and then idles for
 # swapper's whole life.
 
 __all__ = ["Reaper"]
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding this swapper package
 
 
 class Reaper:
@@ -42,6 +45,10 @@ class Reaper:
             stdin=subprocess.PIPE,  # non-inheritable on our side: no child can hold it open
             stdout=subprocess.DEVNULL,
             start_new_session=True,
+            # ``-m`` imports from the working directory first: run where this swapper package
+            # lives, so the reaper is this installation's, never another ./swapper that happens
+            # to be where swapper was started (a checkout next to an installed wheel).
+            cwd=_PACKAGE_ROOT,
         )
         return cls(proc)
 

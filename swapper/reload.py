@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 
+from swapper import check
 from swapper.config import ConfigError, load_config
 from swapper.runloop import RunLoop
 
@@ -37,7 +38,7 @@ async def reload_once(path: Path, runloop: RunLoop) -> frozenset[str] | None:
     except (ConfigError, OSError, ValueError) as exc:
         log.error("config reload rejected; the old config keeps serving", path=str(path), error=str(exc))
         return None
-    for warning in config.warnings:
+    for warning in check.warnings(config):
         log.warning("config", warning=warning)
     log.info("config reloaded", path=str(path), restarted=sorted(changed))
     return changed

@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
+import pytest
 
+import swapper
 from swapper.orphans import OWNER_ENV
 from swapper.reaper import Reaper
 
@@ -39,3 +42,23 @@ def test_the_reaper_kills_marked_processes_when_its_pipe_closes() -> None:
         for proc in (marked, other, plain):
             proc.kill()
             proc.wait()
+
+
+def test_the_reaper_is_this_installations_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``python -m`` imports from the working directory first: a swapper started next to another
+    # copy of the package (a checkout, with the wheel installed) must still run its own reaper.
+    decoy = tmp_path / "swapper"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("")
+    marker = tmp_path / "decoy-ran"
+    (decoy / "reaper.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    reaper = Reaper.start(f"{os.getpid()}:test-{time.monotonic_ns()}")
+    try:
+        assert Path(psutil.Process(reaper.pid).cwd()) == Path(swapper.__file__).resolve().parent.parent
+        assert reaper.alive()  # the real one idles on its pipe; the decoy would have exited
+    finally:
+        reaper.stop()
+    assert not marker.exists()
