@@ -34,12 +34,14 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Final, cast
 
 from swapper.config import ModelConfig
 from swapper.errors import ModelLoadFailed
 from swapper.orphans import OWNER_ENV, owner_mark
+from swapper.phases import StopMarks
 
 log = logging.getLogger("swapper.children")
 
@@ -174,6 +176,7 @@ class _Pipes(asyncio.SubprocessProtocol):
         self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES_KEPT)
         self.leader_exited: asyncio.Future[int] = loop.create_future()
         self.finished: asyncio.Future[int] = loop.create_future()
+        self.exited_at: float | None = None  # time.monotonic() when the leader was reaped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not an isinstance() check: uvloop's transports do not subclass asyncio's.
@@ -278,6 +281,7 @@ class _Pipes(asyncio.SubprocessProtocol):
         # otherwise keep holding the port, memory and our pipes. The pgid is the leader's pid,
         # which the kernel does not recycle while any member of the group is alive.
         _signal_group(self._transport.get_pid(), _SIGKILL)
+        self.exited_at = time.monotonic()
         self.leader_exited.set_result(rc)
         self._drain_timer = self._loop.call_later(DRAIN_TIMEOUT, self._transport.close)
 
@@ -311,7 +315,9 @@ class Child:
         "_pipes",
         "_ready_count",
         "_ready_changed",
+        "_signalled_at",
         "_stop",
+        "first_ready_line_at",
     )
 
     def __init__(self, model: ModelConfig, *, on_lines: OnLines, on_exit: OnExit | None = None) -> None:
@@ -323,6 +329,8 @@ class Child:
         self._ready_count = 0
         self._ready_changed = asyncio.Event()
         self._stop: asyncio.Future[int] | None = None
+        self._signalled_at: float | None = None
+        self.first_ready_line_at: float | None = None  # time.monotonic() of the first READY_LINE
 
     def __repr__(self) -> str:
         state = "new" if self._pipes is None else "exited" if self.exited() else "running"
@@ -386,6 +394,8 @@ class Child:
             self._pipes.batch_output(seconds)
 
     def _saw_ready_line(self) -> None:
+        if not self._ready_count:
+            self.first_ready_line_at = time.monotonic()
         self._ready_count += 1
         # Wake every current waiter, then start a fresh event for the next line.
         event, self._ready_changed = self._ready_changed, asyncio.Event()
@@ -399,6 +409,10 @@ class Child:
                 self._on_exit(rc)
             except Exception:
                 log.exception("on_exit callback failed")
+
+    def stop_marks(self) -> StopMarks:
+        """When ``stop()`` signalled the child and when it was reaped (for a swap's timeline)."""
+        return StopMarks(self._signalled_at, None if self._pipes is None else self._pipes.exited_at)
 
     def exited(self) -> bool:
         """Whether the child has exited and all of its output was delivered."""
@@ -456,6 +470,7 @@ class Child:
         stopper = await self._start_cmd_stop() if self._model.cmd_stop else None
         if stopper is None:
             _signal_group(self._pid, signal.SIGTERM)
+        self._signalled_at = time.monotonic()
         try:
             async with asyncio.timeout_at(deadline):
                 await asyncio.shield(pipes.leader_exited)
