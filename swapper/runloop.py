@@ -86,9 +86,12 @@ class RunLoop:
         logs: LogHub | None = None,
         planner: Planner | None = None,
         events: EventBus | None = None,
+        close_idle: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self._session = session
+        # Closes the forwarding pool's idle connections to a base URL (see stop()).
+        self._close_idle = close_idle
         self._logs = logs or LogHub()
         self._events = events or EventBus()  # told of states, starts and exits; never awaited
         planner = planner or make_planner(config)
@@ -426,7 +429,12 @@ class RunLoop:
         for req_id in self._sched.in_flight(model) if cut else ():
             if (holder := self._holders.get(req_id)) is not None:
                 holder.cancel()
-        self._stopping[model] = self._spawn(self._stop(model, self._children.get(model), starting, grace))
+        child = self._children.get(model)
+        if child is not None and self._close_idle is not None:
+            # Before the signal: an idle keep-alive connection holds up llama-server's exit
+            # until its connection thread next looks (every 10 ms).
+            self._close_idle(child.model.proxy)
+        self._stopping[model] = self._spawn(self._stop(model, child, starting, grace))
 
     def grant(self, req_id: int, model: str) -> bool:
         reply = self._replies.pop(req_id, None)

@@ -11,7 +11,7 @@ from swapper.events import EventBus, Observer
 from swapper.phases import PHASES, TOTAL, StartMarks, StopMarks, SwapTimeline
 from swapper.scheduler import State
 from tests.test_metrics import scrape, settled, value
-from tests.test_swapping import ClientFactory, chat, client_for, fake_config
+from tests.test_swapping import ClientFactory, chat, client_for, fake_config, runloop
 
 PHASE_METRIC = "swapper_swap_phase_seconds"
 
@@ -140,3 +140,17 @@ async def test_a_real_swap_records_every_phase_in_metrics_and_the_debug_log(
     assert [entry["model"] for entry in lines] == ["a", "b"]
     assert list(lines[1]["phases_ms"]) == [*PHASES, TOTAL]
     assert lines[1]["log_level"] == "debug"
+
+
+async def test_a_swap_closes_idle_connections_to_the_old_child_before_signalling_it(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # llama-server's exit on SIGTERM waits until its connection thread notices an idle
+    # keep-alive connection; the fake reports how many client connections were open instead.
+    client = await client_for(aiohttp_client, fake_config({"a": "", "b": ""}))
+    await chat(client, "a")
+    await chat(client, "a")  # the forwarding pool now holds an idle connection to a
+    await chat(client, "b")
+    await settled(client)
+    said = [line for line in runloop(client).logs.last_lines("a", 50) if "SIGTERM received" in line]
+    assert len(said) == 1 and "with 0 client connections open" in said[0], said

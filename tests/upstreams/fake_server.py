@@ -43,7 +43,9 @@ else: ``{"method", "path", "raw_path", "query", "headers", "header_list", "body_
 
 A request with the header ``X-Fake-Delay: S`` is answered S seconds late (not a stream).
 
-Log lines go to stdout, one per request and one per state change. SIGTERM/SIGINT exit rc 0.
+Log lines go to stdout, one per request and one per state change. SIGTERM/SIGINT exit rc 0; the
+SIGTERM line says how many client connections were still open (llama-server's exit waits for an
+idle keep-alive connection to be noticed, so a proxy should close its idle ones first).
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ class Server:
         self.args = args
         self.name: str = args.model_name
         self.in_flight = 0
+        self.open_connections = 0
         self.term_pending = False
         self.ready_at = START + args.load_delay
         self.stream_bytes = 0  # body bytes of streamed responses, for --crash-after-bytes
@@ -190,6 +193,7 @@ class Server:
 
     async def handle_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served = 0  # requests answered on this connection, /health not counted
+        self.open_connections += 1
         try:
             while True:
                 try:
@@ -216,6 +220,7 @@ class Server:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
+            self.open_connections -= 1
             writer.close()
 
     async def send_json(
@@ -493,7 +498,8 @@ def install_signals(loop: asyncio.AbstractEventLoop, server: Server) -> None:
             server.term_pending = True
             log("SIGTERM with requests in flight: cleaning up before exit")
             return
-        exit_now(1 if server.term_pending else 0, "SIGTERM received, exiting")
+        why = f"SIGTERM received with {server.open_connections} client connections open, exiting"
+        exit_now(1 if server.term_pending else 0, why)
 
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
