@@ -5,11 +5,12 @@
    the targets rotating every round): the time to the first byte of a request to the model that
    is not loaded (cold TTFT) and of the next one (warm TTFT), through
 
-   * swapper (this checkout; ``--baseline DIR`` adds another checkout as a second column);
+   * swapper (this checkout; each ``--baseline DIR`` adds another checkout as a column);
    * llama.cpp's own router mode with ``--llama`` (``llama-server --models-dir --models-max 1``,
      the same binary and model arguments; ``--no-router`` leaves it out);
-   * direct: the same servers stopped and started by hand (SIGTERM, reaped; spawned, ``/health``
-     polled every 0.5 ms), which is the child's own stop + start, then the same request.
+   * direct: the same servers stopped and started by hand (SIGTERM, reaped; spawned, its output
+     read up to its readiness line, then ``/health`` probed), which is the child's own stop +
+     start, then the same request.
 
    "Overhead" is a proxy's cold TTFT minus the direct stop + start of the same round; "over the
    floor" also subtracts the direct first answer (the request itself on a fresh child). swapper's
@@ -65,6 +66,7 @@ PHASES = (
     "first_byte",
     "total",
 )
+READY = re.compile(rb"listening on|server is listening")  # llama-server's, the fake's
 CHAT = b'{"model":"%s","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'
 
 
@@ -248,7 +250,9 @@ def llama_router(args: argparse.Namespace, names: list[str]) -> Iterator[int]:
 
 
 class Direct:
-    """The same servers without a proxy: each swap stops one by hand and starts the other."""
+    """The same servers without a proxy: each swap stops one by hand and starts the other, the
+    way a supervisor at the physical limit would: SIGTERM and reap; spawn, read its output up to
+    its readiness line, then probe ``/health`` until it answers 200 (once, for llama-server)."""
 
     def __init__(self, args: argparse.Namespace, names: list[str]) -> None:
         self._args = args
@@ -256,19 +260,25 @@ class Direct:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def swap_to(self, model: str) -> tuple[float, float]:
-        """Seconds to stop the running server (SIGTERM until reaped) and to start ``model``'s
-        (spawn until /health answers 200)."""
+        """Seconds to stop the running server and to start ``model``'s."""
         stop = 0.0
         if self._proc is not None:
             began = time.perf_counter()
             self._proc.send_signal(signal.SIGTERM)
             self._proc.wait()
             stop = time.perf_counter() - began
+            assert self._proc.stdout is not None
+            self._proc.stdout.close()
         began = time.perf_counter()
         port = self.ports[model]
-        self._proc = subprocess.Popen(
-            server_argv(self._args, model, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        argv = server_argv(self._args, model, port)
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if READY.search(line):
+                break
+        else:
+            raise RuntimeError(f"{argv[0]} exited before its readiness line")
         wait_healthy(port, self._proc)
         return stop, time.perf_counter() - began
 
@@ -276,6 +286,8 @@ class Direct:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
 
 
 def phase_sums(port: int) -> dict[str, float]:
@@ -320,14 +332,17 @@ def bench_swaps(args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
         port, proc = stack.enter_context(swapper_at(ROOT, swapper_config(args, names)))
         ports["swapper"], swapper_proc = port, proc
-        if args.baseline:
-            base = Path(args.baseline).resolve()
-            ports["baseline"] = stack.enter_context(swapper_at(base, swapper_config(args, names)))[0]
+        for base in map(Path, args.baseline or ()):
+            label = base.resolve().name
+            ports[label] = stack.enter_context(swapper_at(base.resolve(), swapper_config(args, names)))[0]
         if args.llama and args.router:
             ports["router"] = stack.enter_context(llama_router(args, names))
         stack.callback(direct.close)
         for target, port in ports.items():
-            chat(port, names[0])  # loads the first model, untimed
+            try:
+                chat(port, names[0])  # loads the first model, untimed
+            except OSError as exc:
+                raise RuntimeError(f"{target} on port {port}: {exc}") from None
             cols[target] = Column()
         direct.swap_to(names[0])
         chat(direct.ports[names[0]], names[0])
@@ -389,7 +404,8 @@ def report(
     row("overhead over stop+start p90", [pct(cols[n].over, 0.9) for n in names])
     row("overhead over the floor p50", [med(cols[n].over_floor) for n in names])
     print(
-        f"  direct: stop {med(stops) * 1000:.1f}, start (spawn to /health 200) {med(starts) * 1000:.1f},"
+        f"  direct: stop {med(stops) * 1000:.1f}, start (spawn to readiness line and /health 200)"
+        f" {med(starts) * 1000:.1f},"
         f" first answer {med(firsts) * 1000:.1f} (medians; the floor is their sum)"
     )
     with_phases = [n for n in names if cols[n].phases]
@@ -526,7 +542,12 @@ def main() -> None:
         default=True,
         help="llama.cpp's router mode as a column with --llama (default: on)",
     )
-    p.add_argument("--baseline", metavar="DIR", help="another checkout of swapper to run as a column")
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        action="append",
+        help="another checkout of swapper to run as a column, named after its folder (repeatable)",
+    )
     p.add_argument("--skip-collation", action="store_true")
     p.add_argument("--skip-swaps", action="store_true")
     args = p.parse_args()
