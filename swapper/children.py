@@ -352,27 +352,39 @@ class Child:
         Idempotent: later or concurrent calls share the first call's outcome. Cancelling a
         caller SIGKILLs the group at once (reaping still happens; nothing is left behind).
         """
-        pipes = self._spawned()
-        pipes.batch_output(0)  # see the pipes close as soon as the child is gone
-        if self._stop is None:
-            self._stop = asyncio.ensure_future(self._stop_once(pipes.proc, grace))
         try:
-            return await asyncio.shield(self._stop)
+            return await asyncio.shield(self.request_stop(grace))
         except asyncio.CancelledError:
             self.kill()
             raise
 
-    async def _stop_once(self, proc: Process, grace: float) -> int:
-        if proc.leader_exited.done():
-            return await proc.finished
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+    def request_stop(self, grace: float) -> asyncio.Future[int]:
+        """``stop()`` without waiting: the signal goes out now; the future resolves as ``stop()``
+        returns. Idempotent like ``stop()``."""
+        pipes = self._spawned()
+        pipes.batch_output(0)  # see the pipes close as soon as the child is gone
+        if self._stop is None:
+            proc = pipes.proc
+            stopper = None if proc.leader_exited.done() else self._signal_stop(proc)
+            self._stop = asyncio.ensure_future(self._stopped(proc, stopper, grace))
+        return self._stop
+
+    def _signal_stop(self, proc: Process) -> Process | None:
+        """Runs cmdStop, or SIGTERMs the group if there is none or it cannot run; returns cmdStop's
+        process."""
         stopper = self._start_cmd_stop() if self._model.cmd_stop else None
         if stopper is None:
             signal_group(proc.pid, signal.SIGTERM)
         self._signalled_at = time.monotonic()
+        return stopper
+
+    async def _stopped(self, proc: Process, stopper: Process | None, grace: float) -> int:
+        """Waits for the exit (and cmdStop's), SIGKILLing the group ``grace`` seconds after the
+        signal; returns the return code once the output is drained."""
+        if self._signalled_at is None:
+            return await proc.finished  # it had exited before the stop
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(grace):
                 await asyncio.shield(proc.leader_exited)
                 if stopper is not None:
                     await asyncio.shield(stopper.leader_exited)

@@ -431,8 +431,9 @@ class RunLoop:
                 holder.cancel()
         child = self._children.get(model)
         if child is not None and self._close_idle is not None:
-            # Before the signal: an idle keep-alive connection holds up llama-server's exit
-            # until its connection thread next looks (every 10 ms).
+            # Before the signal (which _stop sends, a loop turn after these closes): an idle
+            # keep-alive connection holds up llama-server's exit until its connection thread
+            # next looks (every 10 ms).
             self._close_idle(child.model.proxy)
         self._stopping[model] = self._spawn(self._stop(model, child, starting, grace))
 
