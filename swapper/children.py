@@ -15,7 +15,7 @@ runs inline, so it must be cheap (append to a ring buffer, log). ``stop()`` may 
 number of times, concurrently, before or after the child exited.
 
 No orphans: see ``process`` (own process group, the group SIGKILLed when the leader exits, and
-PR_SET_PDEATHSIG on Linux, so the loop must run on a thread that lives as long as swapper).
+the reaper or PR_SET_PDEATHSIG if swapper dies).
 """
 
 from __future__ import annotations

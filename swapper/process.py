@@ -7,18 +7,21 @@ Why not ``loop.subprocess_exec``: it forks a full copy of swapper (uvloop's alwa
 does whenever a pre-exec hook is given, and setting PR_SET_PDEATHSIG needs one), which costs
 ~5-8 ms per spawn for a 60 MB process, a large part of a swap of a small model
 (scripts/bench_swaps.py). ``subprocess.Popen`` without a hook uses vfork (~0.3 ms): the process
-group is made with ``process_group=0``, and the parent-death signal by util-linux's ``setpriv``
-as an exec wrapper where it exists (the pre-exec hook remains the fallback). The output is read
+group is made with ``process_group=0``, and the parent-death signal, where one is needed (see
+below), by util-linux's ``setpriv`` as an exec wrapper (the pre-exec hook remains the fallback
+where there is no setpriv). The output is read
 with ``add_reader`` on the pipes, no transports, and the exit is seen through a pidfd, which
 works the same on asyncio's loop and on uvloop.
 
 No orphans: the process leads its own process group, so signals reach anything it forks; when
 the leader exits the rest of its group is SIGKILLed at once, so a forked helper cannot keep
-holding VRAM, a port or our pipes. On Linux it also gets PR_SET_PDEATHSIG=SIGKILL, so it dies
-even if swapper is SIGKILLed. The kernel sends that signal when the *thread* that forked the
-process ends, so spawn on a thread that lives as long as swapper (the event loop's, the main
-thread). If swapper dies in the instant between the spawn and ``setpriv``'s prctl, the signal
-never comes; swapper's reaper process (``reaper.py``) still kills the orphan.
+holding VRAM, a port or our pipes. If swapper itself dies (even SIGKILLed), its reaper process
+(``reaper.py``, started by the CLI) kills every process it started and everything they forked,
+within ~0.1 s. Where there is no reaper (swapper used as a library, in tests), the process gets
+PR_SET_PDEATHSIG=SIGKILL instead, through ``setpriv``: the kernel sends it when the *thread* that
+spawned the process ends, so spawn on a thread that lives as long as swapper (the event loop's,
+the main thread). The extra exec of ``setpriv`` costs ~1-3 ms a spawn, which is why the CLI,
+which has the reaper, does without it (``rely_on_reaper``).
 
 Concurrency contract: every method runs on the event-loop thread that spawned the process.
 """
@@ -48,12 +51,26 @@ _PR_SET_PDEATHSIG: Final = 1
 
 OnData = Callable[[int, bytes], None]  # (1 or 2, bytes read); b"" once that pipe is closed
 
+_reaper = False  # see rely_on_reaper
+
+
+def rely_on_reaper(running: bool = True) -> None:
+    """Whether swapper's reaper process runs (it kills the children if swapper dies): while it
+    does, spawns go without the parent-death signal."""
+    global _reaper
+    _reaper = running
+
+
+def prepare() -> None:
+    """Looks up the setpriv wrapper now, if spawns will need it, rather than at the first spawn."""
+    if not _reaper:
+        pdeathsig_wrapper()
+
 
 @functools.cache
 def pdeathsig_wrapper() -> tuple[str, ...]:
     """``setpriv --pdeathsig KILL --`` when util-linux's setpriv has the option (2.33 and later),
-    else ``()`` (the pre-exec hook is used instead). Looked up once; call it at start-up to take
-    the look-up off the first spawn."""
+    else ``()`` (the pre-exec hook is used instead). Looked up once (a ~2 ms run of setpriv)."""
     path = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     if path is None:
         return ()
@@ -137,12 +154,13 @@ class Process:
         self._loop = asyncio.get_running_loop()
         self._on_data = on_data
         self._drain_timeout = drain_timeout
-        _check_runnable(argv[0], env)
-        wrapper = pdeathsig_wrapper()
+        wrapper = () if _reaper else pdeathsig_wrapper()
+        if wrapper:
+            _check_runnable(argv[0], env)
         self._fds: dict[int, int] = {}  # 1, 2 -> our read end, while open
         ours, theirs = zip(os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC), strict=True)
         try:
-            if wrapper:
+            if wrapper or _reaper:
                 self._popen = subprocess.Popen(
                     [*wrapper, *argv],
                     stdin=subprocess.DEVNULL,

@@ -24,6 +24,7 @@ from typing import Any, Final, Protocol, assert_never
 import aiohttp
 import structlog
 
+from swapper import process
 from swapper.children import Child
 from swapper.config import Config
 from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
@@ -242,6 +243,7 @@ class RunLoop:
         """Runs until a ``Shutdown`` has stopped every child."""
         ticker = self._spawn(self._tick_forever())
         try:
+            await asyncio.to_thread(process.prepare)  # off the first spawn's path
             if self._memory is not None:
                 # The first sample is applied before the first decision; later ones are messages.
                 await self._memory.open(self._child_pids)
