@@ -303,6 +303,7 @@ class Child:
         event.set()
 
     def _finished(self, fut: asyncio.Future[int]) -> None:
+        self._ready_changed.set()  # wait_ready_line returns on the exit too
         rc = fut.result()
         log.info("model %r (pid %s) %s", self._model.id, self._pid, exit_reason(rc))
         if self._on_exit is not None:
@@ -325,11 +326,12 @@ class Child:
         return await asyncio.shield(self._spawned().proc.finished)
 
     async def wait_ready_line(self, after: int = 0) -> None:
-        """Waits until more than ``after`` readiness lines were seen (see ``ready_lines_seen``).
+        """Waits until more than ``after`` readiness lines were seen (see ``ready_lines_seen``),
+        or the child has exited (``exited()``).
 
         Pass the count read *before* probing, so a line printed during the probe is not missed.
         """
-        while self._ready_count <= after:
+        while self._ready_count <= after and not self.exited():
             await self._ready_changed.wait()
 
     def last_lines(self, n: int = 20) -> list[str]:

@@ -1,18 +1,18 @@
 """Readiness of a freshly spawned child: ``wait_healthy()``.
 
-Owns: nothing that outlives a call. Each call owns two tasks (the poller and the exit watcher)
-and cancels and awaits both before it returns or raises.
+Owns: nothing that outlives a call, and no task: probes run in the caller's task.
 
 May not touch: spawning or killing processes (the caller stops a child that failed to become
 healthy), and the child's state beyond reading it.
 
 Why not the reference's fixed schedule (250 ms, then a probe per second): a small llama-server
 is healthy ~30 ms after spawn, so a swap should cost little more than that. We probe at once,
-then back off from 10 ms to 250 ms, and probe immediately when the child prints a readiness
-line; a child that exits while loading fails the wait at once instead of at the deadline (a
-missing model or a port in use makes llama-server exit within ~50 ms).
+then back off from 10 ms to 50 ms, and probe immediately when the child prints a readiness
+line (llama-server's "server is listening": then one probe is all it takes); a child that exits
+while loading fails the wait at once instead of at the deadline (a missing model or a port in
+use makes llama-server exit within ~50 ms).
 
-Concurrency contract: a coroutine; cancelling it cancels its tasks and leaves the child alone.
+Concurrency contract: a coroutine; cancelling it leaves the child alone.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ _LOOPBACK: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 class LoadingChild(Protocol):
     """What ``wait_healthy`` reads from a child; ``children.Child`` is one, test fakes can be too.
 
-    Contract: once ``wait_exited()`` has returned, ``exited()`` is True and ``returncode`` is set.
+    Contract: ``wait_ready_line`` also returns once the child has exited, and then ``exited()``
+    is True and ``returncode`` is set.
     """
 
     @property
@@ -55,8 +56,6 @@ class LoadingChild(Protocol):
     def ready_lines_seen(self) -> int: ...
 
     def exited(self) -> bool: ...
-
-    async def wait_exited(self) -> int: ...
 
     async def wait_ready_line(self, after: int = 0) -> None: ...
 
@@ -84,25 +83,16 @@ async def wait_healthy(
     if url is None:
         return
     poller = _Poller(session, child, url, first_interval, max_interval, probe_timeout)
-    polling = asyncio.ensure_future(poller.run())
-    exiting = asyncio.ensure_future(child.wait_exited())
     try:
         async with asyncio.timeout(load_timeout):
-            await asyncio.wait((polling, exiting), return_when=asyncio.FIRST_COMPLETED)
+            healthy = await poller.run()
     except TimeoutError:
         why = f"health check timed out after {load_timeout:g}s (GET {url}: {poller.last_failure})"
         raise ModelLoadFailed(_with_output(child, why)) from None
-    finally:
-        polling.cancel()
-        exiting.cancel()
-        await asyncio.gather(polling, exiting, return_exceptions=True)
-    if child.exited():
+    if not healthy:
         rc = child.returncode
         why = f"{exit_reason(rc)} while loading" if rc is not None else "exited while loading"
         raise ModelLoadFailed(_with_output(child, why))
-    for task in (exiting, polling):
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            raise exc  # a bug in the child or the poller, not a load failure: let it propagate
 
 
 def _with_output(child: LoadingChild, why: str) -> str:
@@ -132,13 +122,16 @@ class _Poller:
         self._timeout = aiohttp.ClientTimeout(total=probe_timeout)
         self.last_failure = "no probe finished"
 
-    async def run(self) -> None:
+    async def run(self) -> bool:
+        """True once a probe passed; False if the child exited first."""
         interval = self._first_interval
         while True:
             # Read before probing: a line printed while the probe is in flight must wake us.
             seen = self._child.ready_lines_seen
+            if self._child.exited():
+                return False
             if await self._probe():
-                return
+                return True
             try:
                 async with asyncio.timeout(interval):
                     await self._child.wait_ready_line(after=seen)
