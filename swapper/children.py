@@ -108,6 +108,7 @@ class _Pipes:
         self._resting: set[int] = set()  # fds whose reading is paused until their timer fires
         self._read_at: dict[int, float] = {}  # loop time of each fd's last read, while batching
         self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES_KEPT)
+        self.count = 0  # lines read so far
         self.proc: Process  # set by _start once spawned, before any output can arrive
 
     def data(self, fd: int, data: bytes) -> None:
@@ -183,6 +184,7 @@ class _Pipes:
         if not lines:
             return
         self.lines.extend(lines)
+        self.count += len(lines)
         if not self._batch:  # batching: ready already, nobody waits
             for line in lines:
                 if _is_ready_line(line):
@@ -256,6 +258,11 @@ class Child:
     @property
     def stop_requested(self) -> bool:
         return self._stop is not None
+
+    @property
+    def lines_seen(self) -> int:
+        """How many output lines were read so far (stdout and stderr)."""
+        return 0 if self._pipes is None else self._pipes.count
 
     @property
     def ready_lines_seen(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -13,6 +14,7 @@ from swapper.children import Child
 from swapper.config import ModelConfig
 from swapper.errors import ModelLoadFailed
 from swapper.health import wait_healthy
+from tests.test_children import Lines
 
 MakeModel = Callable[..., ModelConfig]
 Spawn = Callable[[ModelConfig], Awaitable[Child]]
@@ -120,3 +122,22 @@ async def test_cancelling_the_wait_leaves_the_child_alone(
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert not child.exited()
+
+
+async def test_a_child_that_prints_while_it_loads_is_not_probed_until_it_says_it_is_ready(
+    http: aiohttp.ClientSession, spawn: Spawn, fake_model: MakeModel
+) -> None:
+    # It prints a progress line every 2 ms for 0.4 s, each with the probes it has answered: a
+    # printing child is loading, so it is probed on its readiness line, and only every
+    # QUIET_PROBE_EVERY (0.25 s) while it keeps printing, not at the silent child's 10-50 ms.
+    model = fake_model("chatty", "--load-delay", "0.4", "--chatty-load", "--print-ready")
+    lines = Lines()
+    child = Child(model, on_lines=lines)
+    await child.spawn()
+    try:
+        await wait_healthy(http, child, health_url(model), 10.0)
+        said = [re.search(r"(\d+) health probes so far", line) for _, line in lines.seen]
+        progress = [int(m[1]) for m in said if m]
+        assert len(progress) > 20 and progress[-1] <= 2, progress[-1]
+    finally:
+        await child.stop(grace=2.0)

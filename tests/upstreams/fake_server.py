@@ -25,6 +25,8 @@ Behaviour flags (all optional except --port):
   --fork-grandchild      start a sleeping grandchild (same process group, ignores SIGTERM, inherits
                          stdout/stderr) and print "GRANDCHILD <pid>"
   --print-ready          print "server is listening on http://HOST:PORT" when /health turns 200
+  --chatty-load          while loading, print a progress line every 2 ms with the number of /health
+                         probes answered so far (a server that logs its load, as llama-server does)
   --print-early-ready    print "HTTP server is listening, ..." *before* loading, as older llama-server
                          builds do (a readiness line that /health does not yet agree with)
   --alloc-mib N          allocate and touch N MiB of RAM before listening
@@ -183,6 +185,7 @@ class Server:
         self.ready_at = START + args.load_delay
         self.stream_bytes = 0  # body bytes of streamed responses, for --crash-after-bytes
         self.answered = 0  # requests other than /health, for --deaf-after
+        self.health_probes = 0
         self.listener: asyncio.Server | None = None
 
     def healthy(self) -> bool:
@@ -374,6 +377,7 @@ class Server:
         }
 
     def health(self, req: Request) -> tuple[int, Any]:
+        self.health_probes += 1
         if self.healthy():
             return 200, {"status": "ok"}
         return 503, {"status": "loading"}
@@ -483,6 +487,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fork-grandchild", action="store_true")
     p.add_argument("--print-ready", action="store_true")
     p.add_argument("--print-early-ready", action="store_true")
+    p.add_argument("--chatty-load", action="store_true")
     p.add_argument("--alloc-mib", type=int, default=0)
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--deaf-after", type=int, default=None)
@@ -522,6 +527,17 @@ async def main(argv: list[str]) -> None:
     log(f"accepting connections on {args.host}:{args.port} (model loading)")
     if args.print_early_ready:
         log(f"HTTP server is listening, hostname: {args.host}, port: {args.port}")
+    background: list[asyncio.Task[None]] = []  # referenced until the end, so never collected
+    if args.chatty_load:
+
+        async def chatter() -> None:
+            step = 0
+            while not server.healthy():
+                step += 1
+                log(f"loading: step {step}, {server.health_probes} health probes so far")
+                await asyncio.sleep(0.002)
+
+        background.append(asyncio.ensure_future(chatter()))
     if args.exit_after is not None:
         loop.call_later(max(0.0, START + args.exit_after - time.monotonic()), exit_now, 2, "fake crash")
     if args.exit_during_load:
@@ -535,7 +551,7 @@ async def main(argv: list[str]) -> None:
         await srv.start_serving()
         await asyncio.get_running_loop().create_future()  # until a signal ends the process (a
         # closed listener, --deaf-after, must not end it, as serve_forever() would)
-    del ballast
+    del ballast, background
 
 
 if __name__ == "__main__":
