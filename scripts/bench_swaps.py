@@ -238,15 +238,17 @@ def swapper_at(root: Path, config: str) -> Iterator[tuple[int, psutil.Process]]:
 
 
 @contextlib.contextmanager
-def llama_router(args: argparse.Namespace, names: list[str]) -> Iterator[int]:
+def llama_router(args: argparse.Namespace, names: list[str]) -> Iterator[tuple[int, psutil.Process]]:
     """llama.cpp's router mode: the same models (named by their file stems), one at a time."""
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             (Path(tmp) / f"{name}.gguf").symlink_to(model_file(name))
         port = free_port()
         argv = [str(LLAMA), "--models-dir", tmp, "--models-max", "1", "--host", HOST, "--port", str(port)]
-        with started([*argv, *llama_flags(args)], port, "llama.cpp's router"):  # flags go to its children
-            yield port
+        with started(
+            [*argv, *llama_flags(args)], port, "llama.cpp's router"
+        ) as proc:  # flags go to its children
+            yield port, proc
 
 
 class Direct:
@@ -290,6 +292,15 @@ class Direct:
                 self._proc.stdout.close()
 
 
+def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time of every thread of ``proc`` so far, to the nanosecond (psutil's is in 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{proc.pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def phase_sums(port: int) -> dict[str, float]:
     """swapper's ``swapper_swap_phase_seconds_sum`` by phase, over every model."""
     status, _, body = http(port, "GET", "/metrics")
@@ -313,6 +324,7 @@ class Column:
     warm: list[float] = field(default_factory=list)
     over: list[float] = field(default_factory=list)  # cold - direct (stop + start), same round
     over_floor: list[float] = field(default_factory=list)  # ... - direct first answer too
+    cpu: list[float] = field(default_factory=list)  # the proxy process's CPU seconds over a cold request
     phases: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -325,18 +337,22 @@ def bench_swaps(args: argparse.Namespace) -> None:
     names = ["chat-a", "chat-b"] if args.llama else ["a", "b"]
     cols: dict[str, Column] = {}
     ports: dict[str, int] = {}
+    procs: dict[str, psutil.Process] = {}
     stops: list[float] = []
     starts: list[float] = []
     firsts: list[float] = []
     direct = Direct(args, names)
     with contextlib.ExitStack() as stack:
-        port, proc = stack.enter_context(swapper_at(ROOT, swapper_config(args, names)))
-        ports["swapper"], swapper_proc = port, proc
+        ports["swapper"], procs["swapper"] = stack.enter_context(
+            swapper_at(ROOT, swapper_config(args, names))
+        )
         for base in map(Path, args.baseline or ()):
             label = base.resolve().name
-            ports[label] = stack.enter_context(swapper_at(base.resolve(), swapper_config(args, names)))[0]
+            ports[label], procs[label] = stack.enter_context(
+                swapper_at(base.resolve(), swapper_config(args, names))
+            )
         if args.llama and args.router:
-            ports["router"] = stack.enter_context(llama_router(args, names))
+            ports["router"], procs["router"] = stack.enter_context(llama_router(args, names))
         stack.callback(direct.close)
         for target, port in ports.items():
             try:
@@ -361,7 +377,9 @@ def bench_swaps(args: argparse.Namespace) -> None:
                     continue
                 port = ports[target]
                 before = phase_sums(port)
+                cpu = cpu_seconds(procs[target])
                 cold[target] = chat(port, model)
+                cols[target].cpu.append(cpu_seconds(procs[target]) - cpu)
                 cols[target].warm.append(chat(port, model))
                 after = phase_sums(port)
                 for phase, total in after.items():
@@ -373,7 +391,7 @@ def bench_swaps(args: argparse.Namespace) -> None:
                 cols[target].cold.append(seconds)
                 cols[target].over.append(seconds - stop - start)
                 cols[target].over_floor.append(seconds - stop - start - first)
-        rss = swapper_proc.memory_info().rss / 2**20
+        rss = procs["swapper"].memory_info().rss / 2**20
     report(args, cols, stops, starts, firsts, rss)
 
 
@@ -403,6 +421,7 @@ def report(
     row("overhead over stop+start p50", [med(cols[n].over) for n in names])
     row("overhead over stop+start p90", [pct(cols[n].over, 0.9) for n in names])
     row("overhead over the floor p50", [med(cols[n].over_floor) for n in names])
+    row("proxy CPU per cold request p50", [med(cols[n].cpu) for n in names])
     print(
         f"  direct: stop {med(stops) * 1000:.1f}, start (spawn to readiness line and /health 200)"
         f" {med(starts) * 1000:.1f},"
