@@ -29,6 +29,7 @@ from swapper.children import Child
 from swapper.config import Config
 from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
 from swapper.events import EventBus
+from swapper.h1pool import H1Pool
 from swapper.health import ensure_port_free, wait_healthy
 from swapper.logs import LogHub
 from swapper.memory import MemoryMonitor
@@ -87,12 +88,13 @@ class RunLoop:
         logs: LogHub | None = None,
         planner: Planner | None = None,
         events: EventBus | None = None,
-        close_idle: Callable[[str], None] | None = None,
+        pool: H1Pool | None = None,
     ) -> None:
         self.config = config
         self._session = session
-        # Closes the forwarding pool's idle connections to a base URL (see stop()).
-        self._close_idle = close_idle
+        # The forwarding client: health probes go through it, and a stop closes its idle
+        # connections to the child (see stop()).
+        self._pool = pool
         self._logs = logs or LogHub()
         self._events = events or EventBus()  # told of states, starts and exits; never awaited
         planner = planner or make_planner(config)
@@ -432,11 +434,11 @@ class RunLoop:
             if (holder := self._holders.get(req_id)) is not None:
                 holder.cancel()
         child = self._children.get(model)
-        if child is not None and self._close_idle is not None:
+        if child is not None and self._pool is not None:
             # Before the signal (which _stop sends, a loop turn after these closes): an idle
             # keep-alive connection holds up llama-server's exit until its connection thread
             # next looks (every 10 ms).
-            self._close_idle(child.model.proxy)
+            self._pool.close_idle(child.model.proxy)
         self._stopping[model] = self._spawn(self._stop(model, child, starting, grace))
 
     def grant(self, req_id: int, model: str) -> bool:
@@ -467,7 +469,8 @@ class RunLoop:
             spawning = time.monotonic()
             await child.spawn()
             execed = time.monotonic()
-            await wait_healthy(self._session, child, _health_url(child), child.model.health_check_timeout)
+            timeout = child.model.health_check_timeout
+            await wait_healthy(self._session, child, _health_url(child), timeout, pool=self._pool)
             healthy = time.monotonic()
         except SwapperError as exc:
             await _stop_if_spawned(child, grace=1.0)

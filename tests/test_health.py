@@ -13,6 +13,7 @@ import pytest
 from swapper.children import Child
 from swapper.config import ModelConfig
 from swapper.errors import ModelLoadFailed
+from swapper.h1pool import H1Pool
 from swapper.health import wait_healthy
 from tests.test_children import Lines
 
@@ -141,3 +142,20 @@ async def test_a_child_that_prints_while_it_loads_is_not_probed_until_it_says_it
         assert len(progress) > 20 and progress[-1] <= 2, progress[-1]
     finally:
         await child.stop(grace=2.0)
+
+
+async def test_probes_through_the_forwarding_pool(
+    http: aiohttp.ClientSession, spawn: Spawn, fake_model: MakeModel, free_port: Callable[[], int]
+) -> None:
+    pool = H1Pool()
+    try:
+        model = fake_model("alpha", "--load-delay", "0.2")
+        child = await spawn(model)
+        await wait_healthy(http, child, health_url(model), 10.0, pool=pool)
+        with pytest.raises(ModelLoadFailed, match=r"timed out after 0.3s \(GET .*: ConnectFailed"):
+            await wait_healthy(http, child, f"http://127.0.0.1:{free_port()}/health", 0.3, pool=pool)
+        never = fake_model("slow", "--never-healthy")
+        with pytest.raises(ModelLoadFailed, match=r"timed out after 0.3s \(GET .*: HTTP 503\)"):
+            await wait_healthy(http, await spawn(never), health_url(never), 0.3, pool=pool)
+    finally:
+        pool.close()
