@@ -1,45 +1,41 @@
 """One OS process per model: spawn it, hear its output, notice its exit, stop it, always reap it.
 
-Owns: the child process of one ``ModelConfig`` (its process group, pipes and asyncio transport),
-the last lines it printed, and the count of readiness lines it printed. Also the short-lived
-``cmdStop`` process that ``stop()`` may run.
+Owns: the child process of one ``ModelConfig`` (a ``process.Process``: its process group and
+pipes), the last lines it printed, and the count of readiness lines it printed. Also the
+short-lived ``cmdStop`` process that ``stop()`` may run.
 
 May not touch: decisions about *when* to start or stop (the run loop makes them), other
 children, health probing (``health.py``), and log formatting (output lines go to the ``on_lines``
 callback the owner supplies).
 
 Concurrency contract: every method runs on the event-loop thread that called ``spawn()``.
-Output is read by the loop itself through a ``SubprocessProtocol`` (callbacks, no tasks), so a
-child can never block on a full pipe while swapper is alive, whatever the consumer does; the
-``on_lines`` callback is sync and runs inline, so it must be cheap (append to a ring buffer, log).
-``stop()`` may be called any number of times, concurrently, before or after the child exited.
+Output is read by the loop itself (callbacks, no tasks), so a child can never block on a full
+pipe while swapper is alive, whatever the consumer does; the ``on_lines`` callback is sync and
+runs inline, so it must be cheap (append to a ring buffer, log). ``stop()`` may be called any
+number of times, concurrently, before or after the child exited.
 
-No orphans: the child leads its own process group, so signals reach anything it forks; when the
-leader exits (on its own or stopped) the rest of its group is SIGKILLed at once, so a forked
-helper cannot keep holding VRAM, a port or our pipes. On Linux the child also gets
-PR_SET_PDEATHSIG=SIGKILL, so it dies even if swapper is SIGKILLed. The kernel sends that signal
-when the *thread* that forked the child ends; asyncio forks on the event-loop thread, so the loop
-must run on a thread that lives as long as swapper (the main thread).
+No orphans: see ``process`` (own process group, the group SIGKILLed when the leader exits, and
+the reaper or PR_SET_PDEATHSIG if swapper dies).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import functools
 import logging
 import os
 import re
 import signal
 import subprocess
-import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import Final, cast
+from typing import Final
 
 from swapper.config import ModelConfig
 from swapper.errors import ModelLoadFailed
 from swapper.orphans import OWNER_ENV, owner_mark
+from swapper.phases import StopMarks
+from swapper.process import Process, signal_group
 
 log = logging.getLogger("swapper.children")
 
@@ -69,46 +65,7 @@ OnLines = Callable[[str, list[str]], None]  # (stream, the lines read at once)
 _OWNER: Final = owner_mark()
 OnExit = Callable[[int], None]
 
-_PR_SET_PDEATHSIG: Final = 1
 _SIGKILL: Final = int(signal.SIGKILL)
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-# Resolved once here, in the parent: the pre-exec hook runs in a just-forked child of a
-# multi-threaded process, where it must not import, dlopen or take locks.
-_prctl: Final = _load_prctl()
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Pre-exec hook: SIGKILL this child when the thread that forked it dies."""
-    assert _prctl is not None
-    _prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        # The parent died before prctl took effect; the signal will never come.
-        os._exit(1)
-
-
-def _pre_exec(parent_pid: int) -> None:
-    """Pre-exec hook: lead a new process group (signals reach grandchildren), die with parent.
-
-    The group is made here, not with ``process_group=0``, because uvloop's ``subprocess_exec``
-    (the CLI's loop when installed) does not take that argument; ``setpgid`` is a bare syscall,
-    safe in a just-forked child.
-    """
-    os.setpgid(0, 0)
-    if _prctl is not None:
-        _die_with_parent(parent_pid)
 
 
 def exit_reason(returncode: int) -> str:
@@ -122,29 +79,13 @@ def exit_reason(returncode: int) -> str:
     return f"was killed by {name}"
 
 
-async def _start(
+def _start(
     argv: Sequence[str], env: dict[str, str], on_lines: OnLines, on_ready: Callable[[], None]
-) -> tuple[asyncio.SubprocessTransport, _Pipes]:
-    loop = asyncio.get_running_loop()
-    return await loop.subprocess_exec(
-        lambda: _Pipes(loop, on_lines, on_ready),
-        *argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        preexec_fn=functools.partial(_pre_exec, os.getpid()),
-    )
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass  # the whole group is gone already
-    except PermissionError:
-        # Only if the id was recycled by someone else's group after ours emptied; not ours to kill.
-        log.debug("no permission to signal process group %d", pgid)
+) -> _Pipes:
+    """Spawns ``argv``; raises OSError (or SubprocessError) if it cannot run at all."""
+    pipes = _Pipes(asyncio.get_running_loop(), on_lines, on_ready)
+    pipes.proc = Process(argv, env, pipes.data, drain_timeout=DRAIN_TIMEOUT)
+    return pipes
 
 
 def _is_ready_line(text: str) -> bool:
@@ -152,12 +93,9 @@ def _is_ready_line(text: str) -> bool:
     return any(word in low for word in _READY_WORDS) and READY_LINE.search(text) is not None
 
 
-class _Pipes(asyncio.SubprocessProtocol):
-    """Protocol of one process: splits output into lines and resolves two futures.
-
-    ``leader_exited`` resolves with the return code as soon as the process is reaped; ``finished``
-    once its pipes are closed too (all output delivered) and the transport is closed.
-    """
+class _Pipes:
+    """The output of one process (``proc``): splits it into lines, rests its pipes while
+    batching, and reports readiness lines."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, on_lines: OnLines, on_ready: Callable[[], None]
@@ -166,20 +104,20 @@ class _Pipes(asyncio.SubprocessProtocol):
         self._on_lines = on_lines
         self._on_ready = on_ready
         self._partial: dict[int, bytes] = {1: b"", 2: b""}
-        self._transport: asyncio.SubprocessTransport | None = None
-        self._drain_timer: asyncio.TimerHandle | None = None
         self._batch = 0.0  # seconds to leave a pipe unread after each read (see batch_output)
         self._resting: set[int] = set()  # fds whose reading is paused until their timer fires
         self._read_at: dict[int, float] = {}  # loop time of each fd's last read, while batching
         self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES_KEPT)
-        self.leader_exited: asyncio.Future[int] = loop.create_future()
-        self.finished: asyncio.Future[int] = loop.create_future()
+        self.count = 0  # lines read so far
+        self.proc: Process  # set by _start once spawned, before any output can arrive
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Not an isinstance() check: uvloop's transports do not subclass asyncio's.
-        self._transport = cast(asyncio.SubprocessTransport, transport)
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
+    def data(self, fd: int, data: bytes) -> None:
+        """``Process``'s ``on_data``: a read of ``fd``, or ``b""`` once it is closed."""
+        if not data:
+            self._resting.discard(fd)
+            if rest := self._partial.pop(fd, b""):
+                self._emit("stdout" if fd == 1 else "stderr", rest.decode("utf-8", "replace"))
+            return
         buf = self._partial[fd] + data if self._partial[fd] else data
         end = buf.rfind(b"\n")
         rest = buf[end + 1 :]
@@ -189,7 +127,8 @@ class _Pipes(asyncio.SubprocessProtocol):
         if end >= 0:
             # One decode for every complete line (a newline never falls inside a UTF-8 sequence).
             self._emit("stdout" if fd == 1 else "stderr", buf[:end].decode("utf-8", "replace"))
-        if self._batch and fd not in self._resting and self._transport is not None:
+        # Once the process exited its pipes are read to their end without rests.
+        if self._batch and fd not in self._resting and not self.proc.leader_exited.done():
             self._rest(fd, len(data))
 
     def _rest(self, fd: int, got: int) -> None:
@@ -201,11 +140,9 @@ class _Pipes(asyncio.SubprocessProtocol):
         rest = self._batch if got * self._batch <= _PIPE_QUARTER * elapsed else _PIPE_QUARTER * elapsed / got
         if rest < _MIN_REST:
             return
-        pipe = self._transport.get_pipe_transport(fd) if self._transport is not None else None
-        if pipe is not None and not pipe.is_closing():
-            self._resting.add(fd)
-            cast(asyncio.ReadTransport, pipe).pause_reading()
-            self._loop.call_later(rest, self._wake_pipe, fd)
+        self._resting.add(fd)
+        self.proc.pause(fd)
+        self._loop.call_later(rest, self._wake_pipe, fd)
 
     def batch_output(self, seconds: float) -> None:
         """From now on, leave each pipe unread for up to ``seconds`` after every read.
@@ -228,18 +165,7 @@ class _Pipes(asyncio.SubprocessProtocol):
 
     def _wake_pipe(self, fd: int) -> None:
         self._resting.discard(fd)
-        transport = self._transport
-        if transport is None:
-            return
-        # Not transport.is_closing(): uvloop's is True once the process exited, and a pipe left
-        # paused then would hide its end (and the exit, see connection_lost) until DRAIN_TIMEOUT.
-        pipe = transport.get_pipe_transport(fd)
-        if pipe is not None and not pipe.is_closing():
-            cast(asyncio.ReadTransport, pipe).resume_reading()
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if rest := self._partial.pop(fd, b""):
-            self._emit("stdout" if fd == 1 else "stderr", rest.decode("utf-8", "replace"))
+        self.proc.resume(fd)
 
     def _emit(self, stream: str, text: str) -> None:
         """Hands on the complete lines in ``text`` (without the last newline), all in one call:
@@ -258,6 +184,7 @@ class _Pipes(asyncio.SubprocessProtocol):
         if not lines:
             return
         self.lines.extend(lines)
+        self.count += len(lines)
         if not self._batch:  # batching: ready already, nobody waits
             for line in lines:
                 if _is_ready_line(line):
@@ -268,26 +195,6 @@ class _Pipes(asyncio.SubprocessProtocol):
             # A failing consumer must not cost later lines (or readiness lines); the loop keeps
             # reading the pipe either way.
             log.exception("on_lines callback failed")
-
-    def process_exited(self) -> None:
-        self.batch_output(0)  # its last words, and the pipes' end, without delay
-        assert self._transport is not None
-        rc = self._transport.get_returncode()
-        assert rc is not None
-        # Kill whatever the leader left behind in its group right away: a forked helper would
-        # otherwise keep holding the port, memory and our pipes. The pgid is the leader's pid,
-        # which the kernel does not recycle while any member of the group is alive.
-        _signal_group(self._transport.get_pid(), _SIGKILL)
-        self.leader_exited.set_result(rc)
-        self._drain_timer = self._loop.call_later(DRAIN_TIMEOUT, self._transport.close)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # Called once the process exited and every pipe closed (or close() forced them shut).
-        assert self._transport is not None
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-        self._transport.close()
-        self.finished.set_result(self.leader_exited.result())
 
 
 class Child:
@@ -311,7 +218,9 @@ class Child:
         "_pipes",
         "_ready_count",
         "_ready_changed",
+        "_signalled_at",
         "_stop",
+        "first_ready_line_at",
     )
 
     def __init__(self, model: ModelConfig, *, on_lines: OnLines, on_exit: OnExit | None = None) -> None:
@@ -323,6 +232,8 @@ class Child:
         self._ready_count = 0
         self._ready_changed = asyncio.Event()
         self._stop: asyncio.Future[int] | None = None
+        self._signalled_at: float | None = None
+        self.first_ready_line_at: float | None = None  # time.monotonic() of the first READY_LINE
 
     def __repr__(self) -> str:
         state = "new" if self._pipes is None else "exited" if self.exited() else "running"
@@ -340,13 +251,18 @@ class Child:
     @property
     def returncode(self) -> int | None:
         """None until ``exited()``; negative -N if a signal N killed it."""
-        if self._pipes is None or not self._pipes.finished.done():
+        if self._pipes is None or not self._pipes.proc.finished.done():
             return None
-        return self._pipes.finished.result()
+        return self._pipes.proc.finished.result()
 
     @property
     def stop_requested(self) -> bool:
         return self._stop is not None
+
+    @property
+    def lines_seen(self) -> int:
+        """How many output lines were read so far (stdout and stderr)."""
+        return 0 if self._pipes is None else self._pipes.count
 
     @property
     def ready_lines_seen(self) -> int:
@@ -366,7 +282,7 @@ class Child:
         if not argv:
             raise ModelLoadFailed(f"model {self._model.id!r}: cmd is empty")
         try:
-            transport, pipes = await _start(argv, self.env(), self._on_lines, self._saw_ready_line)
+            pipes = _start(argv, self.env(), self._on_lines, self._saw_ready_line)
         except FileNotFoundError:
             raise ModelLoadFailed(f"model {self._model.id!r}: cannot run {argv[0]!r}: no such file") from None
         except PermissionError:
@@ -375,8 +291,8 @@ class Child:
         except (OSError, subprocess.SubprocessError) as exc:
             raise ModelLoadFailed(f"model {self._model.id!r}: cannot run {argv[0]!r}: {exc}") from None
         self._pipes = pipes
-        self._pid = transport.get_pid()
-        pipes.finished.add_done_callback(self._finished)
+        self._pid = pipes.proc.pid
+        pipes.proc.finished.add_done_callback(self._finished)
         log.info("model %r started: pid %d: %s", self._model.id, self._pid, self._model.cmd_text)
 
     def batch_output(self, seconds: float) -> None:
@@ -386,12 +302,15 @@ class Child:
             self._pipes.batch_output(seconds)
 
     def _saw_ready_line(self) -> None:
+        if not self._ready_count:
+            self.first_ready_line_at = time.monotonic()
         self._ready_count += 1
         # Wake every current waiter, then start a fresh event for the next line.
         event, self._ready_changed = self._ready_changed, asyncio.Event()
         event.set()
 
     def _finished(self, fut: asyncio.Future[int]) -> None:
+        self._ready_changed.set()  # wait_ready_line returns on the exit too
         rc = fut.result()
         log.info("model %r (pid %s) %s", self._model.id, self._pid, exit_reason(rc))
         if self._on_exit is not None:
@@ -400,21 +319,26 @@ class Child:
             except Exception:
                 log.exception("on_exit callback failed")
 
+    def stop_marks(self) -> StopMarks:
+        """When ``stop()`` signalled the child and when it was reaped (for a swap's timeline)."""
+        return StopMarks(self._signalled_at, None if self._pipes is None else self._pipes.proc.exited_at)
+
     def exited(self) -> bool:
         """Whether the child has exited and all of its output was delivered."""
-        return self._pipes is not None and self._pipes.finished.done()
+        return self._pipes is not None and self._pipes.proc.finished.done()
 
     async def wait_exited(self) -> int:
         """Waits until the child has exited and its output is drained; returns its return code."""
         # shield: a cancelled waiter must not cancel the shared future other waiters use.
-        return await asyncio.shield(self._spawned().finished)
+        return await asyncio.shield(self._spawned().proc.finished)
 
     async def wait_ready_line(self, after: int = 0) -> None:
-        """Waits until more than ``after`` readiness lines were seen (see ``ready_lines_seen``).
+        """Waits until more than ``after`` readiness lines were seen (see ``ready_lines_seen``),
+        or the child has exited (``exited()``).
 
         Pass the count read *before* probing, so a line printed during the probe is not missed.
         """
-        while self._ready_count <= after:
+        while self._ready_count <= after and not self.exited():
             await self._ready_changed.wait()
 
     def last_lines(self, n: int = 20) -> list[str]:
@@ -426,8 +350,8 @@ class Child:
 
     def kill(self) -> None:
         """SIGKILLs the process group now, without waiting; ``wait_exited()`` still reaps."""
-        if self._pid is not None and not self._spawned().leader_exited.done():
-            _signal_group(self._pid, _SIGKILL)
+        if self._pid is not None and not self._spawned().proc.leader_exited.done():
+            signal_group(self._pid, _SIGKILL)
 
     async def stop(self, grace: float) -> int:
         """Stops the child and returns its return code once it is reaped.
@@ -437,48 +361,59 @@ class Child:
         Idempotent: later or concurrent calls share the first call's outcome. Cancelling a
         caller SIGKILLs the group at once (reaping still happens; nothing is left behind).
         """
-        pipes = self._spawned()
-        pipes.batch_output(0)  # see the pipes close as soon as the child is gone
-        if self._stop is None:
-            self._stop = asyncio.ensure_future(self._stop_once(pipes, grace))
         try:
-            return await asyncio.shield(self._stop)
+            return await asyncio.shield(self.request_stop(grace))
         except asyncio.CancelledError:
             self.kill()
             raise
 
-    async def _stop_once(self, pipes: _Pipes, grace: float) -> int:
-        assert self._pid is not None
-        if pipes.leader_exited.done():
-            return await pipes.finished
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        stopper = await self._start_cmd_stop() if self._model.cmd_stop else None
+    def request_stop(self, grace: float) -> asyncio.Future[int]:
+        """``stop()`` without waiting: the signal goes out now; the future resolves as ``stop()``
+        returns. Idempotent like ``stop()``."""
+        pipes = self._spawned()
+        pipes.batch_output(0)  # see the pipes close as soon as the child is gone
+        if self._stop is None:
+            proc = pipes.proc
+            stopper = None if proc.leader_exited.done() else self._signal_stop(proc)
+            self._stop = asyncio.ensure_future(self._stopped(proc, stopper, grace))
+        return self._stop
+
+    def _signal_stop(self, proc: Process) -> Process | None:
+        """Runs cmdStop, or SIGTERMs the group if there is none or it cannot run; returns cmdStop's
+        process."""
+        stopper = self._start_cmd_stop() if self._model.cmd_stop else None
         if stopper is None:
-            _signal_group(self._pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
+        self._signalled_at = time.monotonic()
+        return stopper
+
+    async def _stopped(self, proc: Process, stopper: Process | None, grace: float) -> int:
+        """Waits for the exit (and cmdStop's), SIGKILLing the group ``grace`` seconds after the
+        signal; returns the return code once the output is drained."""
+        if self._signalled_at is None:
+            return await proc.finished  # it had exited before the stop
         try:
-            async with asyncio.timeout_at(deadline):
-                await asyncio.shield(pipes.leader_exited)
+            async with asyncio.timeout(grace):
+                await asyncio.shield(proc.leader_exited)
                 if stopper is not None:
-                    await asyncio.shield(stopper[1].leader_exited)
+                    await asyncio.shield(stopper.leader_exited)
         except TimeoutError:
-            if not pipes.leader_exited.done():
+            if not proc.leader_exited.done():
                 log.warning(
                     "model %r (pid %d) did not exit %.1fs after %s; sending SIGKILL to its process group"
                     " (raise unloadTimeout if it needs longer to shut down cleanly)",
                     self._model.id,
-                    self._pid,
+                    proc.pid,
                     grace,
                     "cmdStop" if stopper is not None else "SIGTERM",
                 )
-                _signal_group(self._pid, _SIGKILL)
+                signal_group(proc.pid, _SIGKILL)
         if stopper is not None:
-            transport, stop_pipes = stopper
-            _signal_group(transport.get_pid(), _SIGKILL)  # no-op if it finished
-            await stop_pipes.finished
-        return await pipes.finished
+            signal_group(stopper.pid, _SIGKILL)  # no-op if it finished
+            await stopper.finished
+        return await proc.finished
 
-    async def _start_cmd_stop(self) -> tuple[asyncio.SubprocessTransport, _Pipes] | None:
+    def _start_cmd_stop(self) -> Process | None:
         """Starts cmdStop; None (after logging why) if it cannot run, so SIGTERM is used instead."""
         assert self._model.cmd_stop is not None
         argv = [arg.replace("${PID}", str(self._pid)) for arg in self._model.cmd_stop]
@@ -487,7 +422,7 @@ class Child:
             self._on_lines("cmd_stop", lines)
 
         try:
-            return await _start(argv, self.env(), on_lines, lambda: None)
+            return _start(argv, self.env(), on_lines, lambda: None).proc
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning(
                 "model %r: cmdStop %r failed to start (%s); sending SIGTERM", self._model.id, argv, exc

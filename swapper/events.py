@@ -28,11 +28,14 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Final, Generic, TypeVar
 
+import structlog
 from aiohttp import web
 
+from swapper.phases import SwapTimeline
 from swapper.scheduler import State
 
 log = logging.getLogger("swapper.events")
+swap_log = structlog.get_logger("swapper.swaps")
 
 T = TypeVar("T")
 
@@ -77,9 +80,12 @@ class RequestTrack:
         self._bus._request_granted(self)
 
     def forwarded(self, status: int, upstream_ttfb: float) -> None:
+        """The upstream's response head came, ``upstream_ttfb`` seconds after it was sent."""
         self.status = status
         if self.waited is not None:
             self.ttfb = self.waited + upstream_ttfb
+        if self._bus._first_bytes:  # a swap waits for its first byte relayed
+            self._bus._request_forwarded(self)
 
     def failed(self, status: int) -> None:
         self.status = status
@@ -108,6 +114,9 @@ class Observer:
         """A ready child refused connections (dead with its exit not yet seen, or no longer
         listening) and is being restarted: a failure like ``child_exited``, reported instead of it."""
 
+    def swap_timed(self, timeline: SwapTimeline) -> None:
+        """A swap is complete: its first byte was relayed, or its model left ``ready`` first."""
+
     def request_started(self, req: RequestTrack) -> None:
         pass
 
@@ -130,6 +139,7 @@ _HOOKS: Final = (
     "child_start_failed",
     "child_exited",
     "child_unreachable",
+    "swap_timed",
     "request_started",
     "request_granted",
     "request_finished",
@@ -150,6 +160,7 @@ class EventBus:
         self._hooks: dict[str, tuple[Callable[..., None], ...]] = dict.fromkeys(_HOOKS, ())
         self._states: dict[str, State] = {}
         self._in_flight: dict[int, RequestTrack] = {}
+        self._first_bytes: dict[str, SwapTimeline] = {}  # model -> its swap, until a first byte
         self._closed = False
 
     def subscribe(self, observer: Observer) -> None:
@@ -194,6 +205,8 @@ class EventBus:
         for model, new in states.items():
             old = previous.get(model, State.STOPPED)
             if new is not old:
+                if new is not State.READY and model in self._first_bytes:
+                    self._swap_done(self._first_bytes.pop(model))  # no request came in time
                 self._announce(model, old, new)
 
     def _announce(self, model: str, old: State, new: State) -> None:
@@ -211,6 +224,13 @@ class EventBus:
     def child_unreachable(self, model: str, pid: int) -> None:
         self._notify("child_unreachable", model, pid)
 
+    def swap_ready(self, timeline: SwapTimeline) -> None:
+        """The run loop granted the requests waiting on a swap; its first byte relayed (the
+        first forwarded response of its model) completes it."""
+        if (earlier := self._first_bytes.pop(timeline.model, None)) is not None:
+            self._swap_done(earlier)
+        self._first_bytes[timeline.model] = timeline
+
     def track(self, req_id: int, model: str, route: str, method: str, path: str) -> RequestTrack:
         """Starts tracking one request; its handler must call ``done()`` in ``finally``."""
         req = RequestTrack(self, req_id, model, route, method, path)
@@ -226,6 +246,20 @@ class EventBus:
 
     def _request_granted(self, req: RequestTrack) -> None:
         self._notify("request_granted", req)
+
+    def _request_forwarded(self, req: RequestTrack) -> None:
+        timeline = self._first_bytes.pop(req.model, None)
+        if timeline is None:
+            return
+        at = time.monotonic()
+        if req.ttfb is not None:  # when the head came, which may be a whole body ago (routes.py)
+            at -= time.perf_counter() - (req.started + req.ttfb)
+        timeline.mark("first_byte", at)
+        self._swap_done(timeline)
+
+    def _swap_done(self, timeline: SwapTimeline) -> None:
+        swap_log.debug("swap phases", model=timeline.model, phases_ms=timeline.describe())
+        self._notify("swap_timed", timeline)
 
     def _request_done(self, req: RequestTrack) -> None:
         if self._in_flight.pop(req.req_id, None) is not None:

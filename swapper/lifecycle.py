@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from swapper import __version__, check
+from swapper import __version__, check, process
 from swapper.config import Config
 from swapper.front import FrontSite, runner_options
 from swapper.logs import LogHub
@@ -59,11 +59,14 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, hup.set)
     if killed := await asyncio.to_thread(sweep_orphans):
         log.warning("reclaimed children of a swapper that died", pids=killed)
-    # Ends our children's own forks if we are SIGKILLed (the children die with us by themselves).
+    # Ends our children and their forks if we are SIGKILLed, so they need no parent-death signal
+    # (which costs a spawn an extra exec: swapper/process.py).
     reaper = Reaper.start(owner_mark())
+    process.rely_on_reaper()
     try:
         await _serve_app(config, host, port, logs, stop, hup, config_path, watch_config, notifier)
     finally:
+        process.rely_on_reaper(False)
         await asyncio.to_thread(reaper.stop)  # every child is stopped: it finds nothing to kill
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from swapper.config import Config
 from swapper.errors import SwapperError
+from swapper.phases import StartMarks, StopMarks
 from swapper.planners import Planner
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class Started:
     model: str
     start_id: int
     error: SwapperError | None
+    marks: StartMarks | None = None  # when it spawned, exec'd, printed ready, passed the probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,7 @@ class Stopped:
     """The child of ``model`` is gone and reaped (and its memory released, where measured)."""
 
     model: str
+    marks: StopMarks | None = None  # when it was signalled and reaped (None: nothing ran)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from swapper.gpu import GpuUsage, Nvml, gpu_used_by, open_nvml
 from swapper.scheduler import State
 
 if TYPE_CHECKING:
+    from swapper.phases import SwapTimeline
     from swapper.runloop import ModelSnapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -52,6 +53,8 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # Loads: a tiny model in ~0.1 s up to a 100 GB one read from a cold disk.
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+# A swap's phases: from a fraction of a millisecond (the loop's own steps) to a large model's load.
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 @dataclass(slots=True)
@@ -163,6 +166,14 @@ class Metrics(Observer):
             ["model"],
             registry=reg,
         )
+        self.swap_phases = Histogram(
+            "swapper_swap_phase_seconds",
+            "Each phase of a swap, from the decision to the first byte relayed: stop_signal, old_exit,"
+            " stopped, pre_spawn, exec, ready_line, healthy, granted, first_byte, and their total",
+            ["model", "phase"],
+            buckets=PHASE_BUCKETS,
+            registry=reg,
+        )
         ProcessCollector(registry=reg)  # swapper's own process_* series
         self._models: dict[str, _ModelSeries] = {}
         self._routes: dict[tuple[str, str], _RouteSeries] = {}
@@ -200,6 +211,10 @@ class Metrics(Observer):
         # Counted as an unexpected exit: usually it is one whose exit was not seen yet (the stop
         # that follows makes that exit an expected one), else a child that stopped serving.
         self._count_exit(model, f"pid {pid} refused connections; restarted")
+
+    def swap_timed(self, timeline: SwapTimeline) -> None:
+        for phase, seconds in timeline.phases().items():
+            self.swap_phases.labels(timeline.model, phase).observe(seconds)
 
     def _count_exit(self, model: str, error: str) -> None:
         self._model(model).exits.inc()

@@ -3,12 +3,11 @@
 Owns: the ``SWAPPER_OWNER`` mark every child (and so every process it forks) inherits in its
 environment, and the start-up sweep that kills marked processes whose swapper is gone.
 
-Why: PR_SET_PDEATHSIG kills a child when swapper is SIGKILLed, but the kernel does not pass it
-on across fork, so a grandchild (a wrapper script's server, a docker CLI's helper) can outlive
-it holding a port or VRAM. The reaper (``swapper/reaper.py``) ends such processes the moment
-swapper dies; if the reaper could not (it was killed too), the next swapper to start finds them
-by the mark and ends them. The mark names the owner by pid *and* start time, so a reused pid
-never passes for a live owner.
+Why: a child, or a process it forked (a wrapper script's server, a docker CLI's helper), can
+outlive a SIGKILLed swapper holding a port or VRAM. The reaper (``swapper/reaper.py``) ends such
+processes the moment swapper dies; if the reaper could not (it was killed too), the next swapper
+to start finds them by the mark and ends them. The mark names the owner by pid *and* start time,
+so a reused pid never passes for a live owner.
 """
 
 from __future__ import annotations

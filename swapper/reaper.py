@@ -1,12 +1,14 @@
 """The reaper: a small process that outlives a SIGKILLed swapper just long enough to end what it
 started. ``python -m swapper.reaper MARK``, started by ``Reaper.start()``.
 
-Why: PR_SET_PDEATHSIG kills each child the moment swapper dies, but the kernel does not pass it on
-across fork, so a grandchild (a wrapper script's server, a forked helper) would live on, holding a
-port or VRAM, until the next swapper's start-up sweep (``orphans.sweep_orphans``). The reaper
-closes that gap: its stdin is a pipe whose only writer is swapper, so it reads EOF exactly when
-swapper's process ends, however it ends; it then SIGKILLs every process carrying swapper's owner
-mark (``orphans.OWNER_ENV``, which every child and everything it forks inherits) and exits.
+Why: a child must not outlive swapper, however swapper ends, and neither must what it forked (a
+wrapper script's server, a forked helper), which PR_SET_PDEATHSIG would not reach (the kernel
+does not pass it on across fork): it would live on, holding a port or VRAM, until the next
+swapper's start-up sweep (``orphans.sweep_orphans``). The reaper's stdin is a pipe whose only
+writer is swapper, so it reads EOF exactly when swapper's process ends, however it ends; it then
+SIGKILLs every process carrying swapper's owner mark (``orphans.OWNER_ENV``, which every child
+and everything it forks inherits) and exits. While it runs, children need no parent-death
+signal at all (``process.rely_on_reaper``).
 
 Owns: nothing in swapper. ``Reaper`` (in swapper) owns the reaper process and the pipe's write
 end: ``stop()`` closes it at the end of a normal shutdown, when every child is already gone, so

@@ -24,10 +24,12 @@ from typing import Any, Final, Protocol, assert_never
 import aiohttp
 import structlog
 
+from swapper import process
 from swapper.children import Child
 from swapper.config import Config
 from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
 from swapper.events import EventBus
+from swapper.h1pool import H1Pool
 from swapper.health import ensure_port_free, wait_healthy
 from swapper.logs import LogHub
 from swapper.memory import MemoryMonitor
@@ -46,6 +48,7 @@ from swapper.messages import (
     Unload,
     Unreachable,
 )
+from swapper.phases import StartMarks, StopMarks, SwapTimeline
 from swapper.planners import Planner, make_planner
 from swapper.scheduler import ModelStatus, Scheduler, State
 
@@ -85,9 +88,13 @@ class RunLoop:
         logs: LogHub | None = None,
         planner: Planner | None = None,
         events: EventBus | None = None,
+        pool: H1Pool | None = None,
     ) -> None:
         self.config = config
         self._session = session
+        # The forwarding client: health probes go through it, and a stop closes its idle
+        # connections to the child (see stop()).
+        self._pool = pool
         self._logs = logs or LogHub()
         self._events = events or EventBus()  # told of states, starts and exits; never awaited
         planner = planner or make_planner(config)
@@ -98,6 +105,10 @@ class RunLoop:
         self._spawned_at: dict[str, float] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._stopping: dict[str, asyncio.Task[None]] = {}
+        # Swap timelines (see phases.py): each start's, until Started hands it to the bus, and
+        # each stopped child's marks with when the loop learned of it, until a start takes them.
+        self._timelines: dict[str, tuple[int, SwapTimeline]] = {}
+        self._stop_marks: dict[str, tuple[StopMarks, float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[int, asyncio.Future[Lease]] = {}
         self._holders: dict[int, Holder] = {}  # req_id -> who serves it (see Holder)
@@ -242,6 +253,7 @@ class RunLoop:
         """Runs until a ``Shutdown`` has stopped every child."""
         ticker = self._spawn(self._tick_forever())
         try:
+            await asyncio.to_thread(process.prepare)  # off the first spawn's path
             if self._memory is not None:
                 # The first sample is applied before the first decision; later ones are messages.
                 await self._memory.open(self._child_pids)
@@ -298,8 +310,9 @@ class RunLoop:
                 self._replies.pop(req_id, None)
                 self._holders.pop(req_id, None)
                 self._sched.on_release(req_id, at)
-            case Started(model, start_id, error):
+            case Started(model, start_id, error, marks):
                 self._starting.pop(model, None)
+                timeline = self._timeline_of(model, start_id)
                 if error is not None:
                     self._children.pop(model, None)
                     log.warning("model failed to start", model=model, error=error.message)
@@ -311,10 +324,16 @@ class RunLoop:
                     if self._memory is not None:
                         self._memory.on_ready(model, self._pid(model))
                 self._sched.on_started(model, start_id, error, now)
-            case Stopped(model):
+                if error is None and timeline is not None and marks is not None:
+                    timeline.add_start(marks)
+                    timeline.mark("granted", time.monotonic())
+                    self._events.swap_ready(timeline)  # the bus adds the first byte relayed
+            case Stopped(model, marks):
                 self._stopping.pop(model, None)
                 self._children.pop(model, None)
                 self._spawned_at.pop(model, None)
+                if marks is not None:
+                    self._stop_marks[model] = (marks, now)
                 self._sched.on_stopped(model, now)
             case ChildExited(model, pid, returncode):
                 self._on_child_exited(model, pid, returncode, now)
@@ -387,7 +406,27 @@ class RunLoop:
         )
         self._children[model] = child
         self._spawned_at[model] = time.time()
+        self._timelines[model] = (start_id, self._new_timeline(model))
         self._starting[model] = self._spawn(self._start(child, start_id))
+
+    def _new_timeline(self, model: str) -> SwapTimeline:
+        """A timeline for the start of ``model`` being issued: the decision and the stops it
+        waited for (an advisory read of the swap: it only feeds metrics and a log line)."""
+        timeline = SwapTimeline(model)
+        if (plan := self._sched.swap_plan(model)) is not None:
+            decided, evict = plan
+            timeline.mark("decided", decided)
+            stops = [self._stop_marks.pop(v) for v in evict if v in self._stop_marks]
+            timeline.add_stops([marks for marks, _ in stops])
+            timeline.mark("stopped", max((at for _, at in stops), default=None))
+        return timeline
+
+    def _timeline_of(self, model: str, start_id: int) -> SwapTimeline | None:
+        entry = self._timelines.get(model)
+        if entry is None or entry[0] != start_id:
+            return None  # a start that was cancelled: its stop already dropped the timeline
+        del self._timelines[model]
+        return entry[1]
 
     def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
         if self._memory is not None:
@@ -395,13 +434,20 @@ class RunLoop:
         starting = self._starting.pop(model, None)
         if starting is not None:
             starting.cancel()
+        self._timelines.pop(model, None)
         # Requests still streaming from it (an unload, a reload) are cut here: a llama-server
         # with an open response ignores SIGTERM until its client hangs up, so waiting for them
         # would only turn every such stop into a SIGKILL after the grace period.
         for req_id in self._sched.in_flight(model) if cut else ():
             if (holder := self._holders.get(req_id)) is not None:
                 holder.cancel()
-        self._stopping[model] = self._spawn(self._stop(model, self._children.get(model), starting, grace))
+        child = self._children.get(model)
+        if child is not None and self._pool is not None:
+            # Before the signal (which _stop sends, a loop turn after these closes): an idle
+            # keep-alive connection holds up llama-server's exit until its connection thread
+            # next looks (every 10 ms).
+            self._pool.close_idle(child.model.proxy)
+        self._stopping[model] = self._spawn(self._stop(model, child, starting, grace))
 
     def grant(self, req_id: int, model: str) -> bool:
         reply = self._replies.pop(req_id, None)
@@ -428,8 +474,12 @@ class RunLoop:
         began = time.monotonic()
         try:
             await ensure_port_free(child.model)
+            spawning = time.monotonic()
             await child.spawn()
-            await wait_healthy(self._session, child, _health_url(child), child.model.health_check_timeout)
+            execed = time.monotonic()
+            timeout = child.model.health_check_timeout
+            await wait_healthy(self._session, child, _health_url(child), timeout, pool=self._pool)
+            healthy = time.monotonic()
         except SwapperError as exc:
             await _stop_if_spawned(child, grace=1.0)
             self._post(Started(model, start_id, exc))
@@ -438,10 +488,11 @@ class RunLoop:
             await _stop_if_spawned(child, grace=1.0)
             self._post(Started(model, start_id, ModelLoadFailed(f"start failed: {exc!r}")))
         else:
-            seconds = time.monotonic() - began
+            seconds = healthy - began
             log.debug("model healthy", model=model, seconds=round(seconds, 4))
             self._events.child_ready(model, seconds)
-            self._post(Started(model, start_id, None))
+            marks = StartMarks(spawning, execed, child.first_ready_line_at, healthy)
+            self._post(Started(model, start_id, None, marks))
 
     async def _stop(
         self, model: str, child: Child | None, starting: asyncio.Task[None] | None, grace: float
@@ -449,6 +500,7 @@ class RunLoop:
         if starting is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
+        marks = None
         if child is not None and child.pid is not None:  # a spawn that failed left nothing to stop
             release = await self._memory.watch_release(model, child.pid) if self._memory is not None else None
             returncode = await child.stop(grace=grace)
@@ -456,7 +508,8 @@ class RunLoop:
             if release is not None:
                 # Stopped only once the memory is free, so the next start cannot OOM (llama-swap #97).
                 await release.wait_released()
-        self._post(Stopped(model))
+            marks = child.stop_marks()
+        self._post(Stopped(model, marks))
 
     def _on_exit(self, child: Child, returncode: int) -> None:
         if child.pid is not None and not child.stop_requested:

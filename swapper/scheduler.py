@@ -187,6 +187,11 @@ class Scheduler:
             return None
         return self._queue.index(req) + 1
 
+    def swap_plan(self, model: str) -> tuple[float, frozenset[str]] | None:
+        """Advisory: when the swap to ``model`` in progress was decided, and what it evicts."""
+        swap = self._swaps.get(model)
+        return None if swap is None else (swap.started_at, swap.evict)
+
     def is_idle(self) -> bool:
         """No request admitted, no swap in progress, no child starting or stopping."""
         return (

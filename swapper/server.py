@@ -48,7 +48,7 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
 
 async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
     session = proxy.make_session()
-    runloop = RunLoop(app[CONFIG], session, logs=app[LOGS], events=app[EVENTS])
+    runloop = RunLoop(app[CONFIG], session, logs=app[LOGS], events=app[EVENTS], pool=proxy.pool_of(session))
     app[SESSION] = session
     app[RUNLOOP] = runloop
     task = asyncio.get_running_loop().create_task(runloop.run(), name="swapper-runloop")

@@ -25,6 +25,8 @@ Behaviour flags (all optional except --port):
   --fork-grandchild      start a sleeping grandchild (same process group, ignores SIGTERM, inherits
                          stdout/stderr) and print "GRANDCHILD <pid>"
   --print-ready          print "server is listening on http://HOST:PORT" when /health turns 200
+  --chatty-load          while loading, print a progress line every 2 ms with the number of /health
+                         probes answered so far (a server that logs its load, as llama-server does)
   --print-early-ready    print "HTTP server is listening, ..." *before* loading, as older llama-server
                          builds do (a readiness line that /health does not yet agree with)
   --alloc-mib N          allocate and touch N MiB of RAM before listening
@@ -45,7 +47,9 @@ A request with the header ``X-Fake-Delay: S`` is answered S seconds late (not a 
 ``X-Fake-Raw: <base64>`` is answered with exactly those bytes, then the connection is closed (for
 malformed, oddly framed or connection-delimited answers).
 
-Log lines go to stdout, one per request and one per state change. SIGTERM/SIGINT exit rc 0.
+Log lines go to stdout, one per request and one per state change. SIGTERM/SIGINT exit rc 0; the
+SIGTERM line says how many client connections were still open (llama-server's exit waits for an
+idle keep-alive connection to be noticed, so a proxy should close its idle ones first).
 """
 
 from __future__ import annotations
@@ -178,10 +182,12 @@ class Server:
         self.args = args
         self.name: str = args.model_name
         self.in_flight = 0
+        self.open_connections = 0
         self.term_pending = False
         self.ready_at = START + args.load_delay
         self.stream_bytes = 0  # body bytes of streamed responses, for --crash-after-bytes
         self.answered = 0  # requests other than /health, for --deaf-after
+        self.health_probes = 0
         self.listener: asyncio.Server | None = None
 
     def healthy(self) -> bool:
@@ -192,6 +198,7 @@ class Server:
 
     async def handle_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served = 0  # requests answered on this connection, /health not counted
+        self.open_connections += 1
         try:
             while True:
                 try:
@@ -218,6 +225,7 @@ class Server:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
+            self.open_connections -= 1
             writer.close()
 
     async def send_json(
@@ -378,6 +386,7 @@ class Server:
         }
 
     def health(self, req: Request) -> tuple[int, Any]:
+        self.health_probes += 1
         if self.healthy():
             return 200, {"status": "ok"}
         return 503, {"status": "loading"}
@@ -487,6 +496,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fork-grandchild", action="store_true")
     p.add_argument("--print-ready", action="store_true")
     p.add_argument("--print-early-ready", action="store_true")
+    p.add_argument("--chatty-load", action="store_true")
     p.add_argument("--alloc-mib", type=int, default=0)
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--deaf-after", type=int, default=None)
@@ -502,7 +512,8 @@ def install_signals(loop: asyncio.AbstractEventLoop, server: Server) -> None:
             server.term_pending = True
             log("SIGTERM with requests in flight: cleaning up before exit")
             return
-        exit_now(1 if server.term_pending else 0, "SIGTERM received, exiting")
+        why = f"SIGTERM received with {server.open_connections} client connections open, exiting"
+        exit_now(1 if server.term_pending else 0, why)
 
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -525,6 +536,17 @@ async def main(argv: list[str]) -> None:
     log(f"accepting connections on {args.host}:{args.port} (model loading)")
     if args.print_early_ready:
         log(f"HTTP server is listening, hostname: {args.host}, port: {args.port}")
+    background: list[asyncio.Task[None]] = []  # referenced until the end, so never collected
+    if args.chatty_load:
+
+        async def chatter() -> None:
+            step = 0
+            while not server.healthy():
+                step += 1
+                log(f"loading: step {step}, {server.health_probes} health probes so far")
+                await asyncio.sleep(0.002)
+
+        background.append(asyncio.ensure_future(chatter()))
     if args.exit_after is not None:
         loop.call_later(max(0.0, START + args.exit_after - time.monotonic()), exit_now, 2, "fake crash")
     if args.exit_during_load:
@@ -538,7 +560,7 @@ async def main(argv: list[str]) -> None:
         await srv.start_serving()
         await asyncio.get_running_loop().create_future()  # until a signal ends the process (a
         # closed listener, --deaf-after, must not end it, as serve_forever() would)
-    del ballast
+    del ballast, background
 
 
 if __name__ == "__main__":
