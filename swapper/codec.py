@@ -32,6 +32,7 @@ import httptools
 
 __all__ = [
     "CHUNK_END",
+    "PLAIN_CONNECTION",
     "MAX_FIELD",
     "MAX_HEADERS",
     "BadMessage",
@@ -71,7 +72,8 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_DROP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 # What a response re-framed as chunked drops besides the hop-by-hop headers.
 RECHUNKED_DROP: Final = HOP_BY_HOP | {b"content-length"}
-_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b""})
+# Connection values that name no other header.
+PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b""})
 
 
 class BadMessage(Exception):
@@ -83,7 +85,7 @@ def kept_fields(
 ) -> list[tuple[bytes, bytes]]:
     """``headers`` minus ``drop`` (lower-case names) and the names listed in ``connection`` (the
     message's Connection values, comma-joined): what a proxy passes on."""
-    if connection not in _PLAIN_CONNECTION:
+    if connection not in PLAIN_CONNECTION:
         drop = drop | {name.strip().lower() for name in connection.split(b",")}
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
@@ -124,44 +126,35 @@ def chunk(data: bytes) -> bytes:
 class RequestHead:
     """A request head llhttp accepted, and the facts the front door decides on.
 
-    ``target`` is the path and query as sent (an absolute-form target reduced to them), and
-    ``headers`` are the fields as received, values without trailing blanks.
+    ``target`` is the path and query as sent (an absolute-form target reduced to them);
+    ``headers`` are the fields as received, values without trailing blanks; ``forward`` is them as
+    header lines minus what a proxy drops (``REQUEST_DROP``; for the names ``connection`` lists
+    besides, see ``proxy.upstream_headers``).
     """
 
-    __slots__ = (
-        "connection",
-        "content_type",
-        "expect",
-        "headers",
-        "http11",
-        "keep_alive",
-        "length",
-        "long_line",
-        "method",
-        "path",
-        "query",
-        "target",
-        "te",
-        "upgrade",
-    )
+    # Defaults on the class: a head sets only what it has (one per request, built in one pass).
+    method = ""
+    target = ""
+    path = ""
+    query = ""
+    forward = b""
+    http11 = True
+    keep_alive = True
+    upgrade = False  # an Upgrade or CONNECT: aiohttp's business
+    # A header line over MAX_FIELD bytes: where aiohttp's own line limits apply (they differ by a
+    # few bytes with the line's place in the head), aiohttp judges.
+    long_line = False
+    length = -1  # Content-Length, -1 if none
+    te = False  # a Transfer-Encoding (llhttp accepts it only as chunked)
+    content_type: str | None = None  # the first Content-Type
+    connection = b""  # every Connection value, comma-joined
+    expect: bytes | None = None  # the Expect value, lower case
+    authorization: bytes | None = None
+    api_key: bytes | None = None  # x-api-key
+    origin: bytes | None = None
 
-    def __init__(self) -> None:
-        self.method = ""
-        self.target = ""
-        self.path = ""
-        self.query = ""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.http11 = True
-        self.keep_alive = True
-        self.upgrade = False  # an Upgrade or CONNECT: aiohttp's business
-        # A header line over MAX_FIELD bytes: where aiohttp's own line limits apply (they differ
-        # by a few bytes with the line's place in the head), aiohttp judges.
-        self.long_line = False
-        self.length = -1  # Content-Length, -1 if none
-        self.te = False  # a Transfer-Encoding (llhttp accepts it only as chunked)
-        self.content_type: str | None = None  # the first Content-Type
-        self.connection = b""  # every Connection value, comma-joined
-        self.expect: bytes | None = None  # the Expect value, lower case
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
 
     @property
     def for_aiohttp(self) -> bool:
@@ -175,15 +168,8 @@ class RequestHead:
             or self.expect not in (None, b"100-continue")
         )
 
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of header ``name`` (lower case), or None."""
-        for field, value in self.headers:
-            if field.lower() == name:
-                return value
-        return None
 
-
-# Headers whose values the reader looks at, by lower-case name.
+# Headers whose values the readers look at, by lower-case name.
 _CONTENT_LENGTH, _CONTENT_TYPE, _CONNECTION, _EXPECT, _HOST, _TE = (
     b"content-length",
     b"content-type",
@@ -192,19 +178,23 @@ _CONTENT_LENGTH, _CONTENT_TYPE, _CONNECTION, _EXPECT, _HOST, _TE = (
     b"host",
     b"transfer-encoding",
 )
-_WATCHED: Final = frozenset({_CONTENT_LENGTH, _CONTENT_TYPE, _CONNECTION, _EXPECT, _HOST, _TE})
+_AUTHORIZATION, _API_KEY, _ORIGIN = b"authorization", b"x-api-key", b"origin"
+_WATCHED: Final = frozenset(
+    {_CONTENT_LENGTH, _CONTENT_TYPE, _CONNECTION, _EXPECT, _HOST, _TE, _AUTHORIZATION, _API_KEY, _ORIGIN}
+)
+_SPECIAL: Final = _WATCHED | REQUEST_DROP  # looked at, or not forwarded
+MAX_HEAD: Final = (MAX_HEADERS + 1) * MAX_LINE  # bytes of a request head, whatever its lines
 
 
 class RequestReader:
     """llhttp's request parser for one connection, and the head it is reading.
 
-    ``feed`` a head's bytes (or part of them); once the blank line is in, ``head`` is set. Then
-    either ``feed`` the request's body (``complete`` turns True at its end, and the reader is
-    ready for the next head) or drop the reader. Raises ``BadMessage`` for anything llhttp or the
-    limits refuse; the reader is then unusable.
+    ``read_head`` feeds a head as it arrives and gives it once whole. Then either ``feed`` the
+    request's body (``complete`` turns True at its end) and call ``next``, or drop the reader.
+    Raises ``BadMessage`` for anything llhttp or the limits refuse; the reader is then unusable.
     """
 
-    __slots__ = ("_facts", "_headers", "_hosts", "_parser", "_url", "complete", "fed", "head")
+    __slots__ = ("_headers", "_parser", "_url", "complete", "fed", "head")
 
     def __init__(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
@@ -212,9 +202,7 @@ class RequestReader:
         self.complete = False
         self.fed = 0  # bytes of the current message fed so far (see read_head)
         self._url = b""
-        self._hosts = 0
         self._headers: list[tuple[bytes, bytes]] = []
-        self._facts = RequestHead()
 
     def read_head(self, buf: bytearray) -> RequestHead | None:
         """Feeds the head at the start of ``buf`` (a connection's unread bytes) as far as it has
@@ -236,6 +224,8 @@ class RequestReader:
             if end < 0:
                 if len(buf) - (buf.rfind(b"\r\n") + 2) > MAX_LINE:
                     raise BadMessage(f"a line longer than {MAX_LINE} bytes")
+                if len(buf) > MAX_HEAD:
+                    raise BadMessage(f"a head longer than {MAX_HEAD} bytes")
                 return None
             del buf[:stop]  # blank lines only: llhttp read them and waits for a request
             self.fed = 0
@@ -255,12 +245,9 @@ class RequestReader:
     # ---- llhttp callbacks ----
 
     def on_message_begin(self) -> None:
-        self.head = None
         self.complete = False
         self._url = b""
-        self._hosts = 0
         self._headers = []
-        self._facts = RequestHead()
 
     def on_url(self, url: bytes) -> None:
         url = self._url + url if self._url else url
@@ -269,47 +256,66 @@ class RequestReader:
         self._url = url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self._headers
-        if len(headers) >= MAX_HEADERS:
-            raise BadMessage(f"more than {MAX_HEADERS} header fields")
-        if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
-            raise BadMessage(f"header field longer than {MAX_FIELD} bytes")
-        if len(name) + len(value) + 2 > MAX_FIELD:
-            self._facts.long_line = True
-        if value[-1:] in (b" ", b"\t"):
-            value = value.rstrip(b" \t")
-        headers.append((name, value))
-        lower = name.lower()
-        if lower not in _WATCHED:
-            return
-        facts = self._facts
-        if lower == _CONTENT_LENGTH:
-            facts.length = int(value)  # llhttp checked it: digits, one value
-        elif lower == _CONTENT_TYPE:
-            if facts.content_type is None:
-                facts.content_type = value.decode("utf-8", "surrogateescape")
-        elif lower == _CONNECTION:
-            facts.connection = value if not facts.connection else facts.connection + b", " + value
-        elif lower == _EXPECT:
-            facts.expect = value.lower() if facts.expect is None else b"(several)"
-        elif lower == _HOST:
-            self._hosts += 1
-        else:
-            facts.te = True
+        self._headers.append((name, value))  # checked whole in on_headers_complete
 
     def on_headers_complete(self) -> None:
+        raw = self._headers
+        if len(raw) > MAX_HEADERS:
+            raise BadMessage(f"more than {MAX_HEADERS} header fields")
+        headers: list[tuple[bytes, bytes]] = []
+        head = RequestHead(headers)
+        lines: list[bytes] = []
+        hosts = 0
+        for name, value in raw:
+            value = value.rstrip(b" \t")
+            if len(name) + len(value) > MAX_FIELD - 2:
+                if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
+                    raise BadMessage(f"header field longer than {MAX_FIELD} bytes")
+                head.long_line = True
+            headers.append((name, value))
+            lower = name.lower()
+            if lower not in _SPECIAL:
+                lines += (name, b": ", value, b"\r\n")
+                continue
+            if lower == _CONTENT_TYPE:
+                if head.content_type is None:
+                    head.content_type = value.decode("utf-8", "surrogateescape")
+            elif lower == _CONTENT_LENGTH:
+                head.length = int(value)  # llhttp checked it: digits, one value
+                continue
+            elif lower == _HOST:
+                hosts += 1
+                continue
+            elif lower == _CONNECTION:
+                head.connection = value if not head.connection else head.connection + b", " + value
+                continue
+            elif lower == _AUTHORIZATION:
+                head.authorization = head.authorization or value
+            elif lower == _API_KEY:
+                head.api_key = head.api_key or value
+            elif lower == _ORIGIN:
+                head.origin = head.origin or value
+            elif lower == _EXPECT:
+                head.expect = value.lower() if head.expect is None else b"(several)"
+                continue
+            elif lower == _TE:
+                head.te = True
+                continue
+            else:  # hop-by-hop: not forwarded
+                continue
+            lines += (name, b": ", value, b"\r\n")
+        head.forward = b"".join(lines)
         parser = self._parser
-        facts = self._facts
-        facts.headers = self._headers
-        facts.method = parser.get_method().decode()
-        facts.http11 = parser.get_http_version() == "1.1"
-        facts.keep_alive = parser.should_keep_alive()
-        facts.upgrade = parser.should_upgrade()
-        if facts.http11 and self._hosts != 1:
+        head.method = parser.get_method().decode()
+        if parser.get_http_version() != "1.1":
+            head.http11 = False
+        elif hosts != 1:
             # RFC 9112 §3.2; aiohttp refuses both cases too.
-            raise BadMessage("missing Host header" if not self._hosts else "more than one Host header")
-        facts.target, facts.path, facts.query = _origin_form(self._url, facts.method)
-        self.head = facts
+            raise BadMessage("missing Host header" if not hosts else "more than one Host header")
+        head.keep_alive = parser.should_keep_alive()
+        head.upgrade = parser.should_upgrade()
+        head.target, head.path, head.query = _origin_form(self._url, head.method)
+        self.head = head
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -347,26 +353,29 @@ def _refusal(exc: httptools.HttpParserError) -> BadMessage:
 
 
 class ResponseReader:
-    """llhttp's response parser for one response on one upstream connection.
+    """llhttp's response parser for the responses on one upstream connection, one at a time.
 
-    ``on_head()`` is called once the (final, non-interim) head is in, ``on_body(data)`` with each
-    piece of de-chunked body, ``on_end()`` at its end; ``feed`` raises ``BadMessage`` for what llhttp
-    or the limits refuse, and for bytes after the end. For a response to HEAD (``head_only``) the
-    body is taken to be empty whatever the head says.
+    ``start`` a response; then ``on_head()`` is called once its (final, non-interim) head is in,
+    ``on_body(data)`` with each piece of de-chunked body, ``on_end()`` at its end. ``feed`` raises
+    ``BadMessage`` for what llhttp or the limits refuse, and for bytes after the end. For a
+    response to HEAD (``head_only``) the body is taken to be empty whatever the head says.
 
     Content-Length beside a chunked Transfer-Encoding is accepted (RFC 9112 §6.3: the chunking
-    wins); ``both_framings`` says it happened, so the connection is not reused, and the
-    Content-Length is never forwarded (``forward_drop``).
+    wins); ``both_framings`` says it happened, so the connection is not reused, and that
+    Content-Length is never forwarded (``forward``).
     """
 
     __slots__ = (
         "_ended",
         "_fed",
         "_head_only",
+        "_length_line",
+        "_lines",
         "_on_body",
         "_on_end",
         "_on_head",
         "_parser",
+        "_raw",
         "_reason",
         "chunked",
         "connection",
@@ -381,20 +390,26 @@ class ResponseReader:
     )
 
     def __init__(
-        self,
-        on_head: Callable[[], None],
-        on_body: Callable[[bytes], None],
-        on_end: Callable[[], None],
-        *,
-        head_only: bool = False,
+        self, on_head: Callable[[], None], on_body: Callable[[bytes], None], on_end: Callable[[], None]
     ) -> None:
-        self._parser = httptools.HttpResponseParser(self)
-        self._parser.set_dangerous_leniencies(lenient_chunked_length=True)
         self._on_head, self._on_body, self._on_end = on_head, on_body, on_end
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head_only = False
+        self._ended = True
+        self.start(head_only=False)
+
+    def start(self, *, head_only: bool) -> None:
+        """Readies the reader for the next response (to a HEAD request: ``head_only``)."""
+        if self._parser is None or head_only or self._head_only or not self._ended:
+            # llhttp resets itself after a complete response; after a HEAD (whose body llhttp
+            # was not told to skip) or a broken one, it starts afresh.
+            self._parser = httptools.HttpResponseParser(self)
+            self._parser.set_dangerous_leniencies(lenient_chunked_length=True)
         self._head_only = head_only
         self._ended = False
         self._fed = 0  # head bytes fed so far (bounded by MAX_RESPONSE_HEAD)
         self._reason = b""
+        self._raw: list[tuple[bytes, bytes]] = []
         self.status = 0  # 0 until the head is in
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -405,17 +420,24 @@ class ResponseReader:
         self.sized = False  # a Content-Length
         self.until_close = False  # the body ends with the connection
         self.keep_alive = False
+        self._lines = b""  # the forwarded header lines, without Content-Length
+        self._length_line = b""
 
     @property
     def both_framings(self) -> bool:
         return self.te and self.sized
 
-    @property
-    def forward_drop(self) -> frozenset[bytes]:
-        """What the client's copy of the head drops, if the body keeps its framing."""
-        return RECHUNKED_DROP if self.te else HOP_BY_HOP
+    def forward(self, rechunked: bool) -> bytes:
+        """The header lines a client's copy of the head carries: minus hop-by-hop ones and, for
+        a body that goes out re-chunked (or came with both framings), minus Content-Length."""
+        if self.connection not in PLAIN_CONNECTION:  # it names more hop-by-hop headers
+            return forwardable(self.headers, self.connection, RECHUNKED_DROP if rechunked else HOP_BY_HOP)
+        if rechunked or self.te:
+            return self._lines
+        return self._lines + self._length_line
 
     def feed(self, data: bytes) -> None:
+        assert self._parser is not None
         if self.status == 0:
             self._fed += len(data)
         try:
@@ -444,48 +466,53 @@ class ResponseReader:
         if self._ended:
             raise BadMessage("upstream sent bytes after the end of its response")
         self._reason = b""
-        self.headers = []
+        self._raw = []
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.status:
-            return  # a trailer field: not forwarded
-        headers = self.headers
-        if len(headers) >= MAX_HEADERS:
-            raise BadMessage(f"more than {MAX_HEADERS} header fields")
-        if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
-            raise BadMessage(f"header field longer than {MAX_FIELD} bytes")
-        if value[-1:] in (b" ", b"\t"):
-            value = value.rstrip(b" \t")
-        headers.append((name, value))
+        if not self.status:  # after the head: a trailer field, not forwarded
+            self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None
         status = parser.get_status_code()
         if 100 <= status < 200:
             return  # an interim answer (101 raises HttpParserUpgrade): the real one follows
-        for name, value in self.headers:
+        raw = self._raw
+        if len(raw) > MAX_HEADERS:
+            raise BadMessage(f"more than {MAX_HEADERS} header fields")
+        headers = self.headers
+        lines: list[bytes] = []
+        for name, value in raw:
+            value = value.rstrip(b" \t")
+            if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
+                raise BadMessage(f"header field longer than {MAX_FIELD} bytes")
+            headers.append((name, value))
             lower = name.lower()
-            if lower == _CONTENT_TYPE:
-                if not self.content_type:
+            if lower not in HOP_BY_HOP and lower != _CONTENT_LENGTH:
+                lines += (name, b": ", value, b"\r\n")
+                if lower == _CONTENT_TYPE and not self.content_type:
                     self.content_type = value.lower()
+            elif lower == _CONTENT_LENGTH:
+                self.sized = True
+                self._length_line = b"%s: %s\r\n" % (name, value)
             elif lower == _TE:
                 self.te = True
                 self.chunked = value.rstrip().lower().endswith(b"chunked")
-            elif lower == _CONTENT_LENGTH:
-                self.sized = True
             elif lower == _CONNECTION:
                 self.connection = value if not self.connection else self.connection + b", " + value
-        self.keep_alive = parser.should_keep_alive() and not self.both_framings
+        self._lines = b"".join(lines)
+        self.keep_alive = parser.should_keep_alive() and not (self.te and self.sized)
         bodiless = self._head_only or status in (204, 304)
         self.until_close = not bodiless and not self.chunked and not (self.sized and not self.te)
         self.reason = self._reason
         self.status = status
         self._on_head()
         if self._head_only:
-            self._end()  # llhttp was not told about HEAD: it is dropped with this reader
+            self._end()  # llhttp was not told about HEAD: the next response gets a new parser
 
     def on_body(self, data: bytes) -> None:
         if self._ended:

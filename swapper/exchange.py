@@ -110,7 +110,7 @@ class Exchange:
         self.cut: Callable[[Exchange], None] | None = None  # ends it when it has no task
         self.sent: Connection | None = None  # sent with send_now, no response head yet
         self.upstream: Response | None = None
-        self.url = URL()
+        self.url = _NO_URL
         self.out = b""  # the body as it goes upstream
         self.started = 0.0  # perf_counter when it last went upstream
         self.finished = False
@@ -208,6 +208,9 @@ class Exchange:
             self.upstream = None
         self.runloop.release(self.req_id)
         self.track.done()
+
+
+_NO_URL = URL()
 
 
 @functools.lru_cache(maxsize=1024)

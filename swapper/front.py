@@ -50,13 +50,11 @@ from aiohttp import web
 from swapper import auth, modelid, proxy
 from swapper.codec import (
     CHUNK_END,
-    HOP_BY_HOP,
-    RECHUNKED_DROP,
+    PLAIN_CONNECTION,
     BadMessage,
     RequestHead,
     RequestReader,
     chunk,
-    forwardable,
     response_head,
 )
 from swapper.errors import Answer, BadRequest, SwapperError, UpstreamError, error_answer
@@ -335,7 +333,7 @@ class FrontConn(asyncio.Protocol):
         front = self._front
         if front.keys and head.path not in auth.OPEN_PATHS and not self._key_ok(head):
             return self._hand_off()
-        origin = head.header(b"origin")
+        origin = head.origin
         answer = ANSWERED_GETS[head.path](
             front.parts()[0], None if origin is None else origin.decode("utf-8", "surrogateescape")
         )
@@ -347,7 +345,7 @@ class FrontConn(asyncio.Protocol):
         return not close
 
     def _key_ok(self, head: RequestHead) -> bool:
-        return auth.allows(self._front.keys, head.header(b"authorization"), head.header(b"x-api-key"))
+        return auth.allows(self._front.keys, head.authorization, head.api_key)
 
     def _hand_off(self, first: bytes = b"") -> bool:
         """Gives this connection, with ``first`` and every byte buffered, to aiohttp for good."""
@@ -404,7 +402,7 @@ class FrontConn(asyncio.Protocol):
             method=head.method,
             target=upstream_path(head.target),
             content_type=head.content_type,
-            headers=proxy.upstream_headers(head.headers, identity=False, connection=head.connection),
+            headers=_forwarded(head),
             body=body,
         )
         ex.cut = self._cut
@@ -639,6 +637,14 @@ class FrontConn(asyncio.Protocol):
 _TIMEOUT: Final = SwapperError("request head not received in time", status=408, code="request_timeout")
 
 
+def _forwarded(head: RequestHead) -> bytes:
+    """The header lines ``head`` goes upstream with."""
+    if head.connection in PLAIN_CONNECTION:
+        return head.forward
+    # Its Connection names more hop-by-hop headers (RFC 9110 §7.6.1).
+    return proxy.upstream_headers(head.headers, identity=False, connection=head.connection)
+
+
 def _query(query: str) -> dict[str, str]:
     """The query's fields, the first value of each (as aiohttp's ``request.query.get`` gives)."""
     fields: dict[str, str] = {}
@@ -650,9 +656,8 @@ def _query(query: str) -> dict[str, str]:
 def _answer_head(upstream: Response, close: bool) -> tuple[bytes, bool]:
     """The head of the client's answer to ``upstream``, and whether its body goes out chunked
     (the upstream's was, or had no length)."""
-    reader = upstream.reader
     chunked = upstream.status not in _BODILESS and not upstream.sized
-    lines = forwardable(reader.headers, reader.connection, RECHUNKED_DROP if chunked else HOP_BY_HOP)
+    lines = upstream.reader.forward(chunked)
     if chunked:
         lines += b"Transfer-Encoding: chunked\r\n"
     if upstream.sse:

@@ -84,7 +84,7 @@ class Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
-        self.reader: ResponseReader | None = None
+        self.reader = ResponseReader(self._got_head, self._got_body, self._got_end)
         self._chunks: list[bytes] = []  # body bytes parsed and not yet read
         self._unread = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -107,7 +107,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         state = self._state
-        if state == _BODY and exc is None and self.reader is not None and self.reader.eof():
+        if state == _BODY and exc is None and self.reader.eof():
             pass  # a body delimited by the connection's end: _end() completed it
         elif state not in (_IDLE, _DONE) and self._exc is None:
             why = "closed the connection" if exc is None else f"reset the connection ({exc!r})"
@@ -132,7 +132,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
-        if self._state in (_IDLE, _DONE) or self._exc is not None or reader is None:
+        if self._state in (_IDLE, _DONE) or self._exc is not None:
             # Bytes nobody asked for (after a complete response, or while pooled): the connection
             # is out of step with the upstream and cannot be reused.
             self._fail(ProtocolError("upstream sent data outside a response"))
@@ -183,7 +183,7 @@ class Connection(asyncio.Protocol):
     # ---- used by H1Pool and Response ----
 
     def start(self, head_only: bool) -> None:
-        self.reader = ResponseReader(self._got_head, self._got_body, self._got_end, head_only=head_only)
+        self.reader.start(head_only=head_only)
         self._state = _HEAD
         self._got_bytes = False
 
@@ -241,11 +241,9 @@ class Connection(asyncio.Protocol):
         return self._state == _DONE and not self._chunks
 
     def reusable(self) -> bool:
-        reader = self.reader
         return (
             self._state == _DONE
-            and reader is not None
-            and reader.keep_alive
+            and self.reader.keep_alive
             and not self._lost
             and not self._chunks
             and self._exc is None
@@ -295,7 +293,6 @@ class Connection(asyncio.Protocol):
     def reset(self) -> None:
         self._notify = None
         self._state = _IDLE
-        self.reader = None
         self._sink = None
 
     def abandon(self) -> None:
@@ -304,8 +301,7 @@ class Connection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.keep_alive = False
+        self.reader.keep_alive = False
         if self.transport is not None:
             self.transport.close()
 
@@ -345,10 +341,10 @@ class Response:
 
     def __init__(self, pool: H1Pool, conn: Connection) -> None:
         reader = conn.reader
-        assert reader is not None and reader.status
+        assert reader.status
         self._pool = pool
         self._conn: Connection | None = conn
-        self.reader = reader  # the head's facts: framing, Content-Type, Connection
+        self.reader = reader  # the head's facts (framing, Content-Type...), valid until close()
         self.status = reader.status
         self.reason = reader.reason
         self._headers: CIMultiDictProxy[str] | None = None

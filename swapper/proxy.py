@@ -34,7 +34,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
-from swapper.codec import REQUEST_DROP, forwardable, kept_fields
+from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, REQUEST_DROP, forwardable, kept_fields
 from swapper.errors import UpstreamError, UpstreamRefused
 from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 
@@ -189,7 +189,8 @@ async def relay(
         resp = _CoalescingResponse(status=upstream.status, reason=reason)
     reader = upstream.reader
     headers = resp.headers
-    for name, value in kept_fields(reader.headers, reader.connection, reader.forward_drop):
+    drop = RECHUNKED_DROP if reader.te else HOP_BY_HOP
+    for name, value in kept_fields(reader.headers, reader.connection, drop):
         headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
     if sse:
         headers["X-Accel-Buffering"] = "no"  # nginx and friends in front of us must not buffer SSE
