@@ -71,7 +71,8 @@ class Peak:
 
 
 async def send_until_refused(port: int, pattern: bytes, limit: int) -> tuple[int, str]:
-    """Sends ``pattern`` repeatedly without reading; the bytes sent and how it ended."""
+    """Sends ``pattern`` repeatedly without reading; the bytes sent (whole batches) and how it
+    ended."""
     sock = await connect(port)
     loop = asyncio.get_running_loop()
     batch = pattern * max(1, 65536 // len(pattern))
@@ -80,7 +81,8 @@ async def send_until_refused(port: int, pattern: bytes, limit: int) -> tuple[int
         while sent < limit:
             try:
                 async with asyncio.timeout(2.0):
-                    sent += await loop.sock_send(sock, batch)
+                    await loop.sock_sendall(sock, batch)
+                sent += len(batch)
             except TimeoutError:
                 return sent, "swapper stopped reading"
             except OSError as exc:
