@@ -356,7 +356,8 @@ class ResponseReader:
     """llhttp's response parser for the responses on one upstream connection, one at a time.
 
     ``start`` a response; then ``on_head()`` is called once its (final, non-interim) head is in,
-    ``on_body(data)`` with each piece of de-chunked body, ``on_end()`` at its end. ``feed`` raises
+    each piece of de-chunked body is appended to ``body`` (by llhttp's callback itself: no Python
+    call per chunk), and ``on_end()`` is called at its end. ``feed`` raises
     ``BadMessage`` for what llhttp or the limits refuse, and for bytes after the end. For a
     response to HEAD (``head_only``) the body is taken to be empty whatever the head says.
 
@@ -371,9 +372,9 @@ class ResponseReader:
         "_head_only",
         "_length_line",
         "_lines",
-        "_on_body",
         "_on_end",
         "_on_head",
+        "_body",
         "_parser",
         "_raw",
         "_reason",
@@ -382,6 +383,7 @@ class ResponseReader:
         "content_type",
         "headers",
         "keep_alive",
+        "on_body",
         "reason",
         "sized",
         "status",
@@ -389,10 +391,10 @@ class ResponseReader:
         "until_close",
     )
 
-    def __init__(
-        self, on_head: Callable[[], None], on_body: Callable[[bytes], None], on_end: Callable[[], None]
-    ) -> None:
-        self._on_head, self._on_body, self._on_end = on_head, on_body, on_end
+    def __init__(self, on_head: Callable[[], None], body: list[bytes], on_end: Callable[[], None]) -> None:
+        self._on_head, self._on_end = on_head, on_end
+        self._body = body
+        self.on_body = body.append  # llhttp's on_body callback (read when a parser is made)
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False
         self._ended = True
@@ -448,6 +450,8 @@ class ResponseReader:
             raise _refusal(exc) from None
         if self.status == 0 and self._fed > MAX_RESPONSE_HEAD:
             raise BadMessage(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+        if self._head_only and self._body:
+            raise BadMessage("upstream sent a body after its response to HEAD")
 
     def eof(self) -> bool:
         """The connection ended: True if that completed the body (it is delimited by the end)."""
@@ -513,11 +517,6 @@ class ResponseReader:
         self._on_head()
         if self._head_only:
             self._end()  # llhttp was not told about HEAD: the next response gets a new parser
-
-    def on_body(self, data: bytes) -> None:
-        if self._ended:
-            raise BadMessage("upstream sent a body after its response to HEAD")
-        self._on_body(data)
 
     def on_message_complete(self) -> None:
         if self.status == 0:

@@ -84,9 +84,8 @@ class Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
-        self.reader = ResponseReader(self._got_head, self._got_body, self._got_end)
         self._chunks: list[bytes] = []  # body bytes parsed and not yet read
-        self._unread = 0
+        self.reader = ResponseReader(self._got_head, self._chunks, self._got_end)
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Callable[[bytes, bool], None] | None = None  # see Response.pipe
         self._notify: Callable[[], None] | None = None  # see H1Pool.send_now
@@ -149,7 +148,7 @@ class Connection(asyncio.Protocol):
             if self._state == _DONE:
                 self._wake()  # a piped body only wakes its reader at the end
             return
-        if self._unread > HIGH_WATER and not self._paused and self.transport is not None:
+        if not self._paused and sum(map(len, self._chunks)) > HIGH_WATER and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
@@ -162,10 +161,6 @@ class Connection(asyncio.Protocol):
     def _got_head(self) -> None:
         self._state = _BODY
 
-    def _got_body(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._unread += len(data)
-
     def _got_end(self) -> None:
         self._state = _DONE
 
@@ -173,7 +168,6 @@ class Connection(asyncio.Protocol):
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        self._unread = 0
         assert self._sink is not None
         sink, last = self._sink, self._state == _DONE
         if last:
@@ -226,7 +220,6 @@ class Connection(asyncio.Protocol):
             if chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
-                self._unread = 0
                 if self._paused and self.transport is not None and not self._lost:
                     self._paused = False
                     self.transport.resume_reading()
@@ -287,7 +280,6 @@ class Connection(asyncio.Protocol):
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        self._unread = 0
         return data
 
     def reset(self) -> None:

@@ -270,7 +270,7 @@ def h1pool_view(data: bytes) -> Answer | str:
     fails (a refused or cut short answer). Bytes after a complete answer only cost the
     connection its reuse."""
     body: list[bytes] = []
-    reader = ResponseReader(lambda: None, body.append, lambda: None)
+    reader = ResponseReader(lambda: None, body, lambda: None)
     try:
         reader.feed(data)
     except BadMessage:
