@@ -141,7 +141,9 @@ async def _handle(request: web.Request, resolver: PathResolver) -> web.StreamRes
         ex.granted(await ex.acquire())
         track.granted()
         upstream = await ex.send()
-        return (await proxy.relay(request, upstream)).response
+        relayed = await proxy.relay(request, upstream, capture=track.capture)
+        track.tail = relayed.tail
+        return relayed.response
     except SwapperError as err:
         track.failed(err.status)
         return error_response(err)
