@@ -107,7 +107,9 @@ def middleware(keys: Iterable[str]) -> Middleware:
             remote=request.remote,
             reason="invalid API key" if presented else "no API key",
         )
-        headers = dict(challenge)
+        # A page's script says so with X-Requested-With: it asks for the key itself, and a
+        # challenge would make the browser stop the request for a login prompt of its own.
+        headers = {} if "X-Requested-With" in request.headers else dict(challenge)
         # Without this a browser page reports a bare network error instead of the 401.
         if origin := request.headers.get(hdrs.ORIGIN):
             headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin

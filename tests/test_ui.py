@@ -59,6 +59,11 @@ async def test_with_api_keys_the_ui_loads_but_its_data_needs_the_key(aiohttp_cli
     r = await client.get("/api/metrics", headers={"Authorization": "Bearer sekret"})
     assert r.status == 200 and await r.json() == []
     assert (await client.post("/api/models/load/a")).status == 401
+    # A page's script gets its 401 without the Basic challenge that would make the browser stop
+    # the request for a login prompt; other clients keep the challenge.
+    assert (await client.get("/api/metrics")).headers["WWW-Authenticate"] == 'Basic realm="swapper"'
+    r = await client.get("/api/metrics", headers={"X-Requested-With": "XMLHttpRequest"})
+    assert r.status == 401 and "WWW-Authenticate" not in r.headers
 
 
 async def test_load_starts_a_model_and_answers_once_it_is_ready(aiohttp_client: ClientFactory) -> None:

@@ -26,6 +26,7 @@ function askKey(why) {
 export async function api(path, options = {}) {
   for (;;) {
     const headers = new Headers(options.headers || {});
+    headers.set('X-Requested-With', 'XMLHttpRequest'); // a 401 without a login prompt (see auth.py)
     const key = localStorage.getItem(KEY);
     if (key) headers.set('Authorization', `Bearer ${key}`);
     const resp = await fetch(path, { ...options, headers });
@@ -164,10 +165,18 @@ export function h(tag, attrs, ...children) {
   return el;
 }
 
+// A table; each cell is labelled with its column's header, which narrow screens show beside it.
 export function table(headers, rows, attrs = {}) {
+  const numeric = new Set();
+  for (const row of rows) {
+    [...row.children].forEach((cell, i) => {
+      cell.dataset.label = headers[i] || '';
+      if (cell.classList.contains('num')) numeric.add(i);
+    });
+  }
   return h('div', { class: 'scroll' },
     h('table', attrs,
-      h('thead', null, h('tr', null, headers.map((t) => h('th', null, t)))),
+      h('thead', null, h('tr', null, headers.map((t, i) => h('th', { class: numeric.has(i) ? 'num' : null }, t)))),
       h('tbody', null, rows)));
 }
 
