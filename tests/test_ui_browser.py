@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.realstack import SwapperProcess, demo_missing, derived_config, running_swapper, wait_for
+from tests.realstack import WAV, SwapperProcess, demo_missing, derived_config, running_swapper, wait_for
 
 CHROMIUM = os.environ.get("SWAPPER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -215,6 +215,30 @@ def test_playground_streams_a_reply_and_activity_lists_it(
     expect(row.locator('[data-role="prompt"]')).to_have_text(str(tokens["input_tokens"]))
     expect(row.locator('[data-role="speed"]')).to_have_text(f"{tokens['tokens_per_second']:.1f}")
     page.screenshot(path=shots / "activity.png")
+
+
+def test_playground_embeds_and_transcribes(stack: SwapperProcess, page: Any, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    goto(page, stack.url, "playground")
+    page.get_by_role("tab", name="Embeddings").click()
+    page.select_option("#emb-model", "embed")
+    page.get_by_role("button", name="Embed").click()
+    expect(page.locator("#emb-out")).to_contain_text(re.compile(r"^\d+ dimensions: \[-?\d"))
+    page.get_by_role("tab", name="Transcription").click()
+    expect(page.locator("#stt-model")).to_have_value("whisper")  # the audio model is the default
+    page.set_input_files("#stt-file", str(WAV))
+    page.get_by_role("button", name="Transcribe").click()
+    out = page.locator("#stt-out")
+    expect(out).not_to_have_text("Transcribing…", timeout=90_000)  # a slow tiny whisper on 2 cores
+    assert not out.inner_text().startswith("Error"), out.inner_text()
+    entry = stack.json("GET", "/api/metrics")[-1]
+    assert (entry["req_path"], entry["model"], entry["resp_status_code"]) == (
+        "/v1/audio/transcriptions",
+        "whisper",
+        200,
+    )
+    page.screenshot(path=shots / "playground-transcription.png")
 
 
 def test_status_page_shows_the_planner_and_samples(stack: SwapperProcess, page: Any, shots: Path) -> None:
