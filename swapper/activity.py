@@ -309,7 +309,9 @@ class Record:
         self.status = req.status
         self.waited = req.waited
         self.ttfb = req.ttfb
-        self.duration = duration
+        # The front door tracks an inline request just after sending it, and times its TTFB from
+        # the send: the two may differ by microseconds, never by a duration shorter than its TTFB.
+        self.duration = duration if req.ttfb is None else max(duration, req.ttfb)
         self.content_type = req.content_type
         self.tail = req.tail
         self._tokens: Tokens | None = None

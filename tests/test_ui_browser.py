@@ -3,7 +3,8 @@ on the shipped config (real llama-server children from ``python -m swapper.demo 
 
 Chromium comes from Debian (``apt-get install chromium``; ``.ci/run`` installs it), never from a
 browser download: Playwright is given its ``executable_path``. Without it (or the demo models)
-the module is skipped, except under CI (``CI`` set), where that is a failure.
+the module is skipped, except under CI (``CI`` set), where that is a failure. It runs once: CI's
+second pass on asyncio's own loop (``SWAPPER_TEST_LOOP=asyncio``) skips it.
 
 Every page is saved as a screenshot, at 1280x800 and at phone width (390x844), under
 ``SWAPPER_UI_SCREENSHOTS`` when set, else a pytest temporary directory (printed with ``-s``).
@@ -54,6 +55,10 @@ MISSING = _missing()
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    if os.environ.get("SWAPPER_TEST_LOOP") == "asyncio":
+        # CI's second run, for the in-process tests: these drive a swapper process (on the
+        # CLI's own loop either way), so a second run would test nothing new.
+        pytest.skip("the browser tests run once, with the default test loop")
     if MISSING is not None:
         if os.environ.get("CI"):
             pytest.fail(f"the browser tests cannot run in CI: {MISSING}")
