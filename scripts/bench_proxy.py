@@ -18,6 +18,8 @@ One run, rounds alternating the two targets (the order flips every round), media
   request); on a VM whose wake-ups got dearer nginx pays that too, and this column shows by how much;
 * with ``--baseline DIR``, another checkout of swapper (say a worktree of the previous commit) in
   the same rounds, on its own copy of the upstream: a before/after comparison in one run;
+* with ``--recording-off``, this checkout again with its activity log off (``metricsMaxInMemory:
+  0``), on its own copy of the upstream: what recording each request for the web UI costs;
 * for the llama upstream, llama.cpp's own router mode (``llama-server --models-dir``, the same
   binary and model, its child started with the same flags) as a second reference (``--no-router``
   leaves it out). Its "vs direct" figures are against its own child, reached directly in the same
@@ -466,7 +468,7 @@ async def nginx(binary: str, up_port: int) -> AsyncIterator[Swapper]:
 
 # A proxy whose upstream is not swapper's child is compared with its own upstream reached directly
 # (in the same rounds, not shown as a column): llama.cpp's router starts its own llama-server.
-DIRECT_OF = {"router": "router's child", "baseline": "baseline's child"}
+DIRECT_OF = {"router": "router's child", "baseline": "baseline's child", "rec-off": "rec-off's child"}
 
 
 def child_port(proc: psutil.Process) -> int:
@@ -566,15 +568,19 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
         sw = await stack.enter_async_context(swapper(config))
         proxies = {"swapper": sw}
         await run_requests(sw.port, post("/v1/chat/completions", small_body, sw.port), 50, 1)  # loads it
-        base_port = 0
+        # Variants with a child of their own, on the same config, in the same rounds: another
+        # checkout of swapper (an A/B in one run), and this one with its activity log off.
+        variants = []
         if args.baseline:
-            # Another checkout of swapper with its own child, on the same config: an A/B in one run.
-            base_port = free_port()
-            base_config = (
-                fast_config(base_port, free_port(), args) if name == "fast" else llama_config(base_port, args)
-            )
-            base = proxies["baseline"] = await stack.enter_async_context(swapper(base_config, args.baseline))
-            await run_requests(base.port, post("/v1/chat/completions", small_body, base.port), 50, 1)
+            variants.append(("baseline", args.baseline, ""))
+        if args.recording_off:
+            variants.append(("rec-off", ROOT, "metricsMaxInMemory: 0\n"))
+        variant_ports = {}
+        for target, root, extra in variants:
+            port = variant_ports[target] = free_port()
+            config_v = fast_config(port, free_port(), args) if name == "fast" else llama_config(port, args)
+            v = proxies[target] = await stack.enter_async_context(swapper(extra + config_v, root))
+            await run_requests(v.port, post("/v1/chat/completions", small_body, v.port), 50, 1)
         if args.nginx:
             proxies["nginx"] = await stack.enter_async_context(nginx(args.nginx, up_port))
         names = {"router": LLAMA_MODEL.stem}  # the model's name where it is not ``model``
@@ -588,8 +594,8 @@ async def bench_upstream(name: str, args: argparse.Namespace) -> None:
             port = proxies["router"].port
             await run_requests(port, post_as("router", small_body, port), 5, 1)
         ports = {"direct": up_port} | {t: p.port for t, p in proxies.items()}
-        if base_port:
-            ports[DIRECT_OF["baseline"]] = base_port
+        for target, port in variant_ports.items():
+            ports[DIRECT_OF[target]] = port
         if "router" in proxies:
             names[DIRECT_OF["router"]] = names["router"]
             ports[DIRECT_OF["router"]] = child_port(proxies["router"].proc)
@@ -716,7 +722,9 @@ def report(
 ) -> None:
     m = res.med
     fast = name == "fast"
-    proxies = [t for t in ("swapper", "baseline", "nginx", "router") if t in res.rows.get("c1 p50", {})]
+    proxies = [
+        t for t in ("swapper", "rec-off", "baseline", "nginx", "router") if t in res.rows.get("c1 p50", {})
+    ]
 
     def row(
         label: str, direct: str = "", cells: dict[str, tuple[str, str]] | None = None, target: str = ""
@@ -814,6 +822,12 @@ async def main() -> None:
         default=None,
         help="another swapper checkout (a git worktree of an older commit, say) run in the same rounds "
         "as a 'baseline' column, with its own child; its 'vs direct' figures are against that child",
+    )
+    ap.add_argument(
+        "--recording-off",
+        action="store_true",
+        help="also run this checkout with its activity log off (metricsMaxInMemory: 0) as a 'rec-off' "
+        "column, with its own child: the web UI's recording cost, on and off in the same rounds",
     )
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

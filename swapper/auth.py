@@ -1,4 +1,4 @@
-"""``apiKeys``: every route but ``/health`` and CORS preflights needs one of the configured keys.
+"""``apiKeys``: every route but ``/health``, CORS preflights and the UI's files needs a configured key.
 
 Owns: nothing mutable. ``middleware(keys)`` returns an aiohttp middleware closed over the keys; the
 server installs it only when ``apiKeys`` is non-empty, so a keyless setup pays nothing per request.
@@ -28,6 +28,7 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from swapper import ui
 from swapper.errors import Unauthorized
 from swapper.routes import error_response
 
@@ -94,7 +95,7 @@ def middleware(keys: Iterable[str]) -> Middleware:
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method == hdrs.METH_OPTIONS or request.path in OPEN_PATHS:
+        if request.method == hdrs.METH_OPTIONS or request.path in OPEN_PATHS or ui.is_public(request):
             return await handler(request)
         presented = presented_keys(request.headers)
         if key_matches(presented, wanted):
@@ -106,7 +107,9 @@ def middleware(keys: Iterable[str]) -> Middleware:
             remote=request.remote,
             reason="invalid API key" if presented else "no API key",
         )
-        headers = dict(challenge)
+        # A page's script says so with X-Requested-With: it asks for the key itself, and a
+        # challenge would make the browser stop the request for a login prompt of its own.
+        headers = {} if "X-Requested-With" in request.headers else dict(challenge)
         # Without this a browser page reports a bare network error instead of the 401.
         if origin := request.headers.get(hdrs.ORIGIN):
             headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin

@@ -37,6 +37,8 @@ Additions of our own, all optional (llama-swap has none of them):
 * ``concurrencyLimit`` at top level: the default for every model (llama-swap: per model only).
 * ``logFormat``: ``console`` or ``json``. ``loadingStateMode``: ``reasoning`` or ``comments``.
 * ``requestHeaderTimeout``: seconds a client may take to send a request head, from its first byte.
+* ``metricsMaxInMemory`` (llama-swap's key) may be 0: no activity log at all. ``captureBuffer``
+  (llama-swap's, in MB, or a size string) defaults to 0 (off) here, 5 MB there.
 * ``routing.router.use: memory`` with ``settings.memory`` (``gpuBudget``, ``ramBudget``,
   ``reserve``, ``stateFile``, ``releaseTimeout``), and per model ``memory: {estimate, device}``
   (or ``memoryEstimate``). Sizes are byte counts or strings like ``"512MiB"``, ``"2GB"``, ``"8G"``
@@ -69,6 +71,7 @@ DEFAULT_MAX_WAIT = 30.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUED = 1000
 DEFAULT_REQUEST_HEADER_TIMEOUT = 20.0
+DEFAULT_ACTIVITY_RECORDS = 1000  # llama-swap's metricsMaxInMemory
 DEFAULT_UPSTREAM_IGNORE_PATHS: tuple[str, ...] = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 DEFAULT_GROUP = "(default)"
 DEFAULT_CHECK_ENDPOINT = "/health"
@@ -173,6 +176,8 @@ class Config:
     loading_state_mode: Literal["reasoning", "comments"] = "reasoning"
     preload: tuple[str, ...] = ()  # model ids (aliases resolved)
     upstream_ignore_paths: tuple[str, ...] = DEFAULT_UPSTREAM_IGNORE_PATHS
+    activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log
+    capture_bytes: int = 0  # captureBuffer; 0: no captures
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -244,6 +249,10 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         ),
         preload=preload,
         upstream_ignore_paths=_parse_ignore_paths(top, doc.warnings),
+        activity_records=_non_negative_int(
+            top.get("metricsMaxInMemory"), "metricsMaxInMemory", DEFAULT_ACTIVITY_RECORDS
+        ),
+        capture_bytes=_capture_buffer(top.get("captureBuffer")),
         warnings=tuple(doc.warnings),
     )
 
@@ -276,11 +285,11 @@ _TOP_KEYS = _words(
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout"
+    "requestHeaderTimeout metricsMaxInMemory captureBuffer"
 )
 _TOP_UNSUPPORTED = _words(
     """
-    logTimeFormat logRequests metricsMaxInMemory captureBuffer store ui performance profiles
+    logTimeFormat logRequests store ui performance profiles
     selectors peers
     """
 )
@@ -608,6 +617,23 @@ def _positive_int(value: object, path: str, default: int) -> int:
     if number <= 0:
         raise ConfigError(f"{path}: must be greater than 0, got {number}")
     return number
+
+
+def _non_negative_int(value: object, path: str, default: int) -> int:
+    if value is None:
+        return default
+    number = _as_int(value, path)
+    if number < 0:
+        raise ConfigError(f"{path}: must not be negative, got {number}")
+    return number
+
+
+def _capture_buffer(value: object) -> int:
+    """``captureBuffer``: MB as a number (llama-swap's unit), or a size string; 0 = off."""
+    if isinstance(value, str) and not value.strip().replace(".", "", 1).isdigit():
+        return _as_size(value, "captureBuffer", minimum=0)
+    megabytes = _non_negative_int(value, "captureBuffer", 0)
+    return megabytes * 1024 * 1024
 
 
 def _positive_number(value: object, path: str, default: float) -> float:

@@ -26,13 +26,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import structlog
 from aiohttp import web
 
 from swapper.phases import SwapTimeline
 from swapper.scheduler import State
+
+if TYPE_CHECKING:
+    from swapper.activity import Capture
 
 log = logging.getLogger("swapper.events")
 swap_log = structlog.get_logger("swapper.swaps")
@@ -44,12 +47,16 @@ class RequestTrack:
     """One model request, from routing to its response, as the handler reports it.
 
     Holds ids, the matched route template and timings only: never headers, query or body, so
-    nothing here can leak a key or a prompt to an event stream.
+    nothing here can leak a key or a prompt to an event stream. Two exceptions that no stream
+    sends: ``tail``, the answer's last bytes, where ``activity`` finds its token counts, and
+    ``capture``, a whole exchange kept only when ``captureBuffer`` asks for it.
     """
 
     __slots__ = (
         "_bus",
         "at",
+        "capture",
+        "content_type",
         "method",
         "model",
         "path",
@@ -57,6 +64,7 @@ class RequestTrack:
         "route",
         "started",
         "status",
+        "tail",
         "ttfb",
         "waited",
     )
@@ -73,6 +81,9 @@ class RequestTrack:
         self.waited: float | None = None  # acquire -> lease in hand
         self.ttfb: float | None = None  # arrival -> upstream response headers (wait included)
         self.status: int | None = None  # None: the client left before an answer
+        self.content_type = b""  # the upstream answer's, once forwarded
+        self.tail = b""  # the answer's last bytes (activity.TAIL at most), set by the relay
+        self.capture: Capture | None = None  # set by activity.ActivityLog when captures are on
 
     def granted(self) -> None:
         """The run loop granted the lease: the request stops waiting and goes upstream."""

@@ -182,7 +182,11 @@ class Exchange:
     def answered(self, upstream: Response, arrived: float) -> None:
         """The upstream's response head came in at ``arrived`` (``time.perf_counter``)."""
         self.upstream = upstream
-        self.track.forwarded(upstream.status, arrived - self.started)
+        track = self.track
+        track.content_type = upstream.reader.content_type
+        if track.capture is not None:
+            track.capture.response(upstream.status, upstream.raw_headers)
+        track.forwarded(upstream.status, arrived - self.started)
         if upstream.streamed:
             upstream.do_not_pool()  # llama-server closes the connection after a streamed body
 
@@ -207,6 +211,8 @@ class Exchange:
             self.upstream.close()  # back to the pool after a complete body; else closed
             self.upstream = None
         self.runloop.release(self.req_id)
+        if self.track.capture is not None:
+            self.track.capture.request(self.track.path, self.headers, self.body)
         self.track.done()
 
 

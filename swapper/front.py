@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Final, cast
@@ -48,6 +49,7 @@ import structlog
 from aiohttp import web
 
 from swapper import auth, modelid, proxy
+from swapper.activity import TAIL, TAIL_CHUNKS, Capture, tail_of
 from swapper.codec import (
     CHUNK_END,
     PLAIN_CONNECTION,
@@ -58,7 +60,7 @@ from swapper.codec import (
     response_head,
 )
 from swapper.errors import Answer, BadRequest, SwapperError, UpstreamError, error_answer
-from swapper.events import EVENTS, EventBus
+from swapper.events import EVENTS, EventBus, RequestTrack
 from swapper.exchange import Exchange, upstream_path
 from swapper.h1pool import Disconnected, H1Pool, Response
 from swapper.routes import (
@@ -82,6 +84,7 @@ _FAST_PATHS: Final = frozenset(BODY_ROUTES)
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODILESS: Final = frozenset({204, 304})  # answers that never have a body
 _CLOSE: Final = b"Connection: close\r\n"
+_NO_TAIL: Final[deque[bytes]] = deque((), TAIL_CHUNKS)  # shared until the first relay: written, never read
 
 
 def runner_options() -> dict[str, Any]:
@@ -182,6 +185,7 @@ class FrontConn(asyncio.Protocol):
         self._read_paused = False
         self.active_at = time.monotonic()  # last bytes in or response out; Front sweeps idle ones
         self._continued = False  # 100 Continue sent for the request being received
+        self._tail: deque[bytes] = _NO_TAIL  # the last reads of the answer being relayed
 
     @property
     def busy(self) -> bool:
@@ -467,6 +471,10 @@ class FrontConn(asyncio.Protocol):
             self._in_task(ex)  # streamed, or still arriving
             return
         ex.upstream = upstream
+        track = ex.track
+        track.tail = body[-TAIL:]  # for the activity log's token counts
+        if track.capture is not None:
+            track.capture.add(body)
         head, chunked = _answer_head(upstream, self._closing_after())
         if body:
             head += chunk(body) if chunked else body
@@ -546,7 +554,7 @@ class FrontConn(asyncio.Protocol):
             upstream = ex.upstream
             if upstream is None:
                 upstream = await ex.send()
-            return await self._relay(upstream) and self._keep
+            return await self._relay(upstream, ex.track) and self._keep
         except SwapperError as err:  # refused (429, 503, 507...), failed to load, upstream unreachable
             ex.track.failed(err.status)
             self._answer(error_answer(err), close=not self._keep)
@@ -554,8 +562,18 @@ class FrontConn(asyncio.Protocol):
         finally:
             ex.finish()
 
-    async def _relay(self, upstream: Response) -> bool:
-        """Writes the upstream's answer; True if it completed (the connection may be reused)."""
+    async def _relay(self, upstream: Response, track: RequestTrack) -> bool:
+        """Writes the upstream's answer; True if it completed (the connection may be reused).
+        Leaves the answer's last bytes in ``track.tail`` (its last few reads: never per chunk
+        work beyond keeping a reference)."""
+        tail = self._tail = deque((), TAIL_CHUNKS)
+        try:
+            return await self._relay_body(upstream, track.capture)
+        finally:
+            track.tail = tail_of(tail)
+            self._tail = _NO_TAIL
+
+    async def _relay_body(self, upstream: Response, capture: Capture | None) -> bool:
         head, chunked = _answer_head(upstream, self._closing_after())
         bodiless = upstream.status in _BODILESS
         first = b""
@@ -570,6 +588,9 @@ class FrontConn(asyncio.Protocol):
                 return False
         if bodiless:
             return self._write(head)
+        self._tail.append(first)
+        if capture is not None:
+            capture.add(first)
         start = head + (chunk(first) if chunked else first) if first else head
         if upstream.at_eof():
             return self._write(start + CHUNK_END if chunked else start)
@@ -578,7 +599,8 @@ class FrontConn(asyncio.Protocol):
         # The rest goes from the upstream's data_received straight to the client: no task switch
         # per chunk. Reading the upstream pauses while the client does not keep up.
         self._upstream = upstream
-        upstream.pipe(self._relay_chunk if chunked else self._relay_bytes)
+        sink = self._relay_chunk if chunked else self._relay_bytes
+        upstream.pipe(sink if capture is None else _capturing(sink, capture))
         if self._write_paused:
             upstream.pause_reading(True)
         try:
@@ -594,6 +616,7 @@ class FrontConn(asyncio.Protocol):
         return self._transport is not None and not self._transport.is_closing()
 
     def _relay_chunk(self, data: bytes, last: bool) -> None:
+        self._tail.append(data)
         transport = self._transport
         if transport is not None:
             if data:
@@ -602,6 +625,7 @@ class FrontConn(asyncio.Protocol):
                 transport.write(CHUNK_END)
 
     def _relay_bytes(self, data: bytes, last: bool) -> None:
+        self._tail.append(data)
         transport = self._transport
         if transport is not None and data:
             transport.write(data)
@@ -632,6 +656,14 @@ class FrontConn(asyncio.Protocol):
         if self._write(data if head_only else data + answer.body) and close:
             assert self._transport is not None
             self._transport.close()
+
+
+def _capturing(sink: Callable[[bytes, bool], None], capture: Capture) -> Callable[[bytes, bool], None]:
+    def relay(data: bytes, last: bool) -> None:
+        capture.add(data)
+        sink(data, last)
+
+    return relay
 
 
 _TIMEOUT: Final = SwapperError("request head not received in time", status=408, code="request_timeout")

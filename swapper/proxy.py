@@ -26,6 +26,7 @@ and h1pool stops reading the upstream socket while unread bytes pile up.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
+from swapper.activity import TAIL_CHUNKS, Capture, tail_of
 from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, REQUEST_DROP, forwardable, kept_fields
 from swapper.errors import UpstreamError, UpstreamRefused
 from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
@@ -67,6 +69,7 @@ class Relayed:
     response: web.StreamResponse
     bytes_out: int
     complete: bool
+    tail: bytes = b""  # the body's last bytes (``activity.TAIL`` at most), for its token counts
 
 
 class _Connector(aiohttp.TCPConnector):
@@ -158,7 +161,10 @@ def failed_before_response(exc: Exception, url: URL) -> UpstreamError:
 
 
 async def relay(
-    request: web.Request, upstream: Response, response: web.StreamResponse | None = None
+    request: web.Request,
+    upstream: Response,
+    response: web.StreamResponse | None = None,
+    capture: Capture | None = None,
 ) -> Relayed:
     """Writes ``upstream``'s answer to ``request``'s client through aiohttp.
 
@@ -170,10 +176,10 @@ async def relay(
     been written, and the caller renders the error. A later break ends the client's connection
     with no clean end (a truncated body must not look complete) and returns ``complete=False``;
     the handler may then be cancelled at its next ``await``, exactly as if the client had left.
+    ``capture``, when given, is handed every piece of the body.
     """
     if response is not None:
-        sent, complete = await _pump(request, response, upstream, b"")
-        return Relayed(response, sent, complete)
+        return await _pump(request, response, upstream, b"", capture)
     first = b""
     sse = upstream.sse
     reason = upstream.reason.decode("latin-1")
@@ -198,15 +204,16 @@ async def relay(
         await resp.prepare(request)
     except ConnectionResetError:  # the client left while the upstream was answering
         return Relayed(resp, 0, False)
-    sent, complete = await _pump(request, resp, upstream, first)
-    return Relayed(resp, sent, complete)
+    return await _pump(request, resp, upstream, first, capture)
 
 
 async def _pump(
-    request: web.Request, resp: web.StreamResponse, content: Response, chunk: bytes
-) -> tuple[int, bool]:
-    """Copy the upstream body to the prepared ``resp``; return (bytes written, completed)."""
+    request: web.Request, resp: web.StreamResponse, content: Response, chunk: bytes, capture: Capture | None
+) -> Relayed:
+    """Copy the upstream body to the prepared ``resp``; its last reads make the tail."""
     sent = 0
+    last: deque[bytes] = deque((), TAIL_CHUNKS)
+    complete = False
     try:
         while True:
             if not chunk:
@@ -214,21 +221,28 @@ async def _pump(
                     chunk = await content.readany()
                 except UPSTREAM_READ_ERRORS:
                     _abort(request, resp)
-                    return sent, False
+                    break
                 if not chunk:
                     await resp.write_eof()
-                    return sent, True
+                    complete = True
+                    break
+            last.append(chunk)
+            if capture is not None:
+                capture.add(chunk)
             if content.at_eof():
                 # The last chunk: headers (if still held), data and terminator leave together.
                 await resp.write_eof(chunk)
-                return sent + len(chunk), True
+                sent += len(chunk)
+                complete = True
+                break
             await resp.write(chunk)
             sent += len(chunk)
             chunk = b""
     except ConnectionResetError:
         # The client left (ClientConnectionResetError is a ConnectionResetError); the caller
         # closes the upstream so generation stops.
-        return sent, False
+        pass
+    return Relayed(resp, sent, complete, tail_of(last))
 
 
 def _abort(request: web.Request, resp: web.StreamResponse) -> None:

@@ -170,7 +170,9 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
             ex.granted(await ex.acquire())
         track.granted()
         upstream = await ex.send()
-        return (await proxy.relay(request, upstream, preamble.response if preamble else None)).response
+        relayed = await proxy.relay(request, upstream, preamble.response if preamble else None, track.capture)
+        track.tail = relayed.tail
+        return relayed.response
     except SwapperError as err:
         track.failed(err.status)
         if preamble is not None and preamble.response.prepared:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from swapper import auth, cors, preload, proxy, upstream
+from swapper import auth, cors, preload, proxy, ui, upstream
 from swapper.admin import add_admin_routes
 from swapper.config import Config
 from swapper.events import EVENTS
@@ -39,6 +39,7 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     cors.add_routes(app)  # before add_routes: its catch-all would answer OPTIONS with 404
     upstream.add_routes(app, config)
     add_admin_routes(app, app[LOGS])  # before add_routes, whose catch-all would shadow them
+    ui.add_routes(app)  # after the admin routes (their bus), before add_routes' catch-all
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
     if config.preload:  # after _runloop_ctx: cancelled before the run loop shuts down

@@ -25,8 +25,8 @@ Semantics (reference §4.2, checklist 61 and 65):
    and the like must not start a model. The readiness read is advisory: if the model is unloaded
    between the check and the acquire, that one request starts it again, which is harmless.
 
-``GET /upstream`` and ``GET /upstream/`` redirect (302) to ``/v1/models``: llama-swap sends them to
-its web UI's model page, and swapper has no UI; the model list is the nearest thing.
+``GET /upstream`` and ``GET /upstream/`` redirect (302) a browser to the web UI's model page, as
+llama-swap does, and any other client to ``/v1/models``, the nearest thing in JSON.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from urllib.parse import unquote
 
 from aiohttp import hdrs, web
 
-from swapper import cors, proxy
+from swapper import cors, proxy, ui
 from swapper.config import Config
 from swapper.errors import Conflict, ModelNotFound, SwapperError
 from swapper.events import track_request
@@ -49,6 +49,7 @@ __all__ = ["PathResolver", "add_routes"]
 
 PREFIX = "/upstream"
 INDEX_LOCATION = "/v1/models"
+UI_MODELS = "/ui/#/models"
 
 
 class PathResolver:
@@ -95,7 +96,8 @@ def add_routes(app: web.Application, config: Config) -> None:
 
 
 async def _index(request: web.Request) -> web.StreamResponse:
-    return web.Response(status=302, headers={hdrs.LOCATION: INDEX_LOCATION})
+    location = UI_MODELS if ui.wants_html(request) else INDEX_LOCATION
+    return web.Response(status=302, headers={hdrs.LOCATION: location})
 
 
 async def _handle(request: web.Request, resolver: PathResolver) -> web.StreamResponse:
@@ -141,7 +143,9 @@ async def _handle(request: web.Request, resolver: PathResolver) -> web.StreamRes
         ex.granted(await ex.acquire())
         track.granted()
         upstream = await ex.send()
-        return (await proxy.relay(request, upstream)).response
+        relayed = await proxy.relay(request, upstream, capture=track.capture)
+        track.tail = relayed.tail
+        return relayed.response
     except SwapperError as err:
         track.failed(err.status)
         return error_response(err)

@@ -1097,10 +1097,9 @@ def test_unsupported_keys_warn_once_each_and_still_load() -> None:
             healthCheckTimeout: 30
     """)
     assert config.models["llama"].cmd == ("svr", "5800")
+    assert (config.activity_records, config.capture_bytes) == (500, 5 * 1024 * 1024)
     assert config.warnings == (
         "logTimeFormat: not supported by swapper; ignored",
-        "metricsMaxInMemory: not supported by swapper; ignored",
-        "captureBuffer: not supported by swapper; ignored",
         "peers: not supported by swapper; ignored",
         "profiles: not supported by swapper; ignored",
         "selectors: not supported by swapper; ignored",
@@ -1110,6 +1109,19 @@ def test_unsupported_keys_warn_once_each_and_still_load() -> None:
         "models.llama.compat: not supported by swapper; ignored",
         "models.llama.healthCheckTimeout: not supported by swapper; ignored",
     )
+
+
+def test_activity_and_capture_keys() -> None:
+    plain = "models:\n  m:\n    cmd: svr ${PORT}\n"
+    default = load(plain)
+    assert (default.activity_records, default.capture_bytes) == (1000, 0)  # captures off by default
+    off = load("metricsMaxInMemory: 0\ncaptureBuffer: 0\n" + plain)
+    assert (off.activity_records, off.capture_bytes) == (0, 0)
+    assert load("captureBuffer: 512KiB\n" + plain).capture_bytes == 512 * 1024
+    with pytest.raises(ConfigError, match="metricsMaxInMemory: must not be negative"):
+        load("metricsMaxInMemory: -1\n" + plain)
+    with pytest.raises(ConfigError, match="captureBuffer: must not be negative"):
+        load("captureBuffer: -5\n" + plain)
 
 
 def test_unknown_keys_warn_with_their_path() -> None:

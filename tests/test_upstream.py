@@ -181,6 +181,9 @@ async def test_upstream_index_redirects_to_the_model_list(aiohttp_client: Client
     assert resp.headers["Location"] == "/v1/models"
     followed = await client.get(path)
     assert (await followed.json())["object"] == "list"
+    # A browser goes to the web UI's model page, as llama-swap sends it to its own.
+    resp = await client.get(path, headers={"Accept": "text/html"}, allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/ui/#/models"
 
 
 async def test_load_failure_is_reported(aiohttp_client: ClientFactory) -> None:
