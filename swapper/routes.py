@@ -217,6 +217,14 @@ def health_answer(runloop: RunLoop, origin: str | None) -> Answer:
     return Answer(200, b"OK", "text/plain", "utf-8")
 
 
+_HEALTHZ: Final = Answer(200, b'{"status": "ok"}', charset="utf-8")
+
+
+def healthz_answer(runloop: RunLoop, origin: str | None) -> Answer:
+    """``GET /healthz``: swapper itself is up (the broker's liveness probe; says nothing of models)."""
+    return _HEALTHZ
+
+
 def models_answer(runloop: RunLoop, origin: str | None) -> Answer:
     """``GET /v1/models``; a browser page may read it cross-origin (the front door serves it too)."""
     headers = (("Access-Control-Allow-Origin", origin),) if origin else ()
@@ -227,6 +235,7 @@ def models_answer(runloop: RunLoop, origin: str | None) -> Answer:
 # answered by the front door and by aiohttp from the same function.
 ANSWERED_GETS: Final[Mapping[str, Callable[[RunLoop, str | None], Answer]]] = {
     "/health": health_answer,
+    "/healthz": healthz_answer,
     "/v1/models": models_answer,
     "/models": models_answer,
 }
