@@ -63,6 +63,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from swapper.kindroutes import KindRoutes, RouteError, parse_routes
+
 DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120.0
 DEFAULT_UNLOAD_TIMEOUT = 10.0
@@ -178,6 +180,7 @@ class Config:
     upstream_ignore_paths: tuple[str, ...] = DEFAULT_UPSTREAM_IGNORE_PATHS
     activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log
     capture_bytes: int = 0  # captureBuffer; 0: no captures
+    routes: KindRoutes = field(default_factory=KindRoutes)  # path -> model (swapper.kindroutes)
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -224,6 +227,10 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
     top = doc.top
     default_model = _parse_default_model(top.get("defaultModel"), models, aliases)
     preload = _parse_preload(top, models, aliases, doc.warnings)
+    try:
+        routes = parse_routes(top.get("routes"), lambda name: _resolve(name, models, aliases))
+    except RouteError as exc:
+        raise ConfigError(str(exc)) from None
     return Config(
         models=models,
         aliases=aliases,
@@ -253,6 +260,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
             top.get("metricsMaxInMemory"), "metricsMaxInMemory", DEFAULT_ACTIVITY_RECORDS
         ),
         capture_bytes=_capture_buffer(top.get("captureBuffer")),
+        routes=routes,
         warnings=tuple(doc.warnings),
     )
 
@@ -285,7 +293,7 @@ _TOP_KEYS = _words(
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer"
+    "requestHeaderTimeout metricsMaxInMemory captureBuffer routes"
 )
 _TOP_UNSUPPORTED = _words(
     """
