@@ -107,6 +107,8 @@ async def handle_status(request: web.Request) -> web.Response:
                 "lastError": (
                     {"message": act.last_error, "at": _iso(act.last_error_at)} if act.last_error else None
                 ),
+                "priority": cfg.priority if (cfg := runloop.config.models.get(mid)) else None,
+                "service": _service_entry(runloop.service_status(mid)),  # null: a child swapper spawns
             }
         )
     body = {
@@ -130,6 +132,12 @@ async def handle_status(request: web.Request) -> web.Response:
         "memory": memory,  # the memory planner's ledger; null under the group or matrix planner
     }
     return web.json_response(body)
+
+
+def _service_entry(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    if status is None:
+        return None
+    return {**status, "lastProbe": _iso(status["lastProbe"])}
 
 
 def _round(seconds: float | None) -> float | None:

@@ -35,7 +35,14 @@ def program_warnings(config: Config) -> list[str]:
     """One line per model whose ``cmd`` (or ``cmdStop``) program cannot be run from here."""
     found = []
     for model_id, model in config.models.items():
-        programs = [("cmd", model.cmd[0])] + ([("cmdStop", model.cmd_stop[0])] if model.cmd_stop else [])
+        programs = [("cmd", model.cmd[0])] if model.cmd else []
+        programs += [("cmdStop", model.cmd_stop[0])] if model.cmd_stop else []
+        if model.service is not None:  # a service's own start and stop commands
+            programs += [
+                (key, argv[0])
+                for key, argv in (("start", model.service.start), ("stop", model.service.stop))
+                if argv
+            ]
         for key, program in programs:
             problem = _program_problem(program, dict(model.env))
             if problem:
@@ -113,10 +120,14 @@ def _model_lines(model: ModelConfig, placement: str) -> list[str]:
 
 def _placement(config: Config, planner: Planner) -> dict[str, str]:
     """Per model id, where the planner puts it; key "" is a note for the planner line."""
+    from swapper.planners import Pinning
     from swapper.planners.group import GroupPlanner
     from swapper.planners.matrix import MatrixPlanner
     from swapper.planners.memory import MemoryPlanner
 
+    if isinstance(planner, Pinning):
+        placed = _placement(config, planner.inner)
+        return placed | {m: "pinned service" for m in planner.pinned}
     if isinstance(planner, GroupPlanner):
         out = {}
         for model_id in config.models:

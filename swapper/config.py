@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from swapper.kindroutes import KindRoutes, RouteError, parse_routes
+from swapper.serviceconfig import SERVICE_KEYS, ServiceError, ServiceSpec, parse_service
 
 DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120.0
@@ -119,6 +120,12 @@ class ModelConfig:
     # memory planner: bytes the model is expected to need before its first measured load
     memory_estimate: int | None = None
     memory_device: Literal["gpu", "cpu", "auto"] = "auto"
+    service: ServiceSpec | None = None  # proxy without cmd: a service swapper does not spawn
+
+    @property
+    def pinned(self) -> bool:
+        """A service swapper may never stop (no ``stop`` command): never evicted or unloaded."""
+        return self.service is not None and not self.service.swappable
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,11 +308,14 @@ _TOP_UNSUPPORTED = _words(
     selectors peers
     """
 )
-_MODEL_KEYS = _words(
-    """
+_MODEL_KEYS = (
+    _words(
+        """
     cmd cmdStop proxy checkEndpoint env aliases useModelName unlisted name description metadata
     macros ttl unloadTimeout concurrencyLimit maxWait sendLoadingState filters memory memoryEstimate
     """
+    )
+    | SERVICE_KEYS
 )
 # healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
 _MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "capabilities", "healthCheckTimeout"})
@@ -909,7 +919,7 @@ def _parse_models(doc: _Document, defaults: _Defaults) -> dict[str, ModelConfig]
     for model_id, tree in trees.items():
         path = f"models.{model_id}"
         for key, value in tree.items():
-            _check_leftovers(value, f"{path}.{key}", _PID_ONLY if key == "cmdStop" else _NONE)
+            _check_leftovers(value, f"{path}.{key}", _PID_ONLY if key in ("cmdStop", "stop") else _NONE)
         models[model_id] = _decode_model(model_id, tree, ports.get(model_id), defaults, doc.warnings)
     return models
 
@@ -920,8 +930,8 @@ def _prepare_model(model_id: str, raw: object, global_macros: Macros, warnings: 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping, got {_kind(raw)}")
     tree = _known(raw, path, _MODEL_KEYS, _MODEL_UNSUPPORTED, warnings)
-    if tree.get("cmd") is None:
-        raise ConfigError(f"{path}.cmd: is required")
+    if tree.get("cmd") is None and tree.get("proxy") is None:
+        raise ConfigError(f"{path}.cmd: is required (or proxy alone, for a service swapper does not spawn)")
     for key in ("cmd", "cmdStop"):
         if tree.get(key) is not None:
             tree[key] = _strip_comment_lines(_as_str(tree[key], f"{path}.{key}"))
@@ -959,7 +969,8 @@ def _assign_ports(trees: dict[str, dict[str, Any]], start_port: int) -> dict[str
         path = f"models.{model_id}"
         cmd = tree.get("cmd")
         # An empty or malformed cmd is the real mistake, not the proxy port it leaves unfilled.
-        _parse_cmd(cmd, f"{path}.cmd")
+        if cmd is not None:
+            _parse_cmd(cmd, f"{path}.cmd")
         if isinstance(cmd, str) and "${PORT}" in cmd:
             if next_port > 65535:
                 raise ConfigError(f"{path}.cmd: no port left for ${{PORT}} (startPort is too high)")
@@ -978,7 +989,8 @@ def _decode_model(
     model_id: str, tree: Mapping[str, Any], port: int | None, defaults: _Defaults, warnings: list[str]
 ) -> ModelConfig:
     path = f"models.{model_id}"
-    argv, cmd_text = _parse_cmd(tree["cmd"], f"{path}.cmd")
+    service = _parse_service(tree, path)
+    argv, cmd_text = ((), "") if service is not None else _parse_cmd(tree["cmd"], f"{path}.cmd")
     estimate, device = _parse_model_memory(tree, path, warnings)
     use_model_name = _as_text(tree.get("useModelName"), f"{path}.useModelName").strip()
     return ModelConfig(
@@ -996,7 +1008,10 @@ def _decode_model(
         description=_as_text(tree.get("description"), f"{path}.description").strip(),
         metadata=_as_mapping(tree.get("metadata"), f"{path}.metadata"),
         port=port,
-        ttl=_model_ttl(tree.get("ttl"), f"{path}.ttl", defaults.global_ttl),
+        # A pinned service is never unloaded, by its TTL or anything else.
+        ttl=0.0
+        if service is not None and not service.swappable
+        else _model_ttl(tree.get("ttl"), f"{path}.ttl", defaults.global_ttl),
         unload_timeout=_seconds(tree.get("unloadTimeout"), f"{path}.unloadTimeout", 0.0)
         or defaults.unload_timeout,
         health_check_timeout=defaults.health_check_timeout,
@@ -1008,7 +1023,23 @@ def _decode_model(
         filters=_parse_filters(tree.get("filters"), f"{path}.filters", warnings),
         memory_estimate=estimate,
         memory_device=device,
+        service=service,
     )
+
+
+def _parse_service(tree: Mapping[str, Any], path: str) -> ServiceSpec | None:
+    """The model's service settings if it has no ``cmd`` (swapper does not spawn it), else None."""
+    if tree.get("cmd") is not None:
+        given = sorted(SERVICE_KEYS & tree.keys())
+        if given:
+            raise ConfigError(
+                f"{path}.{given[0]}: only for a service without cmd (a child stops with cmdStop)"
+            )
+        return None
+    try:
+        return parse_service(tree, path)
+    except ServiceError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _one_line(text: str) -> str:

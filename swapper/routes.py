@@ -354,6 +354,7 @@ async def handle_running(request: web.Request) -> web.Response:
                 "inFlight": st.in_flight,
                 "queued": st.queued,
                 "oldestWaitSeconds": None if st.oldest_wait is None else round(st.oldest_wait, 3),
+                "service": runloop.service_status(mid),  # null: a child swapper spawned
             }
         )
     return web.json_response({"running": running})

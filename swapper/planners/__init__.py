@@ -61,8 +61,39 @@ class OneAtATime:
         pass
 
 
+class Pinning:
+    """Any planner, with pinned services (``ModelConfig.pinned``) out of its reach: one is never
+    evicted, and adopting one evicts nothing (it runs already; swapper only starts probing it).
+    Every other attribute is the wrapped planner's (the memory planner's ``memory_monitor``)."""
+
+    __slots__ = ("inner", "pinned")
+
+    def __init__(self, inner: Planner, pinned: frozenset[str]) -> None:
+        self.inner = inner
+        self.pinned = pinned
+
+    def evict_for(self, target: str, view: PlanView) -> frozenset[str]:
+        if target in self.pinned:
+            return frozenset()
+        return self.inner.evict_for(target, view) - self.pinned
+
+    def on_commit(self, target: str, evict: frozenset[str]) -> None:
+        if target not in self.pinned:
+            self.inner.on_commit(target, evict)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
 def make_planner(config: Config) -> Planner:
-    """Builds the planner that ``routing.router.use`` names."""
+    """Builds the planner that ``routing.router.use`` names (with ``Pinning`` around it when a
+    service is pinned)."""
+    planner = _make_planner(config)
+    pinned = frozenset(m for m, cfg in config.models.items() if cfg.pinned)
+    return Pinning(planner, pinned) if pinned else planner
+
+
+def _make_planner(config: Config) -> Planner:
     use = config.routing.use
     if use == "group":
         from swapper.planners.group import GroupPlanner
