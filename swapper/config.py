@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from swapper.kindroutes import KindRoutes, RouteError, parse_routes
+from swapper.placement import parse_devices
 from swapper.serviceconfig import SERVICE_KEYS, ServiceError, ServiceSpec, parse_service
 
 DEFAULT_START_PORT = 5800
@@ -120,6 +121,7 @@ class ModelConfig:
     # memory planner: bytes the model is expected to need before its first measured load
     memory_estimate: int | None = None
     memory_device: Literal["gpu", "cpu", "auto"] = "auto"
+    memory_gpus: tuple[int, ...] | None = None  # memory.devices: the GPUs it lives on (placement)
     service: ServiceSpec | None = None  # proxy without cmd: a service swapper does not spawn
 
     @property
@@ -145,6 +147,14 @@ class MatrixConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuLimits:
+    """``memory.gpus.<index>``: one GPU's own budget and reserve (None: the global ones)."""
+
+    budget: int | None = None
+    reserve: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryConfig:
     """``routing.router.settings.memory``: budgets per device and a reserve kept free."""
 
@@ -153,6 +163,15 @@ class MemoryConfig:
     reserve: int = 512 * 1024 * 1024  # bytes kept free on each device
     state_file: str | None = None  # where measured footprints persist across restarts
     release_timeout: float = 10.0  # bounded wait for memory to be released after a stop
+    gpus: Mapping[int, GpuLimits] = field(default_factory=dict)  # per-GPU budget/reserve overrides
+
+    def gpu_budget_of(self, index: int) -> int | None:
+        limits = self.gpus.get(index)
+        return self.gpu_budget if limits is None or limits.budget is None else limits.budget
+
+    def reserve_of(self, index: int) -> int:
+        limits = self.gpus.get(index)
+        return self.reserve if limits is None or limits.reserve is None else limits.reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -991,7 +1010,7 @@ def _decode_model(
     path = f"models.{model_id}"
     service = _parse_service(tree, path)
     argv, cmd_text = ((), "") if service is not None else _parse_cmd(tree["cmd"], f"{path}.cmd")
-    estimate, device = _parse_model_memory(tree, path, warnings)
+    estimate, device, gpus = _parse_model_memory(tree, path, warnings)
     use_model_name = _as_text(tree.get("useModelName"), f"{path}.useModelName").strip()
     return ModelConfig(
         id=model_id,
@@ -1023,6 +1042,7 @@ def _decode_model(
         filters=_parse_filters(tree.get("filters"), f"{path}.filters", warnings),
         memory_estimate=estimate,
         memory_device=device,
+        memory_gpus=gpus,
         service=service,
     )
 
@@ -1144,8 +1164,8 @@ def _model_max_wait(value: object, path: str, default: float) -> float:
 
 def _parse_model_memory(
     tree: Mapping[str, Any], path: str, warnings: list[str]
-) -> tuple[int | None, _Device]:
-    memory = _known(tree.get("memory"), f"{path}.memory", {"estimate", "device"}, _NONE, warnings)
+) -> tuple[int | None, _Device, tuple[int, ...] | None]:
+    memory = _known(tree.get("memory"), f"{path}.memory", {"estimate", "device", "devices"}, _NONE, warnings)
     if memory.get("estimate") is not None and tree.get("memoryEstimate") is not None:
         raise ConfigError(f"{path}.memoryEstimate: give either memoryEstimate or memory.estimate, not both")
     if memory.get("estimate") is not None:
@@ -1153,7 +1173,11 @@ def _parse_model_memory(
     else:
         estimate = _opt_size(tree.get("memoryEstimate"), f"{path}.memoryEstimate")
     device = _choice(memory.get("device"), f"{path}.memory.device", _DEVICES, "device")
-    return estimate, cast(_Device, device)
+    try:
+        gpus = parse_devices(memory.get("devices"), f"{path}.memory.devices")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return estimate, cast(_Device, device), gpus
 
 
 def _parse_filters(value: object, path: str, warnings: list[str]) -> Filters:
@@ -1401,7 +1425,7 @@ def _matrix_sets(raw: object, path: str) -> tuple[tuple[str, str], ...]:
 
 
 def _parse_memory_settings(raw: object, path: str, warnings: list[str]) -> MemoryConfig:
-    keys = {"gpuBudget", "ramBudget", "reserve", "stateFile", "releaseTimeout"}
+    keys = {"gpuBudget", "ramBudget", "reserve", "stateFile", "releaseTimeout", "gpus"}
     spec = _known(raw, path, keys, _NONE, warnings)
     defaults = MemoryConfig()
     reserve = spec.get("reserve")
@@ -1414,7 +1438,23 @@ def _parse_memory_settings(raw: object, path: str, warnings: list[str]) -> Memor
         reserve=defaults.reserve if reserve is None else _as_size(reserve, f"{path}.reserve", minimum=0),
         state_file=_as_text(spec.get("stateFile"), f"{path}.stateFile").strip() or None,
         release_timeout=release_timeout,
+        gpus=_parse_gpu_limits(spec.get("gpus"), f"{path}.gpus", warnings),
     )
+
+
+def _parse_gpu_limits(raw: object, path: str, warnings: list[str]) -> dict[int, GpuLimits]:
+    """``gpus: {0: {budget: 20GiB, reserve: 1GiB}, ...}``: per-GPU overrides of gpuBudget/reserve."""
+    limits: dict[int, GpuLimits] = {}
+    for key, value in _as_mapping(raw, path).items():
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            raise ConfigError(f"{path}: keys must be GPU indices (0, 1, ...), got {key!r}")
+        spec = _known(value, f"{path}.{key}", {"budget", "reserve"}, _NONE, warnings)
+        reserve = spec.get("reserve")
+        limits[key] = GpuLimits(
+            budget=_opt_size(spec.get("budget"), f"{path}.{key}.budget"),
+            reserve=None if reserve is None else _as_size(reserve, f"{path}.{key}.reserve", minimum=0),
+        )
+    return limits
 
 
 def _parse_scheduler(
