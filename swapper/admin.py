@@ -108,6 +108,7 @@ async def handle_status(request: web.Request) -> web.Response:
                     {"message": act.last_error, "at": _iso(act.last_error_at)} if act.last_error else None
                 ),
                 "priority": cfg.priority if (cfg := runloop.config.models.get(mid)) else None,
+                "coexistsWith": list(runloop.coexists_with(mid)),
                 "service": _service_entry(runloop.service_status(mid)),  # null: a child swapper spawns
             }
         )

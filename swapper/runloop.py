@@ -49,7 +49,7 @@ from swapper.messages import (
     Unreachable,
 )
 from swapper.phases import StartMarks, StopMarks, SwapTimeline
-from swapper.planners import Planner, make_planner
+from swapper.planners import Planner, coexisting, make_planner
 from swapper.scheduler import ModelStatus, Scheduler, State
 from swapper.services import ProbeFacts, Service
 
@@ -253,6 +253,10 @@ class RunLoop:
             "lastProbe": facts.at,
             "lastProbeError": facts.error,
         }
+
+    def coexists_with(self, model: str) -> tuple[str, ...]:
+        """Advisory: the models ``model`` may run beside under the planner (``planners.coexisting``)."""
+        return coexisting(self._sched.planner, model, self.config.models)
 
     def memory_status(self) -> dict[str, Any] | None:
         """Advisory: devices, footprints, per-child use (``MemoryLedger.status``); None unless

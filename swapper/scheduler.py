@@ -509,6 +509,11 @@ class Scheduler:
             return frozenset()
         return evict | {req.model}
 
+    @property
+    def planner(self) -> Planner:
+        """The planner in use (a reload replaces it); for advisory reads of its pure decisions."""
+        return self._planner
+
     def _view(self, target: str) -> PlanView:
         running = frozenset(m for m, s in self._slots.items() if s.state is not State.STOPPED and m != target)
         busy = frozenset(m for m, s in self._slots.items() if s.in_flight) | frozenset(self._swaps)

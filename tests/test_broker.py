@@ -121,6 +121,13 @@ async def test_the_page_config_serves_the_broker(aiohttp_client: ClientFactory, 
     assert entries["image"]["service"]["pinned"] is False
     assert entries["stt"]["service"] is None
     assert [entries[m]["priority"] for m in ("tts", "stt", "llm", "image")] == [30, 20, 10, 0]
+    coexist = {m: entries[m]["coexistsWith"] for m in entries}
+    assert coexist == {
+        "tts": ["image", "llm", "stt"],
+        "stt": ["image", "llm", "tts"],
+        "llm": ["stt", "tts"],
+        "image": ["stt", "tts"],
+    }
     assert entries["tts"]["requestsTotal"] == 2
     assert await (await client.get("/healthz")).json() == {"status": "ok"}
     routing = await (await client.get("/api/routing")).json()

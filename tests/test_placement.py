@@ -15,7 +15,7 @@ from swapper.gpu import ChildUsage, GpuUsage
 from swapper.ledger import Measurement
 from swapper.memory import read_state, write_state
 from swapper.placement import configured, parse_devices, split
-from swapper.planners import PlanView, Unplaceable
+from swapper.planners import PlanView, Unplaceable, coexisting
 from swapper.serviceconfig import ServiceSpec
 from tests.test_planner_memory import FakeSampler, make, mib_model, sample_with
 
@@ -153,3 +153,10 @@ def test_per_gpu_measurements_persist(tmp_path: Path) -> None:
     path = tmp_path / "fp.json"
     write_state(path, {"u": Measurement("gpu", 5 * MIB, "abc", 1.0, ((0, 2 * MIB), (3, 3 * MIB)))})
     assert read_state(path)["u"].gpus == ((0, 2 * MIB), (3, 3 * MIB))
+
+
+def test_what_coexists_follows_the_gpus() -> None:
+    sampler = FakeSampler(reason=None, gpus=gpus(2))
+    planner, _ = make(on("a", 900, (0,)), on("c", 900, (1,)), on("b", 400, (1,)), sampler=sampler)
+    assert coexisting(planner, "a", ["a", "b", "c"]) == ("b", "c")
+    assert coexisting(planner, "b", ["a", "b", "c"]) == ("a",)

@@ -11,7 +11,7 @@ log. A planner never sees processes: only model ids and the facts in ``PlanView`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,6 +59,24 @@ class OneAtATime:
 
     def on_commit(self, target: str, evict: frozenset[str]) -> None:
         pass
+
+
+def coexisting(planner: Planner, model: str, models: Iterable[str]) -> tuple[str, ...]:
+    """The ``models`` that ``model`` may run beside under ``planner`` right now: starting either
+    while the other runs evicts nothing of the other. Pure (``evict_for`` is), for status pages."""
+    out = []
+    for other in models:
+        if other == model:
+            continue
+        try:
+            clash = other in planner.evict_for(
+                model, PlanView(frozenset({other}))
+            ) or model in planner.evict_for(other, PlanView(frozenset({model})))
+        except Unplaceable:
+            clash = True
+        if not clash:
+            out.append(other)
+    return tuple(sorted(out))
 
 
 class Pinning:
