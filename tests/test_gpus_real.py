@@ -14,13 +14,16 @@ Eviction cases (each GPU 1000 MiB, reserve 0):
     2, and leaves the one on 3 alone;
   * four GPUs: a model with no placement is planned over all GPUs at first, then where NVML saw it
     (GPU 3), which is persisted; only models sharing GPU 3 compete with it afterwards;
-  * per-GPU budget: a model over GPU 1's own budget gets 507 naming GPU 1; the same on GPU 0 runs.
+  * per-GPU budget: a model over GPU 1's own budget gets 507 naming GPU 1; the same on GPU 0 runs;
+  * a swappable service (started detached by its start command) is measured on GPU 1 through its
+    pidFile's process, and evicted by a model on GPU 1 (its stop command), not by one on GPU 0.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from swapper.scheduler import State
 from swapper.server import make_app
 from tests import fake_nvml
 from tests.test_memory_real import FAKE_SERVER, ClientFactory, chat, free_port, runloop, wait_until
+from tests.test_services import Services, gone
 
 
 def gpu_config(state_file: Path, models: dict[str, tuple[str, str]], memory: str = "") -> Config:
@@ -207,3 +211,41 @@ async def test_a_gpus_own_budget_refuses_only_there(
     gpu1 = memory(client)["gpus"][1]
     assert (gpu1["budget"], gpu1["reserved"]) == (500 * fake_nvml.MIB, 100 * fake_nvml.MIB)
     assert runloop(client).state("big1") is State.STOPPED
+
+
+async def test_a_swappable_service_is_measured_on_its_gpu_and_evicted_there(
+    aiohttp_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service swapper does not spawn is measured through the process in its pidFile, planned
+    on its GPU, and evicted only by a model on that GPU (its stop command; then the release wait)."""
+    fake_nvml.install(monkeypatch, gpus=2, total_mib=1000)
+    svc = Services(tmp_path)
+    try:
+        port = free_port()
+        start, stop, pid_file = svc.ctl("image", port)
+        cfg = gpu_config(
+            tmp_path / "fp.json",
+            {
+                "llm0": ("--vram-mib 800 --vram-gpus 0", "memory: {estimate: 800MiB, devices: [0]}"),
+                "llm1": ("--vram-mib 500 --vram-gpus 1", "memory: {estimate: 500MiB, devices: [1]}"),
+            },
+        )
+        image = parse_config(
+            f"models:\n  image:\n    proxy: http://127.0.0.1:{port}\n"
+            f"    start: {start} --vram-mib 600 --vram-gpus 1\n    stop: {stop}\n    pidFile: {pid_file}\n"
+            "    unloadTimeout: 5\n    memory: {devices: [1]}\n"
+        ).models["image"]
+        client = await aiohttp_client(make_app(replace(cfg, models={**cfg.models, "image": image})))
+        await chat(client, "llm0")
+        await chat(client, "image")
+        pid = int(pid_file.read_text())
+        await wait_until(
+            lambda: memory(client)["models"]["image"]["source"] == "measured", what="image measured"
+        )
+        entry = memory(client)["models"]["image"]
+        assert (entry["pid"], entry["footprint"], entry["gpus"]) == (pid, 600 * fake_nvml.MIB, [1])
+        await chat(client, "llm1")  # GPU 1: 600 + 500 > 1000: the service goes, llm0 on GPU 0 stays
+        assert states(client) == {"llm0": "ready", "llm1": "ready", "image": "stopped"}
+        assert gone(pid)  # stopped by its stop command, and its memory given back before llm1 started
+    finally:
+        svc.close()
