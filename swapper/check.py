@@ -102,11 +102,19 @@ def _count(n: int, what: str) -> str:
 
 def _model_lines(model: ModelConfig, placement: str) -> list[str]:
     title = f"  {model.id}" + (f" ({model.name})" if model.name else "")
+    svc = model.service
     lines = [
         title,
-        f"    cmd: {model.cmd_text}",
+        f"    cmd: {model.cmd_text}"
+        if svc is None
+        else "    service: not run by swapper"
+        + (", swappable" if svc.swappable else ", pinned (never stopped)"),
         f"    proxy: {model.proxy}" + (f" (port {model.port})" if model.port is not None else ""),
     ]
+    if svc is not None:
+        lines += [
+            f"    {key}: {' '.join(argv)}" for key, argv in (("start", svc.start), ("stop", svc.stop)) if argv
+        ]
     if model.aliases:
         lines.append(f"    aliases: {', '.join(model.aliases)}")
     if model.cmd_stop:
@@ -127,7 +135,9 @@ def _placement(config: Config, planner: Planner) -> dict[str, str]:
 
     if isinstance(planner, Pinning):
         placed = _placement(config, planner.inner)
-        return placed | {m: "pinned service" for m in planner.pinned}
+        return placed | {
+            m: f"{placed[m]}; never evicted" if m in placed else "never evicted" for m in planner.pinned
+        }
     if isinstance(planner, GroupPlanner):
         out = {}
         for model_id in config.models:

@@ -246,13 +246,7 @@ class RunLoop:
         cfg = self.config.models.get(model)
         if cfg is None or cfg.service is None:
             return None
-        facts = self._probes.get(model, ProbeFacts())
-        return {
-            "pinned": cfg.pinned,
-            "healthy": facts.healthy,
-            "lastProbe": facts.at,
-            "lastProbeError": facts.error,
-        }
+        return self._probes.get(model, ProbeFacts()).status(pinned=cfg.pinned)
 
     def coexists_with(self, model: str) -> tuple[str, ...]:
         """Advisory: the models ``model`` may run beside under the planner (``planners.coexisting``)."""

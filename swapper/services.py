@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import psutil
@@ -71,6 +71,9 @@ class ProbeFacts:
     healthy: bool | None = None  # None: never probed
     at: float | None = None  # wall-clock time of the last probe
     error: str | None = None  # why the last failed probe failed
+
+    def status(self, *, pinned: bool) -> dict[str, Any]:
+        return {"pinned": pinned, "healthy": self.healthy, "lastProbe": self.at, "lastProbeError": self.error}
 
 
 class Service:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from aiohttp import FormData
 
+from swapper.check import report
 from swapper.config import parse_config
 from swapper.scheduler import State
 from tests.test_services import Services, gone, wait_port
@@ -62,6 +63,10 @@ def test_the_page_config_loads_as_written() -> None:
     }
     assert [cfg.models[m].priority for m in ("tts", "stt", "llm", "image")] == [30, 20, 10, 0]
     assert cfg.models["image"].memory_gpus == (1,) and cfg.models["tts"].memory_gpus == (0,)
+    text = report(cfg, "docs/broker.md")  # swapper check / -t
+    assert "    service: not run by swapper, pinned (never stopped)\n" in text
+    assert "    start: systemctl --user start image-server\n" in text
+    assert "group: speech (swap: no, exclusive: no, persistent: yes); never evicted" in text
 
 
 def on_fakes(text: str, fakes: Services) -> tuple[str, int]:
