@@ -96,6 +96,12 @@ async def test_two_gpus_evict_only_on_the_targets_gpu(
     status = await (await client.get("/v1/status")).json()
     gpus = {g["index"]: g for g in status["memory"]["gpus"]}
     assert set(gpus) == {0, 1}
+    top = {
+        g["index"]: (g["models"], g["reservedBytes"], g["totalBytes"] - g["usedBytes"])
+        for g in status["gpus"]
+    }
+    assert {i: t[:2] for i, t in top.items()} == {0: (["a"], 0), 1: (["c"], 0)}
+    assert all(g["freeBytes"] == free for g, (_, _, free) in zip(status["gpus"], top.values(), strict=True))
     await wait_until(lambda: memory(client)["gpus"][1]["used"] == 600 * fake_nvml.MIB, what="GPU 1 sampled")
     gpu1 = memory(client)["gpus"][1]
     assert (gpu1["total"], gpu1["used"], gpu1["free"], gpu1["reserved"]) == (
