@@ -252,3 +252,21 @@ def test_a_model_needs_cmd_or_proxy() -> None:
         parse_config("models:\n  svc:\n    name: x\n")
     cfg = parse_config("models:\n  svc:\n    proxy: http://127.0.0.1:9999\n    ttl: 60\n")
     assert cfg.models["svc"].pinned and cfg.models["svc"].ttl == 0  # a pinned service never idles out
+
+
+async def test_a_reload_adopts_a_pinned_service_it_adds(
+    aiohttp_client: ClientFactory, services: Services, tmp_path: Path
+) -> None:
+    from swapper.reload import reload_once
+
+    port = free_port()
+    proc = services.run(port, "kokoro")
+    await wait_port(port)
+    first = llm_model(free_port())
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n" + first)
+    client = await client_for(aiohttp_client, parse_config(path.read_text()))
+    path.write_text(f"models:\n{first}  kokoro:\n    proxy: http://127.0.0.1:{port}\n")
+    assert await reload_once(path, runloop(client)) == frozenset()
+    assert runloop(client).state("kokoro") is State.READY  # adopted at once, not at its first request
+    assert runloop(client).snapshot()["kokoro"].pid == proc.pid
