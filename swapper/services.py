@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import time
@@ -167,7 +168,11 @@ class Service:
         if self._spec.start is None:
             ok, why = await self.probe()
             if not ok:
-                raise ServiceDown(f"service '{self._model.id}' is down: {why}")
+                # Worth trying again once the next probe could have seen it back.
+                retry = str(max(1, math.ceil(self._spec.probe_interval)))
+                raise ServiceDown(
+                    f"service '{self._model.id}' is down: {why}", headers={"Retry-After": retry}
+                )
             return
         rc = await self._run("start", self._spec.start, self._model.health_check_timeout)
         if rc != 0:

@@ -155,7 +155,7 @@ async def test_a_service_whose_probe_failed_is_refused_at_once(
     began = time.monotonic()
     resp = await post(client, "kokoro")
     assert time.monotonic() - began < 2.0  # refused at once, not after healthCheckTimeout (120 s)
-    assert resp.status == 503
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"  # probeInterval 0.1 s, rounded up
     err = (await resp.json())["error"]
     assert err["code"] == "service_unavailable" and err["retryable"] is True
     status = await (await client.get("/v1/status")).json()
