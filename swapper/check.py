@@ -179,8 +179,8 @@ def _memory_placement(planner: MemoryPlanner, config: Config) -> dict[str, str]:
 
 
 def _memory_note(status: Mapping[str, Any], gpu_budget: bool) -> str:
-    if status["gpus"]:
-        gpus = ", ".join(f"{g['name']} {human(g['total'])}" for g in status["gpus"])
+    if status["nvml"]:
+        gpus = ", ".join(f"{g['name']} {human(g['total'])}" for g in status["gpus"] if g["name"] is not None)
         return f" (GPUs: {gpus})"
     reason = status["nvml_unavailable_reason"]
     if gpu_budget:
