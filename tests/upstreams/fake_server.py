@@ -35,6 +35,10 @@ Behaviour flags (all optional except --port):
                          close the connection, but stay alive: new connections are refused
   --drop-reused          close a keep-alive connection, unanswered, when a second request arrives
                          on it (not /health): a pooled connection that died as it was reused
+  --vram-mib N --vram-gpus 0,1
+                         GPU memory the tests' fake NVML (tests/fake_nvml.py) reports this process
+                         holding, split evenly over those GPUs (default: the GPUs in its
+                         CUDA_VISIBLE_DEVICES, else GPU 0); the server itself ignores them
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -501,6 +505,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--deaf-after", type=int, default=None)
     p.add_argument("--drop-reused", action="store_true")
+    # Read from the command line by the tests' fake NVML (tests/fake_nvml.py); the server ignores them.
+    p.add_argument("--vram-mib", type=int, default=0)
+    p.add_argument("--vram-gpus", default="")
     return p.parse_args(argv)
 
 
