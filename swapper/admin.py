@@ -44,7 +44,7 @@ SWAPPER_IDS = frozenset({SWAPPER, "proxy"})  # "proxy" is llama-swap's name for 
 T = TypeVar("T")
 
 
-def add_admin_routes(app: web.Application, logs: LogHub) -> None:
+def add_admin_routes(app: web.Application, logs: LogHub, *, metrics_route: bool = True) -> None:
     """Creates the app's bus and metrics, wires ``logs`` into the bus, and adds the routes."""
     bus = EventBus()
     metrics = Metrics(app[CONFIG].models)
@@ -62,7 +62,8 @@ def add_admin_routes(app: web.Application, logs: LogHub) -> None:
 
     app.on_shutdown.append(close_streams)
     app.on_cleanup.append(release)
-    app.router.add_get("/metrics", handle_metrics)
+    if metrics_route:  # else only on metricsListen's own listener (metrics_app)
+        app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/logs", handle_logs)
     app.router.add_get("/logs/stream", handle_log_stream)
@@ -74,9 +75,28 @@ def add_admin_routes(app: web.Application, logs: LogHub) -> None:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    runloop = request.app[RUNLOOP]
-    body = await request.app[METRICS].render(runloop.snapshot(), runloop.memory_status())
+    return await _metrics_of(request.app)
+
+
+async def _metrics_of(app: web.Application) -> web.Response:
+    runloop = app[RUNLOOP]
+    body = await app[METRICS].render(runloop.snapshot(), runloop.memory_status())
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
+
+
+def metrics_app(main: web.Application) -> web.Application:
+    """``metricsListen``'s listener: ``GET /metrics`` of ``main``, and nothing else.
+
+    No API key: it is meant for a loopback (or otherwise private) address that a local scraper
+    reads, which is how the main listener can face a LAN without exposing it.
+    """
+    app = web.Application()
+
+    async def handle(request: web.Request) -> web.Response:
+        return await _metrics_of(main)
+
+    app.router.add_get("/metrics", handle)
+    return app
 
 
 async def handle_status(request: web.Request) -> web.Response:

@@ -37,6 +37,7 @@ Additions of our own, all optional (llama-swap has none of them):
 * ``concurrencyLimit`` at top level: the default for every model (llama-swap: per model only).
 * ``logFormat``: ``console`` or ``json``. ``loadingStateMode``: ``reasoning`` or ``comments``.
 * ``requestHeaderTimeout``: seconds a client may take to send a request head, from its first byte.
+* ``metricsListen``: ``host:port`` serving ``/metrics`` alone, which then leaves the main listener.
 * ``metricsMaxInMemory`` (llama-swap's key) may be 0: no activity log at all. ``captureBuffer``
   (llama-swap's, in MB, or a size string) defaults to 0 (off) here, 5 MB there.
 * ``routing.router.use: memory`` with ``settings.memory`` (``gpuBudget``, ``ramBudget``,
@@ -47,7 +48,7 @@ Additions of our own, all optional (llama-swap has none of them):
 Differences from llama-swap, on purpose: ``proxy`` defaults to ``http://127.0.0.1:${PORT}`` (no
 IPv6 ``localhost`` surprise), an empty ``cmd`` or an unparsable ``cmdStop`` fails at load rather than
 at start, a forward macro reference fails even when the macro is unused, and ``models`` must not be
-empty. Multi-file configs (``-config-dir``) are not supported.
+empty. Multi-file configs (``--config-dir``) are merged by ``swapper/sources.py``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import yaml
+
+from swapper.listen import AddressError, parse_address
 
 DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120.0
@@ -178,6 +181,7 @@ class Config:
     upstream_ignore_paths: tuple[str, ...] = DEFAULT_UPSTREAM_IGNORE_PATHS
     activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log
     capture_bytes: int = 0  # captureBuffer; 0: no captures
+    metrics_listen: tuple[str, int] | None = None  # metricsListen: /metrics on its own listener
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -213,7 +217,17 @@ def _check_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> 
 
 def parse_config(text: str, *, source: str = "<config>") -> Config:
     """Same as load_config for YAML text (used by tests and reload)."""
-    doc = _read_document(text, source)
+    return parse_tree(read_tree(text, source), source=source)
+
+
+def read_tree(text: str, source: str) -> Any:
+    """Steps 1 and 2: ``${env.NAME}`` filled in, then YAML parsed (``sources`` merges trees)."""
+    return _load_yaml(_substitute_env(text, source), source)
+
+
+def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
+    """Steps 3 to 5 on a parsed YAML tree (one file's, or several files' merged)."""
+    doc = _read_document(raw, source)
     defaults = _parse_defaults(doc.top)
     models, aliases = _link_aliases(_parse_models(doc, defaults), doc.warnings)
     routing, priorities = _parse_routing(doc, models, aliases)
@@ -253,6 +267,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
             top.get("metricsMaxInMemory"), "metricsMaxInMemory", DEFAULT_ACTIVITY_RECORDS
         ),
         capture_bytes=_capture_buffer(top.get("captureBuffer")),
+        metrics_listen=_parse_metrics_listen(top.get("metricsListen")),
         warnings=tuple(doc.warnings),
     )
 
@@ -285,7 +300,7 @@ _TOP_KEYS = _words(
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer"
+    "requestHeaderTimeout metricsMaxInMemory captureBuffer metricsListen"
 )
 _TOP_UNSUPPORTED = _words(
     """
@@ -478,8 +493,7 @@ def _load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
 
 
-def _read_document(text: str, source: str) -> _Document:
-    raw = _load_yaml(_substitute_env(text, source), source)
+def _read_document(raw: Any, source: str) -> _Document:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -808,6 +822,15 @@ def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
         max_wait=max_wait,
         send_loading_state=_opt_bool(top.get("sendLoadingState"), "sendLoadingState", False),
     )
+
+
+def _parse_metrics_listen(value: object) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_address(_as_text(value, "metricsListen"))
+    except AddressError as exc:
+        raise ConfigError(f"metricsListen: {exc}") from None
 
 
 def _parse_log_level(value: object, warnings: list[str]) -> _LogLevel:

@@ -38,7 +38,9 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
         app.middlewares.append(auth.middleware(config.api_keys))
     cors.add_routes(app)  # before add_routes: its catch-all would answer OPTIONS with 404
     upstream.add_routes(app, config)
-    add_admin_routes(app, app[LOGS])  # before add_routes, whose catch-all would shadow them
+    add_admin_routes(
+        app, app[LOGS], metrics_route=config.metrics_listen is None
+    )  # before add_routes, whose catch-all would shadow them
     ui.add_routes(app)  # after the admin routes (their bus), before add_routes' catch-all
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
