@@ -47,8 +47,9 @@ Additions of our own, all optional (llama-swap has none of them):
 
 Differences from llama-swap, on purpose: ``proxy`` defaults to ``http://127.0.0.1:${PORT}`` (no
 IPv6 ``localhost`` surprise), an empty ``cmd`` or an unparsable ``cmdStop`` fails at load rather than
-at start, a forward macro reference fails even when the macro is unused, and ``models`` must not be
-empty. Multi-file configs (``--config-dir``) are merged by ``swapper/sources.py``.
+at start, and a forward macro reference fails even when the macro is unused. ``peers``,
+``profiles`` and ``selectors`` are decoded by ``swapper/fleet.py``; multi-file configs
+(``--config-dir``) are merged by ``swapper/sources.py``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from swapper import capabilities
+from swapper.fleet import Fleet, parse_fleet
 from swapper.listen import AddressError, parse_address
 
 DEFAULT_START_PORT = 5800
@@ -120,6 +123,7 @@ class ModelConfig:
     # memory planner: bytes the model is expected to need before its first measured load
     memory_estimate: int | None = None
     memory_device: Literal["gpu", "cpu", "auto"] = "auto"
+    capabilities: capabilities.Capabilities = field(default_factory=capabilities.Capabilities)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +186,7 @@ class Config:
     activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log
     capture_bytes: int = 0  # captureBuffer; 0: no captures
     metrics_listen: tuple[str, int] | None = None  # metricsListen: /metrics on its own listener
+    fleet: Fleet = field(default_factory=Fleet)  # peers, profiles, selectors
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -238,6 +243,11 @@ def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
     top = doc.top
     default_model = _parse_default_model(top.get("defaultModel"), models, aliases)
     preload = _parse_preload(top, models, aliases, doc.warnings)
+    fleet = parse_fleet(top, models, aliases, routing, doc.warnings)
+    if not models:
+        doc.warnings.append(
+            "models: none defined; only peers are served" if fleet.peers else "models: none defined"
+        )
     return Config(
         models=models,
         aliases=aliases,
@@ -268,6 +278,7 @@ def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
         ),
         capture_bytes=_capture_buffer(top.get("captureBuffer")),
         metrics_listen=_parse_metrics_listen(top.get("metricsListen")),
+        fleet=fleet,
         warnings=tuple(doc.warnings),
     )
 
@@ -297,6 +308,7 @@ _TOP_KEYS = _words(
     """
     healthCheckTimeout logLevel logToStdout startPort macros models globalTTL unloadTimeout
     apiKeys includeAliasesInList sendLoadingState hooks upstream routing groups matrix
+    peers profiles selectors
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
@@ -304,18 +316,18 @@ _TOP_KEYS = _words(
 )
 _TOP_UNSUPPORTED = _words(
     """
-    logTimeFormat logRequests store ui performance profiles
-    selectors peers
+    logTimeFormat logRequests store ui performance
     """
 )
 _MODEL_KEYS = _words(
     """
     cmd cmdStop proxy checkEndpoint env aliases useModelName unlisted name description metadata
     macros ttl unloadTimeout concurrencyLimit maxWait sendLoadingState filters memory memoryEstimate
+    capabilities
     """
 )
 # healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
-_MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "capabilities", "healthCheckTimeout"})
+_MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "healthCheckTimeout"})
 _NONE: frozenset[str] = frozenset()
 
 _PID_ONLY = frozenset({"PID"})
@@ -780,7 +792,8 @@ def _check_leftovers(value: Any, path: str, allowed: Collection[str] = _NONE) ->
     elif isinstance(value, dict):
         for key, item in value.items():
             key_path = _join(path, _key_text(key, path))
-            _check_leftovers(key, key_path)
+            if path.endswith(".setParamsByID"):  # the only keys that macros expand
+                _check_leftovers(key, key_path)
             _check_leftovers(item, key_path, allowed)
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -910,9 +923,7 @@ def _parse_preload(
 
 
 def _parse_models(doc: _Document, defaults: _Defaults) -> dict[str, ModelConfig]:
-    raw = _as_mapping(doc.top.get("models"), "models")
-    if not raw:
-        raise ConfigError("models: at least one model is required")
+    raw = _as_mapping(doc.top.get("models"), "models")  # may be empty, as in llama-swap (peers only)
     trees: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         model_id = _key_text(key, "models")
@@ -1001,7 +1012,7 @@ def _decode_model(
         cmd=argv,
         cmd_text=cmd_text,
         proxy=_parse_proxy(tree["proxy"], f"{path}.proxy"),
-        check_endpoint=_parse_check_endpoint(tree.get("checkEndpoint"), f"{path}.checkEndpoint"),
+        check_endpoint=_parse_check_endpoint(tree.get("checkEndpoint"), f"{path}.checkEndpoint", warnings),
         cmd_stop=_parse_cmd_stop(tree.get("cmdStop"), f"{path}.cmdStop"),
         env=_parse_env(tree.get("env"), f"{path}.env"),
         aliases=_parse_aliases(tree.get("aliases"), f"{path}.aliases", warnings),
@@ -1009,7 +1020,7 @@ def _decode_model(
         unlisted=_opt_bool(tree.get("unlisted"), f"{path}.unlisted", False),
         name=_as_text(tree.get("name"), f"{path}.name").strip(),
         description=_as_text(tree.get("description"), f"{path}.description").strip(),
-        metadata=_as_mapping(tree.get("metadata"), f"{path}.metadata"),
+        metadata=_parse_metadata(tree.get("metadata"), f"{path}.metadata", warnings),
         port=port,
         ttl=_model_ttl(tree.get("ttl"), f"{path}.ttl", defaults.global_ttl),
         unload_timeout=_seconds(tree.get("unloadTimeout"), f"{path}.unloadTimeout", 0.0)
@@ -1023,7 +1034,36 @@ def _decode_model(
         filters=_parse_filters(tree.get("filters"), f"{path}.filters", warnings),
         memory_estimate=estimate,
         memory_device=device,
+        capabilities=_parse_capabilities(tree.get("capabilities"), f"{path}.capabilities"),
     )
+
+
+def _parse_capabilities(value: object, path: str) -> capabilities.Capabilities:
+    try:
+        return capabilities.parse(value)
+    except capabilities.CapabilityError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _parse_metadata(value: object, path: str, warnings: list[str]) -> Mapping[str, Any]:
+    metadata = _as_mapping(value, path)
+    keys = _macro_keys(metadata)
+    if keys:
+        warnings.append(f"{path}: macros are not expanded in keys ({', '.join(keys)}); kept as written")
+    return metadata
+
+
+def _macro_keys(value: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _MACRO_REF_RE.search(key):
+                found.append(key)
+            found += _macro_keys(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += _macro_keys(item)
+    return found
 
 
 def _one_line(text: str) -> str:
@@ -1062,14 +1102,19 @@ def _parse_proxy(value: object, path: str) -> str:
     return proxy
 
 
-def _parse_check_endpoint(value: object, path: str) -> str | None:
+def _parse_check_endpoint(value: object, path: str, warnings: list[str]) -> str | None:
     if value is None:
         return DEFAULT_CHECK_ENDPOINT
     endpoint = _as_str(value, path).strip()
     if endpoint.lower() == "none":
         return None
+    parts = urlsplit(endpoint)
+    if parts.scheme or parts.netloc:
+        # llama-swap sends the probe through the model's proxy, which keeps only the URL's path.
+        endpoint = parts.path + (f"?{parts.query}" if parts.query else "")
+        warnings.append(f"{path}: a full URL; its path '{endpoint or '/'}' is probed on the model's proxy")
     if not endpoint.startswith("/"):
-        raise ConfigError(f"{path}: must be a path starting with '/' or 'none', got '{endpoint}'")
+        endpoint = "/" + endpoint  # joined to the proxy with one slash, as llama-swap joins it
     return endpoint
 
 
@@ -1223,7 +1268,15 @@ def _parse_routing(
     memory_raw, memory_path = sources["memory"]
     groups = _parse_groups(groups_raw, groups_path, models, aliases, doc.warnings)
     matrix = None
-    if matrix_raw is not None:
+    if matrix_raw is not None and use != "matrix":
+        # llama-swap never reads a matrix its router does not use; an invalid one is only news.
+        try:
+            matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
+            _check_matrix(RoutingConfig(matrix=matrix), models)
+        except ConfigError as exc:
+            doc.warnings.append(f"{exc} (not in use: routing.router.use is {use}; ignored)")
+            matrix = None
+    elif matrix_raw is not None:
         matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
     elif use == "matrix":
         raise ConfigError(f"{matrix_path}: is required when routing.router.use is matrix")
@@ -1272,7 +1325,9 @@ def _parse_groups(
         if name == DEFAULT_GROUP:
             raise ConfigError(f"{group_path}: the name '{DEFAULT_GROUP}' is reserved for ungrouped models")
         spec = _known(value, group_path, {"swap", "exclusive", "persistent", "members"}, _NONE, warnings)
-        members = _group_members(spec.get("members"), f"{group_path}.members", name, owner, models, aliases)
+        members = _group_members(
+            spec.get("members"), f"{group_path}.members", name, owner, models, aliases, warnings
+        )
         groups.append(
             GroupConfig(
                 name=name,
@@ -1295,6 +1350,7 @@ def _group_members(
     owner: dict[str, str],
     models: Mapping[str, ModelConfig],
     aliases: Mapping[str, str],
+    warnings: list[str],
 ) -> tuple[str, ...]:
     if raw is None:
         raise ConfigError(f"{path}: is required")
@@ -1302,10 +1358,14 @@ def _group_members(
     for i, item in enumerate(_as_list(raw, path)):
         model_id = _as_text(item, f"{path}[{i}]").strip()
         if model_id not in models:
-            hint = (
-                f" (it is an alias of '{aliases[model_id]}'; list model ids)" if model_id in aliases else ""
-            )
-            raise ConfigError(f"{path}: '{model_id}' is not a model id{hint}")
+            # llama-swap's loader takes any name here (a model commented out, its group left as
+            # it was); only its router refuses it at start. Left out, said once.
+            if model_id in aliases:
+                warnings.append(f"{path}: '{model_id}' is an alias of '{aliases[model_id]}'; using the model")
+                model_id = aliases[model_id]
+            else:
+                warnings.append(f"{path}: '{model_id}' is not a model id; left out of the group")
+                continue
         if model_id in owner:
             other = owner[model_id]
             if other == group:
