@@ -391,6 +391,9 @@ class FrontConn(asyncio.Protocol):
         try:
             query = _query(head.query) if head.query else {}
             wanted = modelid.extract(head.method, head.content_type, body, query)
+            pinned = runloop.selection.active is not None and wanted.model
+            if pinned and runloop.selection.wants_choice(wanted.model or "", config):
+                raise SwapperError("pinned by the active profile")  # aiohttp's path resolves it
             model = choose_model(wanted.model, config, runloop)
             if front.keys and not self._key_ok(head):
                 raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from swapper import auth, cors, preload, proxy, ui, upstream
+from swapper import auth, cors, peers, preload, proxy, ui, upstream
 from swapper.admin import add_admin_routes
 from swapper.config import Config
 from swapper.events import EVENTS
@@ -44,6 +44,7 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     ui.add_routes(app)  # after the admin routes (their bus), before add_routes' catch-all
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
+    app.cleanup_ctx.append(peers.peers_ctx)  # closed before the run loop stops
     if config.preload:  # after _runloop_ctx: cancelled before the run loop shuts down
         app.cleanup_ctx.append(preload.preload_ctx)
     return app
