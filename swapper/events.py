@@ -140,6 +140,9 @@ class Observer:
     def log_line(self, source: str, line: str) -> None:
         pass
 
+    def profile_changed(self, active: str | None) -> None:
+        """``PUT /api/profiles/active`` switched the active profile (None: none)."""
+
     def closed(self) -> None:
         """The bus closed (server shutdown): streams end now."""
 
@@ -155,6 +158,7 @@ _HOOKS: Final = (
     "request_granted",
     "request_finished",
     "log_line",
+    "profile_changed",
     "closed",
 )
 
@@ -254,6 +258,9 @@ class EventBus:
         if self._hooks["log_line"]:
             for line in lines:
                 self._notify("log_line", source, line)
+
+    def profile_changed(self, active: str | None) -> None:
+        self._notify("profile_changed", active)
 
     def _request_granted(self, req: RequestTrack) -> None:
         self._notify("request_granted", req)

@@ -19,6 +19,7 @@ from swapper.admin import add_admin_routes
 from swapper.config import Config
 from swapper.events import EVENTS
 from swapper.logs import LogHub
+from swapper.profiles import add_profile_routes
 from swapper.routes import CONFIG, RUNLOOP, SESSION, add_routes
 from swapper.runloop import RunLoop
 
@@ -41,6 +42,7 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     add_admin_routes(
         app, app[LOGS], metrics_route=config.metrics_listen is None
     )  # before add_routes, whose catch-all would shadow them
+    add_profile_routes(app)  # before add_routes' catch-all
     ui.add_routes(app)  # after the admin routes (their bus), before add_routes' catch-all
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
