@@ -124,6 +124,7 @@ class ModelConfig:
     memory_estimate: int | None = None
     memory_device: Literal["gpu", "cpu", "auto"] = "auto"
     capabilities: capabilities.Capabilities = field(default_factory=capabilities.Capabilities)
+    cmd_raw: str = ""  # the expanded cmd as written (lines kept, comments dropped): /running's
 
 
 @dataclass(frozen=True, slots=True)
@@ -1011,6 +1012,7 @@ def _decode_model(
         id=model_id,
         cmd=argv,
         cmd_text=cmd_text,
+        cmd_raw=tree["cmd"],
         proxy=_parse_proxy(tree["proxy"], f"{path}.proxy"),
         check_endpoint=_parse_check_endpoint(tree.get("checkEndpoint"), f"{path}.checkEndpoint", warnings),
         cmd_stop=_parse_cmd_stop(tree.get("cmdStop"), f"{path}.cmdStop"),

@@ -295,7 +295,7 @@ async def handle_running(request: web.Request) -> web.Response:
             {
                 "model": mid,
                 "state": st.state.value,
-                "cmd": cfg.cmd_text,
+                "cmd": cfg.cmd_raw or cfg.cmd_text,  # as the config wrote it (llama-swap's)
                 "proxy": cfg.proxy,
                 "ttl": int(cfg.ttl),
                 "name": cfg.name,
