@@ -228,3 +228,17 @@ def test_llama_swaps_command_line_serves_the_corpus(tmp_path: Path) -> None:
         status, running = call(base, "/running")
         # qwen's group is exclusive: it swapped llama out and stopped model-a; forever-a persists.
         assert {r["model"] for r in running["running"]} == {"qwen-unlisted", "forever-a"}
+
+
+def test_check_lists_the_peers_selectors_and_profiles_never_a_key() -> None:
+    env = {**os.environ, **corpus_env()}
+    argv = [sys.executable, "-m", "swapper", "check", "-config", str(CORPUS / "llama-swap-keys.yaml")]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = done.stdout
+    assert "peers (1):\n  cloud: http://127.0.0.1:1, API key set\n" in report
+    assert "    models: z-ai/glm-4.7, deepseek/deepseek-v3.2\n" in report
+    assert "  pair: spillover (spillover 1) over model-a, model-b\n" in report
+    assert "  coding-model: warm over qwen-unlisted, llama\n" in report
+    assert "  coding: llm-code -> llama, llm-plan -> qwen-unlisted, image-gen -> (disabled)\n" in report
+    assert "sk-cloud" not in report and KEY not in report
