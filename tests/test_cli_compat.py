@@ -288,3 +288,28 @@ def test_check_reads_a_config_dir(tmp_path: Path) -> None:
 def test_no_config_at_all_is_an_error() -> None:
     done = subprocess.run([sys.executable, "-m", "swapper"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "at least one of --config or --config-dir" in done.stderr
+
+
+def test_sighup_reloads_a_config_dir_with_a_new_file(tmp_path: Path) -> None:
+    folder = tmp_path / "conf.d"
+    folder.mkdir()
+    (folder / "10-a.yaml").write_text("models:\n" + fake_model("a", free_port()))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "swapper.log"
+
+    def ids() -> list[str]:
+        return sorted(m["id"] for m in json.loads(fetch(base + "/v1/models")[1])["data"])
+
+    argv = [sys.executable, "-m", "swapper", "-config-dir", str(folder), "-listen", f"127.0.0.1:{port}"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out)
+    try:
+        poll(lambda: proc.poll() is not None or ids() == ["a"], "the first file's model")
+        assert proc.poll() is None, log.read_text()
+        (folder / "20-b.yaml").write_text("models:\n" + fake_model("b", free_port()))
+        proc.send_signal(signal.SIGHUP)
+        poll(lambda: ids() == ["a", "b"], "the new file's model after SIGHUP")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(WITHIN)
