@@ -294,6 +294,7 @@ class Record:
         "method",
         "model",
         "path",
+        "selector",
         "status",
         "tail",
         "ttfb",
@@ -314,6 +315,7 @@ class Record:
         self.duration = duration if req.ttfb is None else max(duration, req.ttfb)
         self.content_type = req.content_type
         self.tail = req.tail
+        self.selector = req.selector
         self._tokens: Tokens | None = None
 
     @property
@@ -364,6 +366,8 @@ class Record:
         }
         if (message := self.error_message()) is not None:
             entry["error_msg"] = message
+        if self.selector is not None:
+            entry["metadata"] = {"selector": self.selector}  # llama-swap's key
         return entry
 
 

@@ -62,6 +62,7 @@ class RequestTrack:
         "path",
         "req_id",
         "route",
+        "selector",
         "started",
         "status",
         "tail",
@@ -84,6 +85,7 @@ class RequestTrack:
         self.content_type = b""  # the upstream answer's, once forwarded
         self.tail = b""  # the answer's last bytes (activity.TAIL at most), set by the relay
         self.capture: Capture | None = None  # set by activity.ActivityLog when captures are on
+        self.selector: str | None = None  # the selector that chose its model, if one did
 
     def granted(self) -> None:
         """The run loop granted the lease: the request stops waiting and goes upstream."""

@@ -107,6 +107,8 @@ async def forward(
     target: PeerModel,
     requested: str,
     req_id: int,
+    *,
+    selector: str | None = None,
 ) -> web.StreamResponse:
     """Serves one request through ``peer``; raises SwapperError before any byte is written."""
     client = request.app[PEERS]
@@ -121,6 +123,7 @@ async def forward(
     track = None
     if bus is not None:
         track = bus.track(req_id, target.fqn, _route(request), request.method, request.path)
+        track.selector = selector
         track.granted()  # no wait: peers queue nothing here
     try:
         rename = target.model if requested != target.model else None

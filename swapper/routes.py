@@ -160,6 +160,7 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
                     choice.peer,
                     choice.name,
                     runloop.new_request_id(),
+                    selector=choice.selector,
                 )
             if choice.name != name:  # the client's name for it is a pin or a selector
                 body = shaping.rewrite_body(
@@ -167,7 +168,8 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
                 )
                 wanted = modelid.extract(request.method, content_type, body, request.query)
         model = choice.local if choice is not None and choice.local else choose_model(name, config, runloop)
-        return await _serve_local(request, runloop, config, model, wanted, body, content_type)
+        selector = choice.selector if choice is not None else None
+        return await _serve_local(request, runloop, config, model, wanted, body, content_type, selector)
     except SwapperError as err:
         return error_response(err)
     finally:
@@ -183,6 +185,7 @@ async def _serve_local(
     wanted: modelid.RequestModel,
     body: bytes,
     content_type: str | None,
+    selector: str | None = None,
 ) -> web.StreamResponse:
     app = request.app
     cfg = config.models[model]
@@ -199,6 +202,7 @@ async def _serve_local(
         body=body,
     )
     track = ex.track = track_request(request, ex.req_id, model)
+    track.selector = selector
     preamble: LoadingStream | None = None
     try:
         if wanted.stream and wants_loading_state(config, cfg, request.path):

@@ -204,3 +204,10 @@ async def test_a_warm_selector_follows_the_loaded_model(aiohttp_client: ClientFa
     assert a["capabilities"] == {"vision": True, "function_calling": True}
     assert a["supported_parameters"] == ["tools", "tool_choice"]
     assert a["context_length"] == 4096 and a["meta"]["n_ctx"] == 4096
+    # The activity log says which selector chose (llama-swap's metadata.selector).
+    rows = (await (await client.get("/api/metrics/activity?sort=id&order=asc")).json())["data"]
+    assert [(r["model"], r.get("metadata")) for r in rows] == [
+        ("a", {"selector": "any"}),
+        ("b", None),
+        ("b", {"selector": "any"}),
+    ]
