@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import urlencode
 
 import aiohttp
 import structlog
@@ -135,7 +136,7 @@ async def forward(
             requested=requested,
             is_json=wanted.is_json,
         )
-        url = peer.proxy + upstream_path(request.raw_path)
+        url = peer.proxy + _target(request, rename)
         connect = peer.connect_timeout or None
         started = time.perf_counter()
         try:
@@ -170,6 +171,15 @@ async def forward(
         client.in_flight[peer.id] -= 1
         if track is not None:
             track.done()
+
+
+def _target(request: web.Request, rename: str | None) -> str:
+    """The path and query to ask the peer for; a ``?model=`` naming ``peer/model`` is renamed too."""
+    target = upstream_path(request.raw_path)
+    if rename is None or "model" not in request.query:
+        return target
+    query = [(k, rename if k == "model" else v) for k, v in request.query.items()]
+    return upstream_path(request.rel_url.raw_path) + "?" + urlencode(query)
 
 
 def _route(request: web.Request) -> str:

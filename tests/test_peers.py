@@ -161,3 +161,11 @@ async def test_a_peers_only_config_serves(aiohttp_client: ClientFactory) -> None
     assert (await chat(front, "back/m"))["model"] == "m"
     missing = await front.post("/v1/chat/completions", json={"model": "nothing"})
     assert missing.status == 404
+
+
+async def test_a_query_model_is_renamed_for_the_peer(aiohttp_client: ClientFactory) -> None:
+    back = await back_swapper(aiohttp_client)
+    front = await front_swapper(aiohttp_client, front_config(back))
+    # The back swapper knows "m", not "back/m": a 200 means the query was renamed on the way.
+    resp = await front.get("/props", params={"model": "back/m", "x": "1"})
+    assert resp.status == 200, await resp.text()
