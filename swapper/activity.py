@@ -294,6 +294,7 @@ class Record:
         "method",
         "model",
         "path",
+        "selector",
         "status",
         "tail",
         "ttfb",
@@ -314,6 +315,7 @@ class Record:
         self.duration = duration if req.ttfb is None else max(duration, req.ttfb)
         self.content_type = req.content_type
         self.tail = req.tail
+        self.selector = req.selector
         self._tokens: Tokens | None = None
 
     @property
@@ -364,6 +366,8 @@ class Record:
         }
         if (message := self.error_message()) is not None:
             entry["error_msg"] = message
+        if self.selector is not None:
+            entry["metadata"] = {"selector": self.selector}  # llama-swap's key
         return entry
 
 
@@ -378,11 +382,17 @@ class ActivityLog(Observer):
         self.limit = limit
         self._records: deque[Record] = deque(maxlen=limit)
         self._next = 1
+        self._last: tuple[int, int] | None = None  # (request id, record id) of the newest record
         self.captures = Captures(capture_bytes) if capture_bytes > 0 else None
 
     def records(self) -> list[Record]:
         """Oldest first."""
         return list(self._records)
+
+    def record_id(self, req: RequestTrack) -> int | None:
+        """The record ``req`` just became, for observers told of its end after this log."""
+        last = self._last
+        return last[1] if last is not None and last[0] == req.req_id else None
 
     def has_capture(self, ident: int) -> bool:
         return self.captures is not None and ident in self.captures
@@ -401,6 +411,7 @@ class ActivityLog(Observer):
         ident = self._next
         self._next = ident + 1
         self._records.append(Record(ident, req, time.perf_counter() - req.started))
+        self._last = (req.req_id, ident)
         if req.capture is not None and self.captures is not None:
             self.captures.put(ident, req.capture)
             req.capture = None

@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
-from swapper import __version__
+from swapper import __version__, capabilities
+from swapper.activity import ACTIVITY, ActivityLog
 from swapper.config import Config, MemoryConfig
 from swapper.errors import BadRequest
 from swapper.events import EVENTS, EventBus, Feed, RequestTrack
@@ -38,6 +39,7 @@ from swapper.routes import CONFIG, RUNLOOP, error_response
 from swapper.scheduler import State
 
 FEED_LIMIT = 1024  # entries a stream may fall behind before the oldest are dropped
+SESSION_ID_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")  # llama-swap's ui.activity default
 KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 UPSTREAM = "upstream"  # log stream id: every child's output, without swapper's own lines
 SWAPPER_IDS = frozenset({SWAPPER, "proxy"})  # "proxy" is llama-swap's name for its own log
@@ -45,7 +47,7 @@ SWAPPER_IDS = frozenset({SWAPPER, "proxy"})  # "proxy" is llama-swap's name for 
 T = TypeVar("T")
 
 
-def add_admin_routes(app: web.Application, logs: LogHub) -> None:
+def add_admin_routes(app: web.Application, logs: LogHub, *, metrics_route: bool = True) -> None:
     """Creates the app's bus and metrics, wires ``logs`` into the bus, and adds the routes."""
     bus = EventBus()
     metrics = Metrics(app[CONFIG].models)
@@ -63,7 +65,8 @@ def add_admin_routes(app: web.Application, logs: LogHub) -> None:
 
     app.on_shutdown.append(close_streams)
     app.on_cleanup.append(release)
-    app.router.add_get("/metrics", handle_metrics)
+    if metrics_route:  # else only on metricsListen's own listener (metrics_app)
+        app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/v1/status", handle_status)
     app.router.add_get("/logs", handle_logs)
     app.router.add_get("/logs/stream", handle_log_stream)
@@ -75,9 +78,28 @@ def add_admin_routes(app: web.Application, logs: LogHub) -> None:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    runloop = request.app[RUNLOOP]
-    body = await request.app[METRICS].render(runloop.snapshot(), runloop.memory_status())
+    return await _metrics_of(request.app)
+
+
+async def _metrics_of(app: web.Application) -> web.Response:
+    runloop = app[RUNLOOP]
+    body = await app[METRICS].render(runloop.snapshot(), runloop.memory_status())
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
+
+
+def metrics_app(main: web.Application) -> web.Application:
+    """``metricsListen``'s listener: ``GET /metrics`` of ``main``, and nothing else.
+
+    No API key: it is meant for a loopback (or otherwise private) address that a local scraper
+    reads, which is how the main listener can face a LAN without exposing it.
+    """
+    app = web.Application()
+
+    async def handle(request: web.Request) -> web.Response:
+        return await _metrics_of(main)
+
+    app.router.add_get("/metrics", handle)
+    return app
 
 
 async def handle_status(request: web.Request) -> web.Response:
@@ -270,10 +292,13 @@ Frame = tuple[str, Any]  # (envelope type, its data), encoded when written
 class EventFeed(Feed[Frame]):
     """Model states, log lines and request start/finish, as llama-swap's /api/events frames."""
 
-    def __init__(self, config: Callable[[], Config], bus: EventBus) -> None:
+    def __init__(
+        self, config: Callable[[], Config], bus: EventBus, activity: ActivityLog | None = None
+    ) -> None:
         super().__init__(FEED_LIMIT)
         self._config = config  # read per frame: a reload replaces the run loop's config
         self._bus = bus
+        self._activity = activity
 
     def model_status(self) -> Frame:
         states = self._bus.states()
@@ -286,9 +311,13 @@ class EventFeed(Feed[Frame]):
                     "description": cfg.description,
                     "state": states.get(mid, State.STOPPED).value,
                     "unlisted": cfg.unlisted,
+                    "peerID": "",
                     "aliases": list(cfg.aliases),
+                    **capabilities.render(cfg.capabilities),
                 }
             )
+        # llama-swap lists peer models after the local ones, with no state.
+        out += [{"id": pm.fqn, "peerID": pm.peer, "state": ""} for pm in self._config().fleet.peer_models()]
         return "modelStatus", out
 
     def in_flight(self) -> Frame:
@@ -315,6 +344,13 @@ class EventFeed(Feed[Frame]):
         entry["state"] = "done"
         entry["status"] = req.status
         self.push(("inflight", {"operation": "remove", "id": entry["id"], "request": entry}))
+        ident = self._activity.record_id(req) if self._activity is not None else None
+        if ident is not None:
+            self.push(("activity", {"id": ident}))  # the client fetches the row itself
+
+    def profile_changed(self, active: str | None) -> None:
+        self.push(("profileChanged", {"active": active}))
+        self.push(self.model_status())
 
 
 def sse_frame(kind: str, data: Any) -> bytes:
@@ -326,8 +362,24 @@ def sse_frame(kind: str, data: Any) -> bytes:
 async def handle_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     bus, runloop = app[EVENTS], app[RUNLOOP]
-    feed = EventFeed(lambda: runloop.config, bus)
-    first = sse_frame(*feed.model_status()) + sse_frame(*feed.in_flight())
+    feed = EventFeed(lambda: runloop.config, bus, app.get(ACTIVITY))
+    config, logs = runloop.config, runloop.logs
+    active = runloop.selection.active if runloop.selection.active in config.fleet.profiles else None
+    # llama-swap's burst on connect: log history (swapper's own, then the children's), states,
+    # the UI's settings, the active profile, the requests in flight.
+    first = b"".join(
+        [
+            sse_frame("logData", {"source": "proxy", "data": _text(LogSource(SWAPPER).history(logs))}),
+            sse_frame(
+                "logData",
+                {"source": UPSTREAM, "data": _text(LogSource(None, children_only=True).history(logs))},
+            ),
+            sse_frame(*feed.model_status()),
+            sse_frame("uiConfig", {"activity": {"session_id": list(SESSION_ID_HEADERS)}}),
+            sse_frame("profileChanged", {"active": active}),
+            sse_frame(*feed.in_flight()),
+        ]
+    )
     resp = web.StreamResponse(
         headers={
             hdrs.CONTENT_TYPE: "text/event-stream",

@@ -90,10 +90,33 @@ def report(config: Config, path: str) -> str:
     ]
     for model_id, model in config.models.items():
         lines += _model_lines(model, placement.get(model_id, ""))
+    lines += _fleet_lines(config)
     found = warnings(config)
     lines.append(f"warnings ({len(found)}):" if found else "warnings: none")
     lines += [f"  {w}" for w in found]
     return "\n".join(lines) + "\n"
+
+
+def _fleet_lines(config: Config) -> list[str]:
+    """Peers, selectors and profiles, when the config has any (the key is never shown)."""
+    fleet, lines = config.fleet, []
+    if fleet.peers:
+        lines.append(f"peers ({len(fleet.peers)}):")
+        for peer in fleet.peers.values():
+            key = ", API key set" if peer.api_key else ""
+            lines.append(f"  {peer.id}: {peer.proxy}{key}")
+            lines.append(f"    models: {', '.join(peer.models)}")
+    if fleet.selectors:
+        lines.append(f"selectors ({len(fleet.selectors)}):")
+        for sel in fleet.selectors.values():
+            extra = f" (spillover {sel.spillover})" if sel.strategy == "spillover" else ""
+            lines.append(f"  {sel.id}: {sel.strategy}{extra} over {', '.join(sel.targets)}")
+    if fleet.profiles:
+        lines.append(f"profiles ({len(fleet.profiles)}):")
+        for profile in fleet.profiles.values():
+            pins = ", ".join(f"{name} -> {target or '(disabled)'}" for name, target in profile.pins.items())
+            lines.append(f"  {profile.id}: {pins}")
+    return lines
 
 
 def _count(n: int, what: str) -> str:

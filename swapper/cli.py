@@ -2,7 +2,8 @@
 
 Two forms share one loader, so a check says exactly what a start would:
 
-* ``swapper --config FILE [--listen ...]`` serves (llama-swap's plain form);
+* ``swapper --config FILE [--listen ...]`` serves (llama-swap's plain form; its one-dash flags,
+  ``-config FILE -listen :8080``, work as written: ``:8080`` is every interface, as in Go);
 * ``swapper check --config FILE``, or ``swapper -t --config FILE`` (``nginx -t``), validates the
   config without binding a port or starting a child, prints what a start would run, and exits 0,
   or 2 with the same message a start gives.
@@ -13,15 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from swapper import __version__, check
-from swapper.config import Config, ConfigError, load_config
+from swapper import __version__, check, listen
+from swapper.config import Config, ConfigError
 from swapper.lifecycle import serve
 from swapper.logs import LogHub, setup_logging
+from swapper.sources import ConfigSources
 
 EXIT_CONFIG = 2
 CHECK = "check"  # the subcommand; any other first argument is the plain server form
@@ -29,23 +32,32 @@ LOOP_ENV = "SWAPPER_LOOP"  # "asyncio" runs on asyncio's own loop even when uvlo
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", value
-    host = host.strip("[]") or "127.0.0.1"
+    """``host:port``; ``:port`` is every interface (Go's reading), a bare ``port`` is loopback."""
     try:
-        return host, int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid listen address {value!r}") from None
+        return listen.parse_address(value)
+    except listen.AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_sources(p: argparse.ArgumentParser) -> None:
+    # llama-swap's Go flags take one dash; both spellings work, so its unit files run unchanged.
+    p.add_argument("--config", "-config", "-c", default=None, help="path to models.yaml")
+    p.add_argument(
+        "--config-dir",
+        "-config-dir",
+        default=None,
+        help="a folder of *.yml/*.yaml files merged (by name, after --config) with llama-swap's rules",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swapper",
-        description="One URL in front of many local models.",
+        description="One URL in front of many local models. llama-swap's one-dash flags "
+        "(-config, -listen, -watch-config, -config-dir, -tls-cert-file, -tls-key-file, -version) work too.",
         epilog="`swapper check --config FILE` (or -t) validates a config without serving it.",
     )
-    p.add_argument("--config", "-c", required=True, help="path to models.yaml")
+    _add_sources(p)
     p.add_argument(
         "-t",
         "--test-config",
@@ -54,19 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--listen",
+        "-listen",
         "-l",
         type=parse_listen,
-        default=("127.0.0.1", 8080),
-        help="host:port to listen on (default 127.0.0.1:8080; loopback unless you say otherwise)",
+        default=None,
+        help="host:port to listen on; ':8080' is every interface, as in Go (default 127.0.0.1:8080, "
+        "127.0.0.1:8443 with TLS: loopback unless you say otherwise)",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warn", "error"], default=None)
     p.add_argument(
         "--watch-config",
+        "-watch-config",
         action="store_true",
         help="reload the config when the file changes (SIGHUP always reloads); only models whose "
         "settings changed are restarted",
     )
-    p.add_argument("--version", action="version", version=f"swapper {__version__}")
+    p.add_argument(
+        "--tls-cert-file", "-tls-cert-file", default=None, help="serve HTTPS with this certificate"
+    )
+    p.add_argument("--tls-key-file", "-tls-key-file", default=None, help="the certificate's private key")
+    p.add_argument("--version", "-version", action="version", version=f"swapper {__version__}")
     return p
 
 
@@ -77,35 +96,58 @@ def build_check_parser() -> argparse.ArgumentParser:
         "a child; print each model's command, port, aliases and placement, and every warning. "
         "Exit 0 when the config is valid, 2 when it is not.",
     )
-    p.add_argument("--config", "-c", required=True, help="path to models.yaml")
+    _add_sources(p)
     return p
+
+
+def sources_of(args: argparse.Namespace) -> ConfigSources | None:
+    if args.config is None and args.config_dir is None:
+        print("swapper: error: at least one of --config or --config-dir is required", file=sys.stderr)
+        return None
+    return ConfigSources(
+        Path(args.config).absolute() if args.config else None,
+        Path(args.config_dir).absolute() if args.config_dir else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHECK]:
-        return check_config(build_check_parser().parse_args(argv[1:]).config)
+        sources = sources_of(build_check_parser().parse_args(argv[1:]))
+        return EXIT_CONFIG if sources is None else check_config(sources)
     args = build_parser().parse_args(argv)
+    sources = sources_of(args)
+    if sources is None:
+        return EXIT_CONFIG
     if args.test_config:
-        return check_config(args.config)
-    config = load(args.config)
+        return check_config(sources)
+    if (args.tls_cert_file is None) != (args.tls_key_file is None):
+        print("swapper: error: --tls-cert-file and --tls-key-file go together", file=sys.stderr)
+        return EXIT_CONFIG
+    config = load(sources)
     if config is None:
         return EXIT_CONFIG
+    tls = None
+    if args.tls_cert_file is not None:
+        try:
+            tls = listen.tls_context(args.tls_cert_file, args.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"swapper: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     hub = LogHub(echo_upstream=config.log_to_stdout in ("upstream", "both"))
     console = config.log_to_stdout in ("proxy", "both")
     setup_logging(args.log_level or config.log_level, config.log_format, hub, console=console)
     for warning in check.warnings(config):
         print(f"swapper: warning: {warning}", file=sys.stderr)
-    host, port = args.listen
-    path = Path(args.config).absolute()  # the start-up line names the file, wherever we started
-    run(serve(config, host, port, logs=hub, config_path=path, watch_config=args.watch_config))
+    host, port = args.listen or ("127.0.0.1", 8443 if tls else 8080)
+    run(serve(config, host, port, logs=hub, sources=sources, watch_config=args.watch_config, tls=tls))
     return 0
 
 
-def load(path: str) -> Config | None:
-    """The config at ``path``, or None once the reason is printed: the one loader of both forms."""
+def load(sources: ConfigSources) -> Config | None:
+    """The config, or None once the reason is printed: the one loader of both forms."""
     try:
-        return load_config(path)
+        return sources.load()
     except ConfigError as exc:
         print(f"swapper: config error: {exc}", file=sys.stderr)
     except OSError as exc:
@@ -113,15 +155,15 @@ def load(path: str) -> Config | None:
     return None
 
 
-def check_config(path: str) -> int:
+def check_config(sources: ConfigSources) -> int:
     """``swapper check``: the report on stdout; an invalid config exits 2 as a start would."""
-    config = load(path)
+    config = load(sources)
     if config is None:
         return EXIT_CONFIG
     # Only errors: the memory planner's device line is a start's news, not a check's.
     setup_logging("error", "console", None)
     try:
-        text = check.report(config, path)
+        text = check.report(config, sources.describe())
     except ConfigError as exc:  # a planner that refuses the config, as the run loop would
         print(f"swapper: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -37,6 +37,7 @@ Additions of our own, all optional (llama-swap has none of them):
 * ``concurrencyLimit`` at top level: the default for every model (llama-swap: per model only).
 * ``logFormat``: ``console`` or ``json``. ``loadingStateMode``: ``reasoning`` or ``comments``.
 * ``requestHeaderTimeout``: seconds a client may take to send a request head, from its first byte.
+* ``metricsListen``: ``host:port`` serving ``/metrics`` alone, which then leaves the main listener.
 * ``metricsMaxInMemory`` (llama-swap's key) may be 0: no activity log at all. ``captureBuffer``
   (llama-swap's, in MB, or a size string) defaults to 0 (off) here, 5 MB there.
 * ``routing.router.use: memory`` with ``settings.memory`` (``gpuBudget``, ``ramBudget``,
@@ -46,8 +47,9 @@ Additions of our own, all optional (llama-swap has none of them):
 
 Differences from llama-swap, on purpose: ``proxy`` defaults to ``http://127.0.0.1:${PORT}`` (no
 IPv6 ``localhost`` surprise), an empty ``cmd`` or an unparsable ``cmdStop`` fails at load rather than
-at start, a forward macro reference fails even when the macro is unused, and ``models`` must not be
-empty. Multi-file configs (``-config-dir``) are not supported.
+at start, and a forward macro reference fails even when the macro is unused. ``peers``,
+``profiles`` and ``selectors`` are decoded by ``swapper/fleet.py``; multi-file configs
+(``--config-dir``) are merged by ``swapper/sources.py``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from swapper import capabilities
+from swapper.fleet import Fleet, parse_fleet
 from swapper.kindroutes import KindRoutes, RouteError, parse_routes
+from swapper.listen import AddressError, parse_address
 from swapper.placement import parse_devices
 from swapper.serviceconfig import SERVICE_KEYS, ServiceError, ServiceSpec, parse_service
 
@@ -123,6 +128,8 @@ class ModelConfig:
     memory_device: Literal["gpu", "cpu", "auto"] = "auto"
     memory_gpus: tuple[int, ...] | None = None  # memory.devices: the GPUs it lives on (placement)
     service: ServiceSpec | None = None  # proxy without cmd: a service swapper does not spawn
+    capabilities: capabilities.Capabilities = field(default_factory=capabilities.Capabilities)
+    cmd_raw: str = ""  # the expanded cmd as written (lines kept, comments dropped): /running's
 
     @property
     def pinned(self) -> bool:
@@ -207,6 +214,8 @@ class Config:
     activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log
     capture_bytes: int = 0  # captureBuffer; 0: no captures
     routes: KindRoutes = field(default_factory=KindRoutes)  # path -> model (swapper.kindroutes)
+    metrics_listen: tuple[str, int] | None = None  # metricsListen: /metrics on its own listener
+    fleet: Fleet = field(default_factory=Fleet)  # peers, profiles, selectors
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -242,7 +251,17 @@ def _check_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> 
 
 def parse_config(text: str, *, source: str = "<config>") -> Config:
     """Same as load_config for YAML text (used by tests and reload)."""
-    doc = _read_document(text, source)
+    return parse_tree(read_tree(text, source), source=source)
+
+
+def read_tree(text: str, source: str) -> Any:
+    """Steps 1 and 2: ``${env.NAME}`` filled in, then YAML parsed (``sources`` merges trees)."""
+    return _load_yaml(_substitute_env(text, source), source)
+
+
+def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
+    """Steps 3 to 5 on a parsed YAML tree (one file's, or several files' merged)."""
+    doc = _read_document(raw, source)
     defaults = _parse_defaults(doc.top)
     models, aliases = _link_aliases(_parse_models(doc, defaults), doc.warnings)
     routing, priorities = _parse_routing(doc, models, aliases)
@@ -257,6 +276,11 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         routes = parse_routes(top.get("routes"), lambda name: _resolve(name, models, aliases))
     except RouteError as exc:
         raise ConfigError(str(exc)) from None
+    fleet = parse_fleet(top, models, aliases, routing, doc.warnings)
+    if not models:
+        doc.warnings.append(
+            "models: none defined; only peers are served" if fleet.peers else "models: none defined"
+        )
     return Config(
         models=models,
         aliases=aliases,
@@ -287,6 +311,8 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         ),
         capture_bytes=_capture_buffer(top.get("captureBuffer")),
         routes=routes,
+        metrics_listen=_parse_metrics_listen(top.get("metricsListen")),
+        fleet=fleet,
         warnings=tuple(doc.warnings),
     )
 
@@ -316,15 +342,15 @@ _TOP_KEYS = _words(
     """
     healthCheckTimeout logLevel logToStdout startPort macros models globalTTL unloadTimeout
     apiKeys includeAliasesInList sendLoadingState hooks upstream routing groups matrix
+    peers profiles selectors
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer routes"
+    "requestHeaderTimeout metricsMaxInMemory captureBuffer routes metricsListen"
 )
 _TOP_UNSUPPORTED = _words(
     """
-    logTimeFormat logRequests store ui performance profiles
-    selectors peers
+    logTimeFormat logRequests store ui performance
     """
 )
 _MODEL_KEYS = (
@@ -332,12 +358,13 @@ _MODEL_KEYS = (
         """
     cmd cmdStop proxy checkEndpoint env aliases useModelName unlisted name description metadata
     macros ttl unloadTimeout concurrencyLimit maxWait sendLoadingState filters memory memoryEstimate
+    capabilities
     """
     )
     | SERVICE_KEYS
 )
 # healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
-_MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "capabilities", "healthCheckTimeout"})
+_MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "healthCheckTimeout"})
 _NONE: frozenset[str] = frozenset()
 
 _PID_ONLY = frozenset({"PID"})
@@ -515,8 +542,7 @@ def _load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
 
 
-def _read_document(text: str, source: str) -> _Document:
-    raw = _load_yaml(_substitute_env(text, source), source)
+def _read_document(raw: Any, source: str) -> _Document:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -803,7 +829,8 @@ def _check_leftovers(value: Any, path: str, allowed: Collection[str] = _NONE) ->
     elif isinstance(value, dict):
         for key, item in value.items():
             key_path = _join(path, _key_text(key, path))
-            _check_leftovers(key, key_path)
+            if path.endswith(".setParamsByID"):  # the only keys that macros expand
+                _check_leftovers(key, key_path)
             _check_leftovers(item, key_path, allowed)
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -845,6 +872,15 @@ def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
         max_wait=max_wait,
         send_loading_state=_opt_bool(top.get("sendLoadingState"), "sendLoadingState", False),
     )
+
+
+def _parse_metrics_listen(value: object) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_address(_as_text(value, "metricsListen"))
+    except AddressError as exc:
+        raise ConfigError(f"metricsListen: {exc}") from None
 
 
 def _parse_log_level(value: object, warnings: list[str]) -> _LogLevel:
@@ -924,9 +960,7 @@ def _parse_preload(
 
 
 def _parse_models(doc: _Document, defaults: _Defaults) -> dict[str, ModelConfig]:
-    raw = _as_mapping(doc.top.get("models"), "models")
-    if not raw:
-        raise ConfigError("models: at least one model is required")
+    raw = _as_mapping(doc.top.get("models"), "models")  # may be empty, as in llama-swap (peers only)
     trees: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         model_id = _key_text(key, "models")
@@ -1016,8 +1050,9 @@ def _decode_model(
         id=model_id,
         cmd=argv,
         cmd_text=cmd_text,
+        cmd_raw=tree.get("cmd") or "",
         proxy=_parse_proxy(tree["proxy"], f"{path}.proxy"),
-        check_endpoint=_parse_check_endpoint(tree.get("checkEndpoint"), f"{path}.checkEndpoint"),
+        check_endpoint=_parse_check_endpoint(tree.get("checkEndpoint"), f"{path}.checkEndpoint", warnings),
         cmd_stop=_parse_cmd_stop(tree.get("cmdStop"), f"{path}.cmdStop"),
         env=_parse_env(tree.get("env"), f"{path}.env"),
         aliases=_parse_aliases(tree.get("aliases"), f"{path}.aliases", warnings),
@@ -1025,7 +1060,7 @@ def _decode_model(
         unlisted=_opt_bool(tree.get("unlisted"), f"{path}.unlisted", False),
         name=_as_text(tree.get("name"), f"{path}.name").strip(),
         description=_as_text(tree.get("description"), f"{path}.description").strip(),
-        metadata=_as_mapping(tree.get("metadata"), f"{path}.metadata"),
+        metadata=_parse_metadata(tree.get("metadata"), f"{path}.metadata", warnings),
         port=port,
         # A pinned service is never unloaded, by its TTL or anything else.
         ttl=0.0
@@ -1044,6 +1079,7 @@ def _decode_model(
         memory_device=device,
         memory_gpus=gpus,
         service=service,
+        capabilities=_parse_capabilities(tree.get("capabilities"), f"{path}.capabilities"),
     )
 
 
@@ -1060,6 +1096,34 @@ def _parse_service(tree: Mapping[str, Any], path: str) -> ServiceSpec | None:
         return parse_service(tree, path)
     except ServiceError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _parse_capabilities(value: object, path: str) -> capabilities.Capabilities:
+    try:
+        return capabilities.parse(value)
+    except capabilities.CapabilityError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _parse_metadata(value: object, path: str, warnings: list[str]) -> Mapping[str, Any]:
+    metadata = _as_mapping(value, path)
+    keys = _macro_keys(metadata)
+    if keys:
+        warnings.append(f"{path}: macros are not expanded in keys ({', '.join(keys)}); kept as written")
+    return metadata
+
+
+def _macro_keys(value: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _MACRO_REF_RE.search(key):
+                found.append(key)
+            found += _macro_keys(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += _macro_keys(item)
+    return found
 
 
 def _one_line(text: str) -> str:
@@ -1098,14 +1162,19 @@ def _parse_proxy(value: object, path: str) -> str:
     return proxy
 
 
-def _parse_check_endpoint(value: object, path: str) -> str | None:
+def _parse_check_endpoint(value: object, path: str, warnings: list[str]) -> str | None:
     if value is None:
         return DEFAULT_CHECK_ENDPOINT
     endpoint = _as_str(value, path).strip()
     if endpoint.lower() == "none":
         return None
+    parts = urlsplit(endpoint)
+    if parts.scheme or parts.netloc:
+        # llama-swap sends the probe through the model's proxy, which keeps only the URL's path.
+        endpoint = parts.path + (f"?{parts.query}" if parts.query else "")
+        warnings.append(f"{path}: a full URL; its path '{endpoint or '/'}' is probed on the model's proxy")
     if not endpoint.startswith("/"):
-        raise ConfigError(f"{path}: must be a path starting with '/' or 'none', got '{endpoint}'")
+        endpoint = "/" + endpoint  # joined to the proxy with one slash, as llama-swap joins it
     return endpoint
 
 
@@ -1263,7 +1332,15 @@ def _parse_routing(
     memory_raw, memory_path = sources["memory"]
     groups = _parse_groups(groups_raw, groups_path, models, aliases, doc.warnings)
     matrix = None
-    if matrix_raw is not None:
+    if matrix_raw is not None and use != "matrix":
+        # llama-swap never reads a matrix its router does not use; an invalid one is only news.
+        try:
+            matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
+            _check_matrix(RoutingConfig(matrix=matrix), models)
+        except ConfigError as exc:
+            doc.warnings.append(f"{exc} (not in use: routing.router.use is {use}; ignored)")
+            matrix = None
+    elif matrix_raw is not None:
         matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
     elif use == "matrix":
         raise ConfigError(f"{matrix_path}: is required when routing.router.use is matrix")
@@ -1312,7 +1389,9 @@ def _parse_groups(
         if name == DEFAULT_GROUP:
             raise ConfigError(f"{group_path}: the name '{DEFAULT_GROUP}' is reserved for ungrouped models")
         spec = _known(value, group_path, {"swap", "exclusive", "persistent", "members"}, _NONE, warnings)
-        members = _group_members(spec.get("members"), f"{group_path}.members", name, owner, models, aliases)
+        members = _group_members(
+            spec.get("members"), f"{group_path}.members", name, owner, models, aliases, warnings
+        )
         groups.append(
             GroupConfig(
                 name=name,
@@ -1335,6 +1414,7 @@ def _group_members(
     owner: dict[str, str],
     models: Mapping[str, ModelConfig],
     aliases: Mapping[str, str],
+    warnings: list[str],
 ) -> tuple[str, ...]:
     if raw is None:
         raise ConfigError(f"{path}: is required")
@@ -1342,10 +1422,14 @@ def _group_members(
     for i, item in enumerate(_as_list(raw, path)):
         model_id = _as_text(item, f"{path}[{i}]").strip()
         if model_id not in models:
-            hint = (
-                f" (it is an alias of '{aliases[model_id]}'; list model ids)" if model_id in aliases else ""
-            )
-            raise ConfigError(f"{path}: '{model_id}' is not a model id{hint}")
+            # llama-swap's loader takes any name here (a model commented out, its group left as
+            # it was); only its router refuses it at start. Left out, said once.
+            if model_id in aliases:
+                warnings.append(f"{path}: '{model_id}' is an alias of '{aliases[model_id]}'; using the model")
+                model_id = aliases[model_id]
+            else:
+                warnings.append(f"{path}: '{model_id}' is not a model id; left out of the group")
+                continue
         if model_id in owner:
             other = owner[model_id]
             if other == group:

@@ -62,6 +62,7 @@ class RequestTrack:
         "path",
         "req_id",
         "route",
+        "selector",
         "started",
         "status",
         "tail",
@@ -84,6 +85,7 @@ class RequestTrack:
         self.content_type = b""  # the upstream answer's, once forwarded
         self.tail = b""  # the answer's last bytes (activity.TAIL at most), set by the relay
         self.capture: Capture | None = None  # set by activity.ActivityLog when captures are on
+        self.selector: str | None = None  # the selector that chose its model, if one did
 
     def granted(self) -> None:
         """The run loop granted the lease: the request stops waiting and goes upstream."""
@@ -140,6 +142,9 @@ class Observer:
     def log_line(self, source: str, line: str) -> None:
         pass
 
+    def profile_changed(self, active: str | None) -> None:
+        """``PUT /api/profiles/active`` switched the active profile (None: none)."""
+
     def closed(self) -> None:
         """The bus closed (server shutdown): streams end now."""
 
@@ -155,6 +160,7 @@ _HOOKS: Final = (
     "request_granted",
     "request_finished",
     "log_line",
+    "profile_changed",
     "closed",
 )
 
@@ -254,6 +260,9 @@ class EventBus:
         if self._hooks["log_line"]:
             for line in lines:
                 self._notify("log_line", source, line)
+
+    def profile_changed(self, active: str | None) -> None:
+        self._notify("profile_changed", active)
 
     def _request_granted(self, req: RequestTrack) -> None:
         self._notify("request_granted", req)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -392,6 +393,9 @@ class FrontConn(asyncio.Protocol):
         try:
             query = _query(head.query) if head.query else {}
             wanted = modelid.extract(head.method, head.content_type, body, query)
+            pinned = runloop.selection.active is not None and wanted.model
+            if pinned and runloop.selection.wants_choice(wanted.model or "", config):
+                raise SwapperError("pinned by the active profile")  # aiohttp's path resolves it
             model = choose_model(wanted.model, config, runloop)
             if front.keys and not self._key_ok(head):
                 raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it
@@ -716,8 +720,16 @@ class FrontSite(web.BaseSite):
 
     __slots__ = ("_front", "_grace", "_host", "_listener", "_port")
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, grace: float) -> None:
-        super().__init__(runner)
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        grace: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
         self._host = host
         self._port = port
         self._grace = grace
@@ -726,7 +738,8 @@ class FrontSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
 
     @property
     def front(self) -> Front:
@@ -747,7 +760,12 @@ class FrontSite(web.BaseSite):
         self._front = Front(runner.app, server)
         self._front.sweep()
         self._listener = await asyncio.get_running_loop().create_server(
-            self._front, self._host, self._port, reuse_address=True, backlog=self._backlog
+            self._front,
+            self._host or None,  # "" (Go's ":8080") binds every interface
+            self._port,
+            reuse_address=True,
+            backlog=self._backlog,
+            ssl=self._ssl_context,
         )
         self._server = self._listener
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from pathlib import Path
+import ssl
 
 import structlog
 from aiohttp import web
 
-from swapper import __version__, check, process
+from swapper import __version__, check, listen, process
+from swapper.admin import metrics_app
 from swapper.config import Config
 from swapper.front import FrontSite, runner_options
 from swapper.logs import LogHub
@@ -29,6 +30,7 @@ from swapper.reload import watch_config as watch
 from swapper.routes import RUNLOOP
 from swapper.sdnotify import Notifier
 from swapper.server import make_app
+from swapper.sources import ConfigSources
 
 log = structlog.get_logger("swapper")
 
@@ -42,13 +44,14 @@ async def serve(
     *,
     logs: LogHub | None = None,
     stop: asyncio.Event | None = None,
-    config_path: Path | None = None,
+    sources: ConfigSources | None = None,
     watch_config: bool = False,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Serves until SIGTERM/SIGINT (or ``stop`` is set), then shuts down in order.
 
-    With ``config_path``, SIGHUP reloads it (and so does a change of its content when
-    ``watch_config``).
+    With ``sources``, SIGHUP reloads them (and so does a change of their content when
+    ``watch_config``). With ``tls``, the listener speaks HTTPS.
     """
     stop = stop or asyncio.Event()
     hup = asyncio.Event()
@@ -64,7 +67,7 @@ async def serve(
     reaper = Reaper.start(owner_mark())
     process.rely_on_reaper()
     try:
-        await _serve_app(config, host, port, logs, stop, hup, config_path, watch_config, notifier)
+        await _serve_app(config, host, port, logs, stop, hup, sources, watch_config, notifier, tls)
     finally:
         process.rely_on_reaper(False)
         await asyncio.to_thread(reaper.stop)  # every child is stopped: it finds nothing to kill
@@ -80,31 +83,59 @@ async def _serve_app(
     logs: LogHub | None,
     stop: asyncio.Event,
     hup: asyncio.Event,
-    config_path: Path | None,
+    sources: ConfigSources | None,
     watch_config: bool,
     notifier: Notifier,
+    tls: ssl.SSLContext | None,
 ) -> None:
     app = make_app(config, logs)
     runner = web.AppRunner(app, **runner_options(), shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
+    side: web.AppRunner | None = None
     try:
         # Connections start on the front door's fast path; it hands anything else to the runner's
         # aiohttp server (swapper/front.py).
-        site = FrontSite(runner, host, port, grace=SHUTDOWN_GRACE)
+        site = FrontSite(runner, host, port, grace=SHUTDOWN_GRACE, ssl_context=tls)
         await site.start()
-        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        where = str(config_path) if config_path is not None else None
-        log.info("listening", version=__version__, listen=[url], config=where, **check.summary(config))
+        url = listen.url_of(host, port, tls=tls is not None)
+        urls = [url]
+        if config.metrics_listen is not None:
+            side = web.AppRunner(metrics_app(app))
+            await side.setup()
+            m_host, m_port = config.metrics_listen
+            await web.TCPSite(side, m_host or None, m_port).start()
+            urls.append(listen.url_of(m_host, m_port) + "/metrics")
+        where = sources.describe() if sources is not None else None
+        log.info("listening", version=__version__, listen=urls, config=where, **check.summary(config))
+        _warn_exposure(config, host)
         notifier.notify("READY=1", f"STATUS=listening on {url}")
         async with asyncio.TaskGroup() as tasks:
             watcher = None
-            if config_path is not None:
+            if sources is not None:
                 runloop = app[RUNLOOP]
-                watcher = tasks.create_task(watch(config_path, runloop, hup, poll=watch_config))
+                watcher = tasks.create_task(watch(sources, runloop, hup, poll=watch_config))
             await stop.wait()
             log.info("shutting down")
             notifier.notify("STOPPING=1", "STATUS=draining requests, then stopping every model")
             if watcher is not None:
                 watcher.cancel()
     finally:
+        if side is not None:
+            await side.cleanup()
         await runner.cleanup()
+
+
+def _warn_exposure(config: Config, host: str) -> None:
+    """One line when the network can reach a swapper that asks for no key."""
+    if listen.is_loopback(host):
+        return
+    if not config.api_keys:
+        log.warning(
+            "listening beyond loopback with no apiKeys: anyone on the network can start models "
+            "and read their logs; set apiKeys, or listen on 127.0.0.1",
+            host=host or "every interface",
+        )
+    if config.metrics_listen is not None and not listen.is_loopback(config.metrics_listen[0]):
+        log.warning(
+            "metricsListen is beyond loopback and asks for no key", metrics_listen=config.metrics_listen
+        )

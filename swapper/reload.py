@@ -9,40 +9,39 @@ config keeps serving.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 
 import structlog
 
 from swapper import check
-from swapper.config import ConfigError, load_config
+from swapper.config import ConfigError
 from swapper.preload import preload
 from swapper.runloop import RunLoop
 from swapper.scheduler import State
+from swapper.sources import ConfigSources
 
 log = structlog.get_logger("swapper.reload")
 
 POLL_SECONDS = 1.0
 
 
-def _digest(path: Path) -> bytes | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).digest()
-    except OSError:
-        return None
+def _sources(where: Path | ConfigSources) -> ConfigSources:
+    return where if isinstance(where, ConfigSources) else ConfigSources(where)
 
 
-async def reload_once(path: Path, runloop: RunLoop) -> frozenset[str] | None:
-    """Loads ``path`` and hands it to the run loop; returns the restarted models, None if invalid."""
+async def reload_once(where: Path | ConfigSources, runloop: RunLoop) -> frozenset[str] | None:
+    """Loads the config and hands it to the run loop; returns the restarted models, None if invalid."""
+    sources = _sources(where)
+    path = sources.describe()
     try:
-        config = await asyncio.to_thread(load_config, str(path))
+        config = await asyncio.to_thread(sources.load)
         changed = await runloop.reload(config)
     except (ConfigError, OSError, ValueError) as exc:
-        log.error("config reload rejected; the old config keeps serving", path=str(path), error=str(exc))
+        log.error("config reload rejected; the old config keeps serving", path=path, error=str(exc))
         return None
     for warning in check.warnings(config):
         log.warning("config", warning=warning)
-    log.info("config reloaded", path=str(path), restarted=sorted(changed))
+    log.info("config reloaded", path=path, restarted=sorted(changed))
     # Pinned services the new config added (or changed, so let go): adopted as at start-up.
     await preload(
         runloop, [m for m, cfg in config.models.items() if cfg.pinned and runloop.state(m) is State.STOPPED]
@@ -50,14 +49,17 @@ async def reload_once(path: Path, runloop: RunLoop) -> frozenset[str] | None:
     return changed
 
 
-async def watch_config(path: Path, runloop: RunLoop, hup: asyncio.Event, *, poll: bool) -> None:
+async def watch_config(
+    where: Path | ConfigSources, runloop: RunLoop, hup: asyncio.Event, *, poll: bool
+) -> None:
     """Reloads on every ``hup`` and, with ``poll``, whenever the file's content changes.
 
     Polling the content (not inotify) works on every filesystem, including the bind mounts and
     ConfigMaps where llama-swap users saw events go missing; a whole-file hash ignores editors'
     touch-without-change saves.
     """
-    seen = _digest(path)
+    sources = _sources(where)
+    seen = sources.digest()
     while True:
         signalled = False
         try:
@@ -67,9 +69,9 @@ async def watch_config(path: Path, runloop: RunLoop, hup: asyncio.Event, *, poll
         except TimeoutError:
             pass
         hup.clear()
-        current = await asyncio.to_thread(_digest, path)
+        current = await asyncio.to_thread(sources.digest)
         if current is None:
             continue  # mid-save or deleted: keep serving the old config
         if signalled or current != seen:
             seen = current
-            await reload_once(path, runloop)
+            await reload_once(sources, runloop)

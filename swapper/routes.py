@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs, web
 
-from swapper import modelid, proxy
-from swapper.config import Config, ModelConfig
+from swapper import modelid, peers, proxy, shaping
+from swapper.catalog import model_list
+from swapper.config import Config, Filters, ModelConfig
 from swapper.errors import (
     Answer,
     BadRequest,
@@ -37,6 +37,7 @@ from swapper.messages import Lease
 from swapper.runloop import RunLoop
 from swapper.scheduler import State
 
+NO_FILTERS = Filters()
 CONFIG = web.AppKey("config", Config)
 RUNLOOP = web.AppKey("runloop", RunLoop)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -133,19 +134,64 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def handle_model_request(request: web.Request) -> web.StreamResponse:
-    """A model request that reached aiohttp (the front door serves most of them; see ``front``)."""
+    """A model request that reached aiohttp (the front door serves most of them; see ``front``).
+
+    A name that is no local id or alias, or that the active profile pins, is resolved first
+    (``selection``): profile pin, selector, local model, peer model.
+    """
     app = request.app
     runloop = app[RUNLOOP]
     config = runloop.config  # a reload replaces it; read it once per request
     if config.routes and (route := config.routes.match(request.path)) is not None:
         return await handle_kind_route(request, route)
+    choice = None
     try:
         body = await read_body(request)
         content_type = request.headers.get("Content-Type")
         wanted = modelid.extract(request.method, content_type, body, request.query)
-        model = choose_model(wanted.model, config, runloop)
+        name = wanted.model
+        if name and runloop.selection.wants_choice(name, config):
+            states = {m: snap.status.state for m, snap in runloop.snapshot().items()}
+            choice = runloop.selection.choose(name, config, states)
+            if choice.peer is not None:
+                peer = config.fleet.peers[choice.peer.peer]
+                return await peers.forward(
+                    request,
+                    body,
+                    content_type,
+                    wanted,
+                    peer,
+                    choice.peer,
+                    choice.name,
+                    runloop.new_request_id(),
+                    selector=choice.selector,
+                )
+            if choice.name != name:  # the client's name for it is a pin or a selector
+                body = shaping.rewrite_body(
+                    content_type, body, model_name=choice.name, filters=NO_FILTERS, requested=name
+                )
+                wanted = modelid.extract(request.method, content_type, body, request.query)
+        model = choice.local if choice is not None and choice.local else choose_model(name, config, runloop)
+        selector = choice.selector if choice is not None else None
+        return await _serve_local(request, runloop, config, model, wanted, body, content_type, selector)
     except SwapperError as err:
         return error_response(err)
+    finally:
+        if choice is not None:
+            choice.release()
+
+
+async def _serve_local(
+    request: web.Request,
+    runloop: RunLoop,
+    config: Config,
+    model: str,
+    wanted: modelid.RequestModel,
+    body: bytes,
+    content_type: str | None,
+    selector: str | None = None,
+) -> web.StreamResponse:
+    app = request.app
     cfg = config.models[model]
     ex = Exchange(
         runloop,
@@ -160,6 +206,7 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
         body=body,
     )
     track = ex.track = track_request(request, ex.req_id, model)
+    track.selector = selector
     preamble: LoadingStream | None = None
     try:
         if wanted.stream and wants_loading_state(config, cfg, request.path):
@@ -299,37 +346,6 @@ async def _handle_answered_get(request: web.Request) -> web.Response:
     return answer_response(answer(request.app[RUNLOOP], request.headers.get(hdrs.ORIGIN)))
 
 
-def model_list(runloop: RunLoop) -> dict[str, Any]:
-    """The body of ``GET /v1/models``."""
-    config = runloop.config
-    snapshot = runloop.snapshot()
-    now = int(time.time())
-    data: list[dict[str, Any]] = []
-    for mid, cfg in config.models.items():
-        if cfg.unlisted:
-            continue
-        loaded = snapshot[mid].status.state is not State.STOPPED
-        record: dict[str, Any] = {
-            "id": mid,
-            "object": "model",
-            "created": now,
-            "owned_by": "swapper",
-            "meta": {"swapper": {**cfg.metadata, "type": "model", "aliases": list(cfg.aliases)}},
-            "status": {"value": "loaded" if loaded else "unloaded"},
-        }
-        if cfg.name.strip():
-            record["name"] = cfg.name.strip()
-        if cfg.description.strip():
-            record["description"] = cfg.description.strip()
-        data.append(record)
-        if config.include_aliases_in_list:
-            for alias in cfg.aliases:
-                meta = {**record["meta"], "swapper": {"type": "alias", "modelID": mid}}
-                data.append({**record, "id": alias, "meta": meta})
-    data.sort(key=lambda r: str(r["id"]))
-    return {"object": "list", "data": data}
-
-
 async def handle_running(request: web.Request) -> web.Response:
     runloop = request.app[RUNLOOP]
     config = runloop.config
@@ -345,7 +361,7 @@ async def handle_running(request: web.Request) -> web.Response:
             {
                 "model": mid,
                 "state": st.state.value,
-                "cmd": cfg.cmd_text,
+                "cmd": cfg.cmd_raw or cfg.cmd_text,  # as the config wrote it (llama-swap's)
                 "proxy": cfg.proxy,
                 "ttl": int(cfg.ttl),
                 "name": cfg.name,

@@ -51,6 +51,7 @@ from swapper.messages import (
 from swapper.phases import StartMarks, StopMarks, SwapTimeline
 from swapper.planners import Planner, coexisting, make_planner
 from swapper.scheduler import ModelStatus, Scheduler, State
+from swapper.selection import Selection
 from swapper.services import ProbeFacts, Service
 
 log = structlog.get_logger("swapper.runloop")
@@ -121,6 +122,8 @@ class RunLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False  # run() is taking messages: Acquire/Release may be handled inline
         self._handling = False  # inside _process: a post from a handler must queue, not recurse
+        # Profiles and selectors: handlers read and reserve through it, never the loop itself.
+        self.selection = Selection()
 
     # ---- client methods: the only way in from other tasks ----
 

@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from swapper import auth, cors, preload, proxy, ui, upstream
+from swapper import auth, cors, peers, preload, proxy, ui, upstream
 from swapper.admin import add_admin_routes
 from swapper.config import Config
 from swapper.events import EVENTS
 from swapper.logs import LogHub
+from swapper.profiles import add_profile_routes
 from swapper.routes import CONFIG, RUNLOOP, SESSION, add_routes
 from swapper.runloop import RunLoop
 
@@ -38,10 +39,14 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
         app.middlewares.append(auth.middleware(config.api_keys))
     cors.add_routes(app)  # before add_routes: its catch-all would answer OPTIONS with 404
     upstream.add_routes(app, config)
-    add_admin_routes(app, app[LOGS])  # before add_routes, whose catch-all would shadow them
+    add_admin_routes(
+        app, app[LOGS], metrics_route=config.metrics_listen is None
+    )  # before add_routes, whose catch-all would shadow them
+    add_profile_routes(app)  # before add_routes' catch-all
     ui.add_routes(app)  # after the admin routes (their bus), before add_routes' catch-all
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
+    app.cleanup_ctx.append(peers.peers_ctx)  # closed before the run loop stops
     # After _runloop_ctx: cancelled before the run loop shuts down. Pinned services are adopted.
     if config.preload or any(m.pinned for m in config.models.values()):
         app.cleanup_ctx.append(preload.preload_ctx)

@@ -161,17 +161,32 @@ async def test_events_report_model_states_and_requests(aiohttp_client: ClientFac
     client = await client_for(aiohttp_client, fake_config({"a": "", "b": ""}))
     events = await client.get("/api/events")
     assert events.headers["Content-Type"] == "text/event-stream"
-    kind, models = await read_frame(events)
-    assert kind == "modelStatus" and [m["id"] for m in models] == ["a", "b"]
+    # llama-swap's burst on connect: log history (swapper's, then the children's), states, UI
+    # settings, the active profile, the requests in flight.
+    burst = [await read_frame(events) for _ in range(6)]
+    assert [kind for kind, _ in burst] == [
+        "logData",
+        "logData",
+        "modelStatus",
+        "uiConfig",
+        "profileChanged",
+        "inflight",
+    ]
+    assert [data["source"] for _, data in burst[:2]] == ["proxy", "upstream"]
+    assert "listening" not in burst[1][1]["data"]  # children's lines only
+    models = burst[2][1]
+    assert [m["id"] for m in models] == ["a", "b"]
     states = [state_of(models, "a")]
-    kind, inflight = await read_frame(events)
-    assert kind == "inflight" and inflight == {"operation": "snapshot", "requests": []}
+    assert burst[3][1] == {"activity": {"session_id": ["X-Session-ID", "X-Litellm-Session-Id"]}}
+    assert burst[4][1] == {"active": None}
+    assert burst[5][1] == {"operation": "snapshot", "requests": []}
 
     await chat(client, "a")
     assert (await client.post("/api/models/unload/a")).status == 200
 
     requests: list[dict[str, Any]] = []
     logs: list[dict[str, Any]] = []
+    activity: list[dict[str, Any]] = []
     while states[-1] != "stopped" or len(states) == 1:
         kind, data = await read_frame(events)
         if kind == "modelStatus":
@@ -182,6 +197,9 @@ async def test_events_report_model_states_and_requests(aiohttp_client: ClientFac
             requests.append(data)
         elif kind == "logData":
             logs.append(data)
+        elif kind == "activity":
+            activity.append(data)
+    assert activity == [{"id": 1}]  # the chat's activity row, for the client to fetch
     assert states == ["stopped", "starting", "ready", "stopping", "stopped"]
     assert [r["operation"] for r in requests] == ["upsert", "upsert", "remove"]
     finished = requests[-1]["request"]

@@ -132,7 +132,7 @@ def test_check_starts_nothing(tmp_path: Path) -> None:
     [
         ("models:\n  a:\n    cmd: ''\n", "models.a.cmd: must not be empty"),
         ("models:\n  a:\n    cmd: x ${nope} ${PORT}\n", "models.a.cmd"),
-        ("models: {}\n", "models"),
+        ("models: {}\npeers: {p: {proxy: 'http://127.0.0.1:1'}}\n", "peers.p.models"),
         ("models: [\n", "models.yaml"),
     ],
 )
@@ -171,8 +171,8 @@ def test_warnings_name_the_key_or_the_model(tmp_path: Path) -> None:
         tmp_path,
         f"""
 healthCheckTimout: 30
-peers:
-  other: {{proxy: http://10.0.0.2:8080}}
+performance:
+  disabled: true
 models:
   gone:
     cmd: {tmp_path}/missing/llama-server --port ${{PORT}}
@@ -197,7 +197,7 @@ models:
     warnings = done.stdout.split("warnings (")[1].splitlines()[1:]
     assert warnings == [
         "  healthCheckTimout: unknown key; ignored",
-        "  peers: not supported by swapper; ignored",
+        "  performance: not supported by swapper; ignored",
         f"  models.gone.cmd: program '{tmp_path}/missing/llama-server' not found",
         f"  models.relative.cmd: program 'bin/llama-server' not found (relative to {tmp_path})",
         "  models.bare.cmd: program 'no-such-server-anywhere' not found on PATH",

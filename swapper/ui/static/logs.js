@@ -20,7 +20,7 @@ export function mount(root) {
   function options() {
     const current = source.value;
     const ids = [['', 'all (swapper and models)'], ['swapper', 'swapper'], ['upstream', 'all models'],
-      ...store.models.map((m) => [m.id, `model: ${m.id}`])];
+      ...store.models.filter((m) => !m.peerID).map((m) => [m.id, `model: ${m.id}`])];
     source.replaceChildren(...ids.map(([value, label]) => h('option', { value }, label)));
     source.value = ids.some(([value]) => value === current) ? current : '';
   }

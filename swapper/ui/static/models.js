@@ -80,7 +80,8 @@ export function mount(root) {
   }
 
   function render() {
-    grid.replaceChildren(...store.models.map(card));
+    // Peer models (modelStatus lists them with a peerID) run elsewhere: nothing to load or unload here.
+    grid.replaceChildren(...store.models.filter((m) => !m.peerID).map(card));
     if (!store.models.length) grid.append(h('p', { class: 'muted' }, 'Waiting for the model list…'));
   }
 
