@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+import yarl
 
 from swapper.children import Child
 from swapper.config import ModelConfig
@@ -155,7 +156,25 @@ async def test_probes_through_the_forwarding_pool(
         with pytest.raises(ModelLoadFailed, match=r"timed out after 0.3s \(GET .*: ConnectFailed"):
             await wait_healthy(http, child, f"http://127.0.0.1:{free_port()}/health", 0.3, pool=pool)
         never = fake_model("slow", "--never-healthy")
+        slow = await spawn(never)
+        # Listening first, so the 0.3 s below meets its 503s, not a start slowed by a busy machine.
+        await _until_listening(health_url(never))
         with pytest.raises(ModelLoadFailed, match=r"timed out after 0.3s \(GET .*: HTTP 503\)"):
-            await wait_healthy(http, await spawn(never), health_url(never), 0.3, pool=pool)
+            await wait_healthy(http, slow, health_url(never), 0.3, pool=pool)
     finally:
         pool.close()
+
+
+async def _until_listening(url: str, within: float = 10.0) -> None:
+    where = yarl.URL(url)
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(where.host, where.port)
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens at {where.host}:{where.port}"
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
