@@ -166,6 +166,7 @@ class Config:
     log_format: Literal["console", "json"] = "console"
     start_port: int = DEFAULT_START_PORT
     default_model: str | None = None  # model id that requests without a model go to
+    route_unknown_models: bool = False  # requests naming an unknown model go to default_model
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queued: int = DEFAULT_MAX_QUEUED  # global cap on queued requests -> 503
     request_header_timeout: float = DEFAULT_REQUEST_HEADER_TIMEOUT  # seconds a request head may take
@@ -234,6 +235,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         log_format=cast(_LogFormat, _choice(top.get("logFormat"), "logFormat", _LOG_FORMATS)),
         start_port=defaults.start_port,
         default_model=default_model,
+        route_unknown_models=_parse_route_unknown(top, default_model),
         max_body_bytes=_opt_size(top.get("maxBodyBytes"), "maxBodyBytes") or DEFAULT_MAX_BODY_BYTES,
         max_queued=_positive_int(top.get("maxQueued"), "maxQueued", DEFAULT_MAX_QUEUED),
         request_header_timeout=_positive_number(
@@ -285,7 +287,7 @@ _TOP_KEYS = _words(
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer"
+    "requestHeaderTimeout metricsMaxInMemory captureBuffer routeUnknownModels"
 )
 _TOP_UNSUPPORTED = _words(
     """
@@ -850,6 +852,13 @@ def _parse_ignore_paths(top: Mapping[str, Any], warnings: list[str]) -> tuple[st
 
 def _resolve(name: str, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]) -> str | None:
     return name if name in models else aliases.get(name)
+
+
+def _parse_route_unknown(top: Mapping[str, Any], default_model: str | None) -> bool:
+    route = _opt_bool(top.get("routeUnknownModels"), "routeUnknownModels", False)
+    if route and default_model is None:
+        raise ConfigError("routeUnknownModels: needs defaultModel (the model unknown names go to)")
+    return route
 
 
 def _parse_default_model(

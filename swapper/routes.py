@@ -103,13 +103,20 @@ def choose_model(name: str | None, config: Config, runloop: RunLoop) -> str:
     """Maps the requested name (id or alias) to a model id, or picks one for a bare request.
 
     Clients written for a single llama-server often send no model at all: those go to
-    ``defaultModel``, else to the only configured model, else to the only loaded one.
+    ``defaultModel``, else to the only configured model, else to the only loaded one. They also
+    send names llama-server ignores (``gpt-3.5-turbo``): an unknown name goes to the only
+    configured model, or to ``defaultModel`` with ``routeUnknownModels``; otherwise it is a 404
+    that lists the ids there are.
     """
     if name:
         model = config.resolve(name)
-        if model is None:
-            raise ModelNotFound(f"model '{name}' not found")
-        return model
+        if model is not None:
+            return model
+        if len(config.models) == 1:
+            return next(iter(config.models))
+        if config.route_unknown_models and config.default_model is not None:
+            return config.default_model
+        raise ModelNotFound(f"model '{name}' not found; models: {', '.join(listed_ids(config))}")
     if config.default_model is not None:
         return config.default_model
     if len(config.models) == 1:
@@ -120,6 +127,11 @@ def choose_model(name: str | None, config: Config, runloop: RunLoop) -> str:
     if len(loaded) == 1:
         return loaded[0]
     raise ModelRequired("no model in the request: send a 'model' field (or ?model=), or set defaultModel")
+
+
+def listed_ids(config: Config) -> list[str]:
+    """The ids ``/v1/models`` lists, sorted (what a 404 for an unknown name offers instead)."""
+    return sorted(mid for mid, cfg in config.models.items() if not cfg.unlisted)
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -1,0 +1,81 @@
+"""swapper as a drop-in for one llama-server: what a client written for llama-server sends gets the
+answer llama-server would give (model names it ignores, what it would queue, its routes).
+
+Real processes: swapper in-process (through its front door), fake upstreams as children. The
+comparison with a real llama-server is ``test_compare_llama.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from swapper.config import ConfigError, parse_config
+from swapper.server import make_app
+from tests.ops_helpers import ops_config
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+Client = TestClient[Any, Any]
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
+async def echo(client: Client, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POSTs ``payload`` to a route the fake upstream echoes; its status and JSON answer."""
+    resp = await client.post(path, data=json.dumps(payload).encode(), headers=JSON_TYPE)
+    body: dict[str, Any] = await resp.json()
+    return resp.status, body
+
+
+# ---- model names llama-server ignores ----
+
+
+@pytest.mark.parametrize("name", ["gpt-3.5-turbo", "test", "text-embedding-3-small", ""])
+async def test_a_one_model_config_serves_any_model_name(aiohttp_client: ClientFactory, name: str) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    resp = await client.post("/v1/chat/completions", json={"model": name, **CHAT})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["model"] == "m"  # the fake names itself: the request reached m
+
+
+async def test_the_upstream_receives_the_body_unchanged(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    payload = {"model": "gpt-4o", "content": "hello"}
+    status, echoed = await echo(client, "/tokenize", payload)
+    assert status == 200 and echoed["model_name"] == "m"
+    assert json.loads(base64.b64decode(echoed["body_b64"])) == payload
+
+
+async def test_unknown_names_are_404s_listing_the_ids(aiohttp_client: ClientFactory) -> None:
+    config = ops_config({"b": "", "a": "", "hidden": ""}, hidden="unlisted: true")
+    client = await aiohttp_client(make_app(config))
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-3.5-turbo", **CHAT})
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert error["code"] == "model_not_found"
+    assert error["message"] == "model 'gpt-3.5-turbo' not found; models: a, b"
+
+
+async def test_route_unknown_models_sends_them_to_the_default(aiohttp_client: ClientFactory) -> None:
+    config = ops_config({"a": "", "b": ""}, "defaultModel: b\nrouteUnknownModels: true")
+    client = await aiohttp_client(make_app(config))
+    status, echoed = await echo(client, "/tokenize", {"model": "gpt-4o", "content": "x"})
+    assert status == 200 and echoed["model_name"] == "b"
+    status, echoed = await echo(client, "/tokenize", {"model": "a", "content": "x"})
+    assert status == 200 and echoed["model_name"] == "a"  # known names still choose
+    resp = await client.get("/v1/models")
+    assert [m["id"] for m in (await resp.json())["data"]] == ["a", "b"]  # the real ids
+
+
+def test_route_unknown_models_needs_a_default_model() -> None:
+    text = "routeUnknownModels: true\nmodels:\n  m:\n    cmd: x ${PORT}\n  n:\n    cmd: y ${PORT}\n"
+    with pytest.raises(ConfigError, match="routeUnknownModels: needs defaultModel"):
+        parse_config(text)
