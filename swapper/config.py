@@ -35,6 +35,8 @@ Additions of our own, all optional (llama-swap has none of them):
 * ``maxWait`` (top level and per model, seconds): how long a request that needs another model
   evicted may be held back by traffic to the running model before new work for it stops.
 * ``concurrencyLimit`` at top level: the default for every model (llama-swap: per model only).
+  Unset, a model admits up to ``maxQueued`` requests (llama-swap: 10) and its child queues them.
+* ``routeUnknownModels``: requests naming an unknown model go to ``defaultModel``.
 * ``logFormat``: ``console`` or ``json``. ``loadingStateMode``: ``reasoning`` or ``comments``.
 * ``requestHeaderTimeout``: seconds a client may take to send a request head, from its first byte.
 * ``metricsMaxInMemory`` (llama-swap's key) may be 0: no activity log at all. ``captureBuffer``
@@ -66,7 +68,6 @@ import yaml
 DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120.0
 DEFAULT_UNLOAD_TIMEOUT = 10.0
-DEFAULT_CONCURRENCY_LIMIT = 10
 DEFAULT_MAX_WAIT = 30.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUED = 1000
@@ -109,7 +110,7 @@ class ModelConfig:
     ttl: float = 0.0  # seconds idle before unload; 0 = never
     unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT  # grace before SIGKILL on unload/TTL
     health_check_timeout: float = DEFAULT_HEALTH_CHECK_TIMEOUT
-    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+    concurrency_limit: int = DEFAULT_MAX_QUEUED  # unset: what maxQueued allows (the child queues)
     max_wait: float = DEFAULT_MAX_WAIT  # starvation bound for requests that must evict others
     priority: int = 0  # routing.scheduler.settings.fifo.priority
     send_loading_state: bool = False
@@ -806,7 +807,9 @@ def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
         start_port=start_port,
         global_ttl=_seconds(top.get("globalTTL"), "globalTTL", 0.0),
         unload_timeout=unload or DEFAULT_UNLOAD_TIMEOUT,
-        concurrency_limit=concurrency or DEFAULT_CONCURRENCY_LIMIT,
+        # Unset: admit what maxQueued allows and let the child queue, as a llama-server alone
+        # would (started with --parallel N it serves N and queues the rest, never refuses).
+        concurrency_limit=concurrency or _positive_int(top.get("maxQueued"), "maxQueued", DEFAULT_MAX_QUEUED),
         max_wait=max_wait,
         send_loading_state=_opt_bool(top.get("sendLoadingState"), "sendLoadingState", False),
     )

@@ -7,6 +7,7 @@ comparison with a real llama-server is ``test_compare_llama.py``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -79,3 +80,30 @@ def test_route_unknown_models_needs_a_default_model() -> None:
     text = "routeUnknownModels: true\nmodels:\n  m:\n    cmd: x ${PORT}\n  n:\n    cmd: y ${PORT}\n"
     with pytest.raises(ConfigError, match="routeUnknownModels: needs defaultModel"):
         parse_config(text)
+
+
+# ---- what llama-server would queue ----
+
+
+async def concurrent_statuses(client: Client, count: int) -> list[int]:
+    """``count`` chat requests at once, each held 0.3 s by the upstream; their statuses."""
+
+    async def one() -> int:
+        resp = await client.post(
+            "/v1/chat/completions", json={"model": "m", **CHAT}, headers={"X-Fake-Delay": "0.3"}
+        )
+        await resp.read()
+        return resp.status
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def test_without_concurrency_limit_the_child_queues(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    assert await concurrent_statuses(client, 24) == [200] * 24  # llama-swap's default refuses the 11th
+
+
+async def test_an_explicit_concurrency_limit_refuses_the_rest(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""}, m="concurrencyLimit: 10")))
+    statuses = await concurrent_statuses(client, 14)
+    assert sorted(statuses) == [200] * 10 + [429] * 4
