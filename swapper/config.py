@@ -37,6 +37,7 @@ Additions of our own, all optional (llama-swap has none of them):
 * ``concurrencyLimit`` at top level: the default for every model (llama-swap: per model only).
   Unset, a model admits up to ``maxQueued`` requests (llama-swap: 10) and its child queues them.
 * ``routeUnknownModels``: requests naming an unknown model go to ``defaultModel``.
+* ``corsOrigins``: ``"*"`` or a list of origins; unset, any ``Origin`` is echoed (llama-server's way).
 * ``logFormat``: ``console`` or ``json``. ``loadingStateMode``: ``reasoning`` or ``comments``.
 * ``requestHeaderTimeout``: seconds a client may take to send a request head, from its first byte.
 * ``metricsMaxInMemory`` (llama-swap's key) may be 0: no activity log at all. ``captureBuffer``
@@ -173,6 +174,7 @@ class Config:
     request_header_timeout: float = DEFAULT_REQUEST_HEADER_TIMEOUT  # seconds a request head may take
     global_ttl: float = 0.0
     api_keys: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()  # corsOrigins: () echoes any Origin, ("*",) answers *, else a list
     include_aliases_in_list: bool = False
     send_loading_state: bool = False
     loading_state_mode: Literal["reasoning", "comments"] = "reasoning"
@@ -244,6 +246,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         ),
         global_ttl=defaults.global_ttl,
         api_keys=_parse_api_keys(top.get("apiKeys")),
+        cors_origins=_parse_cors_origins(top.get("corsOrigins")),
         include_aliases_in_list=_opt_bool(top.get("includeAliasesInList"), "includeAliasesInList", False),
         send_loading_state=defaults.send_loading_state,
         loading_state_mode=cast(
@@ -288,7 +291,7 @@ _TOP_KEYS = _words(
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer routeUnknownModels"
+    "requestHeaderTimeout metricsMaxInMemory captureBuffer routeUnknownModels corsOrigins"
 )
 _TOP_UNSUPPORTED = _words(
     """
@@ -855,6 +858,19 @@ def _parse_ignore_paths(top: Mapping[str, Any], warnings: list[str]) -> tuple[st
 
 def _resolve(name: str, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]) -> str | None:
     return name if name in models else aliases.get(name)
+
+
+def _parse_cors_origins(value: object) -> tuple[str, ...]:
+    """Unset: echo any Origin (llama-server's default); ``"*"``; or the origins that are echoed."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(o, str) and o.strip() for o in items):
+        raise ConfigError('corsOrigins: must be "*" or a list of origins such as "http://localhost:3000"')
+    origins = tuple(o.strip().rstrip("/") for o in items)
+    if "*" in origins and len(origins) > 1:
+        raise ConfigError('corsOrigins: "*" must be alone')
+    return origins
 
 
 def _parse_route_unknown(top: Mapping[str, Any], default_model: str | None) -> bool:

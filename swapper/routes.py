@@ -17,7 +17,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import hdrs, web
 
-from swapper import modelid, proxy
+from swapper import cors, modelid, proxy
 from swapper.config import Config, ModelConfig
 from swapper.errors import (
     Answer,
@@ -225,14 +225,21 @@ async def acquire_with_preamble(ex: Exchange, preamble: LoadingStream) -> Lease:
         lease.cancel()  # a no-op once done; otherwise the client left while we waited
 
 
+def _cors(runloop: RunLoop, origin: str | None) -> tuple[tuple[str, str], ...]:
+    """A page may read swapper's own answers cross-origin, as llama-server's."""
+    allowed = cors.allow_origin(runloop.config.cors_origins, origin)
+    return () if allowed is None else (("Access-Control-Allow-Origin", allowed),)
+
+
 def health_answer(runloop: RunLoop, origin: str | None) -> Answer:
-    return Answer(200, b"OK", "text/plain", "utf-8")
+    return Answer(200, b"OK", "text/plain", "utf-8", headers=_cors(runloop, origin))
 
 
 def models_answer(runloop: RunLoop, origin: str | None) -> Answer:
-    """``GET /v1/models``; a browser page may read it cross-origin (the front door serves it too)."""
-    headers = (("Access-Control-Allow-Origin", origin),) if origin else ()
-    return Answer(200, json.dumps(model_list(runloop)).encode(), charset="utf-8", headers=headers)
+    """``GET /v1/models`` (the front door serves it too)."""
+    return Answer(
+        200, json.dumps(model_list(runloop)).encode(), charset="utf-8", headers=_cors(runloop, origin)
+    )
 
 
 # GETs whose whole answer is a function of the run loop's state (and the request's Origin),

@@ -36,7 +36,9 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     app[LOGS] = logs or LogHub()
     if config.api_keys:  # no keys, no middleware: zero per-request cost
         app.middlewares.append(auth.middleware(config.api_keys))
-    cors.add_routes(app)  # before add_routes: its catch-all would answer OPTIONS with 404
+    cors.add_routes(
+        app, config.cors_origins
+    )  # before add_routes: its catch-all would answer OPTIONS with 404
     upstream.add_routes(app, config)
     add_admin_routes(app, app[LOGS])  # before add_routes, whose catch-all would shadow them
     ui.add_routes(app)  # after the admin routes (their bus), before add_routes' catch-all
