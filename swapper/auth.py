@@ -38,7 +38,7 @@ log = structlog.get_logger("swapper.auth")
 
 REALM = "swapper"
 # Liveness probes (load balancers, Docker HEALTHCHECK) carry no credentials.
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/v1/health"})  # llama-server answers both without a key
 
 
 def presented_keys(headers: Mapping[str, str]) -> list[bytes]:

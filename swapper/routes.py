@@ -58,8 +58,14 @@ BODY_ROUTES = (
     "/sdapi/v1/txt2img",
     "/sdapi/v1/img2img",
     "/audioapi/v1/tasks/run",
-    # llama-server's own routes
+    # llama-server's own routes (its server.cpp route table)
     "/chat/completions",
+    "/chat/completions/input_tokens",
+    "/v1/chat/completions/input_tokens",
+    "/responses",
+    "/responses/input_tokens",
+    "/v1/responses/input_tokens",
+    "/audio/transcriptions",
     "/completions",
     "/completion",
     "/infill",
@@ -70,6 +76,8 @@ BODY_ROUTES = (
     "/apply-template",
     "/embedding",
     "/embeddings",
+    "/props",  # POST: change the server's props; ?model= names the model
+    "/lora-adapters",
     # versionless aliases: forwarded without the /v prefix
     "/v/chat/completions",
     "/v/responses",
@@ -81,7 +89,9 @@ BODY_ROUTES = (
     "/v/reranking",
 )
 # Routes whose model comes from ?model=.
-QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props", "/slots")
+QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props", "/slots", "/lora-adapters")
+# llama-server's routes with a parameter in the path; the model from ?model= (or the body).
+PATTERN_ROUTES = ("/slots/{id_slot}",)  # POST ?action=save|restore|erase
 
 
 def error_response(err: SwapperError) -> web.Response:
@@ -246,6 +256,7 @@ def models_answer(runloop: RunLoop, origin: str | None) -> Answer:
 # answered by the front door and by aiohttp from the same function.
 ANSWERED_GETS: Final[Mapping[str, Callable[[RunLoop, str | None], Answer]]] = {
     "/health": health_answer,
+    "/v1/health": health_answer,
     "/v1/models": models_answer,
     "/models": models_answer,
 }
@@ -350,6 +361,8 @@ def add_routes(app: web.Application) -> None:
         add("POST", path, handle_model_request)
     for path in QUERY_ROUTES:
         add("GET", path, handle_model_request)
+    for path in PATTERN_ROUTES:
+        add("POST", path, handle_model_request)
     for path in ANSWERED_GETS:
         add("GET", path, _handle_answered_get)
     add("GET", "/running", handle_running)

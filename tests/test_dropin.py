@@ -107,3 +107,52 @@ async def test_an_explicit_concurrency_limit_refuses_the_rest(aiohttp_client: Cl
     client = await aiohttp_client(make_app(ops_config({"m": ""}, m="concurrencyLimit: 10")))
     statuses = await concurrent_statuses(client, 14)
     assert sorted(statuses) == [200] * 10 + [429] * 4
+
+
+# ---- llama-server's routes that take a model ----
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "forwarded"),
+    [
+        ("POST", "/slots/0?action=save", "/slots/0?action=save"),
+        ("POST", "/slots/1?action=erase&model=m", "/slots/1?action=erase&model=m"),
+        ("GET", "/slots?model=m", "/slots?model=m"),
+        ("GET", "/lora-adapters", "/lora-adapters"),
+        ("POST", "/lora-adapters", "/lora-adapters"),
+        ("POST", "/props", "/props"),
+        ("POST", "/apply-template", "/apply-template"),
+        ("POST", "/detokenize", "/detokenize"),
+        ("POST", "/infill", "/infill"),
+        ("POST", "/responses", "/responses"),
+        ("POST", "/v1/chat/completions/input_tokens", "/v1/chat/completions/input_tokens"),
+    ],
+)
+async def test_llama_server_routes_reach_the_model(
+    aiohttp_client: ClientFactory, method: str, target: str, forwarded: str
+) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    body = b'{"filename": "s.bin"}' if method == "POST" else None
+    resp = await client.request(method, target, data=body, headers=JSON_TYPE if body else None)
+    assert resp.status == 200, await resp.text()
+    echoed = await resp.json()
+    assert echoed["method"] == method and echoed["model_name"] == "m"
+    assert echoed["raw_path"] == forwarded
+    if body is not None:
+        assert base64.b64decode(echoed["body_b64"]) == body
+
+
+async def test_a_slot_action_takes_its_model_from_the_query(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"a": "", "b": ""}, "defaultModel: a")))
+    resp = await client.post("/slots/0?action=save&model=b", json={"filename": "s.bin"})
+    assert (await resp.json())["model_name"] == "b"
+    resp = await client.post("/slots/0?action=save", json={"filename": "s.bin"})
+    assert (await resp.json())["model_name"] == "a"  # defaultModel
+    resp = await client.post("/slots/0?action=save&model=c", json={"filename": "s.bin"})
+    assert resp.status == 404 and "models: a, b" in (await resp.json())["error"]["message"]
+
+
+async def test_v1_health_answers_like_health(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""}, "apiKeys: [k]")))
+    resp = await client.get("/v1/health")
+    assert resp.status == 200 and await resp.text() == "OK"
