@@ -27,13 +27,13 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
-from swapper import __version__
+from swapper import __version__, childmetrics
 from swapper.config import Config
 from swapper.errors import BadRequest
 from swapper.events import EVENTS, EventBus, Feed, RequestTrack
 from swapper.logs import SWAPPER, LogHub, tagged
 from swapper.metrics import CONTENT_TYPE, METRICS, Metrics
-from swapper.routes import CONFIG, RUNLOOP, error_response
+from swapper.routes import CONFIG, RUNLOOP, SESSION, error_response, handle_model_request
 from swapper.scheduler import State
 
 FEED_LIMIT = 1024  # entries a stream may fall behind before the oldest are dropped
@@ -73,9 +73,23 @@ def add_admin_routes(app: web.Application, logs: LogHub) -> None:
 # ---- /metrics and /v1/status ----
 
 
-async def handle_metrics(request: web.Request) -> web.Response:
-    runloop = request.app[RUNLOOP]
-    body = await request.app[METRICS].render(runloop.snapshot(), runloop.memory_status())
+async def handle_metrics(request: web.Request) -> web.StreamResponse:
+    """swapper's families and every ready child's own (``childmetrics``); with ``?model=``, that
+    model's own ``/metrics`` as llama-server answers it (a model request: it loads the model)."""
+    if "model" in request.query:
+        return await handle_model_request(request)
+    app = request.app
+    runloop, metrics = app[RUNLOOP], app[METRICS]
+    config, snapshot = runloop.config, runloop.snapshot()
+    targets = {
+        mid: cfg.proxy.rstrip("/") + "/metrics"
+        for mid, snap in snapshot.items()
+        if snap.status.state is State.READY and (cfg := config.models.get(mid)) is not None
+    }
+    children = await childmetrics.scrape(app[SESSION], targets)
+    for model in children.failed:
+        metrics.child_scrape_failed(model)
+    body = await metrics.render(snapshot, runloop.memory_status(), children.families)
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
 
 

@@ -35,6 +35,9 @@ Behaviour flags (all optional except --port):
                          close the connection, but stay alive: new connections are refused
   --drop-reused          close a keep-alive connection, unanswered, when a second request arrives
                          on it (not /health): a pooled connection that died as it was reused
+  --metrics MODE         GET /metrics: ``off`` (default) answers 501 as llama-server without
+                         --metrics; ``on`` answers llama-server-shaped Prometheus text (a counter
+                         of the requests answered, a gauge); ``hang`` never answers
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -256,6 +259,8 @@ class Server:
             await writer.drain()
             log(f"{req.method} {req.path} raw answer")
             return False
+        if req.method == "GET" and req.path == "/metrics":
+            return await self.metrics(writer, keep)
         route = ROUTES.get((req.method, req.path))
         try:
             if route is None:
@@ -280,6 +285,25 @@ class Server:
                     self.listener.close()
                     log(f"deaf after {self.answered} requests: no longer accepting connections")
         return await self.send_json(writer, status, obj, keep_alive=keep, head_only=req.method == "HEAD")
+
+    async def metrics(self, writer: asyncio.StreamWriter, keep: bool) -> bool:
+        mode = self.args.metrics
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "off":
+            return await self.send_json(writer, 501, {"error": {"code": 501}}, keep_alive=keep)
+        body = (
+            "# HELP llamacpp:requests_answered_total Requests answered (not /health).\n"
+            "# TYPE llamacpp:requests_answered_total counter\n"
+            f"llamacpp:requests_answered_total {self.answered}\n"
+            "# HELP llamacpp:kv_cache_usage_ratio KV-cache usage.\n"
+            "# TYPE llamacpp:kv_cache_usage_ratio gauge\n"
+            "llamacpp:kv_cache_usage_ratio 0.25\n"
+        ).encode()
+        head = [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))]
+        writer.write(response_head(200, [*head, ("Connection", "keep-alive" if keep else "close")]) + body)
+        await writer.drain()
+        return keep
 
     # --- streaming -----------------------------------------------------------------------
 
@@ -501,6 +525,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--deaf-after", type=int, default=None)
     p.add_argument("--drop-reused", action="store_true")
+    p.add_argument("--metrics", choices=("off", "on", "hang"), default="off")
     return p.parse_args(argv)
 
 
