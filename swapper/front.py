@@ -339,7 +339,7 @@ class FrontConn(asyncio.Protocol):
             return self._hand_off()
         origin = head.origin
         answer = ANSWERED_GETS[head.path](
-            front.parts()[0], None if origin is None else origin.decode("utf-8", "surrogateescape")
+            front.app, None if origin is None else origin.decode("utf-8", "surrogateescape")
         )
         assert self._reader is not None
         self._consumed(self._reader.fed)

@@ -32,12 +32,14 @@ from swapper.events import track_request
 from swapper.exchange import Exchange, upstream_path
 from swapper.loading import LoadingStream, wait_with_preamble
 from swapper.messages import Lease
+from swapper.modelinfo import ModelInfo
 from swapper.runloop import RunLoop
 from swapper.scheduler import State
 
 CONFIG = web.AppKey("config", Config)
 RUNLOOP = web.AppKey("runloop", RunLoop)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+MODEL_INFO = web.AppKey("model_info", ModelInfo)
 
 # Routes whose model comes from the body (JSON, multipart or urlencoded), or ?model= as fallback.
 BODY_ROUTES = (
@@ -235,26 +237,25 @@ async def acquire_with_preamble(ex: Exchange, preamble: LoadingStream) -> Lease:
         lease.cancel()  # a no-op once done; otherwise the client left while we waited
 
 
-def _cors(runloop: RunLoop, origin: str | None) -> tuple[tuple[str, str], ...]:
+def _cors(app: web.Application, origin: str | None) -> tuple[tuple[str, str], ...]:
     """A page may read swapper's own answers cross-origin, as llama-server's."""
-    allowed = cors.allow_origin(runloop.config.cors_origins, origin)
+    allowed = cors.allow_origin(app[RUNLOOP].config.cors_origins, origin)
     return () if allowed is None else (("Access-Control-Allow-Origin", allowed),)
 
 
-def health_answer(runloop: RunLoop, origin: str | None) -> Answer:
-    return Answer(200, b"OK", "text/plain", "utf-8", headers=_cors(runloop, origin))
+def health_answer(app: web.Application, origin: str | None) -> Answer:
+    return Answer(200, b"OK", "text/plain", "utf-8", headers=_cors(app, origin))
 
 
-def models_answer(runloop: RunLoop, origin: str | None) -> Answer:
+def models_answer(app: web.Application, origin: str | None) -> Answer:
     """``GET /v1/models`` (the front door serves it too)."""
-    return Answer(
-        200, json.dumps(model_list(runloop)).encode(), charset="utf-8", headers=_cors(runloop, origin)
-    )
+    body = json.dumps(model_list(app[RUNLOOP], app.get(MODEL_INFO))).encode()
+    return Answer(200, body, charset="utf-8", headers=_cors(app, origin))
 
 
-# GETs whose whole answer is a function of the run loop's state (and the request's Origin),
-# answered by the front door and by aiohttp from the same function.
-ANSWERED_GETS: Final[Mapping[str, Callable[[RunLoop, str | None], Answer]]] = {
+# GETs whose whole answer is a function of the app's state (and the request's Origin), answered by
+# the front door and by aiohttp from the same function.
+ANSWERED_GETS: Final[Mapping[str, Callable[[web.Application, str | None], Answer]]] = {
     "/health": health_answer,
     "/v1/health": health_answer,
     "/v1/models": models_answer,
@@ -264,25 +265,54 @@ ANSWERED_GETS: Final[Mapping[str, Callable[[RunLoop, str | None], Answer]]] = {
 
 async def _handle_answered_get(request: web.Request) -> web.Response:
     answer = ANSWERED_GETS[request.path]
-    return answer_response(answer(request.app[RUNLOOP], request.headers.get(hdrs.ORIGIN)))
+    return answer_response(answer(request.app, request.headers.get(hdrs.ORIGIN)))
 
 
-def model_list(runloop: RunLoop) -> dict[str, Any]:
-    """The body of ``GET /v1/models``."""
+# llama-server's ``models`` entry for a model it has not described (yet): its shape, no facts.
+_BLANK_ENTRY: Final = {
+    "modified_at": "",
+    "size": "",
+    "digest": "",
+    "type": "model",
+    "description": "",
+    "tags": [""],
+    "capabilities": ["completion"],
+    "parameters": "",
+    "details": {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "",
+        "families": [""],
+        "parameter_size": "",
+        "quantization_level": "",
+    },
+}
+
+
+def model_list(runloop: RunLoop, info: ModelInfo | None = None) -> dict[str, Any]:
+    """The body of ``GET /v1/models``: llama-server's shape (``data`` with ``aliases``, ``tags``,
+    ``meta``; the ``models`` array) with swapper's fields (``status``, ``name``, ``description``,
+    ``meta.swapper``). llama-server's facts come from ``info`` (what each child said)."""
     config = runloop.config
     snapshot = runloop.snapshot()
     now = int(time.time())
     data: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
     for mid, cfg in config.models.items():
         if cfg.unlisted:
             continue
+        learned = info.get(mid, cfg) if info is not None else None
         loaded = snapshot[mid].status.state is not State.STOPPED
+        own_meta = {"swapper": {**cfg.metadata, "type": "model", "aliases": list(cfg.aliases)}}
         record: dict[str, Any] = {
+            **(learned.record if learned is not None else {}),
             "id": mid,
+            "aliases": list(cfg.aliases),
+            "tags": list(learned.record.get("tags") or []) if learned is not None else [],
             "object": "model",
             "created": now,
             "owned_by": "swapper",
-            "meta": {"swapper": {**cfg.metadata, "type": "model", "aliases": list(cfg.aliases)}},
+            "meta": {**(learned.record["meta"] if learned is not None else {}), **own_meta},
             "status": {"value": "loaded" if loaded else "unloaded"},
         }
         if cfg.name.strip():
@@ -290,12 +320,15 @@ def model_list(runloop: RunLoop) -> dict[str, Any]:
         if cfg.description.strip():
             record["description"] = cfg.description.strip()
         data.append(record)
+        entry = learned.entry if learned is not None and learned.entry is not None else _BLANK_ENTRY
+        entries.append({**entry, "name": mid, "model": mid})
         if config.include_aliases_in_list:
             for alias in cfg.aliases:
                 meta = {**record["meta"], "swapper": {"type": "alias", "modelID": mid}}
                 data.append({**record, "id": alias, "meta": meta})
     data.sort(key=lambda r: str(r["id"]))
-    return {"object": "list", "data": data}
+    entries.sort(key=lambda e: str(e["name"]))
+    return {"models": entries, "object": "list", "data": data}
 
 
 async def handle_running(request: web.Request) -> web.Response:

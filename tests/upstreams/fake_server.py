@@ -35,6 +35,8 @@ Behaviour flags (all optional except --port):
                          close the connection, but stay alive: new connections are refused
   --drop-reused          close a keep-alive connection, unanswered, when a second request arrives
                          on it (not /health): a pooled connection that died as it was reused
+  --llama-meta           GET /v1/models answers in llama-server's shape: ``aliases``, ``tags``,
+                         ``meta`` (n_ctx_train 2048, n_ctx 512, ...) and the ``models`` array
   --metrics MODE         GET /metrics: ``off`` (default) answers 501 as llama-server without
                          --metrics; ``on`` answers llama-server-shaped Prometheus text (a counter
                          of the requests answered, a gauge); ``hang`` never answers
@@ -399,7 +401,12 @@ class Server:
 
     def models(self, req: Request) -> tuple[int, Any]:
         entry = {"id": self.name, "object": "model", "created": int(START), "owned_by": "fake_server"}
-        return 200, {"object": "list", "data": [entry]}
+        if not self.args.llama_meta:
+            return 200, {"object": "list", "data": [entry]}
+        meta = {"vocab_type": 1, "n_vocab": 512, "n_ctx": 512, "n_ctx_train": 2048, "n_embd": 64}
+        entry |= {"aliases": [self.name], "tags": ["tiny"], "meta": meta | {"n_params": 1000, "size": 604000}}
+        listed = {"name": self.name, "model": self.name, "type": "model", "capabilities": ["completion"]}
+        return 200, {"models": [listed], "object": "list", "data": [entry]}
 
     def props(self, req: Request) -> tuple[int, Any]:
         return 200, {
@@ -525,6 +532,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--deaf-after", type=int, default=None)
     p.add_argument("--drop-reused", action="store_true")
+    p.add_argument("--llama-meta", action="store_true")
     p.add_argument("--metrics", choices=("off", "on", "hang"), default="off")
     return p.parse_args(argv)
 
