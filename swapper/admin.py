@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
-from swapper import __version__, childmetrics
+from swapper import __version__
 from swapper.config import Config
 from swapper.errors import BadRequest
 from swapper.events import EVENTS, EventBus, Feed, RequestTrack
@@ -86,6 +86,8 @@ async def handle_metrics(request: web.Request) -> web.StreamResponse:
         for mid, snap in snapshot.items()
         if snap.status.state is State.READY and (cfg := config.models.get(mid)) is not None
     }
+    from swapper import childmetrics  # only here: its Prometheus text parser is not needed to start
+
     children = await childmetrics.scrape(app[SESSION], targets)
     for model in children.failed:
         metrics.child_scrape_failed(model)
