@@ -13,9 +13,10 @@ A preflight gets ``200`` with an empty body, as from llama-server: ``Allow-Origi
 (``allow_origin``), ``Allow-Credentials: true`` (``false`` with ``*``, which browsers never pair
 with credentials), ``Allow-Headers`` echoing the requested header names that are valid HTTP
 tokens (``*`` when none were asked for: with credentials a browser reads ``*`` as a name, so
-echoing is what lets a page send ``Authorization``), ``Max-Age: 86400``. Other answers: the model
-routes carry llama-server's own headers; swapper's own answers that a page reads (``/v1/models``,
-``/health``, a 401) carry ``Allow-Origin`` per the same policy.
+echoing is what lets a page send ``Authorization``), ``Max-Age: 86400``. Other answers: those
+relayed from a model carry the model's own headers (llama-server's echo the ``Origin``);
+swapper's own (errors, ``/v1/models``, admin routes) carry ``Allow-Origin`` per the same policy:
+``_on_prepare`` on aiohttp's side, ``routes.ANSWERED_GETS`` and the front door's error answers.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ MAX_AGE: Final = "86400"
 # RFC 9110 token: what a header name may contain. Anything else is dropped, never echoed.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 ORIGINS = web.AppKey("cors_origins", tuple)
+
+
+class Relayed:
+    """Marks a response class relayed from a model (``proxy``): its CORS headers are the model's."""
 
 
 def allow_origin(origins: tuple[str, ...], origin: str | None) -> str | None:
@@ -71,6 +76,19 @@ async def preflight(request: web.Request) -> web.Response:
     return web.Response(status=200, headers=headers)
 
 
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """swapper's own answers (errors, admin routes) carry ``Allow-Origin`` as llama-server's do, so
+    a page sees a 404 or a 429 rather than a network error. Relayed answers keep the model's."""
+    if isinstance(response, Relayed) or hdrs.ACCESS_CONTROL_ALLOW_ORIGIN in response.headers:
+        return
+    allowed = allow_origin(request.app.get(ORIGINS, ()), request.headers.get(hdrs.ORIGIN))
+    if allowed is not None:
+        response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = allowed
+        if allowed != "*":
+            response.headers.add(hdrs.VARY, "Origin")
+
+
 def add_routes(app: web.Application, origins: tuple[str, ...] = ()) -> None:
     app[ORIGINS] = origins
     app.router.add_route(hdrs.METH_OPTIONS, "/{tail:.*}", preflight)
+    app.on_response_prepare.append(_on_prepare)

@@ -240,7 +240,11 @@ async def acquire_with_preamble(ex: Exchange, preamble: LoadingStream) -> Lease:
 def _cors(app: web.Application, origin: str | None) -> tuple[tuple[str, str], ...]:
     """A page may read swapper's own answers cross-origin, as llama-server's."""
     allowed = cors.allow_origin(app[RUNLOOP].config.cors_origins, origin)
-    return () if allowed is None else (("Access-Control-Allow-Origin", allowed),)
+    if allowed is None:
+        return ()
+    if allowed == "*":
+        return (("Access-Control-Allow-Origin", allowed),)
+    return (("Access-Control-Allow-Origin", allowed), ("Vary", "Origin"))
 
 
 def health_answer(app: web.Application, origin: str | None) -> Answer:

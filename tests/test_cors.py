@@ -3,6 +3,8 @@ the requested headers allowed; ``corsOrigins`` narrows or widens the origin."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -73,14 +75,48 @@ def test_allowed_headers_are_sanitized(requested: str | None, allowed: str) -> N
     assert cors.allowed_headers(requested) == allowed
 
 
-async def test_normal_responses_are_unchanged(aiohttp_client: ClientFactory) -> None:
-    client = await aiohttp_client(make_app(ops_config({"m": ""})))
-    resp = await client.get("/running", headers={"Origin": "http://ui.example"})
-    assert resp.status == 200
+ORIGIN = {"Origin": "http://ui.example"}
+
+
+async def test_swappers_own_answers_carry_the_origin(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": "", "n": ""}, m="concurrencyLimit: 1")))
+    for method, path in (
+        ("GET", "/running"),
+        ("GET", "/v1/models"),
+        ("GET", "/nope"),
+        ("POST", "/v1/models"),
+    ):
+        resp = await client.request(method, path, headers=ORIGIN)
+        assert resp.headers["Access-Control-Allow-Origin"] == "http://ui.example", path
+        assert resp.headers["Vary"] == "Origin"
+    # The front door's error answers too: an unknown model (handed to aiohttp), a refusal.
+    resp = await client.post("/v1/chat/completions", json={"model": "x", "messages": []}, headers=ORIGIN)
+    assert resp.status == 404 and resp.headers["Access-Control-Allow-Origin"] == "http://ui.example"
+    slow = {"X-Fake-Delay": "0.5", "Content-Type": "application/json"}
+    body = b'{"model": "m", "messages": []}'
+    first = asyncio.ensure_future(client.post("/v1/chat/completions", data=body, headers=slow))
+    await wait_for_in_flight(client, "m")
+    resp = await client.post("/v1/chat/completions", data=body, headers={**ORIGIN, **slow})
+    assert resp.status == 429 and resp.headers["Access-Control-Allow-Origin"] == "http://ui.example"
+    assert (await first).status == 200
+    # Without an Origin, nothing is added.
+    resp = await client.get("/running")
     assert "Access-Control-Allow-Origin" not in resp.headers
-    # /v1/models echoes the origin itself (checklist 69).
-    resp = await client.get("/v1/models", headers={"Origin": "http://ui.example"})
-    assert resp.headers["Access-Control-Allow-Origin"] == "http://ui.example"
+
+
+async def test_relayed_answers_keep_the_models_own_headers(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    for path in ("/tokenize", "/upstream/m/x"):  # the front door's relay, and aiohttp's
+        resp = await client.post(path, json={"model": "m"}, headers=ORIGIN)
+        assert resp.status == 200 and (await resp.json())["model_name"] == "m"
+        assert "Access-Control-Allow-Origin" not in resp.headers, path  # the fake sends none
+
+
+async def wait_for_in_flight(client: TestClient[Any, Any], model: str) -> None:
+    deadline = time.monotonic() + 10
+    while runloop(client).snapshot()[model].status.in_flight == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
 
 
 @pytest.mark.parametrize(
