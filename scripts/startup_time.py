@@ -5,7 +5,8 @@
 Starts ``python -m swapper --config CFG --listen 127.0.0.1:PORT`` with a one-model config (no child
 is started: models load on demand) and times from just before the exec to the first accepted TCP
 connection, then SIGTERMs it. Prints the median and quartiles, and the median ``import
-swapper.cli`` time (``python -X importtime``'s cumulative figure for it).
+swapper.cli`` time (``python -X importtime``'s cumulative figure for it), and two floors timed in
+the same rounds: a bare interpreter, and one that imports ``aiohttp.web`` and nothing else.
 
 ``--base DIR``: another checkout (``git worktree add /tmp/base main``) timed in the same rounds,
 alternating run by run with this one, so both see the same machine load; the ratio is the figure
@@ -48,16 +49,19 @@ def env_for(root: Path) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(root)}
 
 
-def exec_to_listening(root: Path, config: Path) -> float:
+def exec_to_listening(root: Path, config: Path) -> tuple[float, float]:
+    """(wall seconds from exec to the first accepted connection, CPU seconds the process used in
+    all: start, idle and a SIGTERM shutdown; less sensitive than wall time to a busy machine)."""
     port = free_port()
     argv = [sys.executable, "-m", "swapper", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
     began = time.perf_counter()
     proc = subprocess.Popen(
         argv, cwd=root, env=env_for(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    took = None
     try:
         deadline = began + 30
-        while True:
+        while took is None:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     took = time.perf_counter() - began
@@ -69,12 +73,17 @@ def exec_to_listening(root: Path, config: Path) -> float:
             time.sleep(0.001)
     finally:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return took
+        _, _, usage = os.wait4(proc.pid, 0)
+        proc.returncode = 0  # reaped here, with its resource use
+    assert took is not None
+    return took, usage.ru_utime + usage.ru_stime
+
+
+def bare_import(module: str) -> float:
+    """Wall seconds of ``python -c "import MODULE"`` (the floor any server on it starts from)."""
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, env=env_for(ROOT))
+    return time.perf_counter() - began
 
 
 def import_time(root: Path) -> float:
@@ -106,21 +115,31 @@ def main() -> int:
     args = parser.parse_args()
     roots = {"this": ROOT} | ({"base": args.base.resolve()} if args.base else {})
     starts: dict[str, list[float]] = {name: [] for name in roots}
+    cpus: dict[str, list[float]] = {name: [] for name in roots}
     imports: dict[str, list[float]] = {name: [] for name in roots}
+    floors: dict[str, list[float]] = {"pass": [], "aiohttp.web": []}
     with tempfile.TemporaryDirectory() as tmp:
         config = config_file(Path(tmp))
         for root in roots.values():
             exec_to_listening(root, config)  # warm the page cache and write the bytecode
         for _ in range(args.runs):
             for name, root in roots.items():
-                starts[name].append(exec_to_listening(root, config))
+                wall, cpu = exec_to_listening(root, config)
+                starts[name].append(wall)
+                cpus[name].append(cpu)
                 imports[name].append(import_time(root))
+            floors["pass"].append(bare_import("sys"))
+            floors["aiohttp.web"].append(bare_import("aiohttp.web"))
     for name in roots:
         print(f"{name:5} exec → listening {summary(starts[name])}")
+        print(f"{name:5} CPU, whole run     {summary(cpus[name])}")
         print(f"{name:5} import swapper.cli {summary(imports[name])}")
+    print(f"floor python -c pass           {summary(floors['pass'])}")
+    print(f"floor python -c 'import aiohttp.web' {summary(floors['aiohttp.web'])}")
     if args.base:
         ratio = statistics.median(starts["this"]) / statistics.median(starts["base"])
-        print(f"this / base, exec → listening: {ratio:.2f}")
+        cpu_ratio = statistics.median(cpus["this"]) / statistics.median(cpus["base"])
+        print(f"this / base: exec → listening {ratio:.2f}, CPU {cpu_ratio:.2f}")
     return 0
 
 
