@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from swapper.config import ConfigError, parse_config
 from swapper.server import make_app
-from tests.ops_helpers import ops_config
+from tests.ops_helpers import ops_config, runloop
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -85,27 +86,43 @@ def test_route_unknown_models_needs_a_default_model() -> None:
 # ---- what llama-server would queue ----
 
 
-async def concurrent_statuses(client: Client, count: int) -> list[int]:
-    """``count`` chat requests at once, each held 0.3 s by the upstream; their statuses."""
+async def held(client: Client, count: int) -> list[asyncio.Future[int]]:
+    """``count`` chat requests, each held 2 s by the upstream; waits until all are admitted (in
+    flight or queued at swapper) or some were answered (a refusal comes at once)."""
 
     async def one() -> int:
         resp = await client.post(
-            "/v1/chat/completions", json={"model": "m", **CHAT}, headers={"X-Fake-Delay": "0.3"}
+            "/v1/chat/completions", json={"model": "m", **CHAT}, headers={"X-Fake-Delay": "2"}
         )
         await resp.read()
         return resp.status
 
-    return list(await asyncio.gather(*(one() for _ in range(count))))
+    calls = [asyncio.ensure_future(one()) for _ in range(count)]
+    deadline = time.monotonic() + 20
+    while True:
+        status = runloop(client).snapshot()["m"].status
+        answered = sum(call.done() for call in calls)
+        if status.in_flight + status.queued + answered >= count:
+            return calls
+        assert time.monotonic() < deadline, (status, answered)
+        await asyncio.sleep(0.01)
 
 
 async def test_without_concurrency_limit_the_child_queues(aiohttp_client: ClientFactory) -> None:
     client = await aiohttp_client(make_app(ops_config({"m": ""})))
-    assert await concurrent_statuses(client, 24) == [200] * 24  # llama-swap's default refuses the 11th
+    calls = await held(client, 24)
+    deadline = time.monotonic() + 20
+    while runloop(client).snapshot()["m"].status.in_flight < 24:  # all at the child at once
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    statuses = await asyncio.gather(*calls)
+    assert statuses == [200] * 24  # llama-swap's default refuses the 11th
 
 
 async def test_an_explicit_concurrency_limit_refuses_the_rest(aiohttp_client: ClientFactory) -> None:
     client = await aiohttp_client(make_app(ops_config({"m": ""}, m="concurrencyLimit: 10")))
-    statuses = await concurrent_statuses(client, 14)
+    calls = await held(client, 14)
+    statuses = await asyncio.gather(*calls)
     assert sorted(statuses) == [200] * 10 + [429] * 4
 
 
