@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 from aiohttp import hdrs, web
 
 from swapper import __version__
-from swapper.config import Config
+from swapper.config import Config, MemoryConfig
 from swapper.errors import BadRequest
 from swapper.events import EVENTS, EventBus, Feed, RequestTrack
+from swapper.gpu import GpuUsage
 from swapper.logs import SWAPPER, LogHub, tagged
 from swapper.metrics import CONTENT_TYPE, METRICS, Metrics
 from swapper.routes import CONFIG, RUNLOOP, SESSION, error_response, handle_model_request
@@ -123,6 +124,9 @@ async def handle_status(request: web.Request) -> web.Response:
                 "lastError": (
                     {"message": act.last_error, "at": _iso(act.last_error_at)} if act.last_error else None
                 ),
+                "priority": cfg.priority if (cfg := runloop.config.models.get(mid)) else None,
+                "coexistsWith": list(runloop.coexists_with(mid)),
+                "service": _service_entry(runloop.service_status(mid)),  # null: a child swapper spawns
             }
         )
     body = {
@@ -132,10 +136,7 @@ async def handle_status(request: web.Request) -> web.Response:
             "uptimeSeconds": _round(now - metrics.started),
             "rssBytes": sample.own_rss,
         },
-        "gpus": [
-            {"index": g.index, "name": g.name, "totalBytes": g.total, "usedBytes": g.used}
-            for g in sample.gpus
-        ],
+        "gpus": [_gpu_entry(g, runloop.config.routing.memory, memory) for g in sample.gpus],
         "models": models,
         "queues": [
             {"model": m["id"], "queued": m["queued"], "oldestWaitSeconds": m["oldestWaitSeconds"]}
@@ -146,6 +147,27 @@ async def handle_status(request: web.Request) -> web.Response:
         "memory": memory,  # the memory planner's ledger; null under the group or matrix planner
     }
     return web.json_response(body)
+
+
+def _gpu_entry(gpu: GpuUsage, settings: MemoryConfig, memory: dict[str, Any] | None) -> dict[str, Any]:
+    """One GPU: its memory, what is kept free there (``reserve``, per GPU), and, with the memory
+    planner, swapper's models on it (``memory.gpus``)."""
+    planned = next((g for g in memory["gpus"] if g["index"] == gpu.index), None) if memory else None
+    return {
+        "index": gpu.index,
+        "name": gpu.name,
+        "totalBytes": gpu.total,
+        "usedBytes": gpu.used,
+        "freeBytes": max(0, gpu.total - gpu.used),
+        "reservedBytes": settings.reserve_of(gpu.index),
+        "models": sorted(planned["models"]) if planned else None,
+    }
+
+
+def _service_entry(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    if status is None:
+        return None
+    return {**status, "lastProbe": _iso(status["lastProbe"])}
 
 
 def _round(seconds: float | None) -> float | None:

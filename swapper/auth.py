@@ -1,4 +1,4 @@
-"""``apiKeys``: every route but ``/health``, CORS preflights and the UI's files needs a configured key.
+"""``apiKeys``: every route but ``/health``, ``/healthz``, CORS preflights and the UI's files needs a key.
 
 Owns: nothing mutable. ``middleware(keys)`` returns an aiohttp middleware closed over the keys; the
 server installs it only when ``apiKeys`` is non-empty, so a keyless setup pays nothing per request.
@@ -38,7 +38,7 @@ log = structlog.get_logger("swapper.auth")
 
 REALM = "swapper"
 # Liveness probes (load balancers, Docker HEALTHCHECK) carry no credentials.
-OPEN_PATHS = frozenset({"/health", "/v1/health"})  # llama-server answers both without a key
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/healthz"})  # llama-server answers /v1/health too
 
 
 def presented_keys(headers: Mapping[str, str]) -> list[bytes]:

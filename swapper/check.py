@@ -35,7 +35,14 @@ def program_warnings(config: Config) -> list[str]:
     """One line per model whose ``cmd`` (or ``cmdStop``) program cannot be run from here."""
     found = []
     for model_id, model in config.models.items():
-        programs = [("cmd", model.cmd[0])] + ([("cmdStop", model.cmd_stop[0])] if model.cmd_stop else [])
+        programs = [("cmd", model.cmd[0])] if model.cmd else []
+        programs += [("cmdStop", model.cmd_stop[0])] if model.cmd_stop else []
+        if model.service is not None:  # a service's own start and stop commands
+            programs += [
+                (key, argv[0])
+                for key, argv in (("start", model.service.start), ("stop", model.service.stop))
+                if argv
+            ]
         for key, program in programs:
             problem = _program_problem(program, dict(model.env))
             if problem:
@@ -95,11 +102,19 @@ def _count(n: int, what: str) -> str:
 
 def _model_lines(model: ModelConfig, placement: str) -> list[str]:
     title = f"  {model.id}" + (f" ({model.name})" if model.name else "")
+    svc = model.service
     lines = [
         title,
-        f"    cmd: {model.cmd_text}",
+        f"    cmd: {model.cmd_text}"
+        if svc is None
+        else "    service: not run by swapper"
+        + (", swappable" if svc.swappable else ", pinned (never stopped)"),
         f"    proxy: {model.proxy}" + (f" (port {model.port})" if model.port is not None else ""),
     ]
+    if svc is not None:
+        lines += [
+            f"    {key}: {' '.join(argv)}" for key, argv in (("start", svc.start), ("stop", svc.stop)) if argv
+        ]
     if model.aliases:
         lines.append(f"    aliases: {', '.join(model.aliases)}")
     if model.cmd_stop:
@@ -113,10 +128,16 @@ def _model_lines(model: ModelConfig, placement: str) -> list[str]:
 
 def _placement(config: Config, planner: Planner) -> dict[str, str]:
     """Per model id, where the planner puts it; key "" is a note for the planner line."""
+    from swapper.planners import Pinning
     from swapper.planners.group import GroupPlanner
     from swapper.planners.matrix import MatrixPlanner
     from swapper.planners.memory import MemoryPlanner
 
+    if isinstance(planner, Pinning):
+        placed = _placement(config, planner.inner)
+        return placed | {
+            m: f"{placed[m]}; never evicted" if m in placed else "never evicted" for m in planner.pinned
+        }
     if isinstance(planner, GroupPlanner):
         out = {}
         for model_id in config.models:
@@ -158,8 +179,8 @@ def _memory_placement(planner: MemoryPlanner, config: Config) -> dict[str, str]:
 
 
 def _memory_note(status: Mapping[str, Any], gpu_budget: bool) -> str:
-    if status["gpus"]:
-        gpus = ", ".join(f"{g['name']} {human(g['total'])}" for g in status["gpus"])
+    if status["nvml"]:
+        gpus = ", ".join(f"{g['name']} {human(g['total'])}" for g in status["gpus"] if g["name"] is not None)
         return f" (GPUs: {gpus})"
     reason = status["nvml_unavailable_reason"]
     if gpu_budget:

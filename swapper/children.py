@@ -280,16 +280,18 @@ class Child:
             raise RuntimeError(f"{self!r} was already spawned")
         argv = self._model.cmd
         if not argv:
-            raise ModelLoadFailed(f"model {self._model.id!r}: cmd is empty")
+            raise ModelLoadFailed(f"model {self._model.id!r}: cmd is empty", retryable=False)
         try:
             pipes = _start(argv, self.env(), self._on_lines, self._saw_ready_line)
         except FileNotFoundError:
-            raise ModelLoadFailed(f"model {self._model.id!r}: cannot run {argv[0]!r}: no such file") from None
+            msg = f"model {self._model.id!r}: cannot run {argv[0]!r}: no such file"
+            raise ModelLoadFailed(msg, retryable=False) from None
         except PermissionError:
             msg = f"model {self._model.id!r}: cannot run {argv[0]!r}: permission denied (not executable?)"
-            raise ModelLoadFailed(msg) from None
+            raise ModelLoadFailed(msg, retryable=False) from None
         except (OSError, subprocess.SubprocessError) as exc:
-            raise ModelLoadFailed(f"model {self._model.id!r}: cannot run {argv[0]!r}: {exc}") from None
+            msg = f"model {self._model.id!r}: cannot run {argv[0]!r}: {exc}"
+            raise ModelLoadFailed(msg, retryable=False) from None
         self._pipes = pipes
         self._pid = pipes.proc.pid
         pipes.proc.finished.add_done_callback(self._finished)

@@ -66,6 +66,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from swapper.kindroutes import KindRoutes, RouteError, parse_routes
+from swapper.placement import parse_devices
+from swapper.serviceconfig import SERVICE_KEYS, ServiceError, ServiceSpec, parse_service
+
 DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120.0
 DEFAULT_UNLOAD_TIMEOUT = 10.0
@@ -119,6 +123,13 @@ class ModelConfig:
     # memory planner: bytes the model is expected to need before its first measured load
     memory_estimate: int | None = None
     memory_device: Literal["gpu", "cpu", "auto"] = "auto"
+    memory_gpus: tuple[int, ...] | None = None  # memory.devices: the GPUs it lives on (placement)
+    service: ServiceSpec | None = None  # proxy without cmd: a service swapper does not spawn
+
+    @property
+    def pinned(self) -> bool:
+        """A service swapper may never stop (no ``stop`` command): never evicted or unloaded."""
+        return self.service is not None and not self.service.swappable
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +149,14 @@ class MatrixConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuLimits:
+    """``memory.gpus.<index>``: one GPU's own budget and reserve (None: the global ones)."""
+
+    budget: int | None = None
+    reserve: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryConfig:
     """``routing.router.settings.memory``: budgets per device and a reserve kept free."""
 
@@ -146,6 +165,15 @@ class MemoryConfig:
     reserve: int = 512 * 1024 * 1024  # bytes kept free on each device
     state_file: str | None = None  # where measured footprints persist across restarts
     release_timeout: float = 10.0  # bounded wait for memory to be released after a stop
+    gpus: Mapping[int, GpuLimits] = field(default_factory=dict)  # per-GPU budget/reserve overrides
+
+    def gpu_budget_of(self, index: int) -> int | None:
+        limits = self.gpus.get(index)
+        return self.gpu_budget if limits is None or limits.budget is None else limits.budget
+
+    def reserve_of(self, index: int) -> int:
+        limits = self.gpus.get(index)
+        return self.reserve if limits is None or limits.reserve is None else limits.reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +210,7 @@ class Config:
     upstream_ignore_paths: tuple[str, ...] = DEFAULT_UPSTREAM_IGNORE_PATHS
     activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log
     capture_bytes: int = 0  # captureBuffer; 0: no captures
+    routes: KindRoutes = field(default_factory=KindRoutes)  # path -> model (swapper.kindroutes)
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -228,6 +257,10 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
     top = doc.top
     default_model = _parse_default_model(top.get("defaultModel"), models, aliases)
     preload = _parse_preload(top, models, aliases, doc.warnings)
+    try:
+        routes = parse_routes(top.get("routes"), lambda name: _resolve(name, models, aliases))
+    except RouteError as exc:
+        raise ConfigError(str(exc)) from None
     return Config(
         models=models,
         aliases=aliases,
@@ -259,6 +292,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
             top.get("metricsMaxInMemory"), "metricsMaxInMemory", DEFAULT_ACTIVITY_RECORDS
         ),
         capture_bytes=_capture_buffer(top.get("captureBuffer")),
+        routes=routes,
         warnings=tuple(doc.warnings),
     )
 
@@ -291,7 +325,7 @@ _TOP_KEYS = _words(
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer routeUnknownModels corsOrigins"
+    "requestHeaderTimeout metricsMaxInMemory captureBuffer routes routeUnknownModels corsOrigins"
 )
 _TOP_UNSUPPORTED = _words(
     """
@@ -299,11 +333,14 @@ _TOP_UNSUPPORTED = _words(
     selectors peers
     """
 )
-_MODEL_KEYS = _words(
-    """
+_MODEL_KEYS = (
+    _words(
+        """
     cmd cmdStop proxy checkEndpoint env aliases useModelName unlisted name description metadata
     macros ttl unloadTimeout concurrencyLimit maxWait sendLoadingState filters memory memoryEstimate
     """
+    )
+    | SERVICE_KEYS
 )
 # healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
 _MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "capabilities", "healthCheckTimeout"})
@@ -929,7 +966,7 @@ def _parse_models(doc: _Document, defaults: _Defaults) -> dict[str, ModelConfig]
     for model_id, tree in trees.items():
         path = f"models.{model_id}"
         for key, value in tree.items():
-            _check_leftovers(value, f"{path}.{key}", _PID_ONLY if key == "cmdStop" else _NONE)
+            _check_leftovers(value, f"{path}.{key}", _PID_ONLY if key in ("cmdStop", "stop") else _NONE)
         models[model_id] = _decode_model(model_id, tree, ports.get(model_id), defaults, doc.warnings)
     return models
 
@@ -940,8 +977,8 @@ def _prepare_model(model_id: str, raw: object, global_macros: Macros, warnings: 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping, got {_kind(raw)}")
     tree = _known(raw, path, _MODEL_KEYS, _MODEL_UNSUPPORTED, warnings)
-    if tree.get("cmd") is None:
-        raise ConfigError(f"{path}.cmd: is required")
+    if tree.get("cmd") is None and tree.get("proxy") is None:
+        raise ConfigError(f"{path}.cmd: is required (or proxy alone, for a service swapper does not spawn)")
     for key in ("cmd", "cmdStop"):
         if tree.get(key) is not None:
             tree[key] = _strip_comment_lines(_as_str(tree[key], f"{path}.{key}"))
@@ -979,7 +1016,8 @@ def _assign_ports(trees: dict[str, dict[str, Any]], start_port: int) -> dict[str
         path = f"models.{model_id}"
         cmd = tree.get("cmd")
         # An empty or malformed cmd is the real mistake, not the proxy port it leaves unfilled.
-        _parse_cmd(cmd, f"{path}.cmd")
+        if cmd is not None:
+            _parse_cmd(cmd, f"{path}.cmd")
         if isinstance(cmd, str) and "${PORT}" in cmd:
             if next_port > 65535:
                 raise ConfigError(f"{path}.cmd: no port left for ${{PORT}} (startPort is too high)")
@@ -998,8 +1036,9 @@ def _decode_model(
     model_id: str, tree: Mapping[str, Any], port: int | None, defaults: _Defaults, warnings: list[str]
 ) -> ModelConfig:
     path = f"models.{model_id}"
-    argv, cmd_text = _parse_cmd(tree["cmd"], f"{path}.cmd")
-    estimate, device = _parse_model_memory(tree, path, warnings)
+    service = _parse_service(tree, path)
+    argv, cmd_text = ((), "") if service is not None else _parse_cmd(tree["cmd"], f"{path}.cmd")
+    estimate, device, gpus = _parse_model_memory(tree, path, warnings)
     use_model_name = _as_text(tree.get("useModelName"), f"{path}.useModelName").strip()
     return ModelConfig(
         id=model_id,
@@ -1016,7 +1055,10 @@ def _decode_model(
         description=_as_text(tree.get("description"), f"{path}.description").strip(),
         metadata=_as_mapping(tree.get("metadata"), f"{path}.metadata"),
         port=port,
-        ttl=_model_ttl(tree.get("ttl"), f"{path}.ttl", defaults.global_ttl),
+        # A pinned service is never unloaded, by its TTL or anything else.
+        ttl=0.0
+        if service is not None and not service.swappable
+        else _model_ttl(tree.get("ttl"), f"{path}.ttl", defaults.global_ttl),
         unload_timeout=_seconds(tree.get("unloadTimeout"), f"{path}.unloadTimeout", 0.0)
         or defaults.unload_timeout,
         health_check_timeout=defaults.health_check_timeout,
@@ -1028,7 +1070,24 @@ def _decode_model(
         filters=_parse_filters(tree.get("filters"), f"{path}.filters", warnings),
         memory_estimate=estimate,
         memory_device=device,
+        memory_gpus=gpus,
+        service=service,
     )
+
+
+def _parse_service(tree: Mapping[str, Any], path: str) -> ServiceSpec | None:
+    """The model's service settings if it has no ``cmd`` (swapper does not spawn it), else None."""
+    if tree.get("cmd") is not None:
+        given = sorted(SERVICE_KEYS & tree.keys())
+        if given:
+            raise ConfigError(
+                f"{path}.{given[0]}: only for a service without cmd (a child stops with cmdStop)"
+            )
+        return None
+    try:
+        return parse_service(tree, path)
+    except ServiceError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _one_line(text: str) -> str:
@@ -1133,8 +1192,8 @@ def _model_max_wait(value: object, path: str, default: float) -> float:
 
 def _parse_model_memory(
     tree: Mapping[str, Any], path: str, warnings: list[str]
-) -> tuple[int | None, _Device]:
-    memory = _known(tree.get("memory"), f"{path}.memory", {"estimate", "device"}, _NONE, warnings)
+) -> tuple[int | None, _Device, tuple[int, ...] | None]:
+    memory = _known(tree.get("memory"), f"{path}.memory", {"estimate", "device", "devices"}, _NONE, warnings)
     if memory.get("estimate") is not None and tree.get("memoryEstimate") is not None:
         raise ConfigError(f"{path}.memoryEstimate: give either memoryEstimate or memory.estimate, not both")
     if memory.get("estimate") is not None:
@@ -1142,7 +1201,11 @@ def _parse_model_memory(
     else:
         estimate = _opt_size(tree.get("memoryEstimate"), f"{path}.memoryEstimate")
     device = _choice(memory.get("device"), f"{path}.memory.device", _DEVICES, "device")
-    return estimate, cast(_Device, device)
+    try:
+        gpus = parse_devices(memory.get("devices"), f"{path}.memory.devices")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return estimate, cast(_Device, device), gpus
 
 
 def _parse_filters(value: object, path: str, warnings: list[str]) -> Filters:
@@ -1390,7 +1453,7 @@ def _matrix_sets(raw: object, path: str) -> tuple[tuple[str, str], ...]:
 
 
 def _parse_memory_settings(raw: object, path: str, warnings: list[str]) -> MemoryConfig:
-    keys = {"gpuBudget", "ramBudget", "reserve", "stateFile", "releaseTimeout"}
+    keys = {"gpuBudget", "ramBudget", "reserve", "stateFile", "releaseTimeout", "gpus"}
     spec = _known(raw, path, keys, _NONE, warnings)
     defaults = MemoryConfig()
     reserve = spec.get("reserve")
@@ -1403,7 +1466,23 @@ def _parse_memory_settings(raw: object, path: str, warnings: list[str]) -> Memor
         reserve=defaults.reserve if reserve is None else _as_size(reserve, f"{path}.reserve", minimum=0),
         state_file=_as_text(spec.get("stateFile"), f"{path}.stateFile").strip() or None,
         release_timeout=release_timeout,
+        gpus=_parse_gpu_limits(spec.get("gpus"), f"{path}.gpus", warnings),
     )
+
+
+def _parse_gpu_limits(raw: object, path: str, warnings: list[str]) -> dict[int, GpuLimits]:
+    """``gpus: {0: {budget: 20GiB, reserve: 1GiB}, ...}``: per-GPU overrides of gpuBudget/reserve."""
+    limits: dict[int, GpuLimits] = {}
+    for key, value in _as_mapping(raw, path).items():
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            raise ConfigError(f"{path}: keys must be GPU indices (0, 1, ...), got {key!r}")
+        spec = _known(value, f"{path}.{key}", {"budget", "reserve"}, _NONE, warnings)
+        reserve = spec.get("reserve")
+        limits[key] = GpuLimits(
+            budget=_opt_size(spec.get("budget"), f"{path}.{key}.budget"),
+            reserve=None if reserve is None else _as_size(reserve, f"{path}.{key}.reserve", minimum=0),
+        )
+    return limits
 
 
 def _parse_scheduler(

@@ -3,8 +3,13 @@
 Owns: nothing mutable. A leaf module: it imports nothing from the rest of swapper.
 
 Each error carries its HTTP status and an OpenAI-style ``code``; ``error_body()`` renders the
-envelope ``{"error": {"message", "type", "param", "code"}, "src": "swapper"}`` so clients written
-for OpenAI (and for llama-swap, whose envelope has the same fields) parse it.
+envelope ``{"error": {"message", "type", "param", "code", "retryable"}, "src": "swapper"}`` so
+clients written for OpenAI (and for llama-swap, whose envelope has the same fields) parse it.
+
+``retryable`` tells a caller (a shell script, a home-automation hook) whether the same request may
+succeed if sent again later. One place decides it: ``SwapperError.retryable``, from the status
+(``RETRYABLE_STATUSES``) unless the error's class or the raiser says otherwise (a command that
+cannot run at all fails every time, whatever its 502 says).
 """
 
 from __future__ import annotations
@@ -23,12 +28,18 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
 }
 
+# Statuses that mean "not now" rather than "not this request": a queue or limit that is full, a
+# model being unloaded or swapped, a child that died, hung or refused, a peer that is down.
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 502, 503, 504})
+
 
 class SwapperError(Exception):
     """Base of every error that becomes an HTTP response; ``status`` and ``code`` say which."""
 
     status: int = 500
     code: str = "internal_error"
+    # None: decided by the status (``RETRYABLE_STATUSES``); a class or a raiser may say otherwise.
+    retry: bool | None = None
 
     def __init__(
         self,
@@ -37,6 +48,7 @@ class SwapperError(Exception):
         status: int | None = None,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -44,7 +56,14 @@ class SwapperError(Exception):
             self.status = status
         if code is not None:
             self.code = code
+        if retryable is not None:
+            self.retry = retryable
         self.headers: Mapping[str, str] = headers or {}
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed if sent again later (see the module doc)."""
+        return self.status in RETRYABLE_STATUSES if self.retry is None else self.retry
 
     @property
     def type(self) -> str:
@@ -100,7 +119,10 @@ class QueueFull(SwapperError):
 
 
 class ModelLoadFailed(SwapperError):
-    """The child exited, never became healthy, or could not be spawned."""
+    """The child exited, never became healthy, or could not be spawned.
+
+    Retryable (the child may have died of memory others held, or hung): a command that cannot
+    run at all is raised with ``retryable=False``."""
 
     status = 502
     code = "model_load_failed"
@@ -132,7 +154,13 @@ class UpstreamRefused(UpstreamError):
 def error_body(err: SwapperError) -> bytes:
     return json.dumps(
         {
-            "error": {"message": err.message, "type": err.type, "param": None, "code": err.code},
+            "error": {
+                "message": err.message,
+                "type": err.type,
+                "param": None,
+                "code": err.code,
+                "retryable": err.retryable,
+            },
             "src": "swapper",
         }
     ).encode()

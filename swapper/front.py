@@ -307,6 +307,8 @@ class FrontConn(asyncio.Protocol):
         if method != "POST" or path not in _FAST_PATHS:
             return self._hand_off()
         runloop = front.parts()[0]
+        if runloop.config.routes and runloop.config.routes.match(path) is not None:
+            return self._hand_off()  # a kind route over an inference path: aiohttp serves it
         length = max(head.length, 0)
         if length > runloop.config.max_body_bytes:
             return self._hand_off()  # aiohttp answers 413

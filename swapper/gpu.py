@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import psutil
@@ -52,6 +52,7 @@ class ChildUsage:
     ram: int  # USS summed over the tree (RSS where USS cannot be read)
     gpu: int | None  # NVML per-process used memory summed over the tree; None: not measurable
     processes: int
+    gpus: Mapping[int, int] = field(default_factory=dict)  # GPU index -> bytes there (held only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,20 +120,26 @@ class Nvml:
 
     def processes(self) -> dict[int, int | None]:
         """pid -> bytes used over every GPU; None where the driver does not say (WDDM, some vGPU)."""
+        return _summed(self.processes_by_gpu().values())
+
+    def processes_by_gpu(self) -> dict[int, dict[int, int | None]]:
+        """GPU index -> (pid -> bytes used there; None where the driver does not say)."""
+        return {index: self._processes_on(handle) for index, handle in enumerate(self._handles)}
+
+    def _processes_on(self, handle: Any) -> dict[int, int | None]:
         usage: dict[int, int | None] = {}
-        for handle in self._handles:
-            for getter in (
-                self._nvml.nvmlDeviceGetComputeRunningProcesses,
-                self._nvml.nvmlDeviceGetGraphicsRunningProcesses,
-            ):
-                try:
-                    procs = getter(handle)
-                except self._nvml.NVMLError:
-                    continue  # e.g. graphics processes are not supported on this device
-                for proc in procs:
-                    used = proc.usedGpuMemory
-                    before = usage.get(proc.pid, 0)
-                    usage[proc.pid] = None if used is None or before is None else before + int(used)
+        for getter in (
+            self._nvml.nvmlDeviceGetComputeRunningProcesses,
+            self._nvml.nvmlDeviceGetGraphicsRunningProcesses,
+        ):
+            try:
+                procs = getter(handle)
+            except self._nvml.NVMLError:
+                continue  # e.g. graphics processes are not supported on this device
+            for proc in procs:
+                used = proc.usedGpuMemory
+                before = usage.get(proc.pid, 0)
+                usage[proc.pid] = None if used is None or before is None else before + int(used)
         return usage
 
     def close(self) -> None:
@@ -140,6 +147,15 @@ class Nvml:
             self._nvml.nvmlShutdown()
         except self._nvml.NVMLError:
             pass
+
+
+def _summed(tables: Iterable[Mapping[int, int | None]]) -> dict[int, int | None]:
+    usage: dict[int, int | None] = {}
+    for table in tables:
+        for pid, used in table.items():
+            before = usage.get(pid, 0)
+            usage[pid] = None if used is None or before is None else before + used
+    return usage
 
 
 def open_nvml() -> tuple[Nvml | None, str | None]:
@@ -186,16 +202,20 @@ class SystemSampler:
         ram = DeviceUsage(int(vm.total), int(vm.total - vm.available))
         gpus: tuple[GpuUsage, ...] = ()
         gpu_procs: dict[int, int | None] | None = None
+        by_gpu: dict[int, dict[int, int | None]] = {}
         if self._nvml is not None:
             gpus = self._nvml.devices()
-            gpu_procs = self._nvml.processes()
+            by_gpu = self._nvml.processes_by_gpu()
+            gpu_procs = _summed(by_gpu.values())
         kids = _children_map() if children else {}
         usage = {}
         for model, pid in children.items():
             tree = [pid, *_descendants(pid, kids)]
             ram_bytes, alive = _ram_of(tree)
             if alive and alive[0] == pid:  # an exited leader's leftovers are no footprint
-                usage[model] = ChildUsage(pid, ram_bytes, gpu_used_by(tree, gpu_procs), len(alive))
+                on = {i: used_by(tree, procs) for i, procs in by_gpu.items()}
+                held = {i: used for i, used in on.items() if used}
+                usage[model] = ChildUsage(pid, ram_bytes, gpu_used_by(tree, gpu_procs), len(alive), held)
         return MemorySample(at, ram, gpus, usage, self._reason)
 
     def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
@@ -252,6 +272,11 @@ def _ram_of(pids: Iterable[int]) -> tuple[int, list[int]]:
             total += held
             alive.append(pid)
     return total, alive
+
+
+def used_by(pids: Iterable[int], procs: Mapping[int, int | None]) -> int:
+    """What ``pids`` hold by one GPU's process table (unknown amounts count as nothing)."""
+    return sum(procs.get(pid) or 0 for pid in pids)
 
 
 def gpu_used_by(pids: Iterable[int], procs: Mapping[int, int | None] | None) -> int | None:

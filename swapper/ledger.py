@@ -11,6 +11,12 @@ process tree for RAM, NVML per-process memory over its tree for a GPU), then rai
 use seen while that child runs. Measurements are keyed by the model's command with its port
 masked (``fingerprint``), so changing ``-c`` or the model file forgets them; ``swapper.memory``
 persists them.
+
+Each GPU is its own device: a GPU model's *placement* (``swapper.placement``: its config, env and
+flags, else the GPUs NVML saw it on, else all of them) says which GPUs it lives on and what share
+of its footprint each holds (``need_on``), and every GPU has its own ``capacity_on`` (its total,
+its use, ``gpuBudget`` or its own ``gpus.<i>.budget``, and its reserve). ``device_of`` still says
+the kind ("gpu" or "ram"); ``devices_of`` the devices planned (``"ram"`` or GPU indices).
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ import structlog
 from swapper.config import Config, MemoryConfig, ModelConfig
 from swapper.footprint import GIB, MIB, Estimate, estimate
 from swapper.gpu import ChildUsage, Device, DeviceUsage, GpuUsage, MemorySample
+from swapper.placement import Placement, configured, split
+
+# A planned device: system RAM, or one GPU by its NVML index.
+Dev = int | Literal["ram"]
 
 log = structlog.get_logger("swapper.memory")
 
@@ -49,6 +59,7 @@ class Measurement:
     bytes: int
     cmd: str  # command fingerprint
     at: float  # wall-clock time of the measurement
+    gpus: tuple[tuple[int, int], ...] = ()  # (GPU index, bytes) where it was held, for a GPU model
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +136,16 @@ class MemoryLedger:
 
     def footprint(self, model: str) -> Footprint:
         """What ``model`` needs on its device: measured when known for this command, else estimated."""
-        m = self.measurements.get(model)
-        if m is not None and m.cmd == self._fingerprints[model] and m.device == self.device_of(model):
+        m = self._valid_measurement(model)
+        if m is not None:
             return Footprint(m.bytes, "measured")
         return self.estimate(model)
+
+    def _valid_measurement(self, model: str) -> Measurement | None:
+        m = self.measurements.get(model)
+        if m is not None and m.cmd == self._fingerprints[model] and m.device == self.device_of(model):
+            return m
+        return None
 
     def current(self, model: str) -> int | None:
         """What ``model``'s child holds on its device in the latest sample, if sampled."""
@@ -140,6 +157,69 @@ class MemoryLedger:
     def held(self, model: str) -> int:
         """What a running ``model`` holds or will hold once loaded (the larger of the two)."""
         return max(self.footprint(model).bytes, self.current(model) or 0)
+
+    # ---- per device (each GPU on its own) ----
+
+    def gpu_indices(self) -> tuple[int, ...]:
+        """The GPUs planned: NVML's, else one GPU 0 planned by ``gpuBudget`` alone."""
+        return tuple(g.index for g in self.gpus) or ((0,) if self.settings.gpu_budget is not None else ())
+
+    def placement(self, model: str) -> Placement:
+        """Which GPUs a GPU ``model`` lives on, and its share on each (``swapper.placement``)."""
+        cfg = self._models[model]
+        found = configured(cfg.memory_gpus, cfg.env, cfg.cmd)
+        if found is not None:
+            return found
+        seen = self._observed(model)
+        if seen:
+            whole = sum(seen.values())
+            return Placement(tuple(seen), tuple(seen[g] / whole for g in seen), "observed")
+        gpus = self.gpu_indices() or (0,)
+        return Placement(gpus, tuple(1 / len(gpus) for _ in gpus), "all")
+
+    def _observed(self, model: str) -> dict[int, int]:
+        """GPU -> bytes its processes held there: sampled now, else as measured (ascending GPUs)."""
+        usage = self.usage.get(model)
+        if usage is not None and usage.gpus:
+            return dict(sorted(usage.gpus.items()))
+        m = self._valid_measurement(model)
+        return dict(sorted(m.gpus)) if m is not None and m.gpus else {}
+
+    def devices_of(self, model: str) -> tuple[Dev, ...]:
+        if self.device_of(model) == "ram":
+            return ("ram",)
+        return self.placement(model).gpus
+
+    def need_on(self, model: str, dev: Dev) -> int:
+        """What ``model`` needs on ``dev``: its footprint, or on a GPU its share of it."""
+        fp = self.footprint(model).bytes
+        if dev == "ram":
+            return fp
+        return split(fp, self.placement(model)).get(dev, 0)
+
+    def current_on(self, model: str, dev: Dev) -> int | None:
+        """What ``model``'s child holds on ``dev`` in the latest sample, if sampled."""
+        usage = self.usage.get(model)
+        if usage is None:
+            return None
+        if dev == "ram":
+            return usage.ram if self.device_of(model) == "ram" else None
+        if usage.gpus:
+            return usage.gpus.get(dev, 0)
+        return None if usage.gpu is None else split(usage.gpu, self.placement(model)).get(dev, 0)
+
+    def held_on(self, model: str, dev: Dev) -> int:
+        return max(self.need_on(model, dev), self.current_on(model, dev) or 0)
+
+    def capacity_on(self, dev: Dev) -> Capacity:
+        if dev == "ram":
+            return self.capacity("ram")
+        s = self.settings
+        gpu = next((g for g in self.gpus if g.index == dev), None)
+        budget, reserve = s.gpu_budget_of(dev), s.reserve_of(dev)
+        if gpu is None:
+            return Capacity(None, None, budget, reserve)
+        return Capacity(gpu.total, gpu.used, budget, reserve)
 
     def capacity(self, device: Device) -> Capacity:
         s = self.settings
@@ -205,11 +285,14 @@ class MemoryLedger:
         fresh = model in self._fresh
         self._fresh.discard(model)
         old = self.measurements.get(model)
+        where = tuple(sorted(usage.gpus.items())) if device == "gpu" else ()
         if not fresh and old is not None and old.cmd == self._fingerprints[model] and old.device == device:
             if measured <= old.bytes + max(MIB, old.bytes // 50):
                 return  # not a new peak worth writing down
             measured = max(measured, old.bytes)
-        self.measurements[model] = Measurement(device, measured, self._fingerprints[model], time.time())
+        self.measurements[model] = Measurement(
+            device, measured, self._fingerprints[model], time.time(), where
+        )
         self.version += 1
         if fresh:
             log.info(
@@ -241,7 +324,11 @@ class MemoryLedger:
         models = {}
         for model in self._models:
             fp, usage = self.footprint(model), self.usage.get(model)
+            place = self.placement(model) if self.device_of(model) == "gpu" else None
             models[model] = {
+                "gpus": None if place is None else list(place.gpus),
+                "placement": None if place is None else place.source,
+                "perGpu": None if place is None else {str(g): self.need_on(model, g) for g in place.gpus},
                 "device": self.device_of(model),
                 "footprint": fp.bytes,
                 "source": fp.source,
@@ -257,11 +344,25 @@ class MemoryLedger:
             "nvml": bool(self.gpus),
             "nvml_unavailable_reason": self.gpu_reason,
             "devices": devices,
-            "gpus": [
-                {"index": g.index, "name": g.name, "total": g.total, "used": g.used, "free": g.total - g.used}
-                for g in self.gpus
-            ],
+            "gpus": [self._gpu_status(index) for index in self.gpu_indices()],
             "models": models,
+        }
+
+    def _gpu_status(self, index: int) -> dict[str, Any]:
+        """One GPU: its memory, what swapper may use of it, and swapper's models on it."""
+        cap = self.capacity_on(index)
+        gpu = next((g for g in self.gpus if g.index == index), None)
+        resident = sorted(m for m in self._ready if m in self._models and index in self.devices_of(m))
+        return {
+            "index": index,
+            "name": gpu.name if gpu else None,
+            "total": cap.total,
+            "used": cap.used,
+            "free": None if cap.total is None or cap.used is None else max(0, cap.total - cap.used),
+            "reserved": cap.reserve,
+            "budget": cap.budget,
+            "usable": cap.usable,
+            "models": {m: self.held_on(m, index) for m in resident},
         }
 
 

@@ -65,7 +65,9 @@ class LoadingStream:
 
     async def fail(self, err: SwapperError) -> None:
         """The headers (200) are gone: the error travels as a final SSE event."""
-        payload = {"error": {"message": err.message, "type": err.type, "code": err.code}}
+        payload = {
+            "error": {"message": err.message, "type": err.type, "code": err.code, "retryable": err.retryable}
+        }
         await self.response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
         await self.response.write_eof()
 

@@ -60,7 +60,13 @@ def read_state(path: Path) -> dict[str, Measurement]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         models = doc["models"] if doc.get("version") == STATE_VERSION else {}
         return {
-            str(mid): Measurement(m["device"], int(m["bytes"]), str(m["cmd"]), float(m.get("at", 0)))
+            str(mid): Measurement(
+                m["device"],
+                int(m["bytes"]),
+                str(m["cmd"]),
+                float(m.get("at", 0)),
+                tuple(sorted((int(i), int(b)) for i, b in (m.get("gpus") or {}).items())),
+            )
             for mid, m in models.items()
             if m.get("device") in ("gpu", "ram")
         }
@@ -77,6 +83,7 @@ def write_state(path: Path, measurements: Mapping[str, Measurement]) -> None:
         "version": STATE_VERSION,
         "models": {
             mid: {"device": m.device, "bytes": m.bytes, "cmd": m.cmd, "at": round(m.at, 3)}
+            | ({"gpus": {str(i): b for i, b in m.gpus}} if m.gpus else {})
             for mid, m in sorted(measurements.items())
         },
     }

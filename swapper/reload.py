@@ -16,7 +16,9 @@ import structlog
 
 from swapper import check
 from swapper.config import ConfigError, load_config
+from swapper.preload import preload
 from swapper.runloop import RunLoop
+from swapper.scheduler import State
 
 log = structlog.get_logger("swapper.reload")
 
@@ -41,6 +43,10 @@ async def reload_once(path: Path, runloop: RunLoop) -> frozenset[str] | None:
     for warning in check.warnings(config):
         log.warning("config", warning=warning)
     log.info("config reloaded", path=str(path), restarted=sorted(changed))
+    # Pinned services the new config added (or changed, so let go): adopted as at start-up.
+    await preload(
+        runloop, [m for m, cfg in config.models.items() if cfg.pinned and runloop.state(m) is State.STOPPED]
+    )
     return changed
 
 

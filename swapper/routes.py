@@ -21,6 +21,7 @@ from swapper import cors, modelid, proxy
 from swapper.config import Config, ModelConfig
 from swapper.errors import (
     Answer,
+    BadRequest,
     BodyTooLarge,
     ModelNotFound,
     ModelRequired,
@@ -28,8 +29,9 @@ from swapper.errors import (
     SwapperError,
     error_answer,
 )
-from swapper.events import track_request
+from swapper.events import EVENTS, track_request
 from swapper.exchange import Exchange, upstream_path
+from swapper.kindroutes import KindRoute
 from swapper.loading import LoadingStream, wait_with_preamble
 from swapper.messages import Lease
 from swapper.modelinfo import ModelInfo
@@ -159,6 +161,8 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
     app = request.app
     runloop = app[RUNLOOP]
     config = runloop.config  # a reload replaces it; read it once per request
+    if config.routes and (route := config.routes.match(request.path)) is not None:
+        return await handle_kind_route(request, route)
     try:
         body = await read_body(request)
         content_type = request.headers.get("Content-Type")
@@ -202,6 +206,55 @@ async def handle_model_request(request: web.Request) -> web.StreamResponse:
         if preamble is not None and preamble.response.prepared:
             await preamble.fail(err)
             return preamble.response
+        return error_response(err)
+    finally:
+        ex.finish()
+
+
+async def handle_kind_route(request: web.Request, route: KindRoute) -> web.StreamResponse:
+    """A request on a ``routes:`` path: its model is the route's, whatever the body says; it goes
+    upstream on the route's path and method (``swapper.kindroutes``), through the same lease,
+    queue, limits and metrics as any model request."""
+    app = request.app
+    runloop = app[RUNLOOP]
+    try:
+        body = await read_body(request)
+    except SwapperError as err:
+        return error_response(err)
+    content_type = request.headers.get("Content-Type")
+    try:
+        read = modelid.extract(request.method, content_type, body, request.query)
+        # Shaped for the route's model (its filters, useModelName), never re-routed by the body.
+        wanted: modelid.RequestModel | None = modelid.RequestModel(None, read.stream, is_json=read.is_json)
+    except BadRequest:
+        wanted = None  # not JSON or a form swapper can read: the service judges its own body
+    raw_path, _, query = request.raw_path.partition("?")
+    ex = Exchange(
+        runloop,
+        proxy.pool_of(app[SESSION]),
+        model=route.model,
+        cfg=runloop.config.models[route.model],
+        wanted=wanted,
+        method=route.method or request.method,
+        target=route.target(raw_path, query),
+        content_type=content_type,
+        headers=proxy.upstream_headers(request.raw_headers, identity=False),
+        body=body,
+    )
+    bus = app.get(EVENTS)
+    if bus is None:
+        track = ex.track = track_request(request, ex.req_id, route.model)
+    else:  # labelled by the route's path, not aiohttp's catch-all
+        track = ex.track = bus.track(ex.req_id, route.model, route.path, request.method, request.path)
+    try:
+        ex.granted(await ex.acquire())
+        track.granted()
+        upstream = await ex.send()
+        relayed = await proxy.relay(request, upstream, capture=track.capture)
+        track.tail = relayed.tail
+        return relayed.response
+    except SwapperError as err:
+        track.failed(err.status)
         return error_response(err)
     finally:
         ex.finish()
@@ -251,6 +304,14 @@ def health_answer(app: web.Application, origin: str | None) -> Answer:
     return Answer(200, b"OK", "text/plain", "utf-8", headers=_cors(app, origin))
 
 
+_HEALTHZ: Final = Answer(200, b'{"status": "ok"}', charset="utf-8")
+
+
+def healthz_answer(app: web.Application, origin: str | None) -> Answer:
+    """``GET /healthz``: swapper itself is up (the broker's liveness probe; says nothing of models)."""
+    return _HEALTHZ
+
+
 def models_answer(app: web.Application, origin: str | None) -> Answer:
     """``GET /v1/models`` (the front door serves it too)."""
     body = json.dumps(model_list(app[RUNLOOP], app.get(MODEL_INFO))).encode()
@@ -262,6 +323,7 @@ def models_answer(app: web.Application, origin: str | None) -> Answer:
 ANSWERED_GETS: Final[Mapping[str, Callable[[web.Application, str | None], Answer]]] = {
     "/health": health_answer,
     "/v1/health": health_answer,
+    "/healthz": healthz_answer,
     "/v1/models": models_answer,
     "/models": models_answer,
 }
@@ -359,6 +421,7 @@ async def handle_running(request: web.Request) -> web.Response:
                 "inFlight": st.in_flight,
                 "queued": st.queued,
                 "oldestWaitSeconds": None if st.oldest_wait is None else round(st.oldest_wait, 3),
+                "service": runloop.service_status(mid),  # null: a child swapper spawned
             }
         )
     return web.json_response({"running": running})
@@ -407,7 +470,10 @@ def add_routes(app: web.Application) -> None:
     add("POST", "/api/models/unload", handle_unload_all_post)
     add("POST", "/api/models/unload/{model:.+}", handle_unload_one)
 
-    async def not_found(request: web.Request) -> web.Response:
+    async def not_found(request: web.Request) -> web.StreamResponse:
+        routes = request.app[RUNLOOP].config.routes  # read per request: a reload may change them
+        if routes and (route := routes.match(request.path)) is not None:
+            return await handle_kind_route(request, route)
         methods = known.get(request.path)
         if methods:
             err = SwapperError(

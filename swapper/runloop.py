@@ -49,8 +49,9 @@ from swapper.messages import (
     Unreachable,
 )
 from swapper.phases import StartMarks, StopMarks, SwapTimeline
-from swapper.planners import Planner, make_planner
+from swapper.planners import Planner, coexisting, make_planner
 from swapper.scheduler import ModelStatus, Scheduler, State
+from swapper.services import ProbeFacts, Service
 
 log = structlog.get_logger("swapper.runloop")
 
@@ -101,7 +102,8 @@ class RunLoop:
         self._memory = MemoryMonitor.of(planner)  # None unless routing.router.use is memory
         self._sched = Scheduler(config, planner, self)
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self._children: dict[str, Child] = {}
+        self._children: dict[str, Child | Service] = {}
+        self._probes: dict[str, ProbeFacts] = {}  # each service's last probe, across its restarts
         self._spawned_at: dict[str, float] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._stopping: dict[str, asyncio.Task[None]] = {}
@@ -238,6 +240,18 @@ class RunLoop:
     def state(self, model: str) -> State:
         return self._sched.state(model)
 
+    def service_status(self, model: str) -> dict[str, Any] | None:
+        """Advisory: a service's kind and last health probe (``services.ProbeFacts``); None for a
+        model swapper spawns."""
+        cfg = self.config.models.get(model)
+        if cfg is None or cfg.service is None:
+            return None
+        return self._probes.get(model, ProbeFacts()).status(pinned=cfg.pinned)
+
+    def coexists_with(self, model: str) -> tuple[str, ...]:
+        """Advisory: the models ``model`` may run beside under the planner (``planners.coexisting``)."""
+        return coexisting(self._sched.planner, model, self.config.models)
+
     def memory_status(self) -> dict[str, Any] | None:
         """Advisory: devices, footprints, per-child use (``MemoryLedger.status``); None unless
         ``routing.router.use`` is memory."""
@@ -321,6 +335,8 @@ class RunLoop:
                     log.info("model ready", model=model, pid=self._pid(model))
                     if (child := self._children.get(model)) is not None:
                         child.batch_output(OUTPUT_BATCH_SECONDS)
+                        if isinstance(child, Service):
+                            child.watch()
                     if self._memory is not None:
                         self._memory.on_ready(model, self._pid(model))
                 self._sched.on_started(model, start_id, error, now)
@@ -348,6 +364,7 @@ class RunLoop:
                 self._sched.on_tick(at)
             case Unload(models, reply):
                 targets = frozenset(self.config.models) if models is None else models
+                targets = frozenset(m for m in targets if not self._pinned(m))  # never stopped
                 self._unload_replies.append((targets, reply))
                 self._sched.on_unload(targets, now)
             case Reload(config, planner, reply):
@@ -386,7 +403,8 @@ class RunLoop:
 
     def _on_child_exited(self, model: str, pid: int, returncode: int, now: float) -> None:
         child = self._children.get(model)
-        if child is None or child.pid != pid or model in self._starting or model in self._stopping:
+        # (A service whose process is unknown reports pid 0.)
+        if child is None or (child.pid or 0) != pid or model in self._starting or model in self._stopping:
             return  # stale, or a start/stop task already owns this exit
         del self._children[model]
         self._spawned_at.pop(model, None)
@@ -399,11 +417,21 @@ class RunLoop:
 
     def start(self, model: str, start_id: int) -> None:
         cfg = self.config.models[model]
-        child = Child(
-            cfg,
-            on_lines=lambda stream, lines: self._logs.child_lines(model, stream, lines),
-            on_exit=lambda returncode: self._on_exit(child, returncode),
-        )
+        child: Child | Service
+        if cfg.service is not None:
+            child = Service(
+                cfg,
+                self._session,
+                self._probes.setdefault(model, ProbeFacts()),
+                on_lines=lambda stream, lines: self._logs.child_lines(model, stream, lines),
+                on_down=lambda: self._post(ChildExited(model, child.pid or 0, -1)),
+            )
+        else:
+            child = Child(
+                cfg,
+                on_lines=lambda stream, lines: self._logs.child_lines(model, stream, lines),
+                on_exit=lambda returncode: self._on_exit(cfg.id, child, returncode),
+            )
         self._children[model] = child
         self._spawned_at[model] = time.time()
         self._timelines[model] = (start_id, self._new_timeline(model))
@@ -469,7 +497,7 @@ class RunLoop:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _start(self, child: Child, start_id: int) -> None:
+    async def _start(self, child: Child | Service, start_id: int) -> None:
         model = child.model.id
         began = time.monotonic()
         try:
@@ -480,6 +508,8 @@ class RunLoop:
             timeout = child.model.health_check_timeout
             await wait_healthy(self._session, child, _health_url(child), timeout, pool=self._pool)
             healthy = time.monotonic()
+            if isinstance(child, Service):
+                await child.find_pid()
         except SwapperError as exc:
             await _stop_if_spawned(child, grace=1.0)
             self._post(Started(model, start_id, exc))
@@ -495,13 +525,15 @@ class RunLoop:
             self._post(Started(model, start_id, None, marks))
 
     async def _stop(
-        self, model: str, child: Child | None, starting: asyncio.Task[None] | None, grace: float
+        self, model: str, child: Child | Service | None, starting: asyncio.Task[None] | None, grace: float
     ) -> None:
         if starting is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
         marks = None
-        if child is not None and child.pid is not None:  # a spawn that failed left nothing to stop
+        if isinstance(child, Service):
+            marks = await self._stop_service(model, child, grace)
+        elif child is not None and child.pid is not None:  # a spawn that failed left nothing to stop
             release = await self._memory.watch_release(model, child.pid) if self._memory is not None else None
             returncode = await child.stop(grace=grace)
             log.info("model stopped", model=model, returncode=returncode)
@@ -511,9 +543,26 @@ class RunLoop:
             marks = child.stop_marks()
         self._post(Stopped(model, marks))
 
-    def _on_exit(self, child: Child, returncode: int) -> None:
+    async def _stop_service(self, model: str, service: Service, grace: float) -> StopMarks:
+        """A swappable service runs its stop command and is waited for until its health fails and
+        its memory is free; a pinned one, or any at shutdown, is only let go (never stopped)."""
+        if not service.swappable or self._sched.shutting_down:
+            service.forget()
+            return service.stop_marks()
+        pid = service.pid
+        release = await self._memory.watch_release(model, pid) if self._memory is not None and pid else None
+        await service.stop(grace)
+        if release is not None:
+            await release.wait_released()
+        return service.stop_marks()
+
+    def _pinned(self, model: str) -> bool:
+        cfg = self.config.models.get(model)
+        return cfg is not None and cfg.pinned
+
+    def _on_exit(self, model: str, child: Child | Service, returncode: int) -> None:
         if child.pid is not None and not child.stop_requested:
-            self._post(ChildExited(child.model.id, child.pid, returncode))
+            self._post(ChildExited(model, child.pid, returncode))
 
     async def _tick_forever(self) -> None:
         while True:
@@ -541,13 +590,15 @@ class RunLoop:
         return new
 
 
-async def _stop_if_spawned(child: Child, grace: float) -> None:
+async def _stop_if_spawned(child: Child | Service, grace: float) -> None:
     # A binary that is missing or not executable never spawned: ``Child.stop`` would raise, and
     # the start would then never report ``Started`` (its waiters hung, the model stuck starting).
-    if child.pid is not None:
+    if isinstance(child, Service):
+        child.forget()  # a service that did not come up is not stopped: it may be coming up still
+    elif child.pid is not None:
         await child.stop(grace=grace)
 
 
-def _health_url(child: Child) -> str | None:
+def _health_url(child: Child | Service) -> str | None:
     endpoint = child.model.check_endpoint
     return None if endpoint is None else child.model.proxy + endpoint

@@ -509,6 +509,11 @@ class Scheduler:
             return frozenset()
         return evict | {req.model}
 
+    @property
+    def planner(self) -> Planner:
+        """The planner in use (a reload replaces it); for advisory reads of its pure decisions."""
+        return self._planner
+
     def _view(self, target: str) -> PlanView:
         running = frozenset(m for m, s in self._slots.items() if s.state is not State.STOPPED and m != target)
         busy = frozenset(m for m, s in self._slots.items() if s.in_flight) | frozenset(self._swaps)
@@ -547,6 +552,8 @@ class Scheduler:
     def _backoff(self, model: str, now: float) -> SwapperError | None:
         """The error for a start of ``model`` refused because its loads keep failing, if any."""
         failures = self._failures.get(model)
+        if (cfg := self._config.models.get(model)) is not None and cfg.pinned:
+            return None  # adopting a pinned service is one probe: refused at once while it is down
         # Below the threshold there is no window at all: a request stamped a moment before the
         # failure was handled (it waited in the inbox behind it) must not be refused.
         if failures is None or failures.count < BACKOFF_AFTER_FAILURES or now >= failures.retry_at:

@@ -46,7 +46,8 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     ui.add_routes(app)  # after the admin routes (their bus), before add_routes' catch-all
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
-    if config.preload:  # after _runloop_ctx: cancelled before the run loop shuts down
+    # After _runloop_ctx: cancelled before the run loop shuts down. Pinned services are adopted.
+    if config.preload or any(m.pinned for m in config.models.values()):
         app.cleanup_ctx.append(preload.preload_ctx)
     return app
 

@@ -299,3 +299,45 @@ def test_an_api_key_is_asked_once_and_kept(browser: Any, tmp_path: Path, shots: 
         finally:
             context.close()
         assert errors == []
+
+
+def test_an_external_service_shows_as_pinned_and_cannot_be_unloaded(
+    browser: Any, tmp_path: Path, shots: Path
+) -> None:
+    """A service swapper does not run (issue 21): its card says so, with its health, and its
+    Unload button is off (swapper never stops a pinned service)."""
+    import subprocess
+
+    import yaml
+    from playwright.sync_api import expect
+
+    from tests.conftest import _fake_server_cmd, _free_port
+
+    port = _free_port()
+    service = subprocess.Popen(
+        _fake_server_cmd(port, "--model-name", "tts"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        config = derived_config(tmp_path / "models.yaml")
+        data = yaml.safe_load(config.read_text())
+        data["models"]["tts"] = {"name": "TTS (Docker)", "proxy": f"http://127.0.0.1:{port}"}
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        with running_swapper(config, tmp_path / "swapper.log") as stack:
+            context, page, errors = open_page(browser, WIDE)
+            try:
+                goto(page, stack.url, "models")
+                tts = card(page, "tts")
+                expect(tts.locator('[data-role="state"]')).to_have_text("ready")  # adopted at start-up
+                expect(tts.locator('[data-role="service"]')).to_have_text("external, pinned · healthy")
+                expect(tts.locator("button.unload")).to_be_disabled()
+                expect(
+                    card(page, "chat-a").locator("button.unload")
+                ).to_be_disabled()  # stopped: nothing to unload
+                page.screenshot(path=shots / "models-service.png", full_page=True)
+            finally:
+                context.close()
+            assert errors == []
+        assert service.poll() is None  # swapper left it running
+    finally:
+        service.kill()
+        service.wait()

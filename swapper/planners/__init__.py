@@ -11,7 +11,7 @@ log. A planner never sees processes: only model ids and the facts in ``PlanView`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -61,8 +61,57 @@ class OneAtATime:
         pass
 
 
+def coexisting(planner: Planner, model: str, models: Iterable[str]) -> tuple[str, ...]:
+    """The ``models`` that ``model`` may run beside under ``planner`` right now: starting either
+    while the other runs evicts nothing of the other. Pure (``evict_for`` is), for status pages."""
+    out = []
+    for other in models:
+        if other == model:
+            continue
+        try:
+            clash = other in planner.evict_for(
+                model, PlanView(frozenset({other}))
+            ) or model in planner.evict_for(other, PlanView(frozenset({model})))
+        except Unplaceable:
+            clash = True
+        if not clash:
+            out.append(other)
+    return tuple(sorted(out))
+
+
+class Pinning:
+    """Any planner, with pinned services (``ModelConfig.pinned``) out of its reach: one is never
+    evicted, and adopting one evicts nothing (it runs already; swapper only starts probing it).
+    Every other attribute is the wrapped planner's (the memory planner's ``memory_monitor``)."""
+
+    __slots__ = ("inner", "pinned")
+
+    def __init__(self, inner: Planner, pinned: frozenset[str]) -> None:
+        self.inner = inner
+        self.pinned = pinned
+
+    def evict_for(self, target: str, view: PlanView) -> frozenset[str]:
+        if target in self.pinned:
+            return frozenset()
+        return self.inner.evict_for(target, view) - self.pinned
+
+    def on_commit(self, target: str, evict: frozenset[str]) -> None:
+        if target not in self.pinned:
+            self.inner.on_commit(target, evict)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
 def make_planner(config: Config) -> Planner:
-    """Builds the planner that ``routing.router.use`` names."""
+    """Builds the planner that ``routing.router.use`` names (with ``Pinning`` around it when a
+    service is pinned)."""
+    planner = _make_planner(config)
+    pinned = frozenset(m for m, cfg in config.models.items() if cfg.pinned)
+    return Pinning(planner, pinned) if pinned else planner
+
+
+def _make_planner(config: Config) -> Planner:
     use = config.routing.use
     if use == "group":
         from swapper.planners.group import GroupPlanner

@@ -5,12 +5,14 @@ run loop's thread). It reads, never writes, the ``MemoryLedger`` (``swapper.ledg
 loop keeps up to date from NVML/psutil samples; ``evict_for`` is a pure function of (target, view,
 ledger) and never logs.
 
-Each model lives on one device: ``gpu`` (every GPU NVML reports, pooled) or ``ram``. Only models
-on the target's device are eviction candidates. The target fits when both hold:
+Each model lives in ``ram`` or on one or more GPUs, each GPU planned on its own (its placement:
+``swapper.placement``; its share of the footprint on each: ``MemoryLedger.need_on``). Only models
+that share a device with the target are eviction candidates, and pinned services never are. The
+target fits when, on every device it lives on, both hold:
 
-* budget: what the kept models hold plus the target's footprint ≤ the configured budget;
-* physical: memory used by others (device use minus our children's sampled use) plus the same
-  sum ≤ device total − reserve.
+* budget: what the kept models hold there plus the target's share ≤ the device's budget;
+* physical: memory used there by others (device use minus our children's sampled use) plus the
+  same sum ≤ device total − its reserve.
 
 A running model "holds" the larger of its footprint and its sampled use; a footprint is the
 measured one when known, else the estimate (``swapper.footprint``).
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from swapper.gpu import Device
-from swapper.ledger import Footprint, MemoryLedger, human
+from swapper.ledger import Capacity, Dev, Footprint, MemoryLedger, human
 from swapper.memory import MemoryMonitor, make_monitor
 from swapper.planners import PlanView, Unplaceable
 
@@ -51,8 +53,9 @@ class Plan:
     device: Device
     need: Footprint
     evict: frozenset[str]
-    held_after: int  # what swapper's models on the device hold once the target is loaded
+    held_after: int  # what swapper's models on the target's devices hold once it is loaded
     fits: bool  # False: even evicting every candidate leaves too little (others use the memory)
+    devices: tuple[Dev, ...] = ("ram",)
 
 
 class MemoryPlanner:
@@ -80,26 +83,41 @@ class MemoryPlanner:
     def plan(self, target: str, view: PlanView) -> Plan:
         """The decision with its reasons; pure. Raises Unplaceable."""
         led = self._ledger
-        device = led.device_of(target)
-        cap = led.capacity(device)
-        usable = cap.usable
+        kind = led.device_of(target)
+        devices = led.devices_of(target)
+        caps = {d: led.capacity_on(d) for d in devices}
         need = led.footprint(target)
-        if usable is not None and need.bytes > usable:
-            if need.source != "guess":
-                raise Unplaceable(_too_big(target, device, need, cap.budget, cap.total, cap.reserve))
-            need = Footprint(usable, "guess")  # a guess never refuses a model; it only evicts
-        resident = [m for m in view.running if m != target and led.device_of(m) == device]
-        held = {m: led.held(m) for m in resident}
-        sampled = sum(led.current(m) or 0 for m in resident)
-        external = max(0, cap.used - sampled) if cap.used is not None else 0
+        needs = {d: led.need_on(target, d) for d in devices}
+        for d in devices:
+            usable = caps[d].usable
+            if usable is not None and needs[d] > usable:
+                if need.source != "guess":
+                    raise Unplaceable(_too_big(target, d, needs[d], need.source, caps[d]))
+                needs[d] = usable  # a guess never refuses a model; it only evicts
+        on = {m: set(led.devices_of(m)) & set(devices) for m in view.running if m != target}
+        resident = [m for m, shared in on.items() if shared]  # only models sharing a device
+        held = {m: {d: led.held_on(m, d) for d in on[m]} for m in resident}
+        external = {}
+        for d in devices:
+            sampled = sum(led.current_on(m, d) or 0 for m in resident if d in on[m])
+            used = caps[d].used
+            external[d] = max(0, used - sampled) if used is not None else 0
 
         def fits(kept: Iterable[str]) -> bool:
-            mine = sum(held[m] for m in kept) + need.bytes
-            if cap.budget is not None and mine > cap.budget:
-                return False
-            return cap.total is None or external + mine <= cap.total - cap.reserve
+            kept = list(kept)
+            for d in devices:
+                cap = caps[d]
+                mine = sum(held[m].get(d, 0) for m in kept) + needs[d]
+                if cap.budget is not None and mine > cap.budget:
+                    return False
+                if cap.total is not None and external[d] + mine > cap.total - cap.reserve:
+                    return False
+            return True
 
-        order = sorted(resident, key=lambda m: _eviction_rank(m, view, self._config))
+        pinned = _pinned(self._config)
+        order = sorted(
+            (m for m in resident if m not in pinned), key=lambda m: _eviction_rank(m, view, self._config)
+        )
         evict: list[str] = []
         kept = set(resident)
         for victim in order:
@@ -113,17 +131,19 @@ class MemoryPlanner:
                 if fits(kept | {victim}):
                     evict.remove(victim)
                     kept.add(victim)
-        held_after = sum(held[m] for m in kept) + need.bytes
-        return Plan(target, device, need, frozenset(evict), held_after, ok)
+        held_after = sum(sum(h.values()) for m, h in held.items() if m in kept) + sum(needs.values())
+        return Plan(target, kind, need, frozenset(evict), held_after, ok, devices)
 
     def on_commit(self, target: str, evict: frozenset[str]) -> None:
         plan = self._last.pop(target, None)
         if plan is None:
             return
-        cap = self._ledger.capacity(plan.device)
+        caps = [self._ledger.capacity_on(d) for d in plan.devices]
+        cap = caps[0] if len(caps) == 1 else self._ledger.capacity(plan.device)
         fields = {
             "target": target,
             "device": plan.device,
+            "devices": [_name(d) for d in plan.devices],
             "need": human(plan.need.bytes),
             "source": plan.need.source,
             "evict": sorted(evict),
@@ -146,15 +166,22 @@ def _eviction_rank(model: str, view: PlanView, config: Config) -> tuple[bool, in
     return (model in view.busy, config.models[model].priority, view.last_used.get(model, 0.0), model)
 
 
-def _too_big(
-    target: str, device: Device, need: Footprint, budget: int | None, total: int | None, reserve: int
-) -> str:
+def _pinned(config: Config) -> frozenset[str]:
+    return frozenset(m for m, cfg in config.models.items() if cfg.pinned)
+
+
+def _name(dev: Dev) -> str:
+    return "ram" if dev == "ram" else f"gpu{dev}"
+
+
+def _too_big(target: str, dev: Dev, need: int, source: str, cap: Capacity) -> str:
     limits = []
-    if budget is not None:
-        limits.append(f"budget {human(budget)}")
-    if total is not None:
-        limits.append(f"total {human(total)} minus reserve {human(reserve)}")
+    if cap.budget is not None:
+        limits.append(f"budget {human(cap.budget)}")
+    if cap.total is not None:
+        limits.append(f"total {human(cap.total)} minus reserve {human(cap.reserve)}")
+    where = _DEVICE_NAMES["ram"] if dev == "ram" else f"{_DEVICE_NAMES['gpu']} on GPU {dev}"
     return (
-        f"model '{target}' needs {human(need.bytes)} of {_DEVICE_NAMES[device]} ({need.source} footprint),"
+        f"model '{target}' needs {human(need)} of {where} ({source} footprint),"
         f" more than swapper may ever use there ({', '.join(limits)})"
     )

@@ -40,6 +40,10 @@ Behaviour flags (all optional except --port):
   --metrics MODE         GET /metrics: ``off`` (default) answers 501 as llama-server without
                          --metrics; ``on`` answers llama-server-shaped Prometheus text (a counter
                          of the requests answered, a gauge); ``hang`` never answers
+  --vram-mib N --vram-gpus 0,1
+                         GPU memory the tests' fake NVML (tests/fake_nvml.py) reports this process
+                         holding, split evenly over those GPUs (default: the GPUs in its
+                         CUDA_VISIBLE_DEVICES, else GPU 0); the server itself ignores them
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -534,6 +538,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--drop-reused", action="store_true")
     p.add_argument("--llama-meta", action="store_true")
     p.add_argument("--metrics", choices=("off", "on", "hang"), default="off")
+    # Read from the command line by the tests' fake NVML (tests/fake_nvml.py); the server ignores them.
+    p.add_argument("--vram-mib", type=int, default=0)
+    p.add_argument("--vram-gpus", default="")
     return p.parse_args(argv)
 
 

@@ -39,6 +39,13 @@ export function mount(root) {
     return '—';
   }
 
+  // A service swapper does not run: pinned (never stopped) or swappable, and its last probe.
+  function serviceText(svc) {
+    const kind = svc.pinned ? 'external, pinned' : 'external, swappable';
+    const health = svc.healthy === null ? 'not probed yet' : svc.healthy ? 'healthy' : `down: ${svc.lastProbeError}`;
+    return `${kind} · ${health}`;
+  }
+
   function card(model) {
     const s = status[model.id] || {};
     const state = model.state;
@@ -57,6 +64,7 @@ export function mount(root) {
         h('dt', null, 'queued'), h('dd', null, count(s.queued)),
         h('dt', null, 'memory'), h('dd', null, footprint(model.id)),
         h('dt', null, 'aliases'), h('dd', null, model.aliases?.length ? model.aliases.join(', ') : '—'),
+        s.service ? [h('dt', null, 'service'), h('dd', { 'data-role': 'service' }, serviceText(s.service))] : null,
         s.lastError ? [h('dt', null, 'last error'), h('dd', { class: 'error' }, s.lastError.message)] : null),
       h('div', { class: 'actions' },
         h('button', {
@@ -66,7 +74,7 @@ export function mount(root) {
         }, busy && state !== 'ready' ? 'Loading…' : 'Load'),
         h('button', {
           class: 'unload',
-          disabled: busy || state === 'stopped',
+          disabled: busy || state === 'stopped' || Boolean(s.service?.pinned),  // never stopped
           onclick: () => act(`Unload ${model.id}`, `/api/models/unload/${encodeURIComponent(model.id)}`, model.id),
         }, 'Unload')));
   }

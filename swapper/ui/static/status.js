@@ -33,16 +33,23 @@ function planner(routing) {
 
 function ledger(memory) {
   if (!memory) return null;
-  const devices = Object.entries(memory.devices).map(([name, d]) => h('tr', null,
+  // RAM, then each GPU on its own (the planner plans them apart; the pooled "gpu" row is a sum).
+  const rows = [
+    ...Object.entries(memory.devices).filter(([name]) => name === 'ram' || !memory.gpus?.length)
+      .map(([name, d]) => [name, { ...d, models: null }]),
+    ...(memory.gpus || []).map((g) => [`GPU ${g.index}`, { ...g, reserve: g.reserved }]),
+  ];
+  const devices = rows.map(([name, d]) => h('tr', null,
     h('td', null, name), h('td', { class: 'num' }, bytes(d.total)), h('td', { class: 'num' }, bytes(d.used)),
     h('td', { class: 'num' }, bytes(d.free)), h('td', { class: 'num' }, bytes(d.budget)),
-    h('td', { class: 'num' }, bytes(d.reserve)), h('td', { class: 'num' }, bytes(d.usable))));
+    h('td', { class: 'num' }, bytes(d.reserve)), h('td', { class: 'num' }, bytes(d.usable)),
+    h('td', null, d.models ? Object.keys(d.models).join(', ') || '—' : '')));
   const models = Object.entries(memory.models).map(([id, m]) => h('tr', null,
-    h('td', null, id), h('td', null, m.device), h('td', { class: 'num' }, bytes(m.footprint)), h('td', null, m.source),
+    h('td', null, id), h('td', null, m.gpus ? `gpu ${m.gpus.join('+')}` : m.device), h('td', { class: 'num' }, bytes(m.footprint)), h('td', null, m.source),
     h('td', { class: 'num' }, bytes(m.estimate)), h('td', { class: 'num' }, bytes(m.used))));
   return section('Memory ledger',
     memory.nvml ? null : h('p', { class: 'muted' }, `No GPU measured: ${memory.nvml_unavailable_reason || 'NVML unavailable'}`),
-    table(['Device', 'Total', 'Used', 'Free', 'Budget', 'Reserve', 'Usable'], devices),
+    table(['Device', 'Total', 'Used', 'Free', 'Budget', 'Reserve', 'Usable', 'Models'], devices),
     table(['Model', 'Device', 'Footprint', 'Source', 'Estimate', 'In use'], models));
 }
 
@@ -57,8 +64,9 @@ export function mount(root) {
       body.replaceChildren(
         section('swapper', h('p', null, `version ${me.version} · pid ${me.pid} · up ${seconds(me.uptimeSeconds)} · RSS ${bytes(me.rssBytes)}`)),
         section('GPUs', status.gpus.length
-          ? table(['#', 'Name', 'Used', 'Total'], status.gpus.map((g) => h('tr', null,
+          ? table(['#', 'Name', 'Used', 'Free', 'Reserved', 'Total'], status.gpus.map((g) => h('tr', null,
             h('td', null, g.index), h('td', null, g.name), h('td', { class: 'num' }, bytes(g.usedBytes)),
+            h('td', { class: 'num' }, bytes(g.freeBytes)), h('td', { class: 'num' }, bytes(g.reservedBytes)),
             h('td', { class: 'num' }, bytes(g.totalBytes)))))
           : h('p', { class: 'muted' }, 'No GPU seen (NVML found none).')),
         section('Models', table(['Model', 'State', 'pid', 'RSS', 'VRAM', 'Requests', 'Starts', 'Last load', 'Last error'],
