@@ -35,7 +35,7 @@ from swapper.events import EVENTS, EventBus, Feed, RequestTrack
 from swapper.gpu import GpuUsage
 from swapper.logs import SWAPPER, LogHub, tagged
 from swapper.metrics import CONTENT_TYPE, METRICS, Metrics
-from swapper.routes import CONFIG, RUNLOOP, error_response
+from swapper.routes import CONFIG, RUNLOOP, SESSION, error_response, handle_model_request
 from swapper.scheduler import State
 
 FEED_LIMIT = 1024  # entries a stream may fall behind before the oldest are dropped
@@ -77,13 +77,28 @@ def add_admin_routes(app: web.Application, logs: LogHub, *, metrics_route: bool 
 # ---- /metrics and /v1/status ----
 
 
-async def handle_metrics(request: web.Request) -> web.Response:
+async def handle_metrics(request: web.Request) -> web.StreamResponse:
+    """swapper's families and every ready child's own (``childmetrics``); with ``?model=``, that
+    model's own ``/metrics`` as llama-server answers it (a model request: it loads the model)."""
+    if "model" in request.query:
+        return await handle_model_request(request)
     return await _metrics_of(request.app)
 
 
 async def _metrics_of(app: web.Application) -> web.Response:
-    runloop = app[RUNLOOP]
-    body = await app[METRICS].render(runloop.snapshot(), runloop.memory_status())
+    runloop, metrics = app[RUNLOOP], app[METRICS]
+    config, snapshot = runloop.config, runloop.snapshot()
+    targets = {
+        mid: cfg.proxy.rstrip("/") + "/metrics"
+        for mid, snap in snapshot.items()
+        if snap.status.state is State.READY and (cfg := config.models.get(mid)) is not None
+    }
+    from swapper import childmetrics  # only here: its Prometheus text parser is not needed to start
+
+    children = await childmetrics.scrape(app[SESSION], targets)
+    for model in children.failed:
+        metrics.child_scrape_failed(model)
+    body = await metrics.render(snapshot, runloop.memory_status(), children.families)
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
 
 

@@ -38,7 +38,7 @@ log = structlog.get_logger("swapper.auth")
 
 REALM = "swapper"
 # Liveness probes (load balancers, Docker HEALTHCHECK) carry no credentials.
-OPEN_PATHS = frozenset({"/health", "/healthz"})
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/healthz"})  # llama-server answers /v1/health too
 
 
 def presented_keys(headers: Mapping[str, str]) -> list[bytes]:

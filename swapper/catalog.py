@@ -10,13 +10,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from swapper import capabilities
 from swapper.scheduler import State
 
 if TYPE_CHECKING:
+    from swapper.config import ModelConfig
+    from swapper.modelinfo import Learned, ModelInfo
     from swapper.runloop import RunLoop
+
+# llama-server's ``models`` entry for a model it has not described (yet): its shape, no facts.
+_BLANK_ENTRY: Final = {
+    "modified_at": "",
+    "size": "",
+    "digest": "",
+    "type": "model",
+    "description": "",
+    "tags": [""],
+    "capabilities": ["completion"],
+    "parameters": "",
+    "details": {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "",
+        "families": [""],
+        "parameter_size": "",
+        "quantization_level": "",
+    },
+}
 
 
 def _record(
@@ -48,13 +70,23 @@ def _record(
     return record
 
 
-def model_list(runloop: RunLoop) -> dict[str, Any]:
-    """The body of ``GET /v1/models``, sorted by id."""
+def _with_facts(record: dict[str, Any], cfg: ModelConfig, learned: Learned | None) -> dict[str, Any]:
+    """llama-server's fields for a local model (what its child said, ``modelinfo``) under ours."""
+    facts = learned.record if learned is not None else {}
+    meta = {**(facts.get("meta") or {}), **record["meta"]}
+    tags = list(facts.get("tags") or [])
+    return {**facts, **record, "aliases": list(cfg.aliases), "tags": tags, "meta": meta}
+
+
+def model_list(runloop: RunLoop, info: ModelInfo | None = None) -> dict[str, Any]:
+    """The body of ``GET /v1/models``, sorted by id: llama-server's shape (``data`` with ``aliases``,
+    ``tags``, ``meta``; the ``models`` array), its facts from ``info`` (what each child said)."""
     config = runloop.config
     fleet = config.fleet
     states = {m: snap.status.state for m, snap in runloop.snapshot().items()}
     now = int(time.time())
     data: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
     taken: set[str] = set()
     for mid, cfg in config.models.items():
         taken.add(mid)
@@ -62,23 +94,25 @@ def model_list(runloop: RunLoop) -> dict[str, Any]:
         if cfg.unlisted:
             continue
         status = "unloaded" if states.get(mid, State.STOPPED) is State.STOPPED else "loaded"
+        learned = info.get(mid, cfg) if info is not None else None
+        entry = learned.entry if learned is not None and learned.entry is not None else _BLANK_ENTRY
+        entries.append({**entry, "name": mid, "model": mid})
         for rid, internal in [(mid, {"type": "model", "aliases": list(cfg.aliases)})] + (
             [(alias, {"type": "alias", "modelID": mid}) for alias in cfg.aliases]
             if config.include_aliases_in_list
             else []
         ):
-            data.append(
-                _record(
-                    rid,
-                    now,
-                    status,
-                    internal,
-                    name=cfg.name,
-                    description=cfg.description,
-                    metadata=cfg.metadata,
-                    caps=cfg.capabilities,
-                )
+            record = _record(
+                rid,
+                now,
+                status,
+                internal,
+                name=cfg.name,
+                description=cfg.description,
+                metadata=cfg.metadata,
+                caps=cfg.capabilities,
             )
+            data.append(_with_facts(record, cfg, learned))
     for pm in fleet.peer_models():
         taken.add(pm.fqn)
         if fleet.peer_model(pm.model) == pm:
@@ -119,4 +153,5 @@ def model_list(runloop: RunLoop) -> dict[str, Any]:
             if target and pin not in taken:
                 data.append(_record(pin, now, "unloaded", {"type": "profile"}))
     data.sort(key=lambda r: str(r["id"]))
-    return {"object": "list", "data": data}
+    entries.sort(key=lambda e: str(e["name"]))
+    return {"models": entries, "object": "list", "data": data}

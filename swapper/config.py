@@ -35,6 +35,9 @@ Additions of our own, all optional (llama-swap has none of them):
 * ``maxWait`` (top level and per model, seconds): how long a request that needs another model
   evicted may be held back by traffic to the running model before new work for it stops.
 * ``concurrencyLimit`` at top level: the default for every model (llama-swap: per model only).
+  Unset, a model admits up to ``maxQueued`` requests (llama-swap: 10) and its child queues them.
+* ``routeUnknownModels``: requests naming an unknown model go to ``defaultModel``.
+* ``corsOrigins``: ``"*"`` or a list of origins; unset, any ``Origin`` is echoed (llama-server's way).
 * ``logFormat``: ``console`` or ``json``. ``loadingStateMode``: ``reasoning`` or ``comments``.
 * ``requestHeaderTimeout``: seconds a client may take to send a request head, from its first byte.
 * ``metricsListen``: ``host:port`` serving ``/metrics`` alone, which then leaves the main listener.
@@ -75,7 +78,6 @@ from swapper.serviceconfig import SERVICE_KEYS, ServiceError, ServiceSpec, parse
 DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120.0
 DEFAULT_UNLOAD_TIMEOUT = 10.0
-DEFAULT_CONCURRENCY_LIMIT = 10
 DEFAULT_MAX_WAIT = 30.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUED = 1000
@@ -118,7 +120,7 @@ class ModelConfig:
     ttl: float = 0.0  # seconds idle before unload; 0 = never
     unload_timeout: float = DEFAULT_UNLOAD_TIMEOUT  # grace before SIGKILL on unload/TTL
     health_check_timeout: float = DEFAULT_HEALTH_CHECK_TIMEOUT
-    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+    concurrency_limit: int = DEFAULT_MAX_QUEUED  # unset: what maxQueued allows (the child queues)
     max_wait: float = DEFAULT_MAX_WAIT  # starvation bound for requests that must evict others
     priority: int = 0  # routing.scheduler.settings.fifo.priority
     send_loading_state: bool = False
@@ -201,11 +203,13 @@ class Config:
     log_format: Literal["console", "json"] = "console"
     start_port: int = DEFAULT_START_PORT
     default_model: str | None = None  # model id that requests without a model go to
+    route_unknown_models: bool = False  # requests naming an unknown model go to default_model
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queued: int = DEFAULT_MAX_QUEUED  # global cap on queued requests -> 503
     request_header_timeout: float = DEFAULT_REQUEST_HEADER_TIMEOUT  # seconds a request head may take
     global_ttl: float = 0.0
     api_keys: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()  # corsOrigins: () echoes any Origin, ("*",) answers *, else a list
     include_aliases_in_list: bool = False
     send_loading_state: bool = False
     loading_state_mode: Literal["reasoning", "comments"] = "reasoning"
@@ -291,6 +295,7 @@ def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
         log_format=cast(_LogFormat, _choice(top.get("logFormat"), "logFormat", _LOG_FORMATS)),
         start_port=defaults.start_port,
         default_model=default_model,
+        route_unknown_models=_parse_route_unknown(top, default_model),
         max_body_bytes=_opt_size(top.get("maxBodyBytes"), "maxBodyBytes") or DEFAULT_MAX_BODY_BYTES,
         max_queued=_positive_int(top.get("maxQueued"), "maxQueued", DEFAULT_MAX_QUEUED),
         request_header_timeout=_positive_number(
@@ -298,6 +303,7 @@ def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
         ),
         global_ttl=defaults.global_ttl,
         api_keys=_parse_api_keys(top.get("apiKeys")),
+        cors_origins=_parse_cors_origins(top.get("corsOrigins")),
         include_aliases_in_list=_opt_bool(top.get("includeAliasesInList"), "includeAliasesInList", False),
         send_loading_state=defaults.send_loading_state,
         loading_state_mode=cast(
@@ -346,7 +352,8 @@ _TOP_KEYS = _words(
     """
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer routes metricsListen"
+    "requestHeaderTimeout metricsMaxInMemory captureBuffer routes metricsListen routeUnknownModels "
+    "corsOrigins"
 )
 _TOP_UNSUPPORTED = _words(
     """
@@ -868,7 +875,9 @@ def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
         start_port=start_port,
         global_ttl=_seconds(top.get("globalTTL"), "globalTTL", 0.0),
         unload_timeout=unload or DEFAULT_UNLOAD_TIMEOUT,
-        concurrency_limit=concurrency or DEFAULT_CONCURRENCY_LIMIT,
+        # Unset: admit what maxQueued allows and let the child queue, as a llama-server alone
+        # would (started with --parallel N it serves N and queues the rest, never refuses).
+        concurrency_limit=concurrency or _positive_int(top.get("maxQueued"), "maxQueued", DEFAULT_MAX_QUEUED),
         max_wait=max_wait,
         send_loading_state=_opt_bool(top.get("sendLoadingState"), "sendLoadingState", False),
     )
@@ -923,6 +932,26 @@ def _parse_ignore_paths(top: Mapping[str, Any], warnings: list[str]) -> tuple[st
 
 def _resolve(name: str, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]) -> str | None:
     return name if name in models else aliases.get(name)
+
+
+def _parse_cors_origins(value: object) -> tuple[str, ...]:
+    """Unset: echo any Origin (llama-server's default); ``"*"``; or the origins that are echoed."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(o, str) and o.strip() for o in items):
+        raise ConfigError('corsOrigins: must be "*" or a list of origins such as "http://localhost:3000"')
+    origins = tuple(o.strip().rstrip("/") for o in items)
+    if "*" in origins and len(origins) > 1:
+        raise ConfigError('corsOrigins: "*" must be alone')
+    return origins
+
+
+def _parse_route_unknown(top: Mapping[str, Any], default_model: str | None) -> bool:
+    route = _opt_bool(top.get("routeUnknownModels"), "routeUnknownModels", False)
+    if route and default_model is None:
+        raise ConfigError("routeUnknownModels: needs defaultModel (the model unknown names go to)")
+    return route
 
 
 def _parse_default_model(

@@ -42,6 +42,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Any, Final, cast
 from urllib.parse import parse_qsl
@@ -49,7 +50,7 @@ from urllib.parse import parse_qsl
 import structlog
 from aiohttp import web
 
-from swapper import auth, modelid, proxy
+from swapper import auth, cors, modelid, proxy
 from swapper.activity import TAIL, TAIL_CHUNKS, Capture, tail_of
 from swapper.codec import (
     CHUNK_END,
@@ -116,6 +117,7 @@ class Front:
         # The keys aiohttp's auth middleware was built with (at start-up, like it).
         self.keys = tuple(key.encode() for key in config.api_keys)
         self.head_timeout = config.request_header_timeout
+        self.cors_origins = config.cors_origins  # as the preflights answer (read at start-up)
         self.keepalive = KEEPALIVE
         self._sweep_every = min(self.keepalive, self.head_timeout) / 8
 
@@ -187,6 +189,7 @@ class FrontConn(asyncio.Protocol):
         self.active_at = time.monotonic()  # last bytes in or response out; Front sweeps idle ones
         self._continued = False  # 100 Continue sent for the request being received
         self._tail: deque[bytes] = _NO_TAIL  # the last reads of the answer being relayed
+        self._origin: bytes | None = None  # the model request in service's Origin, for its errors
 
     @property
     def busy(self) -> bool:
@@ -342,7 +345,7 @@ class FrontConn(asyncio.Protocol):
             return self._hand_off()
         origin = head.origin
         answer = ANSWERED_GETS[head.path](
-            front.parts()[0], None if origin is None else origin.decode("utf-8", "surrogateescape")
+            front.app, None if origin is None else origin.decode("utf-8", "surrogateescape")
         )
         assert self._reader is not None
         self._consumed(self._reader.fed)
@@ -390,12 +393,12 @@ class FrontConn(asyncio.Protocol):
         front = self._front
         runloop, pool, bus = front.parts()
         config = runloop.config  # a reload replaces it; read it once per request
+        self._origin = head.origin
         try:
             query = _query(head.query) if head.query else {}
             wanted = modelid.extract(head.method, head.content_type, body, query)
-            pinned = runloop.selection.active is not None and wanted.model
-            if pinned and runloop.selection.wants_choice(wanted.model or "", config):
-                raise SwapperError("pinned by the active profile")  # aiohttp's path resolves it
+            if wanted.model and runloop.selection.wants_choice(wanted.model, config):
+                raise SwapperError("a pin, selector or peer model")  # aiohttp's path resolves it
             model = choose_model(wanted.model, config, runloop)
             if front.keys and not self._key_ok(head):
                 raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it
@@ -496,7 +499,7 @@ class FrontConn(asyncio.Protocol):
         keep = self._keep
         if err is not None:
             ex.track.failed(err.status)
-            self._answer(error_answer(err), close=not keep)
+            self._answer(self._error(err), close=not keep)
         else:
             keep = self._write(answer) and keep
             assert ex.upstream is not None
@@ -563,7 +566,7 @@ class FrontConn(asyncio.Protocol):
             return await self._relay(upstream, ex.track) and self._keep
         except SwapperError as err:  # refused (429, 503, 507...), failed to load, upstream unreachable
             ex.track.failed(err.status)
-            self._answer(error_answer(err), close=not self._keep)
+            self._answer(self._error(err), close=not self._keep)
             return self._keep
         finally:
             ex.finish()
@@ -590,7 +593,7 @@ class FrontConn(asyncio.Protocol):
                 first = await upstream.readany()
             except proxy.UPSTREAM_READ_ERRORS as exc:
                 err = UpstreamError(f"upstream broke before sending a body: {exc!r}")
-                self._answer(error_answer(err), close=True)
+                self._answer(self._error(err), close=True)
                 return False
         if bodiless:
             return self._write(head)
@@ -647,6 +650,21 @@ class FrontConn(asyncio.Protocol):
             return False
         transport.write(data)
         return True
+
+    def _error(self, err: SwapperError) -> Answer:
+        """The model request's error answer; with the request's ``Origin``, as a page may read it
+        (``cors``: swapper's own answers carry ``Allow-Origin``, as llama-server's do)."""
+        answer = error_answer(err)
+        origin = self._origin
+        if origin is None:
+            return answer
+        allowed = cors.allow_origin(self._front.cors_origins, origin.decode("utf-8", "surrogateescape"))
+        if allowed is None:
+            return answer
+        extra = (("Access-Control-Allow-Origin", allowed),) + (
+            (("Vary", "Origin"),) if allowed != "*" else ()
+        )
+        return replace(answer, headers=answer.headers + extra)
 
     def _answer(self, answer: Answer, *, close: bool = False, head_only: bool = False) -> None:
         """Writes ``answer`` whole (``head_only``: without its body, for HEAD); ``close`` closes

@@ -27,7 +27,7 @@ import asyncio
 import bisect
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -122,13 +122,14 @@ class _RouteSeries:
 
 
 class _ModelSeries:
-    __slots__ = ("exits", "failed", "load", "ready", "ttfb", "wait")
+    __slots__ = ("exits", "failed", "load", "ready", "scrape_errors", "ttfb", "wait")
 
     def __init__(self, m: Metrics, model: str) -> None:
         self.ready = m.starts.labels(model, "ready")
         self.failed = m.starts.labels(model, "failed")
         self.load = m.load_seconds.labels(model)
         self.exits = m.unexpected_exits.labels(model)
+        self.scrape_errors = m.scrape_errors.labels(model)
         self.wait = _Tally(WAIT_BUCKETS)
         self.ttfb = _Tally(TTFB_BUCKETS)
 
@@ -172,6 +173,13 @@ class Metrics(Observer):
             " stopped, pre_spawn, exec, ready_line, healthy, granted, first_byte, and their total",
             ["model", "phase"],
             buckets=PHASE_BUCKETS,
+            registry=reg,
+        )
+        self.scrape_errors = Counter(
+            "swapper_child_scrape_errors",
+            "Scrapes of a ready child's own /metrics that failed (no answer in time, a bad status"
+            " or unreadable text); the child's families are missing from that scrape",
+            ["model"],
             registry=reg,
         )
         ProcessCollector(registry=reg)  # swapper's own process_* series
@@ -248,6 +256,9 @@ class Metrics(Observer):
             self._activity.setdefault(model, Activity())
         return series
 
+    def child_scrape_failed(self, model: str) -> None:
+        self._model(model).scrape_errors.inc()
+
     # ---- scrape ----
 
     async def sample(self, snapshot: Mapping[str, ModelSnapshot]) -> Sample:
@@ -256,15 +267,21 @@ class Metrics(Observer):
         return await asyncio.to_thread(_sample, pids, self._gpu)
 
     async def render(
-        self, snapshot: Mapping[str, ModelSnapshot], memory: Mapping[str, Any] | None = None
+        self,
+        snapshot: Mapping[str, ModelSnapshot],
+        memory: Mapping[str, Any] | None = None,
+        children: Sequence[Metric] = (),
     ) -> bytes:
         """The Prometheus text exposition: recorded series plus scrape-time gauges.
 
         ``memory`` is the memory planner's advisory status (``RunLoop.memory_status()``), when
-        that planner runs: its footprints become a gauge.
+        that planner runs: its footprints become a gauge. ``children``: the children's own
+        families, labelled by model (``childmetrics.scrape``).
         """
         sample = await self.sample(snapshot)
-        present = _Families(self._request_families() + _gauges(snapshot, sample) + _footprints(memory))
+        present = _Families(
+            self._request_families() + _gauges(snapshot, sample) + _footprints(memory) + list(children)
+        )
         return await asyncio.to_thread(_render, self.registry, present)
 
     def _request_families(self) -> list[Metric]:

@@ -35,6 +35,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
+from swapper import cors
 from swapper.activity import TAIL_CHUNKS, Capture, tail_of
 from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, REQUEST_DROP, forwardable, kept_fields
 from swapper.errors import UpstreamError, UpstreamRefused
@@ -85,7 +86,11 @@ class _Connector(aiohttp.TCPConnector):
         await super().close(abort_ssl=abort_ssl)
 
 
-class _CoalescingResponse(web.StreamResponse):
+class _RelayedStream(cors.Relayed, web.StreamResponse):
+    """A streamed answer relayed as the model sends it (its CORS headers too)."""
+
+
+class _CoalescingResponse(cors.Relayed, web.StreamResponse):
     # Hold the headers until the first body write, so a small answer leaves in one segment (the
     # same trick web.Response uses). Only for non-SSE bodies, whose first chunk is already read.
     _send_headers_immediately = False
@@ -184,7 +189,7 @@ async def relay(
     sse = upstream.sse
     reason = upstream.reason.decode("latin-1")
     if sse:
-        resp = web.StreamResponse(status=upstream.status, reason=reason)
+        resp: web.StreamResponse = _RelayedStream(status=upstream.status, reason=reason)
     else:
         # Read ahead one chunk: a non-streamed answer then leaves in one write (headers held by
         # _CoalescingResponse), and an upstream that dies before its body is still a clean 502.

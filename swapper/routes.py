@@ -16,7 +16,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import hdrs, web
 
-from swapper import modelid, peers, proxy, shaping
+from swapper import cors, modelid, peers, proxy, shaping
 from swapper.catalog import model_list
 from swapper.config import Config, Filters, ModelConfig
 from swapper.errors import (
@@ -34,6 +34,7 @@ from swapper.exchange import Exchange, upstream_path
 from swapper.kindroutes import KindRoute
 from swapper.loading import LoadingStream, wait_with_preamble
 from swapper.messages import Lease
+from swapper.modelinfo import ModelInfo
 from swapper.runloop import RunLoop
 from swapper.scheduler import State
 
@@ -41,6 +42,7 @@ NO_FILTERS = Filters()
 CONFIG = web.AppKey("config", Config)
 RUNLOOP = web.AppKey("runloop", RunLoop)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+MODEL_INFO = web.AppKey("model_info", ModelInfo)
 
 # Routes whose model comes from the body (JSON, multipart or urlencoded), or ?model= as fallback.
 BODY_ROUTES = (
@@ -61,8 +63,14 @@ BODY_ROUTES = (
     "/sdapi/v1/txt2img",
     "/sdapi/v1/img2img",
     "/audioapi/v1/tasks/run",
-    # llama-server's own routes
+    # llama-server's own routes (its server.cpp route table)
     "/chat/completions",
+    "/chat/completions/input_tokens",
+    "/v1/chat/completions/input_tokens",
+    "/responses",
+    "/responses/input_tokens",
+    "/v1/responses/input_tokens",
+    "/audio/transcriptions",
     "/completions",
     "/completion",
     "/infill",
@@ -73,6 +81,8 @@ BODY_ROUTES = (
     "/apply-template",
     "/embedding",
     "/embeddings",
+    "/props",  # POST: change the server's props; ?model= names the model
+    "/lora-adapters",
     # versionless aliases: forwarded without the /v prefix
     "/v/chat/completions",
     "/v/responses",
@@ -84,7 +94,9 @@ BODY_ROUTES = (
     "/v/reranking",
 )
 # Routes whose model comes from ?model=.
-QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props", "/slots")
+QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props", "/slots", "/lora-adapters")
+# llama-server's routes with a parameter in the path; the model from ?model= (or the body).
+PATTERN_ROUTES = ("/slots/{id_slot}",)  # POST ?action=save|restore|erase
 
 
 def error_response(err: SwapperError) -> web.Response:
@@ -106,13 +118,20 @@ def choose_model(name: str | None, config: Config, runloop: RunLoop) -> str:
     """Maps the requested name (id or alias) to a model id, or picks one for a bare request.
 
     Clients written for a single llama-server often send no model at all: those go to
-    ``defaultModel``, else to the only configured model, else to the only loaded one.
+    ``defaultModel``, else to the only configured model, else to the only loaded one. They also
+    send names llama-server ignores (``gpt-3.5-turbo``): an unknown name goes to the only
+    configured model, or to ``defaultModel`` with ``routeUnknownModels``; otherwise it is a 404
+    that lists the ids there are.
     """
     if name:
         model = config.resolve(name)
-        if model is None:
-            raise ModelNotFound(f"model '{name}' not found")
-        return model
+        if model is not None:
+            return model
+        if len(config.models) == 1:
+            return next(iter(config.models))
+        if config.route_unknown_models and config.default_model is not None:
+            return config.default_model
+        raise ModelNotFound(f"model '{name}' not found; models: {', '.join(listed_ids(config))}")
     if config.default_model is not None:
         return config.default_model
     if len(config.models) == 1:
@@ -123,6 +142,11 @@ def choose_model(name: str | None, config: Config, runloop: RunLoop) -> str:
     if len(loaded) == 1:
         return loaded[0]
     raise ModelRequired("no model in the request: send a 'model' field (or ?model=), or set defaultModel")
+
+
+def listed_ids(config: Config) -> list[str]:
+    """The ids ``/v1/models`` lists, sorted (what a 404 for an unknown name offers instead)."""
+    return sorted(mid for mid, cfg in config.models.items() if not cfg.unlisted)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -313,28 +337,39 @@ async def acquire_with_preamble(ex: Exchange, preamble: LoadingStream) -> Lease:
         lease.cancel()  # a no-op once done; otherwise the client left while we waited
 
 
-def health_answer(runloop: RunLoop, origin: str | None) -> Answer:
-    return Answer(200, b"OK", "text/plain", "utf-8")
+def _cors(app: web.Application, origin: str | None) -> tuple[tuple[str, str], ...]:
+    """A page may read swapper's own answers cross-origin, as llama-server's."""
+    allowed = cors.allow_origin(app[RUNLOOP].config.cors_origins, origin)
+    if allowed is None:
+        return ()
+    if allowed == "*":
+        return (("Access-Control-Allow-Origin", allowed),)
+    return (("Access-Control-Allow-Origin", allowed), ("Vary", "Origin"))
+
+
+def health_answer(app: web.Application, origin: str | None) -> Answer:
+    return Answer(200, b"OK", "text/plain", "utf-8", headers=_cors(app, origin))
 
 
 _HEALTHZ: Final = Answer(200, b'{"status": "ok"}', charset="utf-8")
 
 
-def healthz_answer(runloop: RunLoop, origin: str | None) -> Answer:
+def healthz_answer(app: web.Application, origin: str | None) -> Answer:
     """``GET /healthz``: swapper itself is up (the broker's liveness probe; says nothing of models)."""
     return _HEALTHZ
 
 
-def models_answer(runloop: RunLoop, origin: str | None) -> Answer:
-    """``GET /v1/models``; a browser page may read it cross-origin (the front door serves it too)."""
-    headers = (("Access-Control-Allow-Origin", origin),) if origin else ()
-    return Answer(200, json.dumps(model_list(runloop)).encode(), charset="utf-8", headers=headers)
+def models_answer(app: web.Application, origin: str | None) -> Answer:
+    """``GET /v1/models`` (the front door serves it too)."""
+    body = json.dumps(model_list(app[RUNLOOP], app.get(MODEL_INFO))).encode()
+    return Answer(200, body, charset="utf-8", headers=_cors(app, origin))
 
 
-# GETs whose whole answer is a function of the run loop's state (and the request's Origin),
-# answered by the front door and by aiohttp from the same function.
-ANSWERED_GETS: Final[Mapping[str, Callable[[RunLoop, str | None], Answer]]] = {
+# GETs whose whole answer is a function of the app's state (and the request's Origin), answered by
+# the front door and by aiohttp from the same function.
+ANSWERED_GETS: Final[Mapping[str, Callable[[web.Application, str | None], Answer]]] = {
     "/health": health_answer,
+    "/v1/health": health_answer,
     "/healthz": healthz_answer,
     "/v1/models": models_answer,
     "/models": models_answer,
@@ -343,7 +378,7 @@ ANSWERED_GETS: Final[Mapping[str, Callable[[RunLoop, str | None], Answer]]] = {
 
 async def _handle_answered_get(request: web.Request) -> web.Response:
     answer = ANSWERED_GETS[request.path]
-    return answer_response(answer(request.app[RUNLOOP], request.headers.get(hdrs.ORIGIN)))
+    return answer_response(answer(request.app, request.headers.get(hdrs.ORIGIN)))
 
 
 async def handle_running(request: web.Request) -> web.Response:
@@ -410,6 +445,8 @@ def add_routes(app: web.Application) -> None:
         add("POST", path, handle_model_request)
     for path in QUERY_ROUTES:
         add("GET", path, handle_model_request)
+    for path in PATTERN_ROUTES:
+        add("POST", path, handle_model_request)
     for path in ANSWERED_GETS:
         add("GET", path, _handle_answered_get)
     add("GET", "/running", handle_running)

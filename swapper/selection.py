@@ -51,9 +51,15 @@ class Selection:
         return config.fleet.profiles.get(self.active) if self.active is not None else None
 
     def wants_choice(self, name: str, config: Config) -> bool:
-        """Whether a request for ``name`` must go through ``choose`` (not plain local lookup)."""
+        """Whether a request for ``name`` must go through ``choose``: a profile pin, or a name no
+        local id or alias claims that is a selector or a peer's model. Any other name is the
+        local lookup's, with its fallbacks for names llama-server ignores (``choose_model``)."""
         profile = self.profile(config)
-        return (profile is not None and name in profile.pins) or config.resolve(name) is None
+        if profile is not None and name in profile.pins:
+            return True
+        if config.resolve(name) is not None:
+            return False
+        return name in config.fleet.selectors or config.fleet.peer_model(name) is not None
 
     def choose(self, name: str, config: Config, states: Mapping[str, State]) -> Choice:
         """The target of a request for ``name``; raises ModelNotFound (404) or NoTarget (503)."""

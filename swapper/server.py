@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from swapper import auth, cors, peers, preload, proxy, ui, upstream
+from swapper import auth, cors, modelinfo, peers, preload, proxy, ui, upstream
 from swapper.admin import add_admin_routes
 from swapper.config import Config
 from swapper.events import EVENTS
 from swapper.logs import LogHub
 from swapper.profiles import add_profile_routes
-from swapper.routes import CONFIG, RUNLOOP, SESSION, add_routes
+from swapper.routes import CONFIG, MODEL_INFO, RUNLOOP, SESSION, add_routes
 from swapper.runloop import RunLoop
 
 # Longer than any sane unloadTimeout: stops run in parallel, so this is per shutdown, not per model.
@@ -37,12 +37,16 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     app[LOGS] = logs or LogHub()
     if config.api_keys:  # no keys, no middleware: zero per-request cost
         app.middlewares.append(auth.middleware(config.api_keys))
-    cors.add_routes(app)  # before add_routes: its catch-all would answer OPTIONS with 404
+    cors.add_routes(
+        app, config.cors_origins
+    )  # before add_routes: its catch-all would answer OPTIONS with 404
     upstream.add_routes(app, config)
     add_admin_routes(
         app, app[LOGS], metrics_route=config.metrics_listen is None
     )  # before add_routes, whose catch-all would shadow them
     add_profile_routes(app)  # before add_routes' catch-all
+    app[MODEL_INFO] = modelinfo.ModelInfo(modelinfo.default_path())
+    app[EVENTS].subscribe(app[MODEL_INFO])
     ui.add_routes(app)  # after the admin routes (their bus), before add_routes' catch-all
     add_routes(app)
     app.cleanup_ctx.append(_runloop_ctx)
@@ -58,6 +62,7 @@ async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
     runloop = RunLoop(app[CONFIG], session, logs=app[LOGS], events=app[EVENTS], pool=proxy.pool_of(session))
     app[SESSION] = session
     app[RUNLOOP] = runloop
+    app[MODEL_INFO].attach(lambda: runloop.config, session)
     task = asyncio.get_running_loop().create_task(runloop.run(), name="swapper-runloop")
     app[RUNLOOP_TASK] = task
     try:
@@ -76,4 +81,5 @@ async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await app[MODEL_INFO].close()
         await session.close()

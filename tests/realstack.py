@@ -12,6 +12,8 @@ without an event loop.
 * ``SwapperProcess``: ``python -m swapper --config CFG --listen 127.0.0.1:PORT`` started in ROOT,
   ready once ``/health`` answers; small JSON helpers; ``stop()`` (SIGTERM, wait, then checks that
   every child it had is gone) and ``kill()`` (SIGKILL).
+* ``LlamaServer``: one real llama-server run directly (no swapper), ready once ``/health`` answers
+  200; ``stop()``. The compare tests put it beside a swapper running the same command.
 * ``wait_for(predicate, within, what)``: polls until true, raises ``TimeoutError`` at the deadline.
 """
 
@@ -266,6 +268,46 @@ class SwapperProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._log.close()
+
+
+class LlamaServer:
+    """A real llama-server on a free port, run directly: ``argv`` without ``--host``/``--port``."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*argv, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(self._ready, READY_WITHIN, f"llama-server to answer /health on {self.url}", 0.01)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_WITHIN)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # it waits for open connections to end (docs/real-upstreams)
+                self.proc.wait()
         self._log.close()
 
 

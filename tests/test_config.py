@@ -56,7 +56,7 @@ def test_minimal_model_gets_defaults() -> None:
     assert m1.ttl == 0
     assert m1.unload_timeout == 10
     assert m1.health_check_timeout == 120
-    assert m1.concurrency_limit == 10
+    assert m1.concurrency_limit == 1000  # unset: maxQueued's default
     assert m1.cmd_stop is None
     assert config.routing.use == "group"
     assert config.routing.groups == (GroupConfig(DEFAULT_GROUP, ("m1",), swap=True, exclusive=True),)
@@ -563,7 +563,9 @@ def test_concurrency_limit_rules() -> None:
     """)
     assert [m.concurrency_limit for m in config.models.values()] == [4, 4, 2]
     config = load(one_model("cmd: svr ${PORT}", "concurrencyLimit: 0"))
-    assert config.models["m"].concurrency_limit == 10
+    assert config.models["m"].concurrency_limit == 1000
+    config = load(one_model("cmd: svr ${PORT}", "maxQueued: 50"))
+    assert config.models["m"].concurrency_limit == 50  # unset: admit what the queue allows
     assert error(one_model("cmd: svr ${PORT}", "concurrencyLimit: -1")).startswith("concurrencyLimit: ")
     message = error(one_model("cmd: svr ${PORT}\nconcurrencyLimit: -1"))
     assert message.startswith("models.m.concurrencyLimit: ")

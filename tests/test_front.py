@@ -35,10 +35,12 @@ def front_of(client: TestClient[Any, Any]) -> Front:
 
 
 async def loaded(
-    aiohttp_client: ClientFactory, extra: str = "", flags: str = "", per: str = ""
+    aiohttp_client: ClientFactory, extra: str = "", flags: str = "", per: str = "", second: bool = False
 ) -> TestClient[Any, Any]:
-    """A client for one fake model ``m`` (``per``: its extra YAML lines), already loaded."""
-    client = await aiohttp_client(make_app(ops_config({"m": flags}, extra, m=per)))
+    """A client for one fake model ``m`` (``per``: its extra YAML lines), already loaded; with
+    ``second``, a model ``other`` is configured too (never loaded), so that unknown names are 404s."""
+    models = {"m": flags, "other": ""} if second else {"m": flags}
+    client = await aiohttp_client(make_app(ops_config(models, extra, m=per)))
     resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
     assert resp.status == 200, await resp.text()
     assert runloop(client).state("m") is State.READY
@@ -205,7 +207,7 @@ CHUNKED_BODY = json.dumps({"model": "m", "messages": []}).encode()
 async def test_what_the_front_door_refuses_aiohttp_answers(
     aiohttp_client: ClientFactory, request_bytes: bytes, status: int, code: str | None
 ) -> None:
-    client = await loaded(aiohttp_client, "maxBodyBytes: 4096")
+    client = await loaded(aiohttp_client, "maxBodyBytes: 4096", second=True)
     front = front_of(client)
     handed = front.handed
     conn = await Conn.open(client)
@@ -243,7 +245,7 @@ async def test_loading_state_streams_go_to_aiohttp(aiohttp_client: ClientFactory
 
 
 async def test_refusals_while_waiting_are_rendered_by_the_front_door(aiohttp_client: ClientFactory) -> None:
-    client = await loaded(aiohttp_client, flags="--tps 20", per="concurrencyLimit: 1")
+    client = await loaded(aiohttp_client, flags="--tps 20", per="concurrencyLimit: 1", second=True)
     front = front_of(client)
     busy = await Conn.open(client)
     await busy.send(chat(stream=True, max_tokens=200))

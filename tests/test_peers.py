@@ -169,3 +169,17 @@ async def test_a_query_model_is_renamed_for_the_peer(aiohttp_client: ClientFacto
     # The back swapper knows "m", not "back/m": a 200 means the query was renamed on the way.
     resp = await front.get("/props", params={"model": "back/m", "x": "1"})
     assert resp.status == 200, await resp.text()
+
+
+async def test_one_local_model_takes_unknown_names_but_not_a_peers(aiohttp_client: ClientFactory) -> None:
+    """With one local model, a name llama-server would ignore reaches it; a peer's model still
+    goes to the peer (the fallback is for names nobody claims)."""
+    back = await back_swapper(aiohttp_client)
+    local = fake_config({"local": ""})
+    model = local.models["local"]
+    local_yaml = f"  local:\n    cmd: {' '.join(model.cmd)}\n    proxy: {model.proxy}\n"
+    front = await front_swapper(aiohttp_client, front_config(back, local=local_yaml))
+    assert (await chat(front, "m"))["model"] == "m"  # the peer's child
+    assert (await chat(front, "back/m"))["model"] == "m"
+    assert (await chat(front, "gpt-3.5-turbo"))["model"] == "local"
+    assert (await chat(front, "local"))["model"] == "local"

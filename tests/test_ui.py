@@ -17,9 +17,11 @@ async def test_a_browser_asking_for_root_is_sent_to_the_ui(aiohttp_client: Clien
     assert r.status == 302 and r.headers["Location"] == "/ui/"
     r = await client.get("/ui", allow_redirects=False)
     assert r.status == 302 and r.headers["Location"] == "/ui/"
-    # Anything else is not a browser: it gets what / answers without the UI.
+    # Anything else is not a browser: a page naming the models, never a 404 (llama-server
+    # answers / with HTML whatever is asked).
     r = await client.get("/", headers={"Accept": "application/json"}, allow_redirects=False)
-    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+    assert r.status == 200 and r.content_type == "text/html"
+    assert '<a href="/upstream/a/">a</a>' in await r.text()
 
 
 async def test_the_ui_files_come_from_the_package(aiohttp_client: ClientFactory) -> None:

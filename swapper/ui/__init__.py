@@ -11,20 +11,22 @@ through); the pages ask for the key once, keep it in the browser's local storage
 every API call. Streams are read with ``fetch`` (``EventSource`` cannot send a header).
 
 ``GET /`` redirects a browser (``Accept`` names ``text/html``) to ``/ui/``; any other client gets
-what ``/`` answers without the UI (``non_browser_root``).
+a small HTML page listing the models (``non_browser_root``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import mimetypes
+from html import escape
 from importlib import resources
 from typing import Final
+from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
 from swapper.errors import NotFound
-from swapper.routes import error_response
+from swapper.routes import RUNLOOP, error_response
 from swapper.ui import api
 
 __all__ = ["PREFIX", "add_routes", "is_public", "wants_html"]
@@ -94,5 +96,18 @@ async def handle_root(request: web.Request) -> web.Response:
 
 
 def non_browser_root(request: web.Request) -> web.Response:
-    """``GET /`` for a client that is not a browser: what ``/`` answers without the UI."""
-    return error_response(NotFound(f"no route for {request.method} {request.path}"))
+    """``GET /`` for a client that is not a browser: a small HTML page naming the models and the
+    routes, never a 404 (llama-server answers ``/`` with its web UI's HTML whatever is asked)."""
+    config = request.app[RUNLOOP].config
+    items = "".join(
+        f'<li><a href="/upstream/{quote(mid)}/">{escape(mid)}</a> {escape(cfg.name)}</li>'
+        for mid, cfg in sorted(config.models.items())
+        if not cfg.unlisted
+    )
+    page = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>swapper</title></head><body>'
+        f'<h1>swapper</h1><p><a href="{PREFIX}">Web UI</a></p><h2>Models</h2><ul>{items}</ul>'
+        '<p><a href="/v1/models">/v1/models</a> · <a href="/health">/health</a> · '
+        '<a href="/metrics">/metrics</a> · <a href="/v1/status">/v1/status</a></p></body></html>'
+    )
+    return web.Response(text=page, content_type="text/html")

@@ -35,6 +35,11 @@ Behaviour flags (all optional except --port):
                          close the connection, but stay alive: new connections are refused
   --drop-reused          close a keep-alive connection, unanswered, when a second request arrives
                          on it (not /health): a pooled connection that died as it was reused
+  --llama-meta           GET /v1/models answers in llama-server's shape: ``aliases``, ``tags``,
+                         ``meta`` (n_ctx_train 2048, n_ctx 512, ...) and the ``models`` array
+  --metrics MODE         GET /metrics: ``off`` (default) answers 501 as llama-server without
+                         --metrics; ``on`` answers llama-server-shaped Prometheus text (a counter
+                         of the requests answered, a gauge); ``hang`` never answers
   --vram-mib N --vram-gpus 0,1
                          GPU memory the tests' fake NVML (tests/fake_nvml.py) reports this process
                          holding, split evenly over those GPUs (default: the GPUs in its
@@ -260,6 +265,8 @@ class Server:
             await writer.drain()
             log(f"{req.method} {req.path} raw answer")
             return False
+        if req.method == "GET" and req.path == "/metrics":
+            return await self.metrics(writer, keep)
         route = ROUTES.get((req.method, req.path))
         try:
             if route is None:
@@ -284,6 +291,25 @@ class Server:
                     self.listener.close()
                     log(f"deaf after {self.answered} requests: no longer accepting connections")
         return await self.send_json(writer, status, obj, keep_alive=keep, head_only=req.method == "HEAD")
+
+    async def metrics(self, writer: asyncio.StreamWriter, keep: bool) -> bool:
+        mode = self.args.metrics
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "off":
+            return await self.send_json(writer, 501, {"error": {"code": 501}}, keep_alive=keep)
+        body = (
+            "# HELP llamacpp:requests_answered_total Requests answered (not /health).\n"
+            "# TYPE llamacpp:requests_answered_total counter\n"
+            f"llamacpp:requests_answered_total {self.answered}\n"
+            "# HELP llamacpp:kv_cache_usage_ratio KV-cache usage.\n"
+            "# TYPE llamacpp:kv_cache_usage_ratio gauge\n"
+            "llamacpp:kv_cache_usage_ratio 0.25\n"
+        ).encode()
+        head = [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))]
+        writer.write(response_head(200, [*head, ("Connection", "keep-alive" if keep else "close")]) + body)
+        await writer.drain()
+        return keep
 
     # --- streaming -----------------------------------------------------------------------
 
@@ -379,7 +405,12 @@ class Server:
 
     def models(self, req: Request) -> tuple[int, Any]:
         entry = {"id": self.name, "object": "model", "created": int(START), "owned_by": "fake_server"}
-        return 200, {"object": "list", "data": [entry]}
+        if not self.args.llama_meta:
+            return 200, {"object": "list", "data": [entry]}
+        meta = {"vocab_type": 1, "n_vocab": 512, "n_ctx": 512, "n_ctx_train": 2048, "n_embd": 64}
+        entry |= {"aliases": [self.name], "tags": ["tiny"], "meta": meta | {"n_params": 1000, "size": 604000}}
+        listed = {"name": self.name, "model": self.name, "type": "model", "capabilities": ["completion"]}
+        return 200, {"models": [listed], "object": "list", "data": [entry]}
 
     def props(self, req: Request) -> tuple[int, Any]:
         return 200, {
@@ -505,6 +536,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--deaf-after", type=int, default=None)
     p.add_argument("--drop-reused", action="store_true")
+    p.add_argument("--llama-meta", action="store_true")
+    p.add_argument("--metrics", choices=("off", "on", "hang"), default="off")
     # Read from the command line by the tests' fake NVML (tests/fake_nvml.py); the server ignores them.
     p.add_argument("--vram-mib", type=int, default=0)
     p.add_argument("--vram-gpus", default="")
