@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import swapper
-from swapper.orphans import OWNER_ENV
+from swapper.orphans import OWNER_ENV, owner_mark
 from swapper.reaper import Reaper
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -25,10 +25,13 @@ def gone(proc: subprocess.Popen[bytes]) -> bool:
 
 
 def test_the_reaper_kills_marked_processes_when_its_pipe_closes() -> None:
-    mark = f"{os.getpid()}:test-{time.monotonic_ns()}"  # a mark no real swapper has
-    marked = subprocess.Popen(SLEEPER, env={**os.environ, OWNER_ENV: mark})
-    other = subprocess.Popen(SLEEPER, env={**os.environ, OWNER_ENV: mark + "-other"})
+    # Marks of live owners (this process, and the plain sleeper), so that no other swapper's
+    # start-up sweep running on the machine meanwhile takes these processes for orphans.
     plain = subprocess.Popen(SLEEPER)
+    mark = owner_mark()
+    marked = subprocess.Popen(SLEEPER, env={**os.environ, OWNER_ENV: mark})
+    other_mark = f"{plain.pid}:{psutil.Process(plain.pid).create_time():.3f}"
+    other = subprocess.Popen(SLEEPER, env={**os.environ, OWNER_ENV: other_mark})
     reaper = Reaper.start(mark)
     try:
         assert reaper.alive()
