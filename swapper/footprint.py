@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Final, Literal
 
 from swapper.config import ModelConfig
+from swapper.placement import argv_option
 
 MIB: Final = 1024 * 1024
 GIB: Final = 1024 * MIB
@@ -105,12 +106,12 @@ def kv_cache_bytes(shape: GgufShape, ctx: int, k_bytes: float, v_bytes: float) -
 
 
 def model_path(argv: Sequence[str]) -> str | None:
-    value = _option(argv, ("-m", "--model"))
+    value = argv_option(argv, ("-m", "--model"))
     return None if not value else os.path.expanduser(value)
 
 
 def ctx_size(argv: Sequence[str]) -> int | None:
-    value = _option(argv, ("-c", "--ctx-size"))
+    value = argv_option(argv, ("-c", "--ctx-size"))
     try:
         return None if value is None else max(0, int(value))
     except ValueError:
@@ -118,27 +119,14 @@ def ctx_size(argv: Sequence[str]) -> int | None:
 
 
 def _cache_bytes(argv: Sequence[str], which: Literal["k", "v"]) -> float:
-    value = _option(argv, (f"-ct{which}", f"--cache-type-{which}"))
+    value = argv_option(argv, (f"-ct{which}", f"--cache-type-{which}"))
     return _CACHE_TYPE_BYTES.get((value or "f16").lower(), 2.0)
 
 
 def _cpu_only(argv: Sequence[str]) -> bool:
-    layers = _option(argv, ("-ngl", "--gpu-layers", "--n-gpu-layers"))
-    device = _option(argv, ("-dev", "--device"))
+    layers = argv_option(argv, ("-ngl", "--gpu-layers", "--n-gpu-layers"))
+    device = argv_option(argv, ("-dev", "--device"))
     return layers == "0" or (device or "").lower() == "none"
-
-
-def _option(argv: Sequence[str], names: Sequence[str]) -> str | None:
-    """The value of the last of ``names`` in ``argv`` (``-m x`` or ``--model=x``), or None."""
-    found = None
-    for i, arg in enumerate(argv):
-        if arg in names and i + 1 < len(argv):
-            found = argv[i + 1]
-        else:
-            name, eq, value = arg.partition("=")
-            if eq and name in names:
-                found = value
-    return found
 
 
 def _mib(n: int) -> str:

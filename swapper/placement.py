@@ -118,7 +118,7 @@ def _visible(env: Sequence[tuple[str, str]]) -> list[int] | None:
 
 def _from_flags(argv: Sequence[str]) -> tuple[list[int], list[float]] | None:
     """(positions among the visible GPUs, their weights) from llama-server's flags, or None."""
-    device = _option(argv, ("-dev", "--device"))
+    device = argv_option(argv, ("-dev", "--device"))
     if device is not None and device.lower() != "none":
         positions: list[int] = []
         for name in device.split(","):
@@ -129,7 +129,7 @@ def _from_flags(argv: Sequence[str]) -> tuple[list[int], list[float]] | None:
             positions.append(int(digits))
         if positions:
             return positions, [1.0] * len(positions)
-    tensor_split = _option(argv, ("-ts", "--tensor-split"))
+    tensor_split = argv_option(argv, ("-ts", "--tensor-split"))
     if tensor_split is not None:
         try:
             shares = [float(x) for x in tensor_split.replace("/", ",").split(",") if x.strip()]
@@ -138,14 +138,14 @@ def _from_flags(argv: Sequence[str]) -> tuple[list[int], list[float]] | None:
         picked = [(i, s) for i, s in enumerate(shares) if s > 0]
         if picked:
             return [i for i, _ in picked], [s for _, s in picked]
-    split_mode = _option(argv, ("-sm", "--split-mode"))
-    main_gpu = _option(argv, ("-mg", "--main-gpu"))
+    split_mode = argv_option(argv, ("-sm", "--split-mode"))
+    main_gpu = argv_option(argv, ("-mg", "--main-gpu"))
     if split_mode == "none" and main_gpu is not None and main_gpu.isdigit():
         return [int(main_gpu)], [1.0]
     return None
 
 
-def _option(argv: Sequence[str], names: Sequence[str]) -> str | None:
+def argv_option(argv: Sequence[str], names: Sequence[str]) -> str | None:
     """The value of the last of ``names`` in ``argv`` (``-x v`` or ``--xx=v``), or None."""
     found = None
     for i, arg in enumerate(argv):

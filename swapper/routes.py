@@ -29,7 +29,7 @@ from swapper.errors import (
     SwapperError,
     error_answer,
 )
-from swapper.events import EVENTS, track_request
+from swapper.events import EVENTS, RequestTrack, track_request
 from swapper.exchange import Exchange, upstream_path
 from swapper.kindroutes import KindRoute
 from swapper.loading import LoadingStream, wait_with_preamble
@@ -293,6 +293,12 @@ async def handle_kind_route(request: web.Request, route: KindRoute) -> web.Strea
         track = ex.track = track_request(request, ex.req_id, route.model)
     else:  # labelled by the route's path, not aiohttp's catch-all
         track = ex.track = bus.track(ex.req_id, route.model, route.path, request.method, request.path)
+    return await relay_plain(request, ex, track)
+
+
+async def relay_plain(request: web.Request, ex: Exchange, track: RequestTrack) -> web.StreamResponse:
+    """Lease, send and relay with no loading preamble: requests whose body swapper forwards as
+    it is (``/upstream``, kind routes)."""
     try:
         ex.granted(await ex.acquire())
         track.granted()

@@ -42,7 +42,7 @@ from swapper.config import Config
 from swapper.errors import Conflict, ModelNotFound, SwapperError
 from swapper.events import track_request
 from swapper.exchange import Exchange
-from swapper.routes import RUNLOOP, SESSION, error_response, read_body
+from swapper.routes import RUNLOOP, SESSION, error_response, read_body, relay_plain
 from swapper.scheduler import State
 
 __all__ = ["PathResolver", "add_routes"]
@@ -138,16 +138,5 @@ async def _handle(request: web.Request, resolver: PathResolver) -> web.StreamRes
         headers=proxy.upstream_headers(request.raw_headers, identity=False),
         body=body,
     )
-    track = ex.track = track_request(request, ex.req_id, model)  # metrics and /api/events
-    try:
-        ex.granted(await ex.acquire())
-        track.granted()
-        upstream = await ex.send()
-        relayed = await proxy.relay(request, upstream, capture=track.capture)
-        track.tail = relayed.tail
-        return relayed.response
-    except SwapperError as err:
-        track.failed(err.status)
-        return error_response(err)
-    finally:
-        ex.finish()
+    ex.track = track_request(request, ex.req_id, model)  # metrics and /api/events
+    return await relay_plain(request, ex, ex.track)
