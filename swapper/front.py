@@ -62,7 +62,7 @@ from swapper.codec import (
 from swapper.errors import Answer, BadRequest, SwapperError, UpstreamError, error_answer
 from swapper.events import EVENTS, EventBus, RequestTrack
 from swapper.exchange import Exchange, upstream_path
-from swapper.h1pool import Disconnected, H1Pool, Response
+from swapper.h1pool import H1Pool, Response
 from swapper.routes import (
     ANSWERED_GETS,
     BODY_ROUTES,
@@ -455,12 +455,8 @@ class FrontConn(asyncio.Protocol):
                 return  # the head is still arriving
             ex.sent = None
             sent.abandon()
-            if isinstance(exc, Disconnected) and not exc.response_started:
-                # The pooled connection was dead before it answered (llama-server closes one after
-                # every stream): nothing was answered, so retry on a fresh one, as proxy.send does.
-                self._in_task(ex)
-            else:
-                self._end_inline(ex, proxy.failed_before_response(exc, ex.url))
+            # Never sent again: it was written, so the child may have read it (proxy.send).
+            self._end_inline(ex, proxy.failed_before_response(exc, ex.url))
             return
         arrived = time.perf_counter()
         ex.sent = None

@@ -61,13 +61,17 @@ class ConnectFailed(ConnectionError):
 class Disconnected(ConnectionError):
     """The upstream closed or reset the connection before the response was complete.
 
-    ``response_started`` says whether any response byte had arrived: a pooled connection that the
-    upstream closed while it sat idle fails with False, and then a retry is safe.
+    ``response_started`` says whether any response byte had arrived. ``replayable`` says whether
+    the request provably never reached the upstream: the connection was found closed before a
+    byte of it was written. Only then may it be sent again (Go's Transport and nginx's
+    ``proxy_next_upstream`` rule for non-idempotent requests): a request that was written may
+    have been read, and the upstream may have died of it.
     """
 
-    def __init__(self, message: str, *, response_started: bool) -> None:
+    def __init__(self, message: str, *, response_started: bool, replayable: bool = False) -> None:
         super().__init__(message)
         self.response_started = response_started
+        self.replayable = replayable
 
 
 class ProtocolError(ConnectionError):
@@ -184,7 +188,7 @@ class Connection(asyncio.Protocol):
     async def send(self, head: bytes, body: bytes) -> None:
         transport = self.transport
         if transport is None or self._lost:
-            raise Disconnected("upstream closed the connection", response_started=False)
+            raise Disconnected("upstream closed the connection", response_started=False, replayable=True)
         if len(body) <= WRITE_SLICE:
             transport.write(head + body if body else head)
             return
@@ -452,8 +456,8 @@ class H1Pool:
         ``headers`` are header lines (``codec.forwardable``) without Host or Content-Length: both
         are written from ``url`` and ``body`` (Content-Length also for an empty body, unless the
         method is GET, HEAD, OPTIONS or TRACE). ``fresh`` skips the idle connections. Raises
-        ``ConnectFailed``, ``Disconnected`` (with ``response_started`` False when a retry is safe)
-        or ``ProtocolError``.
+        ``ConnectFailed`` (nothing was sent), ``Disconnected`` (``replayable`` when nothing was
+        written) or ``ProtocolError``.
         """
         if self._closed:
             raise ConnectFailed("the upstream connection pool is closed")
@@ -481,8 +485,8 @@ class H1Pool:
         ``notify()`` is called from the connection's callbacks each time the response moves on
         (bytes arrived, or it broke off). Once ``answered``, ``response()`` gives the
         ``Response`` (and stops the notifications); until then ``failure`` says whether the
-        response broke off (a ``Disconnected`` whose ``response_started`` is False on a pooled
-        connection is safe to retry). ``abandon()`` gives it up. Same arguments as ``request``.
+        response broke off (never safe to replay: the request was written). ``abandon()`` gives
+        it up. Same arguments as ``request``.
         """
         if self._closed or len(body) > WRITE_SLICE or method == "HEAD":
             return None

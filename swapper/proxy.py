@@ -5,8 +5,8 @@ Owns: nothing long-lived. ``make_session()`` builds the one shared ``ClientSessi
 that requests are sent through (aiohttp's client costs as much CPU per request as all the rest of
 the proxy; see h1pool), and closing the session closes that pool too.
 
-``send()`` sends one request and returns the response head, retrying once on a fresh connection
-when a pooled one turns out dead before any response byte. ``relay()`` writes an upstream's
+``send()`` sends one request and returns the response head, sending it again only when it
+provably never reached the upstream (see ``send``). ``relay()`` writes an upstream's
 answer through an aiohttp response, for requests aiohttp received; the front door writes its own
 straight on the transport (``front``). Both write the same head: the upstream's status, its
 headers minus hop-by-hop ones (``codec.forwardable``), ``X-Accel-Buffering: no`` for SSE, and a
@@ -97,7 +97,10 @@ def make_session() -> aiohttp.ClientSession:
     No total or read timeout: a generation may legitimately run for many minutes between bytes
     (prompt processing), and the client's disconnect is what ends a request early.
     """
-    pool = H1Pool(connect_timeout=10.0, keepalive=30.0)
+    # Idle upstream connections are dropped after 4 s, before llama-server's own keep-alive
+    # timeout (cpp-httplib's 5 s) closes them: a request written on a connection the upstream is
+    # closing at that moment could not be sent again (``send``).
+    pool = H1Pool(connect_timeout=10.0, keepalive=4.0)
     connector = _Connector(pool, limit=0, keepalive_timeout=30.0)
     return aiohttp.ClientSession(
         connector=connector,
@@ -134,17 +137,20 @@ def upstream_headers(
 
 async def send(pool: H1Pool, method: str, url: URL, headers: bytes, body: bytes) -> Response:
     """Sends one request through ``pool`` and returns the response head; raises ``UpstreamError``
-    (nothing reached the client yet) if the upstream could not be reached or broke first."""
+    (nothing reached the client yet) if the upstream could not be reached or broke first.
+
+    Sent again (once, on a fresh connection) only when it provably never reached the upstream:
+    the pooled connection was found closed before a byte was written. A request that was written
+    may have been read, and the child may have died of it: replaying it could crash the next one
+    too, so it is answered 502 instead (Go's Transport and nginx's rule for POST). A refused
+    connect (``UpstreamRefused``) is the caller's to retry: nothing was sent.
+    """
     try:
         try:
             return await pool.request(method, url, headers, body)
         except Disconnected as exc:
-            if exc.response_started:
+            if not exc.replayable:
                 raise
-            # llama-server closes its connection after every streamed response although it said
-            # keep-alive; a pooled connection can be dead before its FIN was seen. No response
-            # byte arrived, so one retry on a fresh connection is safe. A connection that was
-            # never made (ConnectFailed) is not retried: it would fail again.
             return await pool.request(method, url, headers, body, fresh=True)
     except OSError as exc:  # h1pool's errors, TimeoutError included
         raise failed_before_response(exc, url) from exc
@@ -157,6 +163,11 @@ def failed_before_response(exc: Exception, url: URL) -> UpstreamError:
         return UpstreamRefused(f"upstream {url.origin()} refused the connection: {exc.strerror}")
     if isinstance(exc, TimeoutError):
         return UpstreamError(f"upstream {url.origin()} timed out before responding")
+    if isinstance(exc, Disconnected) and not exc.response_started:
+        return UpstreamError(
+            f"upstream {url.origin()} closed the connection during the request, before answering "
+            "(its process died or dropped it); not sent again, since it may have read it"
+        )
     return UpstreamError(f"upstream {url.origin()} failed before responding: {exc!r}")
 
 

@@ -341,9 +341,13 @@ class RunLoop:
                 child = self._children.get(model)
                 ready = self._sched.state(model) is State.READY
                 if pid is not None and child is not None and child.pid == pid and ready:
-                    log.warning("model refuses connections; restarting it", model=model, pid=pid)
-                    self._events.child_unreachable(model, pid)
-                    self._sched.on_unreachable(model, now)
+                    if (exit_code := child.poll_exit()) is not None:
+                        # It died (its exit not yet read): a crash, whatever the refusal says.
+                        self._on_child_exited(model, pid, exit_code, now)
+                    else:
+                        log.warning("model refuses connections; restarting it", model=model, pid=pid)
+                        self._events.child_unreachable(model, pid)
+                        self._sched.on_unreachable(model, now)
             case Tick(at):
                 self._sched.on_tick(at)
             case Unload(models, reply):

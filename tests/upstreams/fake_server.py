@@ -35,6 +35,14 @@ Behaviour flags (all optional except --port):
                          close the connection, but stay alive: new connections are refused
   --drop-reused          close a keep-alive connection, unanswered, when a second request arrives
                          on it (not /health): a pooled connection that died as it was reused
+  --die-on-request S     S seconds after reading a request (not /health), print "dying" and SIGKILL
+                         itself: a child that a request crashes
+  --stop-on-request S    S seconds after reading a request (not /health), SIGSTOP itself: a hung
+                         child (nothing answers, /health neither)
+  --stop-after-bytes N   SIGSTOP itself once N body bytes of a streamed response were written
+  --silent               read requests (not /health) and never answer them; /health still answers:
+                         a child that is only slow
+  --flood                print a 200-byte line as fast as its stdout takes them, from the start
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -57,6 +65,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -213,6 +222,7 @@ class Server:
                     if self.args.drop_reused and served > 1:
                         log(f"{req.method} {req.path} dropped: a reused connection")
                         break
+                    await self.fault_on_request(req)
                 self.in_flight += 1
                 try:
                     keep_alive = await self.dispatch(req, writer)
@@ -227,6 +237,23 @@ class Server:
         finally:
             self.open_connections -= 1
             writer.close()
+
+    async def fault_on_request(self, req: Request) -> None:
+        """--die-on-request, --stop-on-request, --silent: what a request does to this child."""
+        a = self.args
+        if a.die_on_request is None and a.stop_on_request is None and not a.silent:
+            return
+        log(f"{req.method} {req.path} received")
+        if a.die_on_request is not None:
+            await asyncio.sleep(a.die_on_request)
+            log("dying (--die-on-request)")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if a.stop_on_request is not None:
+            await asyncio.sleep(a.stop_on_request)
+            log("stopping (--stop-on-request)")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if a.silent:
+            await asyncio.get_running_loop().create_future()  # never answered
 
     async def send_json(
         self,
@@ -306,6 +333,12 @@ class Server:
         return keep
 
     async def write_stream_bytes(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        stop_at = self.args.stop_after_bytes
+        if stop_at is not None and self.stream_bytes + len(data) >= stop_at:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            log(f"stopping after {stop_at} streamed bytes (--stop-after-bytes)")
+            os.kill(os.getpid(), signal.SIGSTOP)
         limit = self.args.crash_after_bytes
         if limit is not None and self.stream_bytes + len(data) >= limit:
             data = data[: limit - self.stream_bytes]
@@ -501,6 +534,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--deaf-after", type=int, default=None)
     p.add_argument("--drop-reused", action="store_true")
+    p.add_argument("--die-on-request", type=float, default=None)
+    p.add_argument("--stop-on-request", type=float, default=None)
+    p.add_argument("--stop-after-bytes", type=int, default=None)
+    p.add_argument("--silent", action="store_true")
+    p.add_argument("--flood", action="store_true")
     return p.parse_args(argv)
 
 
@@ -520,6 +558,17 @@ def install_signals(loop: asyncio.AbstractEventLoop, server: Server) -> None:
     else:
         loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, exit_now, 0, "SIGINT received, exiting")
+
+
+def flood() -> None:
+    """--flood: lines as fast as stdout takes them (blocking when its reader stalls), in a thread
+    so that requests are still served meanwhile."""
+    line = f"fake_server[{os.getpid()}]: flood " + "x" * 170
+    n = 0
+    with contextlib.suppress(OSError, ValueError):
+        while True:
+            n += 1
+            print(f"{line} {n}", flush=True)
 
 
 async def main(argv: list[str]) -> None:
@@ -547,6 +596,8 @@ async def main(argv: list[str]) -> None:
                 await asyncio.sleep(0.002)
 
         background.append(asyncio.ensure_future(chatter()))
+    if args.flood:
+        background.append(asyncio.ensure_future(asyncio.to_thread(flood)))
     if args.exit_after is not None:
         loop.call_later(max(0.0, START + args.exit_after - time.monotonic()), exit_now, 2, "fake crash")
     if args.exit_during_load:
