@@ -138,6 +138,12 @@ def error_body(err: SwapperError) -> bytes:
     ).encode()
 
 
+def sse_error_event(err: SwapperError) -> bytes:
+    """The envelope as a final SSE event, for a stream that cannot end normally (OpenAI's
+    clients raise it as an error)."""
+    return b"data: " + error_body(err) + b"\n\n"
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A small whole response swapper writes itself (an error, the model list, health): each

@@ -43,6 +43,12 @@ swap_log = structlog.get_logger("swapper.swaps")
 T = TypeVar("T")
 
 
+# How a request ended: answered whole (whatever its status), its client left first, swapper cut
+# it (the model stopped under it: unload, reload, shutdown, a hang), the upstream failed it
+# (refused, died, broke mid-answer, failed to load), or a deadline (``timeouts``) ran out.
+OUTCOMES: Final = ("ok", "client_gone", "cut", "upstream_error", "timeout")
+
+
 class RequestTrack:
     """One model request, from routing to its response, as the handler reports it.
 
@@ -59,6 +65,7 @@ class RequestTrack:
         "content_type",
         "method",
         "model",
+        "outcome",
         "path",
         "req_id",
         "route",
@@ -81,6 +88,9 @@ class RequestTrack:
         self.waited: float | None = None  # acquire -> lease in hand
         self.ttfb: float | None = None  # arrival -> upstream response headers (wait included)
         self.status: int | None = None  # None: the client left before an answer
+        # How it ended (``OUTCOMES``), set by whoever knows: a 2xx head then a cut stream is
+        # not a success. None until then; ``Exchange.finish`` settles it.
+        self.outcome: str | None = None
         self.content_type = b""  # the upstream answer's, once forwarded
         self.tail = b""  # the answer's last bytes (activity.TAIL at most), set by the relay
         self.capture: Capture | None = None  # set by activity.ActivityLog when captures are on
@@ -98,8 +108,10 @@ class RequestTrack:
         if self._bus._first_bytes:  # a swap waits for its first byte relayed
             self._bus._request_forwarded(self)
 
-    def failed(self, status: int) -> None:
+    def failed(self, status: int, outcome: str | None = None) -> None:
         self.status = status
+        if outcome is not None:
+            self.outcome = outcome
 
     def done(self) -> None:
         """Call exactly once, in ``finally``."""

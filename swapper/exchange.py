@@ -29,13 +29,20 @@ from yarl import URL
 
 from swapper import modelid, proxy, shaping
 from swapper.config import ModelConfig
-from swapper.errors import UpstreamRefused
+from swapper.errors import (
+    ModelLoadFailed,
+    ModelUnloaded,
+    ShuttingDown,
+    SwapperError,
+    UpstreamError,
+    UpstreamRefused,
+)
 from swapper.events import EventBus, RequestTrack
 from swapper.h1pool import Connection, H1Pool, Response
 from swapper.messages import Lease
 from swapper.runloop import RunLoop
 
-__all__ = ["Exchange", "upstream_path"]
+__all__ = ["Exchange", "outcome_of", "upstream_path"]
 
 
 def upstream_path(path: str) -> str:
@@ -74,6 +81,8 @@ class Exchange:
         "url",
         "wanted",
         "content_type",
+        "cut_error",
+        "gone",
     )
 
     def __init__(
@@ -114,6 +123,9 @@ class Exchange:
         self.out = b""  # the body as it goes upstream
         self.started = 0.0  # perf_counter when it last went upstream
         self.finished = False
+        # Why swapper cut it (set by ``cancel``): what its client is told, if it can still be.
+        self.cut_error: SwapperError | None = None
+        self.gone = False  # its client left
 
     def begin_track(self, bus: EventBus, route: str, path: str) -> RequestTrack:
         self.track = bus.track(self.req_id, self.model, route, self.method, path)
@@ -131,8 +143,10 @@ class Exchange:
 
     async def acquire(self, on_wait: Callable[[], None] | None = None) -> Lease:
         """Waits for the lease (a load or a queue); ``granted`` it afterwards. A stop of the model
-        cancels ``task`` (default: the calling task)."""
-        return await self.runloop.acquire(self.req_id, self.model, on_wait=on_wait, holder=self.task)
+        cancels ``task`` (default: the calling task) through ``cancel``."""
+        if self.task is None and self.cut is None:
+            self.task = asyncio.current_task()
+        return await self.runloop.acquire(self.req_id, self.model, on_wait=on_wait, holder=self)
 
     def granted(self, lease: Lease) -> None:
         """``lease`` is in hand: what goes upstream follows from it (a reacquire's new one too).
@@ -173,7 +187,7 @@ class Exchange:
             upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out)
         except UpstreamRefused:
             assert self.lease is not None
-            self.granted(await self.runloop.reacquire(self.lease))
+            self.granted(await self.runloop.reacquire(self.lease, self))
             self.started = time.perf_counter()
             upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out)
         self.answered(upstream, time.perf_counter())
@@ -192,8 +206,23 @@ class Exchange:
 
     # ---- the end ----
 
-    def cancel(self) -> None:
-        """The run loop cuts the request (its model is being stopped)."""
+    def cancel(self, error: SwapperError | None = None) -> None:
+        """The run loop cuts the request (its model is being stopped; ``error`` says why, default
+        an unload): the receiver answers ``cut_error`` if nothing was sent yet, else ends the
+        stream with it."""
+        if self.cut_error is None and not self.gone:
+            self.cut_error = error or ModelUnloaded(
+                f"model {self.model!r} was stopped during the request (unload, reload or shutdown)"
+            )
+        self._end()
+
+    def client_left(self) -> None:
+        """The client hung up: the request ends, unanswered."""
+        if self.cut_error is None:
+            self.gone = True
+        self._end()
+
+    def _end(self) -> None:
         if self.task is not None:
             self.task.cancel()
         elif not self.finished and self.cut is not None:
@@ -211,9 +240,30 @@ class Exchange:
             self.upstream.close()  # back to the pool after a complete body; else closed
             self.upstream = None
         self.runloop.release(self.req_id)
-        if self.track.capture is not None:
-            self.track.capture.request(self.track.path, self.headers, self.body)
-        self.track.done()
+        track = self.track
+        if track.outcome is None:
+            track.outcome = self._outcome()
+        if track.capture is not None:
+            track.capture.request(track.path, self.headers, self.body)
+        track.done()
+
+    def _outcome(self) -> str:
+        if self.cut_error is not None:
+            return outcome_of(self.cut_error)
+        if self.gone or self.track.status is None:
+            return "client_gone"
+        return "ok"
+
+
+def outcome_of(err: SwapperError) -> str:
+    """The outcome (``events.OUTCOMES``) of a request answered or cut with ``err``."""
+    if isinstance(err, (UpstreamError, ModelLoadFailed)):
+        return "upstream_error"
+    if isinstance(err, (ModelUnloaded, ShuttingDown)):
+        return "cut"
+    if err.status == 504:
+        return "timeout"
+    return "ok"  # a refusal (429, 503 queue full, 4xx): an answer, honestly given
 
 
 _NO_URL = URL()

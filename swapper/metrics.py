@@ -109,16 +109,19 @@ class _Tally:
 
 
 class _RouteSeries:
-    """Requests answered for one (model, route), by status class (-1: no answer)."""
+    """Requests answered for one (model, route), by status class (-1: no answer) and outcome."""
 
-    __slots__ = ("by_class",)
+    __slots__ = ("by_class", "by_outcome")
 
     def __init__(self) -> None:
         self.by_class: dict[int, int] = {}
+        self.by_outcome: dict[str, int] = {}
 
-    def count(self, status: int | None) -> None:
+    def count(self, status: int | None, outcome: str | None) -> None:
         key = -1 if status is None else status // 100
         self.by_class[key] = self.by_class.get(key, 0) + 1
+        how = outcome or "ok"
+        self.by_outcome[how] = self.by_outcome.get(how, 0) + 1
 
 
 class _ModelSeries:
@@ -231,7 +234,7 @@ class Metrics(Observer):
         route = self._routes.get(key)
         if route is None:
             route = self._routes[key] = _RouteSeries()
-        route.count(req.status)
+        route.count(req.status, req.outcome)
         if req.ttfb is not None:
             self._model(req.model).ttfb.observe(req.ttfb)
         act = self._activity.get(req.model)
@@ -275,9 +278,17 @@ class Metrics(Observer):
             "('cancelled': the client left before an answer)",
             labels=["model", "route", "status"],
         )
+        outcomes = CounterMetricFamily(
+            "swapper_request_outcomes",
+            "Model requests by how they ended: ok (answered whole), client_gone, cut (the model "
+            "was stopped under it), upstream_error (refused, died, broke mid-answer), timeout",
+            labels=["model", "route", "outcome"],
+        )
         for (model, route), series in sorted(self._routes.items()):
             for key, count in sorted(series.by_class.items()):
                 requests.add_metric([model, route, "cancelled" if key < 0 else f"{key}xx"], count)
+            for outcome, count in sorted(series.by_outcome.items()):
+                outcomes.add_metric([model, route, outcome], count)
         wait = HistogramMetricFamily(
             "swapper_queue_wait_seconds",
             "Time from asking the run loop for a model to holding its lease (load or queue)",
@@ -291,7 +302,7 @@ class Metrics(Observer):
         for model, m in sorted(self._models.items()):
             m.wait.add_to(wait, [model])
             m.ttfb.add_to(ttfb, [model])
-        return [requests, wait, ttfb]
+        return [requests, outcomes, wait, ttfb]
 
     def close(self) -> None:
         self._gpu.close()

@@ -37,7 +37,7 @@ from yarl import URL
 
 from swapper.activity import TAIL_CHUNKS, Capture, tail_of
 from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, REQUEST_DROP, forwardable, kept_fields
-from swapper.errors import UpstreamError, UpstreamRefused
+from swapper.errors import UpstreamError, UpstreamRefused, sse_error_event
 from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 
 __all__ = [
@@ -70,6 +70,7 @@ class Relayed:
     bytes_out: int
     complete: bool
     tail: bytes = b""  # the body's last bytes (``activity.TAIL`` at most), for its token counts
+    broken: bool = False  # the upstream broke mid-body (else an incomplete relay: the client left)
 
 
 class _Connector(aiohttp.TCPConnector):
@@ -184,8 +185,9 @@ async def relay(
     loading-state SSE preamble, and asked for an unencoded body) only the body is appended to it.
 
     Raises ``UpstreamError`` if a non-SSE upstream breaks before its first body byte: nothing has
-    been written, and the caller renders the error. A later break ends the client's connection
-    with no clean end (a truncated body must not look complete) and returns ``complete=False``;
+    been written, and the caller renders the error. A later break ends an SSE stream with a
+    final error event, and any other body by ending the client's connection with no clean end
+    (a truncated body must not look complete); it returns ``complete=False, broken=True``;
     the handler may then be cancelled at its next ``await``, exactly as if the client had left.
     ``capture``, when given, is handed every piece of the body.
     """
@@ -224,14 +226,22 @@ async def _pump(
     """Copy the upstream body to the prepared ``resp``; its last reads make the tail."""
     sent = 0
     last: deque[bytes] = deque((), TAIL_CHUNKS)
-    complete = False
+    complete = broken = False
     try:
         while True:
             if not chunk:
                 try:
                     chunk = await content.readany()
-                except UPSTREAM_READ_ERRORS:
-                    _abort(request, resp)
+                except UPSTREAM_READ_ERRORS as exc:
+                    broken = True
+                    if content.sse:  # a final error event and a proper end: clients raise it
+                        event = sse_error_event(UpstreamError(f"upstream broke mid-answer: {exc!r}"))
+                        if not (last and last[-1].endswith(b"\n\n")):
+                            event = b"\n\n" + event  # it broke mid-event: end that one first
+                        await resp.write(event)
+                        await resp.write_eof()
+                    else:
+                        _abort(request, resp)
                     break
                 if not chunk:
                     await resp.write_eof()
@@ -253,7 +263,7 @@ async def _pump(
         # The client left (ClientConnectionResetError is a ConnectionResetError); the caller
         # closes the upstream so generation stops.
         pass
-    return Relayed(resp, sent, complete, tail_of(last))
+    return Relayed(resp, sent, complete, tail_of(last), broken)
 
 
 def _abort(request: web.Request, resp: web.StreamResponse) -> None:

@@ -19,7 +19,7 @@ import itertools
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, assert_never
+from typing import Any, Final, assert_never
 
 import aiohttp
 import structlog
@@ -36,6 +36,7 @@ from swapper.memory import MemoryMonitor
 from swapper.messages import (
     Acquire,
     ChildExited,
+    Holder,
     Lease,
     MemorySampled,
     Message,
@@ -55,13 +56,6 @@ from swapper.scheduler import ModelStatus, Scheduler, State
 log = structlog.get_logger("swapper.runloop")
 
 TICK_SECONDS = 1.0
-
-
-class Holder(Protocol):
-    """Whoever serves a granted request: cut by ``cancel()`` when its model is stopped under it
-    (unload, reload). The requester's task, or the front door's inline exchange."""
-
-    def cancel(self) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +125,12 @@ class RunLoop:
         model: str,
         *,
         on_wait: Callable[[], None] | None = None,
-        holder: asyncio.Task[Any] | None = None,
+        holder: Holder | None = None,
     ) -> Lease:
         """Waits until ``model`` may serve this request; pair with ``release`` in ``finally``.
 
         ``on_wait`` is called once the request is admitted but has to wait (load or queue).
-        ``holder`` (default: the calling task) is the task a stop of the model cancels.
+        ``holder`` (default: the calling task) is what a stop of the model cancels.
         """
         if self._done:
             raise ShuttingDown("swapper is shutting down")
@@ -163,7 +157,7 @@ class RunLoop:
             self._holders[req_id] = holder
         return Lease(req_id, model, self.config.models[model].proxy, self._pid(model))
 
-    async def reacquire(self, lease: Lease) -> Lease:
+    async def reacquire(self, lease: Lease, holder: Holder | None = None) -> Lease:
         """After the upstream refused ``lease``'s connection: releases it, reports the child as
         unreachable (the loop restarts it unless its exit was already seen), and waits for a new
         lease on the same model under a new request id. Release the returned lease instead."""
@@ -171,7 +165,7 @@ class RunLoop:
         self._post(Unreachable(lease.model, lease.pid))
         req_id = self.new_request_id()
         try:
-            return await self.acquire(req_id, lease.model)
+            return await self.acquire(req_id, lease.model, holder=holder)
         except BaseException:
             self.release(req_id)  # cancelled while waiting: the caller only knows the old id
             raise

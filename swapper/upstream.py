@@ -31,6 +31,7 @@ llama-swap does, and any other client to ``/v1/models``, the nearest thing in JS
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from urllib.parse import unquote
@@ -41,7 +42,7 @@ from swapper import cors, proxy, ui
 from swapper.config import Config
 from swapper.errors import Conflict, ModelNotFound, SwapperError
 from swapper.events import track_request
-from swapper.exchange import Exchange
+from swapper.exchange import Exchange, outcome_of
 from swapper.routes import RUNLOOP, SESSION, error_response, read_body
 from swapper.scheduler import State
 
@@ -139,15 +140,26 @@ async def _handle(request: web.Request, resolver: PathResolver) -> web.StreamRes
         body=body,
     )
     track = ex.track = track_request(request, ex.req_id, model)  # metrics and /api/events
+    relaying = False
     try:
         ex.granted(await ex.acquire())
         track.granted()
         upstream = await ex.send()
+        relaying = True
         relayed = await proxy.relay(request, upstream, capture=track.capture)
         track.tail = relayed.tail
+        if relayed.broken:
+            track.outcome = "upstream_error"
         return relayed.response
     except SwapperError as err:
-        track.failed(err.status)
+        track.failed(err.status, outcome_of(err))
         return error_response(err)
+    except asyncio.CancelledError:
+        # Cut by a stop of its model before the upstream's answer began: say so.
+        if (cut := ex.cut_error) is None or relaying or (task := asyncio.current_task()) is None:
+            raise
+        task.uncancel()
+        track.failed(cut.status, outcome_of(cut))
+        return error_response(cut)
     finally:
         ex.finish()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -435,7 +436,7 @@ async def test_upstream_dying_before_the_body_is_upstream_error(
         assert "before sending a body" in (await resp.json())["error"]["message"]
 
 
-async def test_upstream_dying_mid_stream_truncates_the_client(
+async def test_upstream_dying_mid_stream_ends_the_stream_with_an_error_event(
     aiohttp_client: AiohttpClient, session: aiohttp.ClientSession
 ) -> None:
     async with RawUpstream(lambda conn, index: (sse(b"data: 1\n\n", end=False), True)) as upstream:
@@ -443,8 +444,10 @@ async def test_upstream_dying_mid_stream_truncates_the_client(
         resp = await client.post("/x", data=b"{}")
         assert resp.status == 200
         assert await resp.content.readuntil(b"\n\n") == b"data: 1\n\n"
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await resp.read()  # no clean end: the client can tell the body is incomplete
+        # A final error event (clients raise it) and a proper end, never a silent [DONE].
+        rest = await resp.read()
+        assert rest.startswith(b'data: {"error": {') and rest.endswith(b"\n\n")
+        assert json.loads(rest[len(b"data: ") :])["error"]["code"] == "bad_gateway"
         await asyncio.wait_for(proxy.done.wait(), STEP)
         [result] = proxy.results
         assert (result.status, result.bytes_out, result.complete) == (200, 9, False)

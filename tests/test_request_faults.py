@@ -5,22 +5,32 @@ silent; swapper in-process behind its front door. What these pin down:
   * a request the child may have read is never sent again: a child that dies of it gives the
     client a 502 envelope, and no second child ever sees that request (Go's Transport and
     nginx's ``proxy_next_upstream`` rule); the death is logged and counted as a crash, also
-    when the next request finds the port refused before swapper read the exit.
+    when the next request finds the port refused before swapper read the exit;
+  * a request cut by an unload (reload, shutdown) gets a 503 envelope when nothing was sent
+    yet, and a stream ends with a final ``data: {"error": ...}`` event and a proper end, also
+    when its child crashed mid-stream (never a bare close, never a silent end);
+  * metrics and the activity log record how each request ended (``outcome``: ok, client_gone,
+    cut, upstream_error, timeout) next to its status: a cut 200 stream is not a success.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psutil
+import pytest
 
+from swapper.activity import ACTIVITY
 from swapper.messages import Unreachable
 from swapper.scheduler import State
 from tests.test_faults import error_of
+from tests.test_metrics import scrape, settled, value
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, pid_of, runloop
 
 WaitUntil = Callable[..., Awaitable[None]]
@@ -100,3 +110,88 @@ async def test_a_refused_connection_to_a_child_that_died_is_counted_as_its_crash
     assert status["lastError"]["message"] == f"pid {pid} exited unexpectedly (rc -9)"
     assert (await chat(client, "a"))["model"] == "a"  # the next request starts it afresh
     assert pid_of(client, "a") not in (None, pid)
+
+
+def last_event(stream: bytes) -> dict[str, Any]:
+    """The last SSE event's JSON."""
+    last = stream.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"data: "), stream[-300:]
+    event: dict[str, Any] = json.loads(last.removeprefix(b"data: "))
+    return event
+
+
+async def outcome_counts(client: Any, model: str) -> dict[str, float]:
+    samples = await scrape(client)
+    route = "/v1/chat/completions"
+    return {
+        outcome: value(samples, "swapper_request_outcomes_total", model=model, route=route, outcome=outcome)
+        or 0
+        for outcome in ("ok", "client_gone", "cut", "upstream_error", "timeout")
+    }
+
+
+def activity_outcomes(client: Any) -> list[tuple[int, str]]:
+    return [(r.status or 0, r.outcome) for r in client.app[ACTIVITY].records()]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["front door", "aiohttp path"])
+async def test_an_unload_answers_the_request_it_cuts_with_a_503(
+    aiohttp_client: ClientFactory, wait_until: WaitUntil, chunked: bool
+) -> None:
+    # Before: a bare connection close, counted as if the client had left.
+    client = await client_for(aiohttp_client, fake_config({"a": ""}))
+    await chat(client, "a")
+    payload = json.dumps({"model": "a", "messages": [], "max_tokens": 4}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield payload
+
+    data: Any = chunks() if chunked else payload
+    headers = {"Content-Type": "application/json", "X-Fake-Delay": "60"}  # the child takes a minute
+    pending = asyncio.ensure_future(client.post(CHAT, data=data, headers=headers))
+    await wait_until(lambda: runloop(client).snapshot()["a"].status.in_flight == 1, what="in flight")
+    began = time.monotonic()
+    assert (await client.get("/unload")).status == 200
+    resp = await asyncio.wait_for(pending, 10)
+    assert resp.status == 503
+    err = await error_of(resp)
+    assert err["code"] == "model_unloaded" and "stopped during the request" in err["message"]
+    assert time.monotonic() - began < 5  # not the child's minute, nor its unloadTimeout
+    await settled(client)
+    assert activity_outcomes(client)[-1] == (503, "cut")
+    counts = await outcome_counts(client, "a")
+    assert (counts["ok"], counts["cut"]) == (1, 1)
+
+
+async def test_an_unload_ends_a_stream_with_an_error_event(aiohttp_client: ClientFactory) -> None:
+    client = await client_for(aiohttp_client, fake_config({"a": "--tps 20"}))
+    resp = await client.post(CHAT, json={"model": "a", "stream": True, "max_tokens": 500, "messages": []})
+    assert resp.status == 200
+    first = await resp.content.readuntil(b"\n\n")
+    assert first.startswith(b"data: ")
+    assert (await client.get("/unload")).status == 200
+    rest = await asyncio.wait_for(resp.read(), 10)  # a proper end: no ClientPayloadError
+    assert b"[DONE]" not in rest
+    assert last_event(rest)["error"]["code"] == "model_unloaded"
+    await settled(client)
+    assert activity_outcomes(client)[-1] == (200, "cut")
+    assert client.app[ACTIVITY].records()[-1].as_json(False)["error_msg"].startswith("cut")
+    assert (await outcome_counts(client, "a"))["cut"] == 1
+
+
+async def test_a_stream_cut_by_a_crash_is_recorded_as_an_upstream_error_not_a_success(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # Before: the status (200) was recorded when the head came, so the truncated stream counted
+    # as a success.
+    client = await client_for(aiohttp_client, fake_config({"a": "--crash-after-bytes 400 --tps 500"}))
+    resp = await client.post(CHAT, json={"model": "a", "stream": True, "max_tokens": 200, "messages": []})
+    assert resp.status == 200
+    body = await resp.read()
+    assert last_event(body)["error"]["code"] == "bad_gateway"
+    await settled(client)
+    assert activity_outcomes(client) == [(200, "upstream_error")]
+    samples = await scrape(client)
+    assert value(samples, "swapper_requests_total", model="a", route=CHAT, status="2xx") == 1
+    counts = await outcome_counts(client, "a")
+    assert (counts["ok"], counts["upstream_error"]) == (0, 1)
