@@ -63,6 +63,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from swapper import timeouts as _timeouts
+from swapper.timeouts import Timeouts
+
 DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120.0
 DEFAULT_UNLOAD_TIMEOUT = 10.0
@@ -117,6 +120,7 @@ class ModelConfig:
     # memory planner: bytes the model is expected to need before its first measured load
     memory_estimate: int | None = None
     memory_device: Literal["gpu", "cpu", "auto"] = "auto"
+    timeouts: Timeouts = _timeouts.DEFAULT  # the global ``timeouts:`` with this model's own keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +182,7 @@ class Config:
     upstream_ignore_paths: tuple[str, ...] = DEFAULT_UPSTREAM_IGNORE_PATHS
     activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log
     capture_bytes: int = 0  # captureBuffer; 0: no captures
+    timeouts: Timeouts = _timeouts.DEFAULT  # the global ``timeouts:`` (each model has its own)
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -214,7 +219,7 @@ def _check_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> 
 def parse_config(text: str, *, source: str = "<config>") -> Config:
     """Same as load_config for YAML text (used by tests and reload)."""
     doc = _read_document(text, source)
-    defaults = _parse_defaults(doc.top)
+    defaults = _parse_defaults(doc.top, doc.warnings)
     models, aliases = _link_aliases(_parse_models(doc, defaults), doc.warnings)
     routing, priorities = _parse_routing(doc, models, aliases)
     _check_matrix(routing, models)
@@ -253,6 +258,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
             top.get("metricsMaxInMemory"), "metricsMaxInMemory", DEFAULT_ACTIVITY_RECORDS
         ),
         capture_bytes=_capture_buffer(top.get("captureBuffer")),
+        timeouts=defaults.timeouts,
         warnings=tuple(doc.warnings),
     )
 
@@ -278,14 +284,18 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-_TOP_KEYS = _words(
-    """
+_TOP_KEYS = (
+    _words(
+        """
     healthCheckTimeout logLevel logToStdout startPort macros models globalTTL unloadTimeout
     apiKeys includeAliasesInList sendLoadingState hooks upstream routing groups matrix
     """
-) | _words(  # ours
-    "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer"
+    )
+    | _words(  # ours
+        "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
+        "requestHeaderTimeout metricsMaxInMemory captureBuffer"
+    )
+    | _words("timeouts")
 )
 _TOP_UNSUPPORTED = _words(
     """
@@ -298,9 +308,9 @@ _MODEL_KEYS = _words(
     cmd cmdStop proxy checkEndpoint env aliases useModelName unlisted name description metadata
     macros ttl unloadTimeout concurrencyLimit maxWait sendLoadingState filters memory memoryEstimate
     """
-)
+) | _words("timeouts")
 # healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
-_MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "capabilities", "healthCheckTimeout"})
+_MODEL_UNSUPPORTED = frozenset({"compat", "capabilities", "healthCheckTimeout"})
 _NONE: frozenset[str] = frozenset()
 
 _PID_ONLY = frozenset({"PID"})
@@ -343,6 +353,7 @@ class _Defaults:
     concurrency_limit: int
     max_wait: float
     send_loading_state: bool
+    timeouts: Timeouts
 
 
 # --- stage 1: environment, in the raw text --------------------------------------------------------
@@ -785,7 +796,14 @@ def _seconds(value: object, path: str, default: float, *, minimum: float = 0.0) 
     return seconds
 
 
-def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
+def _decode_timeouts(raw: object, path: str, base: Timeouts, warnings: list[str]) -> Timeouts:
+    try:
+        return _timeouts.decode(raw, path, base, warnings)
+    except _timeouts.TimeoutsError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _parse_defaults(top: Mapping[str, Any], warnings: list[str]) -> _Defaults:
     health = DEFAULT_HEALTH_CHECK_TIMEOUT
     if top.get("healthCheckTimeout") is not None:
         health = _as_number(top["healthCheckTimeout"], "healthCheckTimeout")
@@ -807,6 +825,7 @@ def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
         concurrency_limit=concurrency or DEFAULT_CONCURRENCY_LIMIT,
         max_wait=max_wait,
         send_loading_state=_opt_bool(top.get("sendLoadingState"), "sendLoadingState", False),
+        timeouts=_decode_timeouts(top.get("timeouts"), "timeouts", _timeouts.DEFAULT, warnings),
     )
 
 
@@ -1000,6 +1019,7 @@ def _decode_model(
         filters=_parse_filters(tree.get("filters"), f"{path}.filters", warnings),
         memory_estimate=estimate,
         memory_device=device,
+        timeouts=_decode_timeouts(tree.get("timeouts"), f"{path}.timeouts", defaults.timeouts, warnings),
     )
 
 

@@ -129,6 +129,13 @@ class UpstreamRefused(UpstreamError):
     """No connection could be made to the child at all: nothing was sent, so a retry is safe."""
 
 
+class GatewayTimeout(SwapperError):
+    """A ``timeouts`` deadline ran out: the connect, the response head, or the whole request."""
+
+    status = 504
+    code = "gateway_timeout"
+
+
 def error_body(err: SwapperError) -> bytes:
     return json.dumps(
         {

@@ -30,6 +30,7 @@ from yarl import URL
 from swapper import modelid, proxy, shaping
 from swapper.config import ModelConfig
 from swapper.errors import (
+    GatewayTimeout,
     ModelLoadFailed,
     ModelUnloaded,
     ShuttingDown,
@@ -82,7 +83,9 @@ class Exchange:
         "wanted",
         "content_type",
         "cut_error",
+        "deadline",
         "gone",
+        "head_timer",
     )
 
     def __init__(
@@ -126,6 +129,12 @@ class Exchange:
         # Why swapper cut it (set by ``cancel``): what its client is told, if it can still be.
         self.cut_error: SwapperError | None = None
         self.gone = False  # its client left
+        # timeouts.request and timeouts.responseHeader, armed only when configured.
+        self.deadline: asyncio.TimerHandle | None = None
+        self.head_timer: asyncio.TimerHandle | None = None
+        if (limit := cfg.timeouts.request) > 0:
+            err = GatewayTimeout(f"model {model!r}: no complete answer within {limit:g}s (timeouts.request)")
+            self.deadline = asyncio.get_running_loop().call_later(limit, self.cancel, err)
 
     def begin_track(self, bus: EventBus, route: str, path: str) -> RequestTrack:
         self.track = bus.track(self.req_id, self.model, route, self.method, path)
@@ -174,7 +183,10 @@ class Exchange:
         nothing sent, if there is none."""
         self.started = time.perf_counter()
         self.sent = self.pool.send_now(self.method, self.url, self.headers, self.out, notify)
-        return self.sent is not None
+        if self.sent is None:
+            return False
+        self._arm_head_timer()
+        return True
 
     async def send(self) -> Response:
         """Sends the request and returns the upstream's response head (also in ``upstream``).
@@ -183,18 +195,23 @@ class Exchange:
         nothing reached it, so it is restarted and the request sent once more.
         """
         self.started = time.perf_counter()
+        connect = self.cfg.timeouts.connect
+        self._arm_head_timer()
         try:
-            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out)
+            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out, connect)
         except UpstreamRefused:
             assert self.lease is not None
+            self._disarm_head_timer()  # a restart is a load, not the child's answer time
             self.granted(await self.runloop.reacquire(self.lease, self))
             self.started = time.perf_counter()
-            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out)
+            self._arm_head_timer()
+            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out, connect)
         self.answered(upstream, time.perf_counter())
         return upstream
 
     def answered(self, upstream: Response, arrived: float) -> None:
         """The upstream's response head came in at ``arrived`` (``time.perf_counter``)."""
+        self._disarm_head_timer()
         self.upstream = upstream
         track = self.track
         track.content_type = upstream.reader.content_type
@@ -203,6 +220,19 @@ class Exchange:
         track.forwarded(upstream.status, arrived - self.started)
         if upstream.streamed:
             upstream.do_not_pool()  # llama-server closes the connection after a streamed body
+
+    def _arm_head_timer(self) -> None:
+        limit = self.cfg.timeouts.response_header
+        if limit > 0 and self.head_timer is None:
+            err = GatewayTimeout(
+                f"model {self.model!r} sent no response head within {limit:g}s (timeouts.responseHeader)"
+            )
+            self.head_timer = asyncio.get_running_loop().call_later(limit, self.cancel, err)
+
+    def _disarm_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
 
     # ---- the end ----
 
@@ -233,6 +263,9 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        self._disarm_head_timer()
+        if self.deadline is not None:
+            self.deadline.cancel()
         if self.sent is not None:
             self.sent.abandon()  # the upstream learns that nobody waits for this answer
             self.sent = None

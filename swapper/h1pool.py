@@ -448,14 +448,22 @@ class H1Pool:
         self._closed = False
 
     async def request(
-        self, method: str, url: URL, headers: bytes, body: bytes, *, fresh: bool = False
+        self,
+        method: str,
+        url: URL,
+        headers: bytes,
+        body: bytes,
+        *,
+        fresh: bool = False,
+        connect_timeout: float | None = None,
     ) -> Response:
         """Sends one request and waits for the response head.
 
         ``url`` must be absolute and already encoded; its path and query go out verbatim.
         ``headers`` are header lines (``codec.forwardable``) without Host or Content-Length: both
         are written from ``url`` and ``body`` (Content-Length also for an empty body, unless the
-        method is GET, HEAD, OPTIONS or TRACE). ``fresh`` skips the idle connections. Raises
+        method is GET, HEAD, OPTIONS or TRACE). ``fresh`` skips the idle connections;
+        ``connect_timeout`` replaces the pool's (0: none) for a new connection. Raises
         ``ConnectFailed`` (nothing was sent), ``Disconnected`` (``replayable`` when nothing was
         written) or ``ProtocolError``.
         """
@@ -465,7 +473,9 @@ class H1Pool:
         key = (url.scheme, url.raw_host or "", url.port or 0)
         conn = None if fresh else self._take(key)
         if conn is None:
-            conn = await self._connect(url, key)
+            conn = await self._connect(
+                url, key, self._connect_timeout if connect_timeout is None else connect_timeout
+            )
         try:
             conn.start(head_only=method == "HEAD")
             await conn.send(head, body)
@@ -543,7 +553,7 @@ class H1Pool:
         if conns and conn in conns:
             conns.remove(conn)
 
-    async def _connect(self, url: URL, key: tuple[str, str, int]) -> Connection:
+    async def _connect(self, url: URL, key: tuple[str, str, int], limit: float) -> Connection:
         loop = asyncio.get_running_loop()
         host, port = key[1], key[2]
         tls = None
@@ -552,7 +562,7 @@ class H1Pool:
                 self._ssl = ssl.create_default_context()
             tls = self._ssl
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(limit or None):
                 _, conn = await loop.create_connection(
                     lambda: Connection(self, key), host, port, ssl=tls, server_hostname=host if tls else None
                 )

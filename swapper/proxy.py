@@ -26,6 +26,7 @@ and h1pool stops reading the upstream socket while unread bytes pile up.
 
 from __future__ import annotations
 
+import errno
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from yarl import URL
 
 from swapper.activity import TAIL_CHUNKS, Capture, tail_of
 from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, REQUEST_DROP, forwardable, kept_fields
-from swapper.errors import UpstreamError, UpstreamRefused, sse_error_event
+from swapper.errors import GatewayTimeout, SwapperError, UpstreamError, UpstreamRefused, sse_error_event
 from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 
 __all__ = [
@@ -136,7 +137,9 @@ def upstream_headers(
     return forwardable(incoming, connection, REQUEST_DROP)
 
 
-async def send(pool: H1Pool, method: str, url: URL, headers: bytes, body: bytes) -> Response:
+async def send(
+    pool: H1Pool, method: str, url: URL, headers: bytes, body: bytes, connect_timeout: float | None = None
+) -> Response:
     """Sends one request through ``pool`` and returns the response head; raises ``UpstreamError``
     (nothing reached the client yet) if the upstream could not be reached or broke first.
 
@@ -148,18 +151,22 @@ async def send(pool: H1Pool, method: str, url: URL, headers: bytes, body: bytes)
     """
     try:
         try:
-            return await pool.request(method, url, headers, body)
+            return await pool.request(method, url, headers, body, connect_timeout=connect_timeout)
         except Disconnected as exc:
             if not exc.replayable:
                 raise
-            return await pool.request(method, url, headers, body, fresh=True)
+            return await pool.request(method, url, headers, body, fresh=True, connect_timeout=connect_timeout)
     except OSError as exc:  # h1pool's errors, TimeoutError included
         raise failed_before_response(exc, url) from exc
 
 
-def failed_before_response(exc: Exception, url: URL) -> UpstreamError:
+def failed_before_response(exc: Exception, url: URL) -> SwapperError:
     """What to answer when ``url``'s upstream could not be reached (``UpstreamRefused``: nothing
     was sent) or broke before its response head."""
+    if isinstance(exc, ConnectFailed) and exc.errno == errno.ETIMEDOUT:
+        return GatewayTimeout(
+            f"upstream {url.origin()} did not accept the connection in time (timeouts.connect)"
+        )
     if isinstance(exc, ConnectFailed):
         return UpstreamRefused(f"upstream {url.origin()} refused the connection: {exc.strerror}")
     if isinstance(exc, TimeoutError):

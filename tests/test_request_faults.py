@@ -27,8 +27,10 @@ import psutil
 import pytest
 
 from swapper.activity import ACTIVITY
+from swapper.config import ConfigError
 from swapper.messages import Unreachable
 from swapper.scheduler import State
+from swapper.timeouts import Timeouts
 from tests.test_faults import error_of
 from tests.test_metrics import scrape, settled, value
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, pid_of, runloop
@@ -195,3 +197,57 @@ async def test_a_stream_cut_by_a_crash_is_recorded_as_an_upstream_error_not_a_su
     assert value(samples, "swapper_requests_total", model="a", route=CHAT, status="2xx") == 1
     counts = await outcome_counts(client, "a")
     assert (counts["ok"], counts["upstream_error"]) == (0, 1)
+
+
+# ---- timeouts ----------------------------------------------------------------------------------
+
+
+def test_timeouts_decode_globally_and_per_model_with_llama_swaps_keys() -> None:
+    cfg = fake_config(
+        {"a": "", "b": ""},
+        extra="timeouts: {responseHeader: 5, hung: 10, keepalive: 30}",
+        a="timeouts: {connect: 2, request: 60, loadStall: 0, idleConn: 90}",
+    )
+    assert cfg.timeouts == Timeouts(connect=30, response_header=5, request=0, hung=10, load_stall=60)
+    a, b = cfg.models["a"].timeouts, cfg.models["b"].timeouts
+    assert a == Timeouts(connect=2, response_header=5, request=60, hung=10, load_stall=0)
+    assert b == cfg.timeouts
+    assert not cfg.warnings  # llama-swap's transport keys are accepted
+
+
+@pytest.mark.parametrize("bad", ["{connect: -1}", "{hung: soon}", "5"])
+def test_a_bad_timeout_is_a_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError, match="timeouts"):
+        fake_config({"a": ""}, a=f"timeouts: {bad}")
+
+
+async def test_a_child_that_sends_no_response_head_in_time_is_a_504(aiohttp_client: ClientFactory) -> None:
+    # Before: no timeout at all; the client waited as long as the child did (here: forever).
+    client = await client_for(
+        aiohttp_client, fake_config({"a": "--silent"}, a="timeouts: {responseHeader: 1}")
+    )
+    began = time.monotonic()
+    resp = await asyncio.wait_for(client.post(CHAT, json={"model": "a", "messages": []}), 10)
+    took = time.monotonic() - began
+    assert resp.status == 504
+    err = await error_of(resp)
+    assert err["code"] == "gateway_timeout" and "timeouts.responseHeader" in err["message"]
+    assert 1 <= took < 5  # the load (about 0.1 s) is not counted: the head's wait begins at the send
+    await settled(client)
+    assert activity_outcomes(client) == [(504, "timeout")]
+    assert runloop(client).state("a") is State.READY  # a slow child is not killed for it
+
+
+async def test_a_stream_past_its_request_deadline_ends_with_an_error_event(
+    aiohttp_client: ClientFactory,
+) -> None:
+    client = await client_for(aiohttp_client, fake_config({"a": "--tps 10"}, a="timeouts: {request: 1.5}"))
+    began = time.monotonic()
+    resp = await client.post(CHAT, json={"model": "a", "stream": True, "max_tokens": 500, "messages": []})
+    assert resp.status == 200
+    body = await asyncio.wait_for(resp.read(), 10)
+    assert 1.5 <= time.monotonic() - began < 5
+    assert last_event(body)["error"]["code"] == "gateway_timeout"
+    await settled(client)
+    assert activity_outcomes(client) == [(200, "timeout")]
+    assert (await outcome_counts(client, "a"))["timeout"] == 1
