@@ -393,6 +393,9 @@ class Child:
         stopper = self._start_cmd_stop() if self._model.cmd_stop else None
         if stopper is None:
             signal_group(proc.pid, signal.SIGTERM)
+        # A stopped (SIGSTOP, hung) process only sees its SIGTERM once it runs again: without
+        # this, its stop would always wait out unloadTimeout (what kill(1) and systemd do too).
+        signal_group(proc.pid, signal.SIGCONT)
         self._signalled_at = time.monotonic()
         return stopper
 

@@ -137,6 +137,13 @@ class Observer:
         """A ready child refused connections (dead with its exit not yet seen, or no longer
         listening) and is being restarted: a failure like ``child_exited``, reported instead of it."""
 
+    def hang_probed(self, model: str, pid: int, failure: str | None) -> None:
+        """A silent ready child was probed (``hang``): ``failure`` None means alive."""
+
+    def child_hung(self, model: str, pid: int, why: str) -> None:
+        """A ready child was found hung (``hang``) and is being killed: a failure like
+        ``child_exited``, reported instead of it."""
+
     def swap_timed(self, timeline: SwapTimeline) -> None:
         """A swap is complete: its first byte was relayed, or its model left ``ready`` first."""
 
@@ -162,6 +169,8 @@ _HOOKS: Final = (
     "child_start_failed",
     "child_exited",
     "child_unreachable",
+    "hang_probed",
+    "child_hung",
     "swap_timed",
     "request_started",
     "request_granted",
@@ -246,6 +255,12 @@ class EventBus:
 
     def child_unreachable(self, model: str, pid: int) -> None:
         self._notify("child_unreachable", model, pid)
+
+    def hang_probed(self, model: str, pid: int, failure: str | None) -> None:
+        self._notify("hang_probed", model, pid, failure)
+
+    def child_hung(self, model: str, pid: int, why: str) -> None:
+        self._notify("child_hung", model, pid, why)
 
     def swap_ready(self, timeline: SwapTimeline) -> None:
         """The run loop granted the requests waiting on a swap; its first byte relayed (the

@@ -236,13 +236,17 @@ class Exchange:
 
     # ---- the end ----
 
-    def cancel(self, error: SwapperError | None = None) -> None:
-        """The run loop cuts the request (its model is being stopped; ``error`` says why, default
-        an unload): the receiver answers ``cut_error`` if nothing was sent yet, else ends the
-        stream with it."""
+    def cancel(self, error: object = None) -> None:
+        """The run loop cuts the request (its model is being stopped; ``error``, a
+        ``SwapperError``, says why, default an unload): the receiver answers ``cut_error`` if
+        nothing was sent yet, else ends the stream with it."""
         if self.cut_error is None and not self.gone:
-            self.cut_error = error or ModelUnloaded(
-                f"model {self.model!r} was stopped during the request (unload, reload or shutdown)"
+            self.cut_error = (
+                error
+                if isinstance(error, SwapperError)
+                else ModelUnloaded(
+                    f"model {self.model!r} was stopped during the request (unload, reload or shutdown)"
+                )
             )
         self._end()
 

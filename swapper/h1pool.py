@@ -100,6 +100,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._state = _IDLE
         self._got_bytes = False
+        self._meter = pool._meter_of(key)  # reads from this origin, for hang detection
 
     # ---- asyncio.Protocol ----
 
@@ -141,6 +142,7 @@ class Connection(asyncio.Protocol):
             self._fail(ProtocolError("upstream sent data outside a response"))
             return
         self._got_bytes = True
+        self._meter[0] += 1
         try:
             reader.feed(data)
         except BadMessage as exc:
@@ -444,6 +446,7 @@ class H1Pool:
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self._meters: dict[tuple[str, str, int], list[int]] = {}  # origin -> [reads so far]
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
@@ -509,6 +512,18 @@ class H1Pool:
         head = _request_head(method, url, headers, body)
         conn.transport.write(head + body if body else head)
         return conn
+
+    def reads(self, base_url: str) -> int:
+        """How many reads ``base_url``'s origin has answered so far (any change is progress)."""
+        url = URL(base_url)
+        meter = self._meters.get((url.scheme, url.raw_host or "", url.port or 0))
+        return 0 if meter is None else meter[0]
+
+    def _meter_of(self, key: tuple[str, str, int]) -> list[int]:
+        meter = self._meters.get(key)
+        if meter is None:
+            meter = self._meters[key] = [0]
+        return meter
 
     def close_idle(self, base_url: str) -> None:
         """Closes the idle connections to ``base_url``'s origin, whose server is about to stop:

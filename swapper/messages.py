@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from swapper.config import Config
 from swapper.errors import SwapperError
@@ -36,7 +36,7 @@ class Holder(Protocol):
     """Whoever serves a granted request: cut by ``cancel()`` when its model is stopped under it
     (unload, reload). The requester's task, or its ``exchange.Exchange``."""
 
-    def cancel(self) -> object: ...
+    def cancel(self, msg: Any = None) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +106,17 @@ class Unreachable:
 
 
 @dataclass(frozen=True, slots=True)
+class HangProbed:
+    """``model``'s child (``pid``), silent for ``silent`` seconds with requests in flight, was
+    probed: ``failure`` is why it is hung, None if it answered (slow, not hung)."""
+
+    model: str
+    pid: int
+    silent: float
+    failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Periodic: TTL unloads, and queue re-evaluation as waits age past their bounds."""
 
@@ -151,6 +162,7 @@ Message = (
     | Stopped
     | ChildExited
     | Unreachable
+    | HangProbed
     | Tick
     | Unload
     | Reload

@@ -163,6 +163,13 @@ class Metrics(Observer):
             buckets=LOAD_BUCKETS,
             registry=reg,
         )
+        self.hang_probes = Counter(
+            "swapper_hang_probes",
+            "Health probes of ready children silent for timeouts.hung with requests in flight, by "
+            "result (alive: slow, left alone; hung: killed)",
+            ["model", "result"],
+            registry=reg,
+        )
         self.unexpected_exits = Counter(
             "swapper_model_unexpected_exits",
             "Ready children that exited without being asked to (crashes, OOM kills)",
@@ -214,6 +221,12 @@ class Metrics(Observer):
         # Counted as an unexpected exit: usually it is one whose exit was not seen yet (the stop
         # that follows makes that exit an expected one), else a child that stopped serving.
         self._count_exit(model, f"pid {pid} refused connections; restarted")
+
+    def hang_probed(self, model: str, pid: int, failure: str | None) -> None:
+        self.hang_probes.labels(model, "alive" if failure is None else "hung").inc()
+
+    def child_hung(self, model: str, pid: int, why: str) -> None:
+        self._count_exit(model, f"pid {pid} hung ({why}); killed")
 
     def swap_timed(self, timeline: SwapTimeline) -> None:
         for phase, seconds in timeline.phases().items():

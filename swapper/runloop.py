@@ -27,15 +27,17 @@ import structlog
 from swapper import process
 from swapper.children import Child
 from swapper.config import Config
-from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
+from swapper.errors import GatewayTimeout, ModelLoadFailed, ShuttingDown, SwapperError
 from swapper.events import EventBus
 from swapper.h1pool import H1Pool
+from swapper.hang import CLAIMED_SILENCE, PROBE_TIMEOUT, HangWatch, probe
 from swapper.health import ensure_port_free, wait_healthy
 from swapper.logs import LogHub
 from swapper.memory import MemoryMonitor
 from swapper.messages import (
     Acquire,
     ChildExited,
+    HangProbed,
     Holder,
     Lease,
     MemorySampled,
@@ -106,6 +108,8 @@ class RunLoop:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[int, asyncio.Future[Lease]] = {}
         self._holders: dict[int, Holder] = {}  # req_id -> who serves it (see Holder)
+        self._hangs = HangWatch()
+        self._probing: dict[str, asyncio.Task[None]] = {}  # model -> its hang probe
         self._unload_replies: list[tuple[frozenset[str], asyncio.Future[None]]] = []
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
@@ -344,6 +348,10 @@ class RunLoop:
                         self._sched.on_unreachable(model, now)
             case Tick(at):
                 self._sched.on_tick(at)
+                self._watch_hangs(at)
+            case HangProbed(model, pid, silent, failure):
+                self._probing.pop(model, None)
+                self._on_hang_probed(model, pid, silent, failure, now)
             case Unload(models, reply):
                 targets = frozenset(self.config.models) if models is None else models
                 self._unload_replies.append((targets, reply))
@@ -381,6 +389,51 @@ class RunLoop:
             self._done = True
         if self._inbox.empty() and not self._starting and not self._stopping:
             self._idle.set()
+
+    def _watch_hangs(self, now: float) -> None:
+        """Probes each ready model with requests in flight that has been silent for its
+        ``timeouts.hung`` (see ``hang``), or for ``CLAIMED_SILENCE`` if an overdue request waits
+        on it: a hung model in an eviction set must not stretch ``maxWait`` by ``hung``."""
+        claimed = self._sched.claimed(now)
+        for model, child in self._children.items():
+            limit = child.model.timeouts.hung
+            if model in claimed and limit > 0:
+                limit = min(limit, CLAIMED_SILENCE)
+            busy = self._sched.state(model) is State.READY and self._sched.in_flight(model)
+            if not busy or limit <= 0 or child.pid is None or self._pool is None or model in self._probing:
+                self._hangs.forget(model)
+                continue
+            progress = self._pool.reads(child.model.proxy) + child.lines_seen
+            silent = self._hangs.silent_for(model, progress, now)
+            if silent >= limit and (url := _health_url(child)) is not None:
+                coro = self._probe_hang(model, child.pid, silent, url, min(limit, PROBE_TIMEOUT))
+                self._probing[model] = self._spawn(coro)
+
+    async def _probe_hang(self, model: str, pid: int, silent: float, url: str, limit: float) -> None:
+        assert self._pool is not None
+        self._post(HangProbed(model, pid, silent, await probe(self._pool, url, limit)))
+
+    def _on_hang_probed(self, model: str, pid: int, silent: float, failure: str | None, now: float) -> None:
+        self._hangs.forget(model)  # alive: watched afresh from now; hung: stopped below
+        child = self._children.get(model)
+        if child is not None and child.pid == pid:
+            self._events.hang_probed(model, pid, failure)
+        if (
+            failure is None
+            or child is None
+            or child.pid != pid
+            or self._sched.state(model) is not State.READY
+        ):
+            return
+        why = f"no byte for {silent:.0f}s with requests in flight, and its health probe failed: {failure}"
+        log.warning("model hung; killing its process group", model=model, pid=pid, why=why)
+        self._events.child_hung(model, pid, why)
+        err = GatewayTimeout(f"model {model!r} hung ({why}); it was killed and restarts on the next request")
+        for req_id in self._sched.in_flight(model):
+            if (holder := self._holders.get(req_id)) is not None:
+                holder.cancel(err)
+        child.kill()  # SIGKILL to the group: a stopped process ignores SIGTERM
+        self._sched.on_unreachable(model, now)  # stopped, counted toward the crash-loop backoff
 
     def _on_child_exited(self, model: str, pid: int, returncode: int, now: float) -> None:
         child = self._children.get(model)

@@ -31,7 +31,7 @@ from swapper.config import ConfigError
 from swapper.messages import Unreachable
 from swapper.scheduler import State
 from swapper.timeouts import Timeouts
-from tests.test_faults import error_of
+from tests.test_faults import error_of, with_model
 from tests.test_metrics import scrape, settled, value
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, pid_of, runloop
 
@@ -251,3 +251,116 @@ async def test_a_stream_past_its_request_deadline_ends_with_an_error_event(
     await settled(client)
     assert activity_outcomes(client) == [(200, "timeout")]
     assert (await outcome_counts(client, "a"))["timeout"] == 1
+
+
+# ---- hang detection ----------------------------------------------------------------------------
+
+
+def probes(samples: dict[Any, float], model: str, result: str) -> float:
+    return value(samples, "swapper_hang_probes_total", model=model, result=result) or 0
+
+
+async def test_a_hung_child_ends_its_requests_with_504_and_is_killed(
+    aiohttp_client: ClientFactory, wait_until: WaitUntil
+) -> None:
+    # The child reads a request, then stops (SIGSTOP). Before: the clients waited forever with
+    # not one log line, /running said ready, and an unload took the whole unloadTimeout.
+    cfg = fake_config({"a": "--stop-on-request 0.1"}, a="timeouts: {hung: 1}")
+    client = await client_for(aiohttp_client, cfg)
+    began = time.monotonic()
+    plain = asyncio.ensure_future(client.post(CHAT, json={"model": "a", "messages": []}))
+    await wait_until(lambda: pid_of(client, "a") is not None, what="spawned")
+    pid = pid_of(client, "a")
+    assert pid is not None
+    resp = await asyncio.wait_for(plain, 15)
+    took = time.monotonic() - began
+    assert resp.status == 504
+    err = await error_of(resp)
+    assert err["code"] == "gateway_timeout" and "hung" in err["message"]
+    assert took < 6  # hung (1 s) + the tick (1 s) + the probe (1 s), and the load
+    await wait_until(lambda: runloop(client).state("a") is State.STOPPED, what="stopped")
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    await settled(client)
+    assert activity_outcomes(client) == [(504, "timeout")]
+    status = await status_of(client, "a")
+    assert status["unexpectedExits"] == 1 and "hung" in status["lastError"]["message"]
+    assert probes(await scrape(client), "a", "hung") == 1
+
+
+async def test_a_stream_on_a_child_that_hangs_ends_with_an_error_event(aiohttp_client: ClientFactory) -> None:
+    cfg = fake_config({"a": "--stop-after-bytes 300 --tps 200"}, a="timeouts: {hung: 1}")
+    client = await client_for(aiohttp_client, cfg)
+    resp = await client.post(CHAT, json={"model": "a", "stream": True, "max_tokens": 500, "messages": []})
+    assert resp.status == 200
+    body = await asyncio.wait_for(resp.read(), 15)  # a proper end
+    assert body.startswith(b"data: ") and b"[DONE]" not in body
+    assert last_event(body)["error"]["code"] == "gateway_timeout"
+    await settled(client)
+    assert activity_outcomes(client) == [(200, "timeout")]
+
+
+async def test_a_slow_child_that_answers_its_probe_is_left_alone(
+    aiohttp_client: ClientFactory, wait_until: WaitUntil
+) -> None:
+    # Silent on its request (a long prompt on a CPU), but its health endpoint answers: not hung.
+    cfg = fake_config({"a": "--silent"}, a="timeouts: {hung: 1}")
+    client = await client_for(aiohttp_client, cfg)
+    pending = asyncio.ensure_future(client.post(CHAT, json={"model": "a", "messages": []}))
+    alive = 0.0
+
+    async def probed() -> None:
+        nonlocal alive
+        alive = probes(await scrape(client), "a", "alive")
+
+    deadline = time.monotonic() + 10
+    while alive < 2:  # probed twice: once silent for 1 s, then again, watched afresh
+        assert time.monotonic() < deadline, "the silent child was never probed"
+        await probed()
+        await asyncio.sleep(0.05)
+    assert not pending.done()
+    assert runloop(client).state("a") is State.READY
+    assert probes(await scrape(client), "a", "hung") == 0
+    began = time.monotonic()
+    assert (await client.get("/unload")).status == 200
+    assert time.monotonic() - began < 1.5  # the cut request lets the child exit on SIGTERM
+    resp = await asyncio.wait_for(pending, 5)
+    assert resp.status == 503
+
+
+async def test_an_unload_of_a_stopped_child_does_not_wait_out_its_unload_timeout(
+    aiohttp_client: ClientFactory, wait_until: WaitUntil
+) -> None:
+    # Before: SIGTERM to a stopped process waits until it runs again, so /unload took the whole
+    # unloadTimeout, then SIGKILLed it. SIGCONT after SIGTERM lets it exit now.
+    cfg = with_model(fake_config({"a": "--stop-on-request 0"}), "a", unload_timeout=8.0)
+    client = await client_for(aiohttp_client, cfg)
+    pending = asyncio.ensure_future(client.post(CHAT, json={"model": "a", "messages": []}))
+    await wait_until(lambda: pid_of(client, "a") is not None, what="spawned")
+    pid = pid_of(client, "a")
+    assert pid is not None
+
+    def stopped() -> bool:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+    await wait_until(stopped, what="the child stopped itself")
+    began = time.monotonic()
+    assert (await client.get("/unload")).status == 200
+    assert time.monotonic() - began < 4
+    assert (await asyncio.wait_for(pending, 5)).status == 503
+
+
+async def test_max_wait_holds_when_a_model_to_evict_hangs(
+    aiohttp_client: ClientFactory, wait_until: WaitUntil
+) -> None:
+    # a and b swap (one default group). a hangs with a request in flight; b's request, queued
+    # behind it, claims a once its maxWait (2 s) is up. Before: b waited as long as a hung.
+    cfg = fake_config({"a": "--stop-on-request 0", "b": ""}, b="maxWait: 2")
+    client = await client_for(aiohttp_client, cfg)
+    stuck = asyncio.ensure_future(client.post(CHAT, json={"model": "a", "messages": []}))
+    await wait_until(lambda: runloop(client).snapshot()["a"].status.in_flight == 1, what="a in flight")
+    began = time.monotonic()
+    resp = await asyncio.wait_for(client.post(CHAT, json={"model": "b", "messages": []}), 15)
+    took = time.monotonic() - began
+    assert resp.status == 200, await resp.text()
+    assert took < 8  # maxWait, then a second of silence, a probe (1 s), the kill and b's load
+    assert (await asyncio.wait_for(stuck, 5)).status == 504  # a's request: answered, not hung
