@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from swapper.console import CONSOLE
 from swapper.events import Observer, RequestTrack
 from swapper.gpu import GpuUsage, Nvml, gpu_used_by, open_nvml
 from swapper.scheduler import State
@@ -315,7 +316,12 @@ class Metrics(Observer):
         for model, m in sorted(self._models.items()):
             m.wait.add_to(wait, [model])
             m.ttfb.add_to(ttfb, [model])
-        return [requests, outcomes, wait, ttfb]
+        dropped = CounterMetricFamily(
+            "swapper_log_lines_dropped",
+            "Console (stderr) log lines dropped because nobody read them fast enough; /logs has them",
+        )
+        dropped.add_metric([], CONSOLE.dropped)
+        return [requests, outcomes, wait, ttfb, dropped]
 
     def close(self) -> None:
         self._gpu.close()
