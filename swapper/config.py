@@ -817,6 +817,12 @@ def _parse_defaults(top: Mapping[str, Any], warnings: list[str]) -> _Defaults:
     max_wait = _seconds(top.get("maxWait"), "maxWait", DEFAULT_MAX_WAIT)
     if max_wait <= 0:
         raise ConfigError("maxWait: must be greater than 0")
+    if health < MIN_HEALTH_CHECK_TIMEOUT:
+        warnings.append(
+            f"healthCheckTimeout: {health:g} is below the minimum of {MIN_HEALTH_CHECK_TIMEOUT:g}; "
+            f"using {MIN_HEALTH_CHECK_TIMEOUT:g} (as llama-swap does; timeouts.loadStall fails a "
+            "stalled load sooner)"
+        )
     return _Defaults(
         health_check_timeout=max(health, MIN_HEALTH_CHECK_TIMEOUT),
         start_port=start_port,

@@ -529,7 +529,10 @@ class RunLoop:
             await child.spawn()
             execed = time.monotonic()
             timeout = child.model.health_check_timeout
-            await wait_healthy(self._session, child, _health_url(child), timeout, pool=self._pool)
+            stall = child.model.timeouts.load_stall
+            await wait_healthy(
+                self._session, child, _health_url(child), timeout, pool=self._pool, stall=stall
+            )
             healthy = time.monotonic()
         except SwapperError as exc:
             await _stop_if_spawned(child, grace=1.0)

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from swapper.activity import ACTIVITY
-from swapper.config import ConfigError
+from swapper.config import ConfigError, parse_config
 from swapper.messages import Unreachable
 from swapper.scheduler import State
 from swapper.timeouts import Timeouts
@@ -364,3 +364,44 @@ async def test_max_wait_holds_when_a_model_to_evict_hangs(
     assert resp.status == 200, await resp.text()
     assert took < 8  # maxWait, then a second of silence, a probe (1 s), the kill and b's load
     assert (await asyncio.wait_for(stuck, 5)).status == 504  # a's request: answered, not hung
+
+
+# ---- load stalls -------------------------------------------------------------------------------
+
+
+async def test_a_load_that_stalls_fails_early_with_the_childs_last_lines(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # It never listens and prints nothing more: before, the load waited out healthCheckTimeout
+    # (15 s here, 120 s by default).
+    cfg = fake_config({"a": "--no-listen"}, a="timeouts: {loadStall: 1}")
+    client = await client_for(aiohttp_client, cfg)
+    began = time.monotonic()
+    resp = await client.post(CHAT, json={"model": "a", "messages": []})
+    took = time.monotonic() - began
+    assert resp.status == 502
+    err = await error_of(resp)
+    assert err["code"] == "model_load_failed"
+    assert "load stalled: no output and no health answer for 1s" in err["message"]
+    assert "loading model a" in err["message"]  # the child's last words
+    assert 1 <= took < 5
+
+
+async def test_a_load_that_keeps_printing_is_not_a_stall(aiohttp_client: ClientFactory) -> None:
+    cfg = fake_config({"a": "--no-listen --chatty-load --load-delay 2.5"}, a="timeouts: {loadStall: 1}")
+    client = await client_for(aiohttp_client, cfg)
+    began = time.monotonic()
+    resp = await client.post(CHAT, json={"model": "a", "messages": []})
+    took = time.monotonic() - began
+    assert resp.status == 502
+    assert "load stalled" in (await error_of(resp))["message"]
+    assert took >= 3.4  # printed for 2.5 s (progress), then 1 s of silence
+
+
+def test_a_health_check_timeout_raised_to_its_floor_is_said_once() -> None:
+    cfg = parse_config("healthCheckTimeout: 5\nmodels:\n  a:\n    cmd: server --port ${PORT}\n")
+    assert cfg.models["a"].health_check_timeout == 15
+    assert [w for w in cfg.warnings if w.startswith("healthCheckTimeout")] == [
+        "healthCheckTimeout: 5 is below the minimum of 15; using 15 (as llama-swap does; "
+        "timeouts.loadStall fails a stalled load sooner)"
+    ]

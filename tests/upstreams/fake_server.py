@@ -43,6 +43,7 @@ Behaviour flags (all optional except --port):
   --silent               read requests (not /health) and never answer them; /health still answers:
                          a child that is only slow
   --flood                print a 200-byte line as fast as its stdout takes them, from the start
+  --no-listen            never open its port (nor print more): a load that stalled
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -539,6 +540,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stop-after-bytes", type=int, default=None)
     p.add_argument("--silent", action="store_true")
     p.add_argument("--flood", action="store_true")
+    p.add_argument("--no-listen", action="store_true")
     return p.parse_args(argv)
 
 
@@ -580,6 +582,12 @@ async def main(argv: list[str]) -> None:
     ballast = b"\x01" * (args.alloc_mib << 20)  # bytes * n writes every page, so RSS really grows
     if args.fork_grandchild:
         fork_grandchild()
+    if args.no_listen:
+        if args.chatty_load:
+            for step in range(int(args.load_delay / 0.01)):  # printing while it "loads"
+                log(f"loading: step {step}")
+                await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().create_future()  # stalled: until a signal ends it
     srv = await asyncio.start_server(server.handle_conn, args.host, args.port, limit=MAX_HEADER_BYTES)
     server.listener = srv
     log(f"accepting connections on {args.host}:{args.port} (model loading)")
