@@ -20,7 +20,7 @@ from typing import Any
 
 from swapper import __version__, check
 from swapper.config import Config, ConfigError, load_config
-from swapper.lifecycle import serve
+from swapper.lifecycle import ListenError, serve
 from swapper.logs import LogHub, setup_logging
 
 EXIT_CONFIG = 2
@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swapper: warning: {warning}", file=sys.stderr)
     host, port = args.listen
     path = Path(args.config).absolute()  # the start-up line names the file, wherever we started
-    run(serve(config, host, port, logs=hub, config_path=path, watch_config=args.watch_config))
+    try:
+        run(serve(config, host, port, logs=hub, config_path=path, watch_config=args.watch_config))
+    except ListenError as exc:
+        print(f"swapper: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -74,6 +74,7 @@ DEFAULT_MAX_WAIT = 30.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUED = 1000
 DEFAULT_REQUEST_HEADER_TIMEOUT = 20.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_ACTIVITY_RECORDS = 1000  # llama-swap's metricsMaxInMemory
 DEFAULT_UPSTREAM_IGNORE_PATHS: tuple[str, ...] = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 DEFAULT_GROUP = "(default)"
@@ -183,6 +184,7 @@ class Config:
     activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log
     capture_bytes: int = 0  # captureBuffer; 0: no captures
     timeouts: Timeouts = _timeouts.DEFAULT  # the global ``timeouts:`` (each model has its own)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # seconds in-flight requests get at shutdown
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -259,6 +261,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         ),
         capture_bytes=_capture_buffer(top.get("captureBuffer")),
         timeouts=defaults.timeouts,
+        shutdown_timeout=_seconds(top.get("shutdownTimeout"), "shutdownTimeout", DEFAULT_SHUTDOWN_TIMEOUT),
         warnings=tuple(doc.warnings),
     )
 
@@ -295,7 +298,7 @@ _TOP_KEYS = (
         "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
         "requestHeaderTimeout metricsMaxInMemory captureBuffer"
     )
-    | _words("timeouts")
+    | _words("timeouts shutdownTimeout")
 )
 _TOP_UNSUPPORTED = _words(
     """
