@@ -44,6 +44,7 @@ Behaviour flags (all optional except --port):
                          a child that is only slow
   --flood                print a 200-byte line as fast as its stdout takes them, from the start
   --no-listen            never open its port (nor print more): a load that stalled
+  --request-lines N      print N more 100-byte lines for each request (not /health): a chatty server
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -51,6 +52,10 @@ GET /props, GET /health, POST /sdapi/v1/txt2img, POST /v1/images/generations,
 POST /v1/audio/transcriptions and POST /inference (multipart), and an echo route for anything
 else: ``{"method", "path", "raw_path", "query", "headers", "header_list", "body_b64",
 "model_name", "pid"}``. Generated token i is ``"<model-name>#<i> "``.
+
+With ``FAKE_REQUEST_LOG`` set in its environment, each request (not /health) that carries an
+``X-Soak-Id`` header appends ``<pid> <id>`` to that file as it is read (the soak's check that no
+request reaches two children).
 
 A request with the header ``X-Fake-Delay: S`` is answered S seconds late (not a stream). One with
 ``X-Fake-Raw: <base64>`` is answered with exactly those bytes, then the connection is closed (for
@@ -75,6 +80,9 @@ import time
 from typing import Any
 
 START = time.monotonic()
+_REQUEST_LOG = os.environ.get("FAKE_REQUEST_LOG")
+# One small O_APPEND write a request: atomic, so children writing at once never interleave.
+REQUEST_LOG = os.open(_REQUEST_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if _REQUEST_LOG else None
 
 # A 1x1 transparent PNG, for the image endpoints.
 TINY_PNG_B64 = (
@@ -223,6 +231,11 @@ class Server:
                     if self.args.drop_reused and served > 1:
                         log(f"{req.method} {req.path} dropped: a reused connection")
                         break
+                    if REQUEST_LOG is not None and (soak_id := req.header("x-soak-id")):
+                        os.write(REQUEST_LOG, f"{os.getpid()} {soak_id}\n".encode())
+                    if self.args.request_lines:
+                        chatter = f"fake_server[{os.getpid()}]: working on {req.path} " + "." * 60
+                        print("\n".join([chatter] * self.args.request_lines), flush=True)
                     await self.fault_on_request(req)
                 self.in_flight += 1
                 try:
@@ -541,6 +554,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--silent", action="store_true")
     p.add_argument("--flood", action="store_true")
     p.add_argument("--no-listen", action="store_true")
+    p.add_argument("--request-lines", type=int, default=0)
     return p.parse_args(argv)
 
 
