@@ -396,9 +396,9 @@ class RunLoop:
         on it: a hung model in an eviction set must not stretch ``maxWait`` by ``hung``."""
         claimed = self._sched.claimed(now)
         for model, child in self._children.items():
-            limit = child.model.timeouts.hung
+            hung = limit = child.model.timeouts.hung
             if model in claimed and limit > 0:
-                limit = min(limit, CLAIMED_SILENCE)
+                limit = min(limit, CLAIMED_SILENCE)  # silent that long: probed, as patiently as ever
             busy = self._sched.state(model) is State.READY and self._sched.in_flight(model)
             if not busy or limit <= 0 or child.pid is None or self._pool is None or model in self._probing:
                 self._hangs.forget(model)
@@ -406,7 +406,7 @@ class RunLoop:
             progress = self._pool.reads(child.model.proxy) + child.lines_seen
             silent = self._hangs.silent_for(model, progress, now)
             if silent >= limit and (url := _health_url(child)) is not None:
-                coro = self._probe_hang(model, child.pid, silent, url, min(limit, PROBE_TIMEOUT))
+                coro = self._probe_hang(model, child.pid, silent, url, min(hung, PROBE_TIMEOUT))
                 self._probing[model] = self._spawn(coro)
 
     async def _probe_hang(self, model: str, pid: int, silent: float, url: str, limit: float) -> None:
