@@ -7,18 +7,23 @@ Runs ``python -m swapper`` on loopback in front of three fake upstreams
 completions, embeddings, ``/props?model=``, requests for an unknown model, and clients that give
 up (before the answer, or after the first streamed chunk). Requests come in phases that favour
 one model, so they collate and swap. Once, about halfway, the child serving requests is
-SIGKILLed.
+SIGKILLed; at three quarters, one is SIGSTOPped (hung: swapper must detect it, end its requests
+and kill it, ``timeouts.hung`` being 2 s here). Throughout, swapper echoes every child's output
+to a stderr pipe that nobody reads (``logToStdout: both``) until the end: a stalled terminal.
 
 It stops by itself (every request has a timeout, the whole run a deadline) and then checks:
   * lost requests: every request got a response (status + complete body, a stream ending in
     ``[DONE]``), an explicit error (a JSON error envelope), or was visibly cut (a stream that
-    ended without ``[DONE]``: only expected for streams on the child that was killed). A
-    timeout or a connection error is lost;
+    ended without ``[DONE]``, with a final error event: only expected for streams on the
+    children that were killed or stopped). A timeout or a connection error is lost;
+  * replays: no request reached two children, nor one child twice (each request carries an
+    ``X-Soak-Id``, which the fake upstreams log as they read it);
   * leaked slots: once the clients are done, GET /running shows inFlight 0 and queued 0 for
     every model (polled with a deadline: the releases of abandoned requests are messages);
   * leaked processes: at most one child while idle, and none at all (no fake server carrying
     this run's tag) after swapper has shut down on SIGTERM;
-  * swapper's RSS (and open file descriptors) at the start, the peak and the end.
+  * swapper's RSS (and open file descriptors: at most ``FD_SLACK`` more at the end) at the
+    start, the peak and the end.
 
     .venv/bin/python scripts/soak.py                      # ~2,000 requests
     .venv/bin/python scripts/soak.py --requests 200 --json
@@ -53,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "upstreams" / "fake_server.py"
 MODELS = ("alpha", "beta", "gamma")
 TAG_ENV = "SWAPPER_SOAK_TAG"
+FD_SLACK = 32  # idle keep-alive connections (client and upstream) may outlive the run briefly
 
 
 def free_port() -> int:
@@ -62,10 +68,17 @@ def free_port() -> int:
 
 
 def write_config(path: Path) -> None:
-    lines = ["healthCheckTimeout: 30", "concurrencyLimit: 1000", "models:"]
+    lines = [
+        "healthCheckTimeout: 30",
+        "concurrencyLimit: 1000",
+        "logToStdout: both",  # into a pipe nobody reads (see soak())
+        "timeouts: {hung: 2}",
+        "models:",
+    ]
     for i, name in enumerate(MODELS):
         port = free_port()
-        flags = f"--model-name {name} --tps 3000 --tokens 6 --load-delay {0.02 * i:.2f}"
+        # 10 kB of output a request: swapper echoes it to its stderr, which nobody reads (soak()).
+        flags = f"--model-name {name} --tps 3000 --tokens 6 --load-delay {0.02 * i:.2f} --request-lines 100"
         lines += [
             f"  {name}:",
             f"    cmd: {sys.executable} -S {FAKE} --port {port} {flags}",
@@ -82,6 +95,7 @@ class Tally:
     lost: list[str] = field(default_factory=list)
     truncated_after_crash: int = 0
     crash: dict[str, Any] = field(default_factory=dict)
+    hang: dict[str, Any] = field(default_factory=dict)
 
     def note(self, kind: str, outcome: str) -> None:
         self.by_kind[kind] += 1
@@ -98,6 +112,7 @@ class Soak:
         self.tally = Tally()
         self.next_index = 0
         self.crash_at = int(args.requests * 0.5)
+        self.hang_at = int(args.requests * 0.75)
         self.crashed = asyncio.Event()
         self.rss_peak = 0
         self.rss_at: dict[str, float] = {}  # at 25/50/75 % of the requests sent: is it still growing?
@@ -128,7 +143,7 @@ class Soak:
         kind, model = self.plan(index)
         try:
             async with asyncio.timeout(self.args.request_timeout):
-                outcome = await self.send(session, kind, model)
+                outcome = await self.send(session, kind, model, {"X-Soak-Id": str(index)})
         except TimeoutError:
             outcome = "LOST:timeout"
         except aiohttp.ClientError as exc:
@@ -137,22 +152,24 @@ class Soak:
             self.tally.lost.append(f"#{index} {kind} {model}: {outcome}")
         self.tally.note(kind, outcome)
 
-    async def send(self, session: aiohttp.ClientSession, kind: str, model: str) -> str:
+    async def send(
+        self, session: aiohttp.ClientSession, kind: str, model: str, headers: dict[str, str]
+    ) -> str:
         rng = self.rng
         if kind == "props":
-            async with session.get(f"{self.base}/props", params={"model": model}) as resp:
+            async with session.get(f"{self.base}/props", params={"model": model}, headers=headers) as resp:
                 return await self.answer(resp)
         if kind == "embedding":
             body: dict[str, Any] = {"model": model, "input": "soak"}
-            async with session.post(f"{self.base}/v1/embeddings", json=body) as resp:
+            async with session.post(f"{self.base}/v1/embeddings", json=body, headers=headers) as resp:
                 return await self.answer(resp)
         if kind == "completion":
             body = {"model": model, "prompt": "soak", "max_tokens": rng.randint(1, 8)}
-            async with session.post(f"{self.base}/v1/completions", json=body) as resp:
+            async with session.post(f"{self.base}/v1/completions", json=body, headers=headers) as resp:
                 return await self.answer(resp)
         if kind == "unknown":
             body = {"model": "no-such-model", "messages": []}
-            async with session.post(f"{self.base}/v1/chat/completions", json=body) as resp:
+            async with session.post(f"{self.base}/v1/chat/completions", json=body, headers=headers) as resp:
                 return await self.answer(resp)
         stream = kind in ("stream", "cancel_stream") or (kind == "cancel_early" and rng.random() < 0.5)
         body = {"model": model, "stream": stream, "max_tokens": rng.randint(2, 24), "messages": []}
@@ -160,11 +177,13 @@ class Soak:
             # Give up after 0-30 ms: usually while queued or waiting on a load.
             try:
                 async with asyncio.timeout(rng.uniform(0.0, 0.03)):
-                    async with session.post(f"{self.base}/v1/chat/completions", json=body) as resp:
+                    async with session.post(
+                        f"{self.base}/v1/chat/completions", json=body, headers=headers
+                    ) as resp:
                         return await self.answer(resp, stream=stream)
             except TimeoutError:
                 return "cancelled"
-        async with session.post(f"{self.base}/v1/chat/completions", json=body) as resp:
+        async with session.post(f"{self.base}/v1/chat/completions", json=body, headers=headers) as resp:
             if kind == "cancel_stream" and resp.status == 200:
                 await resp.content.readline()
                 resp.close()  # the client goes away mid-stream
@@ -191,7 +210,7 @@ class Soak:
         return "ok"
 
     def cut(self) -> str:
-        """A stream that ended without [DONE]: visible to the client, but only fine after the crash."""
+        """A stream that ended without [DONE]: visible to the client, but only fine after a fault."""
         if self.crashed.is_set():
             self.tally.truncated_after_crash += 1
             return "truncated"
@@ -205,6 +224,8 @@ class Soak:
             self.next_index += 1
             if index == self.crash_at:
                 await self.crash_a_child(session)
+            if index == self.hang_at:
+                await self.hang_a_child(session)
             if index and index % max(1, self.args.requests // 4) == 0:
                 with contextlib.suppress(psutil.Error):
                     self.rss_at[f"{round(100 * index / self.args.requests)}%"] = mib(
@@ -238,6 +259,27 @@ class Soak:
                     self.tally.crash["noticed"] = True
                     return
                 await asyncio.sleep(0.01)
+
+    async def hang_a_child(self, session: aiohttp.ClientSession) -> None:
+        """SIGSTOPs a ready child serving requests: swapper must find it hung (``timeouts.hung``),
+        end its requests with an explicit error and kill it. Counted by swapper_hang_probes_total."""
+        counter = "swapper_hang_probes_total"
+        self.tally.hang = {"tries": [], "noticed": False}
+        for _ in range(5):
+            victim = await self.pick_victim(session)
+            if victim is None:
+                return
+            self.tally.hang["tries"].append({"model": victim["model"], "pid": victim["pid"]})
+            self.crashed.set()
+            stop_if_ours(victim["pid"], self.tag)
+            deadline = time.monotonic() + 10.0  # hung (2 s), a tick, the probe (2 s), the kill
+            while time.monotonic() < deadline:
+                if not pid_stopped(victim["pid"]):
+                    break  # killed (or it was being stopped for a swap, and SIGCONT woke it)
+                await asyncio.sleep(0.05)
+            if (await metric_hung(self.base, counter)) > 0:
+                self.tally.hang["noticed"] = True
+                return
 
     async def pick_victim(self, session: aiohttp.ClientSession) -> dict[str, Any] | None:
         """A ready model with requests in flight (or, after 2 s, any ready one; None after 7 s)."""
@@ -310,6 +352,42 @@ async def wait_listening(base: str, proc: asyncio.subprocess.Process, within: fl
             await asyncio.sleep(0.02)
 
 
+async def metric_hung(base: str, counter: str) -> float:
+    """swapper_hang_probes_total{result="hung"}, summed over models."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(counter + "{") and 'result="hung"' in line
+    )
+
+
+def stop_if_ours(pid: int, tag: str) -> None:
+    """SIGSTOPs ``pid`` if it is still one of this run's children."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        if proc.environ().get(TAG_ENV) == tag:
+            proc.send_signal(signal.SIGSTOP)
+
+
+def pid_stopped(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
+def replays(log: Path) -> list[str]:
+    """Request ids that reached more than one child, or one child more than once."""
+    seen: dict[str, list[str]] = collections.defaultdict(list)
+    with contextlib.suppress(FileNotFoundError):
+        for line in log.read_text().splitlines():
+            pid, _, ident = line.partition(" ")
+            seen[ident].append(pid)
+    return [f"#{ident}: pids {pids}" for ident, pids in seen.items() if len(pids) > 1]
+
+
 def kill_if_ours(pid: int, tag: str) -> None:
     """SIGKILLs ``pid`` if it is still one of this run's children (a pid read earlier may be reused)."""
     with contextlib.suppress(psutil.Error):
@@ -340,10 +418,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         write_config(cfg)
         listen = free_port()
         base = f"http://127.0.0.1:{listen}"
-        env = {**os.environ, TAG_ENV: tag}
+        request_log = Path(tmp) / "requests.log"
+        env = {**os.environ, TAG_ENV: tag, "FAKE_REQUEST_LOG": str(request_log)}
         argv = [sys.executable, "-m", "swapper", "-c", str(cfg), "-l", f"127.0.0.1:{listen}"]
         out = args.swapper_log or subprocess.DEVNULL
-        proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, env=env, stdout=out, stderr=out)
+        # stderr: a pipe nobody reads until the run is over (a stalled terminal); swapper must
+        # serve on regardless, dropping console lines.
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.PIPE, limit=1 << 16
+        )
         try:
             await wait_listening(base, proc, 30)
             swapper = psutil.Process(proc.pid)
@@ -361,16 +444,24 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             ]  # model children only: swapper's reaper (swapper/reaper.py) idles beside them
             end_rss, end_fds = swapper.memory_info().rss, swapper.num_fds()
             starts = await metric_sums(
-                base, ("swapper_model_starts_total", "swapper_model_unexpected_exits_total")
+                base,
+                (
+                    "swapper_model_starts_total",
+                    "swapper_model_unexpected_exits_total",
+                    "swapper_log_lines_dropped_total",
+                ),
             )
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
+            drained = asyncio.ensure_future(drain(proc.stderr, args.swapper_log))  # the reader is back
             try:
                 rc = await asyncio.wait_for(proc.wait(), timeout=30)
             except TimeoutError:
                 proc.kill()
                 rc = await proc.wait()
+        await drained
+        replayed = replays(request_log)
         for _ in range(250):  # up to 5 s: killed orphans are reaped by PID 1 at its own pace
             if not (left := tagged_fakes(tag)):
                 break
@@ -390,6 +481,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "lost_detail": tally.lost[:20],
         "by_request_kind": dict(sorted(tally.by_kind.items())),
         "crash": tally.crash,
+        "hang": tally.hang,
+        "replayed": replayed,
+        "log_lines_dropped": starts.get("swapper_log_lines_dropped_total"),
         "child_starts": starts.get("swapper_model_starts_total"),
         "unexpected_child_exits": starts.get("swapper_model_unexpected_exits_total"),
         "leaked_slots": leaked_slots,
@@ -403,7 +497,17 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             "peak": mib(max(run.rss_peak, end_rss)),
         },
         "open_fds": {"start": start_fds, "end": end_fds},
+        "fd_leak": end_fds - start_fds > FD_SLACK,
     }
+
+
+async def drain(stream: asyncio.StreamReader | None, log: Any) -> None:
+    """Reads swapper's stderr to its end (into ``log``, if any)."""
+    if stream is None:
+        return
+    while chunk := await stream.read(1 << 16):
+        if log:
+            log.write(chunk)
 
 
 def passed(report: dict[str, Any]) -> bool:
@@ -413,6 +517,8 @@ def passed(report: dict[str, Any]) -> bool:
         and report["children_when_idle"] <= 1
         and not report["processes_left_after_shutdown"]
         and report["swapper_exit_code"] == 0
+        and not report["replayed"]
+        and not report["fd_leak"]
     )
 
 

@@ -293,6 +293,7 @@ class Record:
         "id",
         "method",
         "model",
+        "outcome",
         "path",
         "selector",
         "status",
@@ -308,6 +309,7 @@ class Record:
         self.method = req.method
         self.path = req.path
         self.status = req.status
+        self.outcome = req.outcome or "ok"
         self.waited = req.waited
         self.ttfb = req.ttfb
         # The front door tracks an inline request just after sending it, and times its TTFB from
@@ -338,7 +340,7 @@ class Record:
         if status is None:
             return "no answer: the client left or the request was cut"
         if status < 400:
-            return None
+            return _CUT_SHORT.get(self.outcome)
         message = self.tokens.error
         if message:
             return message
@@ -358,6 +360,7 @@ class Record:
             "req_path": self.path,
             "resp_content_type": self.content_type.decode("latin-1"),
             "resp_status_code": self.status if self.status is not None else 0,
+            "outcome": self.outcome,
             "tokens": self.tokens.as_json(),
             "queue_wait_ms": _ms(self.waited),
             "ttfb_ms": _ms(self.ttfb),
@@ -369,6 +372,15 @@ class Record:
         if self.selector is not None:
             entry["metadata"] = {"selector": self.selector}  # llama-swap's key
         return entry
+
+
+# Why an answer that began well did not end well (its status alone says success).
+_CUT_SHORT: Final = {
+    "client_gone": "the client left before the answer was complete",
+    "cut": "cut: the model was stopped during the answer",
+    "upstream_error": "the upstream broke off the answer",
+    "timeout": "timed out during the answer",
+}
 
 
 def _ms(seconds: float | None) -> float:

@@ -329,6 +329,15 @@ class Child:
         """Whether the child has exited and all of its output was delivered."""
         return self._pipes is not None and self._pipes.proc.finished.done()
 
+    def poll_exit(self) -> int | None:
+        """The return code if the process has exited (reaping it now if its exit was not seen
+        yet), else None; its output may still be draining."""
+        if self._pipes is None:
+            return None
+        proc = self._pipes.proc
+        proc.poll()
+        return proc.returncode
+
     async def wait_exited(self) -> int:
         """Waits until the child has exited and its output is drained; returns its return code."""
         # shield: a cancelled waiter must not cancel the shared future other waiters use.
@@ -386,6 +395,9 @@ class Child:
         stopper = self._start_cmd_stop() if self._model.cmd_stop else None
         if stopper is None:
             signal_group(proc.pid, signal.SIGTERM)
+        # A stopped (SIGSTOP, hung) process only sees its SIGTERM once it runs again: without
+        # this, its stop would always wait out unloadTimeout (what kill(1) and systemd do too).
+        signal_group(proc.pid, signal.SIGCONT)
         self._signalled_at = time.monotonic()
         return stopper
 

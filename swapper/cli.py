@@ -22,7 +22,7 @@ from typing import Any
 
 from swapper import __version__, check, listen
 from swapper.config import Config, ConfigError
-from swapper.lifecycle import serve
+from swapper.lifecycle import ListenError, serve
 from swapper.logs import LogHub, setup_logging
 from swapper.sources import ConfigSources
 
@@ -140,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     for warning in check.warnings(config):
         print(f"swapper: warning: {warning}", file=sys.stderr)
     host, port = args.listen or ("127.0.0.1", 8443 if tls else 8080)
-    run(serve(config, host, port, logs=hub, sources=sources, watch_config=args.watch_config, tls=tls))
+    try:
+        run(serve(config, host, port, logs=hub, sources=sources, watch_config=args.watch_config, tls=tls))
+    except ListenError as exc:
+        print(f"swapper: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -69,11 +69,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from swapper import capabilities
+from swapper import timeouts as _timeouts
 from swapper.fleet import Fleet, parse_fleet
 from swapper.kindroutes import KindRoutes, RouteError, parse_routes
 from swapper.listen import AddressError, parse_address
 from swapper.placement import parse_devices
 from swapper.serviceconfig import SERVICE_KEYS, ServiceError, ServiceSpec, parse_service
+from swapper.timeouts import Timeouts
 
 DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120.0
@@ -82,6 +84,7 @@ DEFAULT_MAX_WAIT = 30.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUED = 1000
 DEFAULT_REQUEST_HEADER_TIMEOUT = 20.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_ACTIVITY_RECORDS = 1000  # llama-swap's metricsMaxInMemory
 DEFAULT_UPSTREAM_IGNORE_PATHS: tuple[str, ...] = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 DEFAULT_GROUP = "(default)"
@@ -132,6 +135,7 @@ class ModelConfig:
     service: ServiceSpec | None = None  # proxy without cmd: a service swapper does not spawn
     capabilities: capabilities.Capabilities = field(default_factory=capabilities.Capabilities)
     cmd_raw: str = ""  # the expanded cmd as written (lines kept, comments dropped): /running's
+    timeouts: Timeouts = _timeouts.DEFAULT  # the global ``timeouts:`` with this model's own keys
 
     @property
     def pinned(self) -> bool:
@@ -220,6 +224,8 @@ class Config:
     routes: KindRoutes = field(default_factory=KindRoutes)  # path -> model (swapper.kindroutes)
     metrics_listen: tuple[str, int] | None = None  # metricsListen: /metrics on its own listener
     fleet: Fleet = field(default_factory=Fleet)  # peers, profiles, selectors
+    timeouts: Timeouts = _timeouts.DEFAULT  # the global ``timeouts:`` (each model has its own)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # seconds in-flight requests get at shutdown
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
     def resolve(self, name: str) -> str | None:
@@ -266,7 +272,7 @@ def read_tree(text: str, source: str) -> Any:
 def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
     """Steps 3 to 5 on a parsed YAML tree (one file's, or several files' merged)."""
     doc = _read_document(raw, source)
-    defaults = _parse_defaults(doc.top)
+    defaults = _parse_defaults(doc.top, doc.warnings)
     models, aliases = _link_aliases(_parse_models(doc, defaults), doc.warnings)
     routing, priorities = _parse_routing(doc, models, aliases)
     _check_matrix(routing, models)
@@ -319,6 +325,8 @@ def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
         routes=routes,
         metrics_listen=_parse_metrics_listen(top.get("metricsListen")),
         fleet=fleet,
+        timeouts=defaults.timeouts,
+        shutdown_timeout=_seconds(top.get("shutdownTimeout"), "shutdownTimeout", DEFAULT_SHUTDOWN_TIMEOUT),
         warnings=tuple(doc.warnings),
     )
 
@@ -353,7 +361,7 @@ _TOP_KEYS = _words(
 ) | _words(  # ours
     "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
     "requestHeaderTimeout metricsMaxInMemory captureBuffer routes metricsListen routeUnknownModels "
-    "corsOrigins"
+    "corsOrigins timeouts shutdownTimeout"
 )
 _TOP_UNSUPPORTED = _words(
     """
@@ -369,9 +377,10 @@ _MODEL_KEYS = (
     """
     )
     | SERVICE_KEYS
+    | _words("timeouts")
 )
 # healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
-_MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "healthCheckTimeout"})
+_MODEL_UNSUPPORTED = frozenset({"compat", "healthCheckTimeout"})
 _NONE: frozenset[str] = frozenset()
 
 _PID_ONLY = frozenset({"PID"})
@@ -414,6 +423,7 @@ class _Defaults:
     concurrency_limit: int
     max_wait: float
     send_loading_state: bool
+    timeouts: Timeouts
 
 
 # --- stage 1: environment, in the raw text --------------------------------------------------------
@@ -856,7 +866,14 @@ def _seconds(value: object, path: str, default: float, *, minimum: float = 0.0) 
     return seconds
 
 
-def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
+def _decode_timeouts(raw: object, path: str, base: Timeouts, warnings: list[str]) -> Timeouts:
+    try:
+        return _timeouts.decode(raw, path, base, warnings)
+    except _timeouts.TimeoutsError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _parse_defaults(top: Mapping[str, Any], warnings: list[str]) -> _Defaults:
     health = DEFAULT_HEALTH_CHECK_TIMEOUT
     if top.get("healthCheckTimeout") is not None:
         health = _as_number(top["healthCheckTimeout"], "healthCheckTimeout")
@@ -870,6 +887,12 @@ def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
     max_wait = _seconds(top.get("maxWait"), "maxWait", DEFAULT_MAX_WAIT)
     if max_wait <= 0:
         raise ConfigError("maxWait: must be greater than 0")
+    if health < MIN_HEALTH_CHECK_TIMEOUT:
+        warnings.append(
+            f"healthCheckTimeout: {health:g} is below the minimum of {MIN_HEALTH_CHECK_TIMEOUT:g}; "
+            f"using {MIN_HEALTH_CHECK_TIMEOUT:g} (as llama-swap does; timeouts.loadStall fails a "
+            "stalled load sooner)"
+        )
     return _Defaults(
         health_check_timeout=max(health, MIN_HEALTH_CHECK_TIMEOUT),
         start_port=start_port,
@@ -880,6 +903,7 @@ def _parse_defaults(top: Mapping[str, Any]) -> _Defaults:
         concurrency_limit=concurrency or _positive_int(top.get("maxQueued"), "maxQueued", DEFAULT_MAX_QUEUED),
         max_wait=max_wait,
         send_loading_state=_opt_bool(top.get("sendLoadingState"), "sendLoadingState", False),
+        timeouts=_decode_timeouts(top.get("timeouts"), "timeouts", _timeouts.DEFAULT, warnings),
     )
 
 
@@ -1109,6 +1133,7 @@ def _decode_model(
         memory_gpus=gpus,
         service=service,
         capabilities=_parse_capabilities(tree.get("capabilities"), f"{path}.capabilities"),
+        timeouts=_decode_timeouts(tree.get("timeouts"), f"{path}.timeouts", defaults.timeouts, warnings),
     )
 
 

@@ -151,6 +151,13 @@ class UpstreamRefused(UpstreamError):
     """No connection could be made to the child at all: nothing was sent, so a retry is safe."""
 
 
+class GatewayTimeout(SwapperError):
+    """A ``timeouts`` deadline ran out: the connect, the response head, or the whole request."""
+
+    status = 504
+    code = "gateway_timeout"
+
+
 def error_body(err: SwapperError) -> bytes:
     return json.dumps(
         {
@@ -164,6 +171,12 @@ def error_body(err: SwapperError) -> bytes:
             "src": "swapper",
         }
     ).encode()
+
+
+def sse_error_event(err: SwapperError) -> bytes:
+    """The envelope as a final SSE event, for a stream that cannot end normally (OpenAI's
+    clients raise it as an error)."""
+    return b"data: " + error_body(err) + b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)

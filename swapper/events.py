@@ -43,6 +43,12 @@ swap_log = structlog.get_logger("swapper.swaps")
 T = TypeVar("T")
 
 
+# How a request ended: answered whole (whatever its status), its client left first, swapper cut
+# it (the model stopped under it: unload, reload, shutdown, a hang), the upstream failed it
+# (refused, died, broke mid-answer, failed to load), or a deadline (``timeouts``) ran out.
+OUTCOMES: Final = ("ok", "client_gone", "cut", "upstream_error", "timeout")
+
+
 class RequestTrack:
     """One model request, from routing to its response, as the handler reports it.
 
@@ -59,6 +65,7 @@ class RequestTrack:
         "content_type",
         "method",
         "model",
+        "outcome",
         "path",
         "req_id",
         "route",
@@ -82,6 +89,9 @@ class RequestTrack:
         self.waited: float | None = None  # acquire -> lease in hand
         self.ttfb: float | None = None  # arrival -> upstream response headers (wait included)
         self.status: int | None = None  # None: the client left before an answer
+        # How it ended (``OUTCOMES``), set by whoever knows: a 2xx head then a cut stream is
+        # not a success. None until then; ``Exchange.finish`` settles it.
+        self.outcome: str | None = None
         self.content_type = b""  # the upstream answer's, once forwarded
         self.tail = b""  # the answer's last bytes (activity.TAIL at most), set by the relay
         self.capture: Capture | None = None  # set by activity.ActivityLog when captures are on
@@ -100,8 +110,10 @@ class RequestTrack:
         if self._bus._first_bytes:  # a swap waits for its first byte relayed
             self._bus._request_forwarded(self)
 
-    def failed(self, status: int) -> None:
+    def failed(self, status: int, outcome: str | None = None) -> None:
         self.status = status
+        if outcome is not None:
+            self.outcome = outcome
 
     def done(self) -> None:
         """Call exactly once, in ``finally``."""
@@ -126,6 +138,13 @@ class Observer:
     def child_unreachable(self, model: str, pid: int) -> None:
         """A ready child refused connections (dead with its exit not yet seen, or no longer
         listening) and is being restarted: a failure like ``child_exited``, reported instead of it."""
+
+    def hang_probed(self, model: str, pid: int, failure: str | None) -> None:
+        """A silent ready child was probed (``hang``): ``failure`` None means alive."""
+
+    def child_hung(self, model: str, pid: int, why: str) -> None:
+        """A ready child was found hung (``hang``) and is being killed: a failure like
+        ``child_exited``, reported instead of it."""
 
     def swap_timed(self, timeline: SwapTimeline) -> None:
         """A swap is complete: its first byte was relayed, or its model left ``ready`` first."""
@@ -155,6 +174,8 @@ _HOOKS: Final = (
     "child_start_failed",
     "child_exited",
     "child_unreachable",
+    "hang_probed",
+    "child_hung",
     "swap_timed",
     "request_started",
     "request_granted",
@@ -240,6 +261,12 @@ class EventBus:
 
     def child_unreachable(self, model: str, pid: int) -> None:
         self._notify("child_unreachable", model, pid)
+
+    def hang_probed(self, model: str, pid: int, failure: str | None) -> None:
+        self._notify("hang_probed", model, pid, failure)
+
+    def child_hung(self, model: str, pid: int, why: str) -> None:
+        self._notify("child_hung", model, pid, why)
 
     def swap_ready(self, timeline: SwapTimeline) -> None:
         """The run loop granted the requests waiting on a swap; its first byte relayed (the

@@ -29,13 +29,21 @@ from yarl import URL
 
 from swapper import modelid, proxy, shaping
 from swapper.config import ModelConfig
-from swapper.errors import UpstreamRefused
+from swapper.errors import (
+    GatewayTimeout,
+    ModelLoadFailed,
+    ModelUnloaded,
+    ShuttingDown,
+    SwapperError,
+    UpstreamError,
+    UpstreamRefused,
+)
 from swapper.events import EventBus, RequestTrack
 from swapper.h1pool import Connection, H1Pool, Response
 from swapper.messages import Lease
 from swapper.runloop import RunLoop
 
-__all__ = ["Exchange", "upstream_path"]
+__all__ = ["Exchange", "outcome_of", "upstream_path"]
 
 
 def upstream_path(path: str) -> str:
@@ -74,6 +82,10 @@ class Exchange:
         "url",
         "wanted",
         "content_type",
+        "cut_error",
+        "deadline",
+        "gone",
+        "head_timer",
     )
 
     def __init__(
@@ -114,6 +126,15 @@ class Exchange:
         self.out = b""  # the body as it goes upstream
         self.started = 0.0  # perf_counter when it last went upstream
         self.finished = False
+        # Why swapper cut it (set by ``cancel``): what its client is told, if it can still be.
+        self.cut_error: SwapperError | None = None
+        self.gone = False  # its client left
+        # timeouts.request and timeouts.responseHeader, armed only when configured.
+        self.deadline: asyncio.TimerHandle | None = None
+        self.head_timer: asyncio.TimerHandle | None = None
+        if (limit := cfg.timeouts.request) > 0:
+            err = GatewayTimeout(f"model {model!r}: no complete answer within {limit:g}s (timeouts.request)")
+            self.deadline = asyncio.get_running_loop().call_later(limit, self.cancel, err)
 
     def begin_track(self, bus: EventBus, route: str, path: str) -> RequestTrack:
         self.track = bus.track(self.req_id, self.model, route, self.method, path)
@@ -131,8 +152,10 @@ class Exchange:
 
     async def acquire(self, on_wait: Callable[[], None] | None = None) -> Lease:
         """Waits for the lease (a load or a queue); ``granted`` it afterwards. A stop of the model
-        cancels ``task`` (default: the calling task)."""
-        return await self.runloop.acquire(self.req_id, self.model, on_wait=on_wait, holder=self.task)
+        cancels ``task`` (default: the calling task) through ``cancel``."""
+        if self.task is None and self.cut is None:
+            self.task = asyncio.current_task()
+        return await self.runloop.acquire(self.req_id, self.model, on_wait=on_wait, holder=self)
 
     def granted(self, lease: Lease) -> None:
         """``lease`` is in hand: what goes upstream follows from it (a reacquire's new one too).
@@ -160,7 +183,10 @@ class Exchange:
         nothing sent, if there is none."""
         self.started = time.perf_counter()
         self.sent = self.pool.send_now(self.method, self.url, self.headers, self.out, notify)
-        return self.sent is not None
+        if self.sent is None:
+            return False
+        self._arm_head_timer()
+        return True
 
     async def send(self) -> Response:
         """Sends the request and returns the upstream's response head (also in ``upstream``).
@@ -169,18 +195,23 @@ class Exchange:
         nothing reached it, so it is restarted and the request sent once more.
         """
         self.started = time.perf_counter()
+        connect = self.cfg.timeouts.connect
+        self._arm_head_timer()
         try:
-            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out)
+            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out, connect)
         except UpstreamRefused:
             assert self.lease is not None
-            self.granted(await self.runloop.reacquire(self.lease))
+            self._disarm_head_timer()  # a restart is a load, not the child's answer time
+            self.granted(await self.runloop.reacquire(self.lease, self))
             self.started = time.perf_counter()
-            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out)
+            self._arm_head_timer()
+            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out, connect)
         self.answered(upstream, time.perf_counter())
         return upstream
 
     def answered(self, upstream: Response, arrived: float) -> None:
         """The upstream's response head came in at ``arrived`` (``time.perf_counter``)."""
+        self._disarm_head_timer()
         self.upstream = upstream
         track = self.track
         track.content_type = upstream.reader.content_type
@@ -190,10 +221,42 @@ class Exchange:
         if upstream.streamed:
             upstream.do_not_pool()  # llama-server closes the connection after a streamed body
 
+    def _arm_head_timer(self) -> None:
+        limit = self.cfg.timeouts.response_header
+        if limit > 0 and self.head_timer is None:
+            err = GatewayTimeout(
+                f"model {self.model!r} sent no response head within {limit:g}s (timeouts.responseHeader)"
+            )
+            self.head_timer = asyncio.get_running_loop().call_later(limit, self.cancel, err)
+
+    def _disarm_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
     # ---- the end ----
 
-    def cancel(self) -> None:
-        """The run loop cuts the request (its model is being stopped)."""
+    def cancel(self, error: object = None) -> None:
+        """The run loop cuts the request (its model is being stopped; ``error``, a
+        ``SwapperError``, says why, default an unload): the receiver answers ``cut_error`` if
+        nothing was sent yet, else ends the stream with it."""
+        if self.cut_error is None and not self.gone:
+            self.cut_error = (
+                error
+                if isinstance(error, SwapperError)
+                else ModelUnloaded(
+                    f"model {self.model!r} was stopped during the request (unload, reload or shutdown)"
+                )
+            )
+        self._end()
+
+    def client_left(self) -> None:
+        """The client hung up: the request ends, unanswered."""
+        if self.cut_error is None:
+            self.gone = True
+        self._end()
+
+    def _end(self) -> None:
         if self.task is not None:
             self.task.cancel()
         elif not self.finished and self.cut is not None:
@@ -204,6 +267,9 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        self._disarm_head_timer()
+        if self.deadline is not None:
+            self.deadline.cancel()
         if self.sent is not None:
             self.sent.abandon()  # the upstream learns that nobody waits for this answer
             self.sent = None
@@ -211,9 +277,30 @@ class Exchange:
             self.upstream.close()  # back to the pool after a complete body; else closed
             self.upstream = None
         self.runloop.release(self.req_id)
-        if self.track.capture is not None:
-            self.track.capture.request(self.track.path, self.headers, self.body)
-        self.track.done()
+        track = self.track
+        if track.outcome is None:
+            track.outcome = self._outcome()
+        if track.capture is not None:
+            track.capture.request(track.path, self.headers, self.body)
+        track.done()
+
+    def _outcome(self) -> str:
+        if self.cut_error is not None:
+            return outcome_of(self.cut_error)
+        if self.gone or self.track.status is None:
+            return "client_gone"
+        return "ok"
+
+
+def outcome_of(err: SwapperError) -> str:
+    """The outcome (``events.OUTCOMES``) of a request answered or cut with ``err``."""
+    if isinstance(err, (UpstreamError, ModelLoadFailed)):
+        return "upstream_error"
+    if isinstance(err, (ModelUnloaded, ShuttingDown)):
+        return "cut"
+    if err.status == 504:
+        return "timeout"
+    return "ok"  # a refusal (429, 503 queue full, 4xx): an answer, honestly given
 
 
 _NO_URL = URL()

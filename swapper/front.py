@@ -61,10 +61,10 @@ from swapper.codec import (
     chunk,
     response_head,
 )
-from swapper.errors import Answer, BadRequest, SwapperError, UpstreamError, error_answer
+from swapper.errors import Answer, BadRequest, SwapperError, UpstreamError, error_answer, sse_error_event
 from swapper.events import EVENTS, EventBus, RequestTrack
-from swapper.exchange import Exchange, upstream_path
-from swapper.h1pool import Disconnected, H1Pool, Response
+from swapper.exchange import Exchange, outcome_of, upstream_path
+from swapper.h1pool import H1Pool, Response
 from swapper.routes import (
     ANSWERED_GETS,
     BODY_ROUTES,
@@ -188,6 +188,9 @@ class FrontConn(asyncio.Protocol):
         self._read_paused = False
         self.active_at = time.monotonic()  # last bytes in or response out; Front sweeps idle ones
         self._continued = False  # 100 Continue sent for the request being received
+        # What of the current answer went out: nothing, a head (and maybe body), or the head of a
+        # chunked SSE stream, which a cut or a broken upstream can still end with an error event.
+        self._head_out = _NOTHING_OUT
         self._tail: deque[bytes] = _NO_TAIL  # the last reads of the answer being relayed
         self._origin: bytes | None = None  # the model request in service's Origin, for its errors
 
@@ -207,7 +210,7 @@ class FrontConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         if self._exchange is not None:
-            self._exchange.cancel()  # the client left: the upstream is closed and the lease released
+            self._exchange.client_left()  # the upstream is closed and the lease released
         else:
             self._front.forget(self)
 
@@ -464,12 +467,8 @@ class FrontConn(asyncio.Protocol):
                 return  # the head is still arriving
             ex.sent = None
             sent.abandon()
-            if isinstance(exc, Disconnected) and not exc.response_started:
-                # The pooled connection was dead before it answered (llama-server closes one after
-                # every stream): nothing was answered, so retry on a fresh one, as proxy.send does.
-                self._in_task(ex)
-            else:
-                self._end_inline(ex, proxy.failed_before_response(exc, ex.url))
+            # Never sent again: it was written, so the child may have read it (proxy.send).
+            self._end_inline(ex, proxy.failed_before_response(exc, ex.url))
             return
         arrived = time.perf_counter()
         ex.sent = None
@@ -498,7 +497,7 @@ class FrontConn(asyncio.Protocol):
         ``arrived``: when the upstream's answer came (for its TTFB), recorded after the write."""
         keep = self._keep
         if err is not None:
-            ex.track.failed(err.status)
+            ex.track.failed(err.status, outcome_of(err))
             self._answer(self._error(err), close=not keep)
         else:
             keep = self._write(answer) and keep
@@ -510,7 +509,11 @@ class FrontConn(asyncio.Protocol):
         self._done(ex, keep, soon=True)
 
     def _cut(self, ex: Exchange) -> None:
-        """Ends the inline request ``ex`` unanswered: its client left, or its model is being stopped."""
+        """Ends the inline request ``ex``: its client left, or its model is being stopped under it
+        (answered with why: an inline answer is written whole, so nothing went out yet)."""
+        if (err := ex.cut_error) is not None and not ex.finished:
+            ex.track.failed(err.status, outcome_of(err))
+            self._answer(self._error(err), close=True)
         ex.finish()
         self._done(ex, False)
 
@@ -565,11 +568,36 @@ class FrontConn(asyncio.Protocol):
                 upstream = await ex.send()
             return await self._relay(upstream, ex.track) and self._keep
         except SwapperError as err:  # refused (429, 503, 507...), failed to load, upstream unreachable
-            ex.track.failed(err.status)
+            ex.track.failed(err.status, outcome_of(err))
             self._answer(self._error(err), close=not self._keep)
             return self._keep
+        except asyncio.CancelledError:
+            if (cut := ex.cut_error) is None:
+                raise  # the client left
+            if (task := ex.task) is not None:
+                task.uncancel()
+            return self._end_with(ex.track, cut) and self._keep
         finally:
+            self._head_out = _NOTHING_OUT
             ex.finish()
+
+    def _end_with(self, track: RequestTrack, err: SwapperError) -> bool:
+        """Ends the current answer with ``err``, however far it got: the JSON error if nothing
+        went out, a final SSE error event and a proper end for a stream, else a cut connection
+        (a truncated body must not look complete). True if the connection may serve on."""
+        if self._head_out == _NOTHING_OUT:
+            track.failed(err.status, outcome_of(err))
+            self._answer(self._error(err), close=True)
+            return False
+        track.outcome = outcome_of(err)
+        if self._head_out == _SSE_OUT:
+            event = sse_error_event(err)
+            if not (self._tail and self._tail[-1].endswith(b"\n\n")):
+                event = b"\n\n" + event  # the upstream broke mid-event: end that one first
+            return self._write(chunk(event) + CHUNK_END)
+        if self._transport is not None:
+            self._transport.close()
+        return False
 
     async def _relay(self, upstream: Response, track: RequestTrack) -> bool:
         """Writes the upstream's answer; True if it completed (the connection may be reused).
@@ -593,8 +621,7 @@ class FrontConn(asyncio.Protocol):
                 first = await upstream.readany()
             except proxy.UPSTREAM_READ_ERRORS as exc:
                 err = UpstreamError(f"upstream broke before sending a body: {exc!r}")
-                self._answer(self._error(err), close=True)
-                return False
+                return self._end_with(self._track_of(), err)
         if bodiless:
             return self._write(head)
         self._tail.append(first)
@@ -605,6 +632,7 @@ class FrontConn(asyncio.Protocol):
             return self._write(start + CHUNK_END if chunked else start)
         if not self._write(start):
             return False
+        self._head_out = _SSE_OUT if chunked and upstream.sse else _HEAD_OUT
         # The rest goes from the upstream's data_received straight to the client: no task switch
         # per chunk. Reading the upstream pauses while the client does not keep up.
         self._upstream = upstream
@@ -614,15 +642,17 @@ class FrontConn(asyncio.Protocol):
             upstream.pause_reading(True)
         try:
             await upstream.wait_done()
-        except proxy.UPSTREAM_READ_ERRORS:
-            # A truncated body must not look complete: drop the client connection (nginx and
-            # Go's ReverseProxy do the same).
-            if self._transport is not None:
-                self._transport.close()
-            return False
+        except proxy.UPSTREAM_READ_ERRORS as exc:
+            # A stream ends with an error event and a proper end; any other truncated body must
+            # not look complete: the client connection is dropped (as nginx and Go's ReverseProxy do).
+            return self._end_with(self._track_of(), UpstreamError(f"upstream broke mid-answer: {exc!r}"))
         finally:
             self._upstream = None
         return self._transport is not None and not self._transport.is_closing()
+
+    def _track_of(self) -> RequestTrack:
+        assert self._exchange is not None
+        return self._exchange.track
 
     def _relay_chunk(self, data: bytes, last: bool) -> None:
         self._tail.append(data)
@@ -690,6 +720,7 @@ def _capturing(sink: Callable[[bytes, bool], None], capture: Capture) -> Callabl
     return relay
 
 
+_NOTHING_OUT, _HEAD_OUT, _SSE_OUT = range(3)  # FrontConn._head_out
 _TIMEOUT: Final = SwapperError("request head not received in time", status=408, code="request_timeout")
 
 

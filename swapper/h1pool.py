@@ -61,13 +61,17 @@ class ConnectFailed(ConnectionError):
 class Disconnected(ConnectionError):
     """The upstream closed or reset the connection before the response was complete.
 
-    ``response_started`` says whether any response byte had arrived: a pooled connection that the
-    upstream closed while it sat idle fails with False, and then a retry is safe.
+    ``response_started`` says whether any response byte had arrived. ``replayable`` says whether
+    the request provably never reached the upstream: the connection was found closed before a
+    byte of it was written. Only then may it be sent again (Go's Transport and nginx's
+    ``proxy_next_upstream`` rule for non-idempotent requests): a request that was written may
+    have been read, and the upstream may have died of it.
     """
 
-    def __init__(self, message: str, *, response_started: bool) -> None:
+    def __init__(self, message: str, *, response_started: bool, replayable: bool = False) -> None:
         super().__init__(message)
         self.response_started = response_started
+        self.replayable = replayable
 
 
 class ProtocolError(ConnectionError):
@@ -96,6 +100,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._state = _IDLE
         self._got_bytes = False
+        self._meter = pool._meter_of(key)  # reads from this origin, for hang detection
 
     # ---- asyncio.Protocol ----
 
@@ -137,6 +142,7 @@ class Connection(asyncio.Protocol):
             self._fail(ProtocolError("upstream sent data outside a response"))
             return
         self._got_bytes = True
+        self._meter[0] += 1
         try:
             reader.feed(data)
         except BadMessage as exc:
@@ -184,7 +190,7 @@ class Connection(asyncio.Protocol):
     async def send(self, head: bytes, body: bytes) -> None:
         transport = self.transport
         if transport is None or self._lost:
-            raise Disconnected("upstream closed the connection", response_started=False)
+            raise Disconnected("upstream closed the connection", response_started=False, replayable=True)
         if len(body) <= WRITE_SLICE:
             transport.write(head + body if body else head)
             return
@@ -440,20 +446,29 @@ class H1Pool:
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self._meters: dict[tuple[str, str, int], list[int]] = {}  # origin -> [reads so far]
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
     async def request(
-        self, method: str, url: URL, headers: bytes, body: bytes, *, fresh: bool = False
+        self,
+        method: str,
+        url: URL,
+        headers: bytes,
+        body: bytes,
+        *,
+        fresh: bool = False,
+        connect_timeout: float | None = None,
     ) -> Response:
         """Sends one request and waits for the response head.
 
         ``url`` must be absolute and already encoded; its path and query go out verbatim.
         ``headers`` are header lines (``codec.forwardable``) without Host or Content-Length: both
         are written from ``url`` and ``body`` (Content-Length also for an empty body, unless the
-        method is GET, HEAD, OPTIONS or TRACE). ``fresh`` skips the idle connections. Raises
-        ``ConnectFailed``, ``Disconnected`` (with ``response_started`` False when a retry is safe)
-        or ``ProtocolError``.
+        method is GET, HEAD, OPTIONS or TRACE). ``fresh`` skips the idle connections;
+        ``connect_timeout`` replaces the pool's (0: none) for a new connection. Raises
+        ``ConnectFailed`` (nothing was sent), ``Disconnected`` (``replayable`` when nothing was
+        written) or ``ProtocolError``.
         """
         if self._closed:
             raise ConnectFailed("the upstream connection pool is closed")
@@ -461,7 +476,9 @@ class H1Pool:
         key = (url.scheme, url.raw_host or "", url.port or 0)
         conn = None if fresh else self._take(key)
         if conn is None:
-            conn = await self._connect(url, key)
+            conn = await self._connect(
+                url, key, self._connect_timeout if connect_timeout is None else connect_timeout
+            )
         try:
             conn.start(head_only=method == "HEAD")
             await conn.send(head, body)
@@ -481,8 +498,8 @@ class H1Pool:
         ``notify()`` is called from the connection's callbacks each time the response moves on
         (bytes arrived, or it broke off). Once ``answered``, ``response()`` gives the
         ``Response`` (and stops the notifications); until then ``failure`` says whether the
-        response broke off (a ``Disconnected`` whose ``response_started`` is False on a pooled
-        connection is safe to retry). ``abandon()`` gives it up. Same arguments as ``request``.
+        response broke off (never safe to replay: the request was written). ``abandon()`` gives
+        it up. Same arguments as ``request``.
         """
         if self._closed or len(body) > WRITE_SLICE or method == "HEAD":
             return None
@@ -495,6 +512,18 @@ class H1Pool:
         head = _request_head(method, url, headers, body)
         conn.transport.write(head + body if body else head)
         return conn
+
+    def reads(self, base_url: str) -> int:
+        """How many reads ``base_url``'s origin has answered so far (any change is progress)."""
+        url = URL(base_url)
+        meter = self._meters.get((url.scheme, url.raw_host or "", url.port or 0))
+        return 0 if meter is None else meter[0]
+
+    def _meter_of(self, key: tuple[str, str, int]) -> list[int]:
+        meter = self._meters.get(key)
+        if meter is None:
+            meter = self._meters[key] = [0]
+        return meter
 
     def close_idle(self, base_url: str) -> None:
         """Closes the idle connections to ``base_url``'s origin, whose server is about to stop:
@@ -539,7 +568,7 @@ class H1Pool:
         if conns and conn in conns:
             conns.remove(conn)
 
-    async def _connect(self, url: URL, key: tuple[str, str, int]) -> Connection:
+    async def _connect(self, url: URL, key: tuple[str, str, int], limit: float) -> Connection:
         loop = asyncio.get_running_loop()
         host, port = key[1], key[2]
         tls = None
@@ -548,7 +577,7 @@ class H1Pool:
                 self._ssl = ssl.create_default_context()
             tls = self._ssl
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(limit or None):
                 _, conn = await loop.create_connection(
                     lambda: Connection(self, key), host, port, ssl=tls, server_hostname=host if tls else None
                 )

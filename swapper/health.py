@@ -78,6 +78,7 @@ async def wait_healthy(
     max_interval: float = MAX_INTERVAL,
     probe_timeout: float = PROBE_TIMEOUT,
     pool: H1Pool | None = None,
+    stall: float = 0.0,
 ) -> None:
     """Returns once GET ``url`` answers 200; returns at once if ``url`` is None (no check).
 
@@ -87,15 +88,26 @@ async def wait_healthy(
     mean "poll again". ``first_interval``/``max_interval`` bound the backoff between probes; a
     readiness line from the child cuts any wait short. With ``pool`` (the forwarding client,
     ``proxy.pool_of``) probes go through it instead of ``session``.
+
+    ``stall`` (``timeouts.loadStall``; 0: none): a child that prints nothing and gives no HTTP
+    answer to its probes (a 503 "loading" is one) for this long has stalled, and the load fails
+    then, not at ``load_timeout``. A child that keeps printing may take all of ``load_timeout``
+    (Ollama's stall rule).
     """
     if url is None:
         return
-    poller = _Poller(session, child, url, first_interval, max_interval, probe_timeout, pool)
+    poller = _Poller(session, child, url, first_interval, max_interval, probe_timeout, pool, stall)
     try:
         async with asyncio.timeout(load_timeout):
             healthy = await poller.run()
     except TimeoutError:
         why = f"health check timed out after {load_timeout:g}s (GET {url}: {poller.last_failure})"
+        raise ModelLoadFailed(_with_output(child, why)) from None
+    except _Stalled:
+        why = (
+            f"load stalled: no output and no health answer for {stall:g}s "
+            f"(timeouts.loadStall; GET {url}: {poller.last_failure})"
+        )
         raise ModelLoadFailed(_with_output(child, why)) from None
     if not healthy:
         rc = child.returncode
@@ -110,6 +122,10 @@ def _with_output(child: LoadingChild, why: str) -> str:
     return msg
 
 
+class _Stalled(Exception):
+    """The loading child made no progress for ``timeouts.loadStall`` seconds."""
+
+
 class _Poller:
     """Probes until one probe answers 200, remembering why the last one did not."""
 
@@ -122,8 +138,10 @@ class _Poller:
         max_interval: float,
         probe_timeout: float,
         pool: H1Pool | None,
+        stall: float = 0.0,
     ) -> None:
         self._session = session
+        self._stall = stall
         self._child = child
         self._url = url
         self._first_interval = first_interval
@@ -133,6 +151,7 @@ class _Poller:
         self._pool = pool
         self._parsed = URL(url)
         self.last_failure = "no probe finished"
+        self.answered = False  # some probe got an HTTP answer since this was last cleared
 
     async def run(self) -> bool:
         """True once a probe passed; False if the child exited first.
@@ -147,12 +166,17 @@ class _Poller:
         interval = self._first_interval
         probe = False
         lines = self._child.lines_seen
-        last_probe = loop.time()
+        last_probe = progress_at = loop.time()
+        progress = lines
         while True:
             # Read before probing: a line printed while the probe is in flight must wake us.
             seen = self._child.ready_lines_seen
             if self._child.exited():
                 return False
+            if self._child.lines_seen != progress or self.answered:  # output or an answer: alive
+                progress, progress_at, self.answered = self._child.lines_seen, loop.time(), False
+            elif self._stall > 0 and loop.time() - progress_at >= self._stall:
+                raise _Stalled
             if probe:
                 last_probe = loop.time()
                 if await self._probe():
@@ -176,6 +200,7 @@ class _Poller:
                 self._url, timeout=self._timeout, allow_redirects=False, headers={"Connection": "close"}
             ) as resp:
                 await resp.read()
+                self.answered = True
                 if resp.status == 200:
                     return True
                 self.last_failure = f"HTTP {resp.status}"
@@ -193,6 +218,7 @@ class _Poller:
             self.last_failure = _why(exc)
             return False
         resp.close()
+        self.answered = True
         if resp.status == 200:
             return True
         self.last_failure = f"HTTP {resp.status}"

@@ -13,15 +13,19 @@ signal), and the shutdown sequence under one deadline:
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import ssl
+import time
 
+import psutil
 import structlog
 from aiohttp import web
 
 from swapper import __version__, check, listen, process
 from swapper.admin import metrics_app
-from swapper.config import Config
+from swapper.config import DEFAULT_SHUTDOWN_TIMEOUT, Config
+from swapper.events import EVENTS
 from swapper.front import FrontSite, runner_options
 from swapper.logs import LogHub
 from swapper.orphans import owner_mark, sweep_orphans
@@ -34,7 +38,11 @@ from swapper.sources import ConfigSources
 
 log = structlog.get_logger("swapper")
 
-SHUTDOWN_GRACE = 30.0
+SHUTDOWN_GRACE = DEFAULT_SHUTDOWN_TIMEOUT  # shutdownTimeout's default
+
+
+class ListenError(Exception):
+    """The listening address could not be bound (in use, not ours to take): said in one line."""
 
 
 async def serve(
@@ -89,21 +97,29 @@ async def _serve_app(
     tls: ssl.SSLContext | None,
 ) -> None:
     app = make_app(config, logs)
-    runner = web.AppRunner(app, **runner_options(), shutdown_timeout=SHUTDOWN_GRACE)
+    grace = config.shutdown_timeout
+    runner = web.AppRunner(app, **runner_options(), shutdown_timeout=grace)
     await runner.setup()
     side: web.AppRunner | None = None
+    cutting: asyncio.TimerHandle | None = None
     try:
         # Connections start on the front door's fast path; it hands anything else to the runner's
         # aiohttp server (swapper/front.py).
-        site = FrontSite(runner, host, port, grace=SHUTDOWN_GRACE, ssl_context=tls)
-        await site.start()
+        site = FrontSite(runner, host, port, grace=grace, ssl_context=tls)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(_listen_failure(host, port, exc)) from None
         url = listen.url_of(host, port, tls=tls is not None)
         urls = [url]
         if config.metrics_listen is not None:
             side = web.AppRunner(metrics_app(app))
             await side.setup()
             m_host, m_port = config.metrics_listen
-            await web.TCPSite(side, m_host or None, m_port).start()
+            try:
+                await web.TCPSite(side, m_host or None, m_port).start()
+            except OSError as exc:
+                raise ListenError(_listen_failure(m_host, m_port, exc)) from None
             urls.append(listen.url_of(m_host, m_port) + "/metrics")
         where = sources.describe() if sources is not None else None
         log.info("listening", version=__version__, listen=urls, config=where, **check.summary(config))
@@ -115,7 +131,9 @@ async def _serve_app(
                 runloop = app[RUNLOOP]
                 watcher = tasks.create_task(watch(sources, runloop, hup, poll=watch_config))
             await stop.wait()
-            log.info("shutting down")
+            log.info("shutting down", shutdown_timeout=grace)
+            # What is still in flight when the grace runs out is cut: name it.
+            cutting = asyncio.get_running_loop().call_later(grace, _log_cut, app)
             notifier.notify("STOPPING=1", "STATUS=draining requests, then stopping every model")
             if watcher is not None:
                 watcher.cancel()
@@ -123,6 +141,8 @@ async def _serve_app(
         if side is not None:
             await side.cleanup()
         await runner.cleanup()
+        if cutting is not None:
+            cutting.cancel()
 
 
 def _warn_exposure(config: Config, host: str) -> None:
@@ -139,3 +159,32 @@ def _warn_exposure(config: Config, host: str) -> None:
         log.warning(
             "metricsListen is beyond loopback and asks for no key", metrics_listen=config.metrics_listen
         )
+
+
+def _log_cut(app: web.Application) -> None:
+    if tracks := app[EVENTS].in_flight():
+        cut = [
+            f"#{t.req_id} {t.method} {t.path} ({t.model}, {time.perf_counter() - t.started:.0f}s)"
+            for t in tracks
+        ]
+        log.warning("shutdownTimeout is up: cutting the requests still in flight", requests=cut)
+
+
+def _listen_failure(host: str, port: int, exc: OSError) -> str:
+    """One line: the address, why, and which process holds it when that can be found out."""
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        holder = _port_holder(port)
+        why = "address already in use" + (f" (by {holder})" if holder else "")
+    return f"cannot listen on {host}:{port}: {why}"
+
+
+def _port_holder(port: int) -> str | None:
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f"pid {conn.pid}, {proc.name()}"
+    except (psutil.Error, OSError):
+        pass
+    return None

@@ -2,6 +2,7 @@
 
 Owns: structlog configuration, and ``LogHub``: one bounded ring of recent lines per source
 (``swapper`` and each model id), a combined ring, and the listeners told of every new line.
+Console output (stderr) goes through ``console.CONSOLE``, which never blocks the event loop.
 Everything here runs on the event loop's thread; children's output arrives through ``child_lines``
 (a sync callback, with the lines of one read). Listeners are sync and must only append to
 something bounded (the event bus, whose per-stream ``events.Feed`` drops the oldest lines for a
@@ -11,11 +12,12 @@ slow reader), so a slow log reader can never stall a child's stdout.
 from __future__ import annotations
 
 import logging
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 
 import structlog
+
+from swapper.console import CONSOLE
 
 SWAPPER = "swapper"
 RING_BYTES = 100 * 1024
@@ -82,7 +84,7 @@ class LogHub:
     def child_lines(self, model: str, stream: str, lines: list[str]) -> None:
         self.add(model, lines)
         if self._echo_upstream:
-            print("\n".join(tagged(model, line) for line in lines), file=sys.stderr)
+            CONSOLE.write("".join(tagged(model, line) + "\n" for line in lines), len(lines))
 
     def history(self, source: str | None = None) -> list[str]:
         if source is None:
@@ -103,6 +105,13 @@ class LogHub:
 def tagged(source: str, line: str) -> str:
     """A line of the combined log: its source in brackets, then the line."""
     return f"[{source}] {line}"
+
+
+class _ConsoleHandler(logging.Handler):
+    """To stderr through ``console.CONSOLE``: never blocks, never raises (see ``console``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        CONSOLE.write(self.format(record) + "\n")
 
 
 class _HubHandler(logging.Handler):
@@ -148,7 +157,7 @@ def setup_logging(level: str, fmt: str, hub: LogHub | None, *, console: bool = T
     root = logging.getLogger("swapper")
     root.handlers.clear()
     if console:
-        stderr = logging.StreamHandler(sys.stderr)
+        stderr = _ConsoleHandler()
         stderr.setFormatter(formatter)
         root.addHandler(stderr)
     if hub is not None:

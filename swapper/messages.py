@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from swapper.config import Config
 from swapper.errors import SwapperError
@@ -32,6 +32,13 @@ class Lease:
     pid: int | None = None  # the child that was serving when granted (see Unreachable)
 
 
+class Holder(Protocol):
+    """Whoever serves a granted request: cut by ``cancel()`` when its model is stopped under it
+    (unload, reload). The requester's task, or its ``exchange.Exchange``."""
+
+    def cancel(self, msg: Any = None) -> object: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Acquire:
     """A request wants ``model``; the answer is ``reply`` (a Lease, or a SwapperError)."""
@@ -43,9 +50,10 @@ class Acquire:
     # Called (from the loop, synchronously) if the request was admitted but must wait for a
     # load or in the queue: the handler may then start a loading-state stream.
     on_wait: Callable[[], None] | None = None
-    # The requester's task: cancelled if its model is stopped under it (unload, reload), which
-    # closes its upstream connection, so the child can exit on its first SIGTERM.
-    task: asyncio.Task[object] | None = None
+    # Who serves the request (its task, or its ``exchange.Exchange``): cancelled if its model is
+    # stopped under it (unload, reload), which closes its upstream connection, so the child can
+    # exit on its first SIGTERM.
+    task: Holder | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +106,17 @@ class Unreachable:
 
 
 @dataclass(frozen=True, slots=True)
+class HangProbed:
+    """``model``'s child (``pid``), silent for ``silent`` seconds with requests in flight, was
+    probed: ``failure`` is why it is hung, None if it answered (slow, not hung)."""
+
+    model: str
+    pid: int
+    silent: float
+    failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Periodic: TTL unloads, and queue re-evaluation as waits age past their bounds."""
 
@@ -143,6 +162,7 @@ Message = (
     | Stopped
     | ChildExited
     | Unreachable
+    | HangProbed
     | Tick
     | Unload
     | Reload

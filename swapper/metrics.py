@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from swapper.console import CONSOLE
 from swapper.events import Observer, RequestTrack
 from swapper.gpu import GpuUsage, Nvml, gpu_used_by, open_nvml
 from swapper.scheduler import State
@@ -109,16 +110,19 @@ class _Tally:
 
 
 class _RouteSeries:
-    """Requests answered for one (model, route), by status class (-1: no answer)."""
+    """Requests answered for one (model, route), by status class (-1: no answer) and outcome."""
 
-    __slots__ = ("by_class",)
+    __slots__ = ("by_class", "by_outcome")
 
     def __init__(self) -> None:
         self.by_class: dict[int, int] = {}
+        self.by_outcome: dict[str, int] = {}
 
-    def count(self, status: int | None) -> None:
+    def count(self, status: int | None, outcome: str | None) -> None:
         key = -1 if status is None else status // 100
         self.by_class[key] = self.by_class.get(key, 0) + 1
+        how = outcome or "ok"
+        self.by_outcome[how] = self.by_outcome.get(how, 0) + 1
 
 
 class _ModelSeries:
@@ -159,6 +163,13 @@ class Metrics(Observer):
             "Time from spawning a child to its first passing health check",
             ["model"],
             buckets=LOAD_BUCKETS,
+            registry=reg,
+        )
+        self.hang_probes = Counter(
+            "swapper_hang_probes",
+            "Health probes of ready children silent for timeouts.hung with requests in flight, by "
+            "result (alive: slow, left alone; hung: killed)",
+            ["model", "result"],
             registry=reg,
         )
         self.unexpected_exits = Counter(
@@ -220,6 +231,12 @@ class Metrics(Observer):
         # that follows makes that exit an expected one), else a child that stopped serving.
         self._count_exit(model, f"pid {pid} refused connections; restarted")
 
+    def hang_probed(self, model: str, pid: int, failure: str | None) -> None:
+        self.hang_probes.labels(model, "alive" if failure is None else "hung").inc()
+
+    def child_hung(self, model: str, pid: int, why: str) -> None:
+        self._count_exit(model, f"pid {pid} hung ({why}); killed")
+
     def swap_timed(self, timeline: SwapTimeline) -> None:
         for phase, seconds in timeline.phases().items():
             self.swap_phases.labels(timeline.model, phase).observe(seconds)
@@ -239,7 +256,7 @@ class Metrics(Observer):
         route = self._routes.get(key)
         if route is None:
             route = self._routes[key] = _RouteSeries()
-        route.count(req.status)
+        route.count(req.status, req.outcome)
         if req.ttfb is not None:
             self._model(req.model).ttfb.observe(req.ttfb)
         act = self._activity.get(req.model)
@@ -292,9 +309,17 @@ class Metrics(Observer):
             "('cancelled': the client left before an answer)",
             labels=["model", "route", "status"],
         )
+        outcomes = CounterMetricFamily(
+            "swapper_request_outcomes",
+            "Model requests by how they ended: ok (answered whole), client_gone, cut (the model "
+            "was stopped under it), upstream_error (refused, died, broke mid-answer), timeout",
+            labels=["model", "route", "outcome"],
+        )
         for (model, route), series in sorted(self._routes.items()):
             for key, count in sorted(series.by_class.items()):
                 requests.add_metric([model, route, "cancelled" if key < 0 else f"{key}xx"], count)
+            for outcome, count in sorted(series.by_outcome.items()):
+                outcomes.add_metric([model, route, outcome], count)
         wait = HistogramMetricFamily(
             "swapper_queue_wait_seconds",
             "Time from asking the run loop for a model to holding its lease (load or queue)",
@@ -308,7 +333,12 @@ class Metrics(Observer):
         for model, m in sorted(self._models.items()):
             m.wait.add_to(wait, [model])
             m.ttfb.add_to(ttfb, [model])
-        return [requests, wait, ttfb]
+        dropped = CounterMetricFamily(
+            "swapper_log_lines_dropped",
+            "Console (stderr) log lines dropped because nobody read them fast enough; /logs has them",
+        )
+        dropped.add_metric([], CONSOLE.dropped)
+        return [requests, outcomes, wait, ttfb, dropped]
 
     def close(self) -> None:
         self._gpu.close()

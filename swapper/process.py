@@ -248,6 +248,12 @@ class Process:
             return
         self._loop.add_reader(self._pidfd, self._reap)
 
+    def poll(self) -> None:
+        """Reaps the process now if it has exited and its pidfd was not read yet (a caller that
+        must know at once, e.g. whether a refused connection means a crash)."""
+        if self._pidfd is not None:
+            self._reap()
+
     def _reap(self) -> None:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)

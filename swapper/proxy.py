@@ -5,8 +5,8 @@ Owns: nothing long-lived. ``make_session()`` builds the one shared ``ClientSessi
 that requests are sent through (aiohttp's client costs as much CPU per request as all the rest of
 the proxy; see h1pool), and closing the session closes that pool too.
 
-``send()`` sends one request and returns the response head, retrying once on a fresh connection
-when a pooled one turns out dead before any response byte. ``relay()`` writes an upstream's
+``send()`` sends one request and returns the response head, sending it again only when it
+provably never reached the upstream (see ``send``). ``relay()`` writes an upstream's
 answer through an aiohttp response, for requests aiohttp received; the front door writes its own
 straight on the transport (``front``). Both write the same head: the upstream's status, its
 headers minus hop-by-hop ones (``codec.forwardable``), ``X-Accel-Buffering: no`` for SSE, and a
@@ -26,6 +26,7 @@ and h1pool stops reading the upstream socket while unread bytes pile up.
 
 from __future__ import annotations
 
+import errno
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from yarl import URL
 from swapper import cors
 from swapper.activity import TAIL_CHUNKS, Capture, tail_of
 from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, REQUEST_DROP, forwardable, kept_fields
-from swapper.errors import UpstreamError, UpstreamRefused
+from swapper.errors import GatewayTimeout, SwapperError, UpstreamError, UpstreamRefused, sse_error_event
 from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 
 __all__ = [
@@ -71,6 +72,7 @@ class Relayed:
     bytes_out: int
     complete: bool
     tail: bytes = b""  # the body's last bytes (``activity.TAIL`` at most), for its token counts
+    broken: bool = False  # the upstream broke mid-body (else an incomplete relay: the client left)
 
 
 class _Connector(aiohttp.TCPConnector):
@@ -102,7 +104,10 @@ def make_session() -> aiohttp.ClientSession:
     No total or read timeout: a generation may legitimately run for many minutes between bytes
     (prompt processing), and the client's disconnect is what ends a request early.
     """
-    pool = H1Pool(connect_timeout=10.0, keepalive=30.0)
+    # Idle upstream connections are dropped after 4 s, before llama-server's own keep-alive
+    # timeout (cpp-httplib's 5 s) closes them: a request written on a connection the upstream is
+    # closing at that moment could not be sent again (``send``).
+    pool = H1Pool(connect_timeout=10.0, keepalive=4.0)
     connector = _Connector(pool, limit=0, keepalive_timeout=30.0)
     return aiohttp.ClientSession(
         connector=connector,
@@ -137,31 +142,45 @@ def upstream_headers(
     return forwardable(incoming, connection, REQUEST_DROP)
 
 
-async def send(pool: H1Pool, method: str, url: URL, headers: bytes, body: bytes) -> Response:
+async def send(
+    pool: H1Pool, method: str, url: URL, headers: bytes, body: bytes, connect_timeout: float | None = None
+) -> Response:
     """Sends one request through ``pool`` and returns the response head; raises ``UpstreamError``
-    (nothing reached the client yet) if the upstream could not be reached or broke first."""
+    (nothing reached the client yet) if the upstream could not be reached or broke first.
+
+    Sent again (once, on a fresh connection) only when it provably never reached the upstream:
+    the pooled connection was found closed before a byte was written. A request that was written
+    may have been read, and the child may have died of it: replaying it could crash the next one
+    too, so it is answered 502 instead (Go's Transport and nginx's rule for POST). A refused
+    connect (``UpstreamRefused``) is the caller's to retry: nothing was sent.
+    """
     try:
         try:
-            return await pool.request(method, url, headers, body)
+            return await pool.request(method, url, headers, body, connect_timeout=connect_timeout)
         except Disconnected as exc:
-            if exc.response_started:
+            if not exc.replayable:
                 raise
-            # llama-server closes its connection after every streamed response although it said
-            # keep-alive; a pooled connection can be dead before its FIN was seen. No response
-            # byte arrived, so one retry on a fresh connection is safe. A connection that was
-            # never made (ConnectFailed) is not retried: it would fail again.
-            return await pool.request(method, url, headers, body, fresh=True)
+            return await pool.request(method, url, headers, body, fresh=True, connect_timeout=connect_timeout)
     except OSError as exc:  # h1pool's errors, TimeoutError included
         raise failed_before_response(exc, url) from exc
 
 
-def failed_before_response(exc: Exception, url: URL) -> UpstreamError:
+def failed_before_response(exc: Exception, url: URL) -> SwapperError:
     """What to answer when ``url``'s upstream could not be reached (``UpstreamRefused``: nothing
     was sent) or broke before its response head."""
+    if isinstance(exc, ConnectFailed) and exc.errno == errno.ETIMEDOUT:
+        return GatewayTimeout(
+            f"upstream {url.origin()} did not accept the connection in time (timeouts.connect)"
+        )
     if isinstance(exc, ConnectFailed):
         return UpstreamRefused(f"upstream {url.origin()} refused the connection: {exc.strerror}")
     if isinstance(exc, TimeoutError):
         return UpstreamError(f"upstream {url.origin()} timed out before responding")
+    if isinstance(exc, Disconnected) and not exc.response_started:
+        return UpstreamError(
+            f"upstream {url.origin()} closed the connection during the request, before answering "
+            "(its process died or dropped it); not sent again, since it may have read it"
+        )
     return UpstreamError(f"upstream {url.origin()} failed before responding: {exc!r}")
 
 
@@ -178,8 +197,9 @@ async def relay(
     loading-state SSE preamble, and asked for an unencoded body) only the body is appended to it.
 
     Raises ``UpstreamError`` if a non-SSE upstream breaks before its first body byte: nothing has
-    been written, and the caller renders the error. A later break ends the client's connection
-    with no clean end (a truncated body must not look complete) and returns ``complete=False``;
+    been written, and the caller renders the error. A later break ends an SSE stream with a
+    final error event, and any other body by ending the client's connection with no clean end
+    (a truncated body must not look complete); it returns ``complete=False, broken=True``;
     the handler may then be cancelled at its next ``await``, exactly as if the client had left.
     ``capture``, when given, is handed every piece of the body.
     """
@@ -218,14 +238,22 @@ async def _pump(
     """Copy the upstream body to the prepared ``resp``; its last reads make the tail."""
     sent = 0
     last: deque[bytes] = deque((), TAIL_CHUNKS)
-    complete = False
+    complete = broken = False
     try:
         while True:
             if not chunk:
                 try:
                     chunk = await content.readany()
-                except UPSTREAM_READ_ERRORS:
-                    _abort(request, resp)
+                except UPSTREAM_READ_ERRORS as exc:
+                    broken = True
+                    if content.sse:  # a final error event and a proper end: clients raise it
+                        event = sse_error_event(UpstreamError(f"upstream broke mid-answer: {exc!r}"))
+                        if not (last and last[-1].endswith(b"\n\n")):
+                            event = b"\n\n" + event  # it broke mid-event: end that one first
+                        await resp.write(event)
+                        await resp.write_eof()
+                    else:
+                        _abort(request, resp)
                     break
                 if not chunk:
                     await resp.write_eof()
@@ -247,7 +275,7 @@ async def _pump(
         # The client left (ClientConnectionResetError is a ConnectionResetError); the caller
         # closes the upstream so generation stops.
         pass
-    return Relayed(resp, sent, complete, tail_of(last))
+    return Relayed(resp, sent, complete, tail_of(last), broken)
 
 
 def _abort(request: web.Request, resp: web.StreamResponse) -> None:

@@ -30,7 +30,7 @@ from swapper.errors import (
     error_answer,
 )
 from swapper.events import EVENTS, RequestTrack, track_request
-from swapper.exchange import Exchange, upstream_path
+from swapper.exchange import Exchange, outcome_of, upstream_path
 from swapper.kindroutes import KindRoute
 from swapper.loading import LoadingStream, wait_with_preamble
 from swapper.messages import Lease
@@ -232,6 +232,7 @@ async def _serve_local(
     track = ex.track = track_request(request, ex.req_id, model)
     track.selector = selector
     preamble: LoadingStream | None = None
+    relaying = False
     try:
         if wanted.stream and wants_loading_state(config, cfg, request.path):
             preamble = LoadingStream(request, model, config.loading_state_mode)
@@ -245,15 +246,29 @@ async def _serve_local(
             ex.granted(await ex.acquire())
         track.granted()
         upstream = await ex.send()
+        relaying = True
         relayed = await proxy.relay(request, upstream, preamble.response if preamble else None, track.capture)
         track.tail = relayed.tail
+        if relayed.broken:
+            track.outcome = "upstream_error"
         return relayed.response
     except SwapperError as err:
-        track.failed(err.status)
+        track.failed(err.status, outcome_of(err))
         if preamble is not None and preamble.response.prepared:
             await preamble.fail(err)
             return preamble.response
         return error_response(err)
+    except asyncio.CancelledError:
+        # Cut by a stop of its model before the upstream's answer began: say so (a cut relay
+        # can only drop the connection).
+        if (cut := ex.cut_error) is None or relaying or (task := asyncio.current_task()) is None:
+            raise
+        task.uncancel()
+        track.failed(cut.status, outcome_of(cut))
+        if preamble is not None and preamble.response.prepared:
+            await preamble.fail(cut)
+            return preamble.response
+        return error_response(cut)
     finally:
         ex.finish()
 
@@ -299,16 +314,27 @@ async def handle_kind_route(request: web.Request, route: KindRoute) -> web.Strea
 async def relay_plain(request: web.Request, ex: Exchange, track: RequestTrack) -> web.StreamResponse:
     """Lease, send and relay with no loading preamble: requests whose body swapper forwards as
     it is (``/upstream``, kind routes)."""
+    relaying = False
     try:
         ex.granted(await ex.acquire())
         track.granted()
         upstream = await ex.send()
+        relaying = True
         relayed = await proxy.relay(request, upstream, capture=track.capture)
         track.tail = relayed.tail
+        if relayed.broken:
+            track.outcome = "upstream_error"
         return relayed.response
     except SwapperError as err:
-        track.failed(err.status)
+        track.failed(err.status, outcome_of(err))
         return error_response(err)
+    except asyncio.CancelledError:
+        # Cut by a stop of its model before the upstream's answer began: say so.
+        if (cut := ex.cut_error) is None or relaying or (task := asyncio.current_task()) is None:
+            raise
+        task.uncancel()
+        track.failed(cut.status, outcome_of(cut))
+        return error_response(cut)
     finally:
         ex.finish()
 

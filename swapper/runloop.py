@@ -19,7 +19,7 @@ import itertools
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, assert_never
+from typing import Any, Final, assert_never
 
 import aiohttp
 import structlog
@@ -27,15 +27,18 @@ import structlog
 from swapper import process
 from swapper.children import Child
 from swapper.config import Config
-from swapper.errors import ModelLoadFailed, ShuttingDown, SwapperError
+from swapper.errors import GatewayTimeout, ModelLoadFailed, ShuttingDown, SwapperError
 from swapper.events import EventBus
 from swapper.h1pool import H1Pool
+from swapper.hang import CLAIMED_SILENCE, PROBE_TIMEOUT, HangWatch, probe
 from swapper.health import ensure_port_free, wait_healthy
 from swapper.logs import LogHub
 from swapper.memory import MemoryMonitor
 from swapper.messages import (
     Acquire,
     ChildExited,
+    HangProbed,
+    Holder,
     Lease,
     MemorySampled,
     Message,
@@ -57,13 +60,6 @@ from swapper.services import ProbeFacts, Service
 log = structlog.get_logger("swapper.runloop")
 
 TICK_SECONDS = 1.0
-
-
-class Holder(Protocol):
-    """Whoever serves a granted request: cut by ``cancel()`` when its model is stopped under it
-    (unload, reload). The requester's task, or the front door's inline exchange."""
-
-    def cancel(self) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +111,8 @@ class RunLoop:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[int, asyncio.Future[Lease]] = {}
         self._holders: dict[int, Holder] = {}  # req_id -> who serves it (see Holder)
+        self._hangs = HangWatch()
+        self._probing: dict[str, asyncio.Task[None]] = {}  # model -> its hang probe
         self._unload_replies: list[tuple[frozenset[str], asyncio.Future[None]]] = []
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
@@ -136,12 +134,12 @@ class RunLoop:
         model: str,
         *,
         on_wait: Callable[[], None] | None = None,
-        holder: asyncio.Task[Any] | None = None,
+        holder: Holder | None = None,
     ) -> Lease:
         """Waits until ``model`` may serve this request; pair with ``release`` in ``finally``.
 
         ``on_wait`` is called once the request is admitted but has to wait (load or queue).
-        ``holder`` (default: the calling task) is the task a stop of the model cancels.
+        ``holder`` (default: the calling task) is what a stop of the model cancels.
         """
         if self._done:
             raise ShuttingDown("swapper is shutting down")
@@ -168,7 +166,7 @@ class RunLoop:
             self._holders[req_id] = holder
         return Lease(req_id, model, self.config.models[model].proxy, self._pid(model))
 
-    async def reacquire(self, lease: Lease) -> Lease:
+    async def reacquire(self, lease: Lease, holder: Holder | None = None) -> Lease:
         """After the upstream refused ``lease``'s connection: releases it, reports the child as
         unreachable (the loop restarts it unless its exit was already seen), and waits for a new
         lease on the same model under a new request id. Release the returned lease instead."""
@@ -176,7 +174,7 @@ class RunLoop:
         self._post(Unreachable(lease.model, lease.pid))
         req_id = self.new_request_id()
         try:
-            return await self.acquire(req_id, lease.model)
+            return await self.acquire(req_id, lease.model, holder=holder)
         except BaseException:
             self.release(req_id)  # cancelled while waiting: the caller only knows the old id
             raise
@@ -360,11 +358,19 @@ class RunLoop:
                 child = self._children.get(model)
                 ready = self._sched.state(model) is State.READY
                 if pid is not None and child is not None and child.pid == pid and ready:
-                    log.warning("model refuses connections; restarting it", model=model, pid=pid)
-                    self._events.child_unreachable(model, pid)
-                    self._sched.on_unreachable(model, now)
+                    if (exit_code := child.poll_exit()) is not None:
+                        # It died (its exit not yet read): a crash, whatever the refusal says.
+                        self._on_child_exited(model, pid, exit_code, now)
+                    else:
+                        log.warning("model refuses connections; restarting it", model=model, pid=pid)
+                        self._events.child_unreachable(model, pid)
+                        self._sched.on_unreachable(model, now)
             case Tick(at):
                 self._sched.on_tick(at)
+                self._watch_hangs(at)
+            case HangProbed(model, pid, silent, failure):
+                self._probing.pop(model, None)
+                self._on_hang_probed(model, pid, silent, failure, now)
             case Unload(models, reply):
                 targets = frozenset(self.config.models) if models is None else models
                 targets = frozenset(m for m in targets if not self._pinned(m))  # never stopped
@@ -403,6 +409,51 @@ class RunLoop:
             self._done = True
         if self._inbox.empty() and not self._starting and not self._stopping:
             self._idle.set()
+
+    def _watch_hangs(self, now: float) -> None:
+        """Probes each ready model with requests in flight that has been silent for its
+        ``timeouts.hung`` (see ``hang``), or for ``CLAIMED_SILENCE`` if an overdue request waits
+        on it: a hung model in an eviction set must not stretch ``maxWait`` by ``hung``."""
+        claimed = self._sched.claimed(now)
+        for model, child in self._children.items():
+            hung = limit = child.model.timeouts.hung
+            if model in claimed and limit > 0:
+                limit = min(limit, CLAIMED_SILENCE)  # silent that long: probed, as patiently as ever
+            busy = self._sched.state(model) is State.READY and self._sched.in_flight(model)
+            if not busy or limit <= 0 or child.pid is None or self._pool is None or model in self._probing:
+                self._hangs.forget(model)
+                continue
+            progress = self._pool.reads(child.model.proxy) + child.lines_seen
+            silent = self._hangs.silent_for(model, progress, now)
+            if silent >= limit and (url := _health_url(child)) is not None:
+                coro = self._probe_hang(model, child.pid, silent, url, min(hung, PROBE_TIMEOUT))
+                self._probing[model] = self._spawn(coro)
+
+    async def _probe_hang(self, model: str, pid: int, silent: float, url: str, limit: float) -> None:
+        assert self._pool is not None
+        self._post(HangProbed(model, pid, silent, await probe(self._pool, url, limit)))
+
+    def _on_hang_probed(self, model: str, pid: int, silent: float, failure: str | None, now: float) -> None:
+        self._hangs.forget(model)  # alive: watched afresh from now; hung: stopped below
+        child = self._children.get(model)
+        if child is not None and child.pid == pid:
+            self._events.hang_probed(model, pid, failure)
+        if (
+            failure is None
+            or child is None
+            or child.pid != pid
+            or self._sched.state(model) is not State.READY
+        ):
+            return
+        why = f"no byte for {silent:.0f}s with requests in flight, and its health probe failed: {failure}"
+        log.warning("model hung; killing its process group", model=model, pid=pid, why=why)
+        self._events.child_hung(model, pid, why)
+        err = GatewayTimeout(f"model {model!r} hung ({why}); it was killed and restarts on the next request")
+        for req_id in self._sched.in_flight(model):
+            if (holder := self._holders.get(req_id)) is not None:
+                holder.cancel(err)
+        child.kill()  # SIGKILL to the group: a stopped process ignores SIGTERM
+        self._sched.on_unreachable(model, now)  # stopped, counted toward the crash-loop backoff
 
     def _on_child_exited(self, model: str, pid: int, returncode: int, now: float) -> None:
         child = self._children.get(model)
@@ -509,7 +560,10 @@ class RunLoop:
             await child.spawn()
             execed = time.monotonic()
             timeout = child.model.health_check_timeout
-            await wait_healthy(self._session, child, _health_url(child), timeout, pool=self._pool)
+            stall = child.model.timeouts.load_stall
+            await wait_healthy(
+                self._session, child, _health_url(child), timeout, pool=self._pool, stall=stall
+            )
             healthy = time.monotonic()
             if isinstance(child, Service):
                 await child.find_pid()

@@ -486,6 +486,10 @@ class Scheduler:
 
     # ---- helpers ----
 
+    def claimed(self, now: float) -> frozenset[str]:
+        """The models overdue queued requests claim (their targets and eviction sets)."""
+        return self._claimed(now) if self._queue else frozenset()
+
     def _claimed(self, now: float) -> frozenset[str]:
         claimed: set[str] = set()
         claiming: set[str] = set()  # models whose (identical) claims are already in

@@ -157,6 +157,9 @@ class Service:
     def kill(self) -> None:
         pass  # never: swapper does not own the service's process
 
+    def poll_exit(self) -> int | None:
+        return None  # not swapper's process: a refusal is its probe's to judge
+
     def stop_marks(self) -> StopMarks:
         return StopMarks(self._signalled_at, self._down_at)
 

@@ -57,7 +57,7 @@ ROWS: list[tuple[str, str, str, str, str]] = [
     ("peers only", PEER, "warn", "load", "only peers"),
     ("unknown top-level key", MODELS + "healthCheckTimout: 3\n", "warn", "load", "unknown key"),
     ("unknown logLevel", MODELS + "logLevel: loud\n", "warn", "load", "logLevel"),
-    ("healthCheckTimeout under 15", MODELS + "healthCheckTimeout: 5\n", "load", "load", ""),
+    ("healthCheckTimeout under 15", MODELS + "healthCheckTimeout: 5\n", "warn", "load", "minimum of 15"),
     # swapper serves it as a pinned service it does not spawn (docs/broker.md)
     ("a model without cmd", "models:\n  m: {proxy: 'http://127.0.0.1:9'}\n", "load", "load", ""),
     (
@@ -75,13 +75,7 @@ ROWS: list[tuple[str, str, str, str, str]] = [
         "load",
         "",
     ),
-    (
-        "model timeouts (not used by swapper)",
-        "models:\n  m: {cmd: 'srv ${PORT}', timeouts: {connect: 5}}\n",
-        "warn",
-        "load",
-        "timeouts",
-    ),
+    ("model timeouts", "models:\n  m: {cmd: 'srv ${PORT}', timeouts: {connect: 5}}\n", "load", "load", ""),
     (
         "compat.ignoreWebsockets",
         "models:\n  m: {cmd: 'srv ${PORT}', compat: {ignoreWebsockets: true}}\n",

@@ -1114,7 +1114,6 @@ def test_unsupported_keys_warn_once_each_and_still_load() -> None:
     assert config.warnings == (
         "logTimeFormat: not supported by swapper; ignored",
         "performance: not supported by swapper; ignored",
-        "models.llama.timeouts: not supported by swapper; ignored",
         "models.llama.compat: not supported by swapper; ignored",
         "models.llama.healthCheckTimeout: not supported by swapper; ignored",
     )

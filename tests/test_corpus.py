@@ -115,7 +115,6 @@ def test_the_corpus_loads_warning_only_for_what_swapper_does_not_use(monkeypatch
         "logTimeFormat: not supported by swapper; ignored",
         "performance: not supported by swapper; ignored",
         "ui: not supported by swapper; ignored",
-        "models.llama.timeouts: not supported by swapper; ignored",
         "models.websocket-app.compat: not supported by swapper; ignored",
     )
     llama = config.models["llama"]

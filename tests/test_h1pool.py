@@ -218,11 +218,12 @@ async def test_body_cut_short_raises_after_the_bytes_that_came(pool: H1Pool) -> 
         resp.close()
 
 
-async def test_close_before_responding_is_a_safe_to_retry_disconnect(pool: H1Pool) -> None:
+async def test_close_before_responding_after_the_request_was_written_is_not_replayable(pool: H1Pool) -> None:
     async with upstream(lambda req: [], close_after=True) as (url, _):
         with pytest.raises(Disconnected) as info:
             await pool.request("GET", url, b"", b"")
         assert not info.value.response_started
+        assert not info.value.replayable  # the upstream read it: it may have acted on it
 
 
 async def test_connect_failure(pool: H1Pool) -> None:

@@ -1,4 +1,5 @@
-"""A short soak: ``scripts/soak.py`` with ~200 requests (swaps, streams, cancels, one crash).
+"""A short soak: ``scripts/soak.py`` with ~200 requests (swaps, streams, cancels, one crash, one
+hung child, and a stderr nobody reads).
 
 The script runs swapper as a real process in front of three fake upstreams and audits the run
 itself (see its docstring); this test only runs it bounded and checks its verdict, so the full
@@ -38,6 +39,10 @@ def test_short_soak_loses_and_leaks_nothing() -> None:
     assert report["processes_left_after_shutdown"] == []
     assert report["swapper_exit_code"] == 0
     assert report["crash"]["tries"], "the crash never happened"
+    assert report["hang"]["noticed"], report["hang"]  # the SIGSTOPped child was found hung, killed
+    assert report["replayed"] == []  # no request reached two children
+    assert report["log_lines_dropped"] > 0  # the stalled stderr cost lines, not requests
+    assert not report["fd_leak"], report["open_fds"]
     # Every request is accounted for: answered, refused explicitly, cut after the crash, or
     # abandoned by its own client.
     accounted = (

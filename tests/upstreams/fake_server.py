@@ -44,6 +44,16 @@ Behaviour flags (all optional except --port):
                          GPU memory the tests' fake NVML (tests/fake_nvml.py) reports this process
                          holding, split evenly over those GPUs (default: the GPUs in its
                          CUDA_VISIBLE_DEVICES, else GPU 0); the server itself ignores them
+  --die-on-request S     S seconds after reading a request (not /health), print "dying" and SIGKILL
+                         itself: a child that a request crashes
+  --stop-on-request S    S seconds after reading a request (not /health), SIGSTOP itself: a hung
+                         child (nothing answers, /health neither)
+  --stop-after-bytes N   SIGSTOP itself once N body bytes of a streamed response were written
+  --silent               read requests (not /health) and never answer them; /health still answers:
+                         a child that is only slow
+  --flood                print a 200-byte line as fast as its stdout takes them, from the start
+  --no-listen            never open its port (nor print more): a load that stalled
+  --request-lines N      print N more 100-byte lines for each request (not /health): a chatty server
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI shapes, "stream": true gives
 SSE chunks then ``data: [DONE]``; honours max_tokens), POST /v1/embeddings, GET /v1/models,
@@ -51,6 +61,10 @@ GET /props, GET /health, POST /sdapi/v1/txt2img, POST /v1/images/generations,
 POST /v1/audio/transcriptions and POST /inference (multipart), and an echo route for anything
 else: ``{"method", "path", "raw_path", "query", "headers", "header_list", "body_b64",
 "model_name", "pid"}``. Generated token i is ``"<model-name>#<i> "``.
+
+With ``FAKE_REQUEST_LOG`` set in its environment, each request (not /health) that carries an
+``X-Soak-Id`` header appends ``<pid> <id>`` to that file as it is read (the soak's check that no
+request reaches two children).
 
 A request with the header ``X-Fake-Delay: S`` is answered S seconds late (not a stream). One with
 ``X-Fake-Raw: <base64>`` is answered with exactly those bytes, then the connection is closed (for
@@ -66,6 +80,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -74,6 +89,9 @@ import time
 from typing import Any
 
 START = time.monotonic()
+_REQUEST_LOG = os.environ.get("FAKE_REQUEST_LOG")
+# One small O_APPEND write a request: atomic, so children writing at once never interleave.
+REQUEST_LOG = os.open(_REQUEST_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if _REQUEST_LOG else None
 
 # A 1x1 transparent PNG, for the image endpoints.
 TINY_PNG_B64 = (
@@ -222,6 +240,12 @@ class Server:
                     if self.args.drop_reused and served > 1:
                         log(f"{req.method} {req.path} dropped: a reused connection")
                         break
+                    if REQUEST_LOG is not None and (soak_id := req.header("x-soak-id")):
+                        os.write(REQUEST_LOG, f"{os.getpid()} {soak_id}\n".encode())
+                    if self.args.request_lines:
+                        chatter = f"fake_server[{os.getpid()}]: working on {req.path} " + "." * 60
+                        print("\n".join([chatter] * self.args.request_lines), flush=True)
+                    await self.fault_on_request(req)
                 self.in_flight += 1
                 try:
                     keep_alive = await self.dispatch(req, writer)
@@ -236,6 +260,23 @@ class Server:
         finally:
             self.open_connections -= 1
             writer.close()
+
+    async def fault_on_request(self, req: Request) -> None:
+        """--die-on-request, --stop-on-request, --silent: what a request does to this child."""
+        a = self.args
+        if a.die_on_request is None and a.stop_on_request is None and not a.silent:
+            return
+        log(f"{req.method} {req.path} received")
+        if a.die_on_request is not None:
+            await asyncio.sleep(a.die_on_request)
+            log("dying (--die-on-request)")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if a.stop_on_request is not None:
+            await asyncio.sleep(a.stop_on_request)
+            log("stopping (--stop-on-request)")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if a.silent:
+            await asyncio.get_running_loop().create_future()  # never answered
 
     async def send_json(
         self,
@@ -336,6 +377,12 @@ class Server:
         return keep
 
     async def write_stream_bytes(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        stop_at = self.args.stop_after_bytes
+        if stop_at is not None and self.stream_bytes + len(data) >= stop_at:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            log(f"stopping after {stop_at} streamed bytes (--stop-after-bytes)")
+            os.kill(os.getpid(), signal.SIGSTOP)
         limit = self.args.crash_after_bytes
         if limit is not None and self.stream_bytes + len(data) >= limit:
             data = data[: limit - self.stream_bytes]
@@ -541,6 +588,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # Read from the command line by the tests' fake NVML (tests/fake_nvml.py); the server ignores them.
     p.add_argument("--vram-mib", type=int, default=0)
     p.add_argument("--vram-gpus", default="")
+    p.add_argument("--die-on-request", type=float, default=None)
+    p.add_argument("--stop-on-request", type=float, default=None)
+    p.add_argument("--stop-after-bytes", type=int, default=None)
+    p.add_argument("--silent", action="store_true")
+    p.add_argument("--flood", action="store_true")
+    p.add_argument("--no-listen", action="store_true")
+    p.add_argument("--request-lines", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -562,6 +616,17 @@ def install_signals(loop: asyncio.AbstractEventLoop, server: Server) -> None:
     loop.add_signal_handler(signal.SIGINT, exit_now, 0, "SIGINT received, exiting")
 
 
+def flood() -> None:
+    """--flood: lines as fast as stdout takes them (blocking when its reader stalls), in a thread
+    so that requests are still served meanwhile."""
+    line = f"fake_server[{os.getpid()}]: flood " + "x" * 170
+    n = 0
+    with contextlib.suppress(OSError, ValueError):
+        while True:
+            n += 1
+            print(f"{line} {n}", flush=True)
+
+
 async def main(argv: list[str]) -> None:
     args = parse_args(argv)
     server = Server(args)
@@ -571,6 +636,12 @@ async def main(argv: list[str]) -> None:
     ballast = b"\x01" * (args.alloc_mib << 20)  # bytes * n writes every page, so RSS really grows
     if args.fork_grandchild:
         fork_grandchild()
+    if args.no_listen:
+        if args.chatty_load:
+            for step in range(int(args.load_delay / 0.01)):  # printing while it "loads"
+                log(f"loading: step {step}")
+                await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().create_future()  # stalled: until a signal ends it
     srv = await asyncio.start_server(server.handle_conn, args.host, args.port, limit=MAX_HEADER_BYTES)
     server.listener = srv
     log(f"accepting connections on {args.host}:{args.port} (model loading)")
@@ -587,6 +658,8 @@ async def main(argv: list[str]) -> None:
                 await asyncio.sleep(0.002)
 
         background.append(asyncio.ensure_future(chatter()))
+    if args.flood:
+        background.append(asyncio.ensure_future(asyncio.to_thread(flood)))
     if args.exit_after is not None:
         loop.call_later(max(0.0, START + args.exit_after - time.monotonic()), exit_now, 2, "fake crash")
     if args.exit_during_load:
