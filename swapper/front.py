@@ -160,6 +160,13 @@ class Front:
         """Returns once no connection is serving a fast request (after ``begin_shutdown``)."""
         await self._drained.wait()
 
+    def abort_idle(self) -> None:
+        """Drops the connections with no request in service that are still open once the grace
+        is over: closed, but holding answers their client never reads. A busy one gets its
+        answer when the run loop cuts its request."""
+        for conn in list(self.conns):
+            conn.abort_if_idle()
+
     def forget(self, conn: FrontConn) -> None:
         self.conns.discard(conn)
         self._note_idle()
@@ -252,6 +259,10 @@ class FrontConn(asyncio.Protocol):
         """Closes the connection if no request is in service."""
         if self._exchange is None and self._transport is not None:
             self._transport.close()
+
+    def abort_if_idle(self) -> None:
+        if self._exchange is None and self._transport is not None:
+            self._transport.abort()
 
     # ---- reading requests ----
 
@@ -826,4 +837,5 @@ class FrontSite(web.BaseSite):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._grace):
                     await self._front.wait_drained()
+            self._front.abort_idle()
         await super().stop()

@@ -136,6 +136,24 @@ async def test_pipelined_inline_posts_that_are_never_read_hold_bounded_memory(
     await assert_flood_is_bounded(client, chat(max_tokens=1))
 
 
+async def test_a_stop_drops_a_connection_whose_client_never_reads(aiohttp_client: ClientFactory) -> None:
+    # Closing it would wait for answers that never leave: past the grace, the stop aborts it.
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    front, site = front_of(client), client.server.front_site
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(flood(client.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", stop))
+    try:
+        await wait_until(lambda: any(c._read_paused for c in front.conns), within=STEP, what="reading paused")
+        site._grace = 0.1
+        await site.stop()
+        await wait_until(lambda: not front.conns, within=STEP, what="the connection dropped")
+    finally:
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await task
+
+
 # ---- deadlines ----
 
 
