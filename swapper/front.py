@@ -82,6 +82,7 @@ log = structlog.get_logger("swapper.front")
 
 MAX_PIPELINED: Final = 1024 * 1024  # bytes buffered behind a request in service; then stop reading
 KEEPALIVE: Final = 75.0  # seconds an idle connection stays open (aiohttp's default before 3.10)
+LINGER: Final = 2.0  # seconds a connection closed after an answer still discards what arrives
 _FAST_PATHS: Final = frozenset(BODY_ROUTES)
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODILESS: Final = frozenset({204, 304})  # answers that never have a body
@@ -200,6 +201,7 @@ class FrontConn(asyncio.Protocol):
         self._head_out = _NOTHING_OUT
         self._tail: deque[bytes] = _NO_TAIL  # the last reads of the answer being relayed
         self._origin: bytes | None = None  # the model request in service's Origin, for its errors
+        self._lingering = False  # answered and half-closed: what arrives is discarded
 
     @property
     def busy(self) -> bool:
@@ -222,6 +224,8 @@ class FrontConn(asyncio.Protocol):
             self._front.forget(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         self.active_at = time.monotonic()
         self._buf += data
         if self._exchange is None and not self._write_paused:
@@ -719,8 +723,25 @@ class FrontConn(asyncio.Protocol):
         lines = "".join(f"{name}: {value}\r\n" for name, value in fields)
         data = response_head(answer.status, _reason(answer.status), lines.encode("utf-8", "surrogateescape"))
         if self._write(data if head_only else data + answer.body) and close:
-            assert self._transport is not None
-            self._transport.close()
+            self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Closes after an answer its client may still be sending into (a 400, a 408): the write
+        side first, then what arrives is discarded until the client closes or ``LINGER`` passes.
+        A close with unread bytes would be a reset, and a reset can destroy the answer before
+        the client reads it."""
+        transport = self._transport
+        assert transport is not None
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        self._buf.clear()
+        transport.write_eof()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
 
 
 def _capturing(sink: Callable[[bytes, bool], None], capture: Capture) -> Callable[[bytes, bool], None]:

@@ -154,6 +154,22 @@ async def test_a_stop_drops_a_connection_whose_client_never_reads(aiohttp_client
             await task
 
 
+async def test_an_error_answer_survives_the_bytes_its_client_still_sends(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # A close with unread bytes is a reset, which can destroy the 400 before the client reads
+    # it: the front door half-closes and discards what still arrives.
+    client = await aiohttp_client(make_app(ops_config({"m": ""})))
+    conn = await Conn.open(client)
+    await conn.send(b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n")
+    await wait_until(lambda: front_of(client).refused == 1, within=STEP, what="the 400")
+    for _ in range(16):
+        await conn.send(b"x" * 4096)  # the client has not read the answer yet, and goes on
+    answer = await asyncio.wait_for(conn.reader.read(), STEP)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+
+
 # ---- deadlines ----
 
 
