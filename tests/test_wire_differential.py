@@ -290,12 +290,21 @@ class StrictResponseParser(HttpResponseParserPy):
 
 
 def aiohttp_client_view(data: bytes) -> Answer | str:
+    """aiohttp's reading of the first response in ``data``. Fed a byte at a time, so that bytes
+    after a complete response (the start of a next one, to aiohttp) can't refuse the first."""
     parser = _parser(StrictResponseParser)
+    messages: list[Any] = []
     try:
-        messages, _, _ = parser.feed_data(data, b"\r\n")  # the separator of its strict mode
-        parser.feed_eof()
+        for i in range(len(data)):
+            got, _, _ = parser.feed_data(data[i : i + 1], b"\r\n")  # its strict mode's separator
+            messages += got
+            if messages and messages[0][1].is_eof():
+                break
+        else:
+            parser.feed_eof()
     except http_exceptions.HttpProcessingError:
-        return REFUSED
+        if not (messages and messages[0][1].is_eof()):
+            return REFUSED
     if not messages:
         return REFUSED  # the connection ended before a whole head
     message, payload = messages[0]
