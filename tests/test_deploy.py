@@ -242,6 +242,8 @@ os.execvp("setpriv", ["setpriv", "--no-new-privs", sys.executable, "-m", "swappe
 def _sandbox_missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root for mount namespaces"
+    if any(os.path.realpath(p).startswith("/tmp/") for p in (ROOT, sys.prefix)):
+        return "the checkout or its virtualenv is under /tmp, which PrivateTmp's own /tmp would hide"
     if shutil.which("unshare") is None or shutil.which("setpriv") is None:
         return "needs util-linux's unshare and setpriv"
     probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, timeout=30)
