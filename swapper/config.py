@@ -74,6 +74,7 @@ from swapper.fleet import Fleet, parse_fleet
 from swapper.kindroutes import KindRoutes, RouteError, parse_routes
 from swapper.listen import AddressError, parse_address
 from swapper.placement import parse_devices
+from swapper.planners.dsl import CompiledMatrix, DslError, MatrixConfig, compile_matrix
 from swapper.serviceconfig import SERVICE_KEYS, ServiceError, ServiceSpec, parse_service
 from swapper.timeouts import Timeouts
 
@@ -153,13 +154,6 @@ class GroupConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class MatrixConfig:
-    vars: Mapping[str, str] = field(default_factory=dict)  # short name -> model id
-    evict_costs: Mapping[str, int] = field(default_factory=dict)  # model id -> cost (vars resolved)
-    sets: tuple[tuple[str, str], ...] = ()  # (set name, DSL text) in definition order
-
-
-@dataclass(frozen=True, slots=True)
 class GpuLimits:
     """``memory.gpus.<index>``: one GPU's own budget and reserve (None: the global ones)."""
 
@@ -194,6 +188,8 @@ class RoutingConfig:
     groups: tuple[GroupConfig, ...] = ()
     matrix: MatrixConfig | None = None
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # ``matrix`` compiled against the models, once per load (the matrix planner's input).
+    compiled: CompiledMatrix | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,14 +243,12 @@ def load_config(path: str) -> Config:
     return parse_config(text, source=path)
 
 
-def _check_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> None:
-    """Compiles the swap matrix now, so a DSL error is a config error at load, not a crash later."""
+def _compile_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> RoutingConfig:
+    """Compiles the swap matrix now, once: a DSL error is a config error at load, not a crash later."""
     if routing.matrix is None:
-        return
-    from swapper.planners.dsl import DslError, compile_matrix  # the planner imports this module
-
+        return routing
     try:
-        compile_matrix(routing.matrix, models)
+        return replace(routing, compiled=compile_matrix(routing.matrix, models))
     except DslError as exc:
         raise ConfigError(f"routing.router.settings.matrix: {exc}") from None
 
@@ -275,7 +269,7 @@ def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
     defaults = _parse_defaults(doc.top, doc.warnings)
     models, aliases = _link_aliases(_parse_models(doc, defaults), doc.warnings)
     routing, priorities = _parse_routing(doc, models, aliases)
-    _check_matrix(routing, models)
+    routing = _compile_matrix(routing, models)
     models = {
         mid: replace(m, priority=priorities[mid]) if mid in priorities else m for mid, m in models.items()
     }
@@ -1390,7 +1384,7 @@ def _parse_routing(
         # llama-swap never reads a matrix its router does not use; an invalid one is only news.
         try:
             matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
-            _check_matrix(RoutingConfig(matrix=matrix), models)
+            _compile_matrix(RoutingConfig(matrix=matrix), models)
         except ConfigError as exc:
             doc.warnings.append(f"{exc} (not in use: routing.router.use is {use}; ignored)")
             matrix = None

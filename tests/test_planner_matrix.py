@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from swapper.config import Config, MatrixConfig, ModelConfig, RoutingConfig
+from swapper.config import Config, MatrixConfig, ModelConfig, RoutingConfig, load_config
 from swapper.planners import PlanView, make_planner
 from swapper.planners.dsl import DslError
 from swapper.planners.matrix import Decision, MatrixPlanner, compile_matrix, solve
@@ -339,3 +340,10 @@ def test_projected_solver_matches_brute_force(defs: dict[str, Node], costs: dict
             decision = solve(compiled, target, running)
             expected = _brute_solve(expansions, target, running, costs)
             assert (decision.evict, decision.set_name, decision.cost) == expected, (target, running)
+
+
+def test_the_matrix_is_compiled_once_at_load_and_the_planner_uses_that_compilation() -> None:
+    config = load_config(str(Path(__file__).parent.parent / "examples" / "matrix.yaml"))
+    assert config.routing.compiled is not None
+    planner = make_planner(config)
+    assert getattr(planner, "matrix", None) is config.routing.compiled

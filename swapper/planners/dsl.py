@@ -75,14 +75,20 @@ for tests and small configs only.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from swapper.config import MatrixConfig
+from dataclasses import dataclass, field
+from typing import Literal
 
 _PunctKind = Literal["&", "|", "(", ")"]
 _PUNCT: dict[str, _PunctKind] = {"&": "&", "|": "|", "(": "(", ")": ")"}
+
+
+@dataclass(frozen=True, slots=True)
+class MatrixConfig:
+    """``routing.router.settings.matrix`` as decoded; ``compile_matrix`` checks it against the models."""
+
+    vars: Mapping[str, str] = field(default_factory=dict)  # short name -> model id
+    evict_costs: Mapping[str, int] = field(default_factory=dict)  # model id -> cost (vars resolved)
+    sets: tuple[tuple[str, str], ...] = ()  # (set name, DSL text) in definition order
 
 
 class DslError(ValueError):

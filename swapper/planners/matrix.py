@@ -75,7 +75,9 @@ class MatrixPlanner:
     def __init__(self, config: Config) -> None:
         if config.routing.matrix is None:
             raise DslError("routing.router.settings.matrix is required when use is matrix")
-        self.matrix = compile_matrix(config.routing.matrix, config.models.keys())
+        # Compiled once at load; a Config built by hand (tests) is compiled here.
+        compiled = config.routing.compiled
+        self.matrix = compiled or compile_matrix(config.routing.matrix, config.models.keys())
         self._cache: tuple[str, frozenset[str], Decision] | None = None
         self._last: dict[str, Decision] = {}
 
