@@ -3,8 +3,8 @@
 Owns ``MemoryMonitor``, the run loop's helper for everything about memory that waits:
 
 * the sampler task: blocking NVML/psutil calls in a worker thread every ``SAMPLE_SECONDS`` (and at
-  once after a child became ready, to measure it), posted to the run loop as ``MemorySampled``,
-  whose handler applies them to the ``MemoryLedger`` (``swapper.ledger``);
+  once after a child became ready, to measure it), handed to a callback (the run loop posts each
+  as a ``MemorySampled`` message, whose handler applies it to the ``MemoryLedger``);
 * persistence of measured footprints: a small JSON file (``stateFile``, by default
   ``~/.cache/swapper/memory-footprints.json``) written from that task, atomically;
 * the bounded wait, inside a stop task, until a stopped child's memory is really free
@@ -31,7 +31,6 @@ import structlog
 from swapper.config import Config
 from swapper.gpu import MemorySample, Sampler
 from swapper.ledger import Measurement, MemoryLedger, human
-from swapper.messages import MemorySampled
 
 log = structlog.get_logger("swapper.memory")
 
@@ -216,7 +215,7 @@ class MemoryMonitor:
     # ---- the sampler task ----
 
     async def sample_forever(
-        self, post: Callable[[MemorySampled], None], children: ChildPids, *, opened: bool = True
+        self, post: Callable[[MemorySample], None], children: ChildPids, *, opened: bool = True
     ) -> None:
         """Samples every ``SAMPLE_SECONDS`` (at once after ``on_ready``) and posts the result, until
         ``close``. ``opened=False`` (a reload switched to the memory planner) opens NVML first."""
@@ -238,7 +237,7 @@ class MemoryMonitor:
                     if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
                         log.exception("memory sampling failed", failures=self._failures)
                     continue
-                post(MemorySampled(sample))
+                post(sample)
                 if not opened:
                     opened = True
                     self._log_devices(sample, reason)
@@ -269,8 +268,8 @@ class MemoryMonitor:
 
     # ---- run-loop handlers (never await) ----
 
-    def on_sample(self, msg: MemorySampled) -> None:
-        self.ledger.on_sample(msg.sample)
+    def on_sample(self, sample: MemorySample) -> None:
+        self.ledger.on_sample(sample)
 
     def on_ready(self, model: str, pid: int | None) -> None:
         """``model``'s child became healthy: measure it with the next sample, taken now."""

@@ -29,6 +29,7 @@ from swapper.children import Child
 from swapper.config import Config
 from swapper.errors import GatewayTimeout, ModelLoadFailed, ShuttingDown, SwapperError
 from swapper.events import EventBus
+from swapper.gpu import MemorySample
 from swapper.h1pool import H1Pool
 from swapper.hang import CLAIMED_SILENCE, PROBE_TIMEOUT, HangWatch, probe
 from swapper.health import ensure_port_free, wait_healthy
@@ -272,7 +273,7 @@ class RunLoop:
             if self._memory is not None:
                 # The first sample is applied before the first decision; later ones are messages.
                 await self._memory.open(self._child_pids)
-                _ = self._spawn(self._memory.sample_forever(self._post, self._child_pids))
+                _ = self._spawn(self._memory.sample_forever(self._post_sample, self._child_pids))
             self._loop = asyncio.get_running_loop()
             self._running = True
             while not self._done:
@@ -387,7 +388,7 @@ class RunLoop:
                 self._unload_replies.append((frozenset(self.config.models), reply))
             case MemorySampled():
                 if self._memory is not None:
-                    self._memory.on_sample(msg)
+                    self._memory.on_sample(msg.sample)
             case _:
                 assert_never(msg)
 
@@ -630,6 +631,9 @@ class RunLoop:
         child = self._children.get(model)
         return child.pid if child else None
 
+    def _post_sample(self, sample: MemorySample) -> None:
+        self._post(MemorySampled(sample))
+
     def _child_pids(self) -> dict[str, int]:
         """For the memory sampler (an advisory read: samples are applied in ``_handle``)."""
         return {m: c.pid for m, c in self._children.items() if c.pid is not None}
@@ -643,7 +647,7 @@ class RunLoop:
         if self._memory is not None:
             self._memory.close()
         elif new is not None:
-            _ = self._spawn(new.sample_forever(self._post, self._child_pids, opened=False))
+            _ = self._spawn(new.sample_forever(self._post_sample, self._child_pids, opened=False))
         return new
 
 

@@ -18,7 +18,6 @@ from swapper.footprint import MIB
 from swapper.gpu import ChildUsage, DeviceUsage, GpuUsage, MemorySample, ReleaseProbe
 from swapper.ledger import OVERHEAD, Footprint, Measurement, MemoryLedger, fingerprint
 from swapper.memory import MemoryMonitor, read_state, write_state
-from swapper.messages import MemorySampled
 from swapper.planners import PlanView, Unplaceable, make_planner
 from swapper.planners.memory import MemoryPlanner
 from swapper.scheduler import Scheduler, State
@@ -357,12 +356,12 @@ async def test_sampler_task_measures_at_once_after_ready_and_persists(tmp_path: 
     planner, sampler = make(mib_model("a", 400), state_file=path)
     monitor = planner.memory_monitor
     sampler.children = {"a": ChildUsage(42, 111 * MIB, None, 1)}
-    posted: list[MemorySampled] = []
+    posted: list[MemorySample] = []
     measured = asyncio.Event()
 
-    def post(msg: MemorySampled) -> None:  # stands in for the run loop: apply in the handler
-        posted.append(msg)
-        monitor.on_sample(msg)
+    def post(sample: MemorySample) -> None:  # stands in for the run loop: apply in the handler
+        posted.append(sample)
+        monitor.on_sample(sample)
         if planner.ledger.footprint("a").source == "measured":
             measured.set()
 
@@ -458,7 +457,7 @@ async def test_a_reload_hands_the_ledger_over_and_close_ends_sampling(tmp_path: 
     assert new.ledger.capacity("ram") == replace(old.ledger.capacity("ram"), budget=500 * MIB)
     assert new.ledger.status()["nvml_unavailable_reason"] == "NVML is not available (fake)"
 
-    posted: list[MemorySampled] = []
+    posted: list[MemorySample] = []
     task = asyncio.ensure_future(monitor.sample_forever(posted.append, lambda: {"a": 42}))
     monitor.close()
     await task  # ends on its own, saving under the new config's file
