@@ -29,7 +29,6 @@ Concurrency: everything runs on the event loop's thread (bus hooks and handlers)
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
@@ -41,6 +40,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from swapper.capture import Capture
 from swapper.events import Observer, RequestTrack
 
 __all__ = [
@@ -60,8 +60,6 @@ __all__ = [
 DEFAULT_RECORDS: Final = 1000  # llama-swap's metricsMaxInMemory default
 TAIL: Final = 2048  # bytes of an answer kept for its token counts: a final event's usage and timings
 TAIL_CHUNKS: Final = 4  # a stream's last reads kept by a relay (llama-server's last event, then [DONE])
-REDACTED: Final = "[REDACTED]"
-_SENSITIVE: Final = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 # The last "usage" and "timings" objects in a tail. A quote inside generated text is escaped in
 # JSON, so a bare `"usage":` is a key, not content.
 _FIELD: Final = re.compile(r'"(usage|timings)"\s*:\s*')
@@ -183,73 +181,6 @@ def parse_tokens(tail: bytes, *, error: bool = False) -> Tokens:
         tokens_per_second=_float(timings, "predicted_per_second"),
         error=message,
     )
-
-
-class Capture:
-    """One exchange as it went: filled by the exchange and the relay, read by ``/api/captures``."""
-
-    __slots__ = (
-        "_limit",
-        "body",
-        "cut",
-        "req_body",
-        "req_headers",
-        "req_path",
-        "resp_headers",
-        "size",
-        "status",
-    )
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self.req_path = ""
-        self.req_headers = b""  # header lines as sent upstream
-        self.req_body = b""
-        self.status = 0
-        self.resp_headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.size = 0
-        self.cut = False  # the response body did not fit in the buffer
-
-    def request(self, path: str, headers: bytes, body: bytes) -> None:
-        self.req_path, self.req_headers, self.req_body = path, headers, body
-        self.size += len(headers) + len(body)
-
-    def response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status, self.resp_headers = status, list(headers)
-
-    def add(self, data: bytes) -> None:
-        """A piece of the response body (the relay calls this for every piece)."""
-        if self.cut:
-            return
-        if self.size + len(data) > self._limit:
-            self.cut = True
-            return
-        self.body.append(data)
-        self.size += len(data)
-
-    def as_json(self, ident: int) -> dict[str, Any]:
-        """llama-swap's capture shape (bodies base64), sensitive headers redacted."""
-        req_headers = {}
-        for line in self.req_headers.split(b"\r\n"):
-            name, colon, value = line.partition(b":")
-            if colon:
-                req_headers[name.decode("latin-1")] = value.strip().decode("utf-8", "replace")
-        resp_headers = {n.decode("latin-1"): v.decode("utf-8", "replace") for n, v in self.resp_headers}
-        return {
-            "id": ident,
-            "req_path": self.req_path,
-            "req_headers": _redact(req_headers),
-            "req_body": base64.b64encode(self.req_body).decode(),
-            "resp_status_code": self.status,
-            "resp_headers": _redact(resp_headers),
-            "resp_body": base64.b64encode(b"".join(self.body)).decode(),
-            "resp_body_truncated": self.cut,
-        }
-
-
-def _redact(headers: dict[str, str]) -> dict[str, str]:
-    return {name: REDACTED if name.lower() in _SENSITIVE else value for name, value in headers.items()}
 
 
 class Captures:

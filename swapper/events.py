@@ -35,7 +35,7 @@ from swapper.phases import SwapTimeline
 from swapper.scheduler import State
 
 if TYPE_CHECKING:
-    from swapper.activity import Capture
+    from swapper.capture import Capture
 
 log = logging.getLogger("swapper.events")
 swap_log = structlog.get_logger("swapper.swaps")

@@ -51,7 +51,8 @@ import structlog
 from aiohttp import web
 
 from swapper import auth, cors, modelid, proxy
-from swapper.activity import TAIL, TAIL_CHUNKS, Capture, tail_of
+from swapper.activity import TAIL, TAIL_CHUNKS, tail_of
+from swapper.capture import Capture
 from swapper.codec import (
     CHUNK_END,
     PLAIN_CONNECTION,

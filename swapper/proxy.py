@@ -37,7 +37,8 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 from swapper import cors
-from swapper.activity import TAIL_CHUNKS, Capture, tail_of
+from swapper.activity import TAIL_CHUNKS, tail_of
+from swapper.capture import Capture
 from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, REQUEST_DROP, forwardable, kept_fields
 from swapper.errors import GatewayTimeout, SwapperError, UpstreamError, UpstreamRefused, sse_error_event
 from swapper.h1pool import ConnectFailed, Disconnected, H1Pool, Response
