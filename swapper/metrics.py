@@ -40,11 +40,10 @@ from prometheus_client.registry import Collector
 from swapper.console import CONSOLE
 from swapper.events import Observer, RequestTrack
 from swapper.gpu import GpuUsage, Nvml, gpu_used_by, open_nvml
-from swapper.scheduler import State
+from swapper.scheduler import ModelSnapshot, State
 
 if TYPE_CHECKING:
     from swapper.phases import SwapTimeline
-    from swapper.runloop import ModelSnapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -18,7 +18,6 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass
 from typing import Any, Final, assert_never
 
 import aiohttp
@@ -54,20 +53,13 @@ from swapper.messages import (
 )
 from swapper.phases import StartMarks, StopMarks, SwapTimeline
 from swapper.planners import Planner, coexisting, make_planner
-from swapper.scheduler import ModelStatus, Scheduler, State
+from swapper.scheduler import ModelSnapshot, Scheduler, State
 from swapper.selection import Selection
 from swapper.services import ProbeFacts, Service
 
 log = structlog.get_logger("swapper.runloop")
 
 TICK_SECONDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSnapshot:
-    status: ModelStatus
-    pid: int | None
-    started_at: float | None  # wall-clock time the current child was spawned
 
 
 # A ready child's output is read at most this often: a read per log line would cost more CPU than

@@ -125,6 +125,15 @@ class ModelStatus:
     oldest_wait: float | None  # seconds the oldest of those has waited
 
 
+@dataclass(frozen=True, slots=True)
+class ModelSnapshot:
+    """A model's status with its child's pid and start time: what the run loop shows observers."""
+
+    status: ModelStatus
+    pid: int | None
+    started_at: float | None  # wall-clock time the current child was spawned
+
+
 class Verdict(enum.Enum):
     SERVE = enum.auto()
     JOIN = enum.auto()

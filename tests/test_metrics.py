@@ -12,8 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from swapper.events import EVENTS, EventBus, Feed, Observer
 from swapper.gpu import GpuUsage
 from swapper.metrics import Metrics, Sample, Usage, _Families, _footprints, _gauges
-from swapper.runloop import ModelSnapshot
-from swapper.scheduler import ModelStatus, State
+from swapper.scheduler import ModelSnapshot, ModelStatus, State
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, runloop, wait_until
 
 CHAT = "/v1/chat/completions"
