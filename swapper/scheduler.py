@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from swapper.config import DEFAULT_UNLOAD_TIMEOUT, Config
 from swapper.errors import (
@@ -64,6 +64,21 @@ class State(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
+
+
+# Every state change a model may make (llama-swap's isValidTransition). A start that fails, or a
+# swap aborted before its start was issued, goes back to stopped; a ready child that dies on its
+# own is stopped without a stop; anything running can be told to stop.
+TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    State.STARTING: frozenset({State.READY, State.STOPPING, State.STOPPED}),
+    State.READY: frozenset({State.STOPPING, State.STOPPED}),
+    State.STOPPING: frozenset({State.STOPPED}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A state change outside ``TRANSITIONS``: a scheduler bug, never a client's doing."""
 
 
 class Effects(Protocol):
@@ -103,6 +118,12 @@ class Slot:
     in_flight: set[int] = field(default_factory=set)
     admitted: int = 0  # queued + waiting on a load + in flight, for concurrency limits
     last_used: float = 0.0
+
+    def move(self, new: State) -> None:
+        """Changes the state, refusing any change ``TRANSITIONS`` does not list."""
+        if new not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"model state {self.state} cannot become {new}")
+        self.state = new
 
 
 @dataclass(slots=True)
@@ -310,12 +331,12 @@ class Scheduler:
         self._note_load(model, error, now)
         slot = self._slots[model]
         if error is not None:
-            slot.state = State.STOPPED
+            slot.move(State.STOPPED)
             for req in swap.waiters:
                 self._forget(req)
                 self._fx.fail(req.req_id, error)
         else:
-            slot.state = State.READY
+            slot.move(State.READY)
             slot.last_used = now
             for req in swap.waiters:
                 self._serve(req)
@@ -325,7 +346,7 @@ class Scheduler:
         slot = self._slots.get(model)
         if slot is None:
             return
-        slot.state = State.STOPPED
+        slot.move(State.STOPPED)
         self._note_life(model, now, crashed=False)
         self._drop_removed()
         for swap in list(self._swaps.values()):
@@ -337,7 +358,7 @@ class Scheduler:
         through its start attempt, and a stopping one reports ``Stopped``."""
         slot = self._slots.get(model)
         if slot is not None and slot.state is State.READY:
-            slot.state = State.STOPPED
+            slot.move(State.STOPPED)
             self._note_life(model, now, crashed=True)
             self._retiring.discard(model)  # the next child starts with the new config anyway
             self._drain(now)
@@ -444,7 +465,7 @@ class Scheduler:
         self._start_ids += 1
         swap = Swap(model, evict, self._start_ids, [req], now)
         self._swaps[model] = swap
-        self._slots[model].state = State.STARTING
+        self._slots[model].move(State.STARTING)
         self._planner.on_commit(model, evict)
         for victim in evict:
             if self._slots[victim].state is not State.STOPPING:
@@ -597,7 +618,7 @@ class Scheduler:
         # Any stop ends a retirement: an unload of a retiring model followed by its drain would
         # otherwise stop it twice, and the second Stopped would mark its next child stopped.
         self._retiring.discard(model)
-        self._slots[model].state = State.STOPPING
+        self._slots[model].move(State.STOPPING)
         cfg = self._config.models.get(model)  # None: removed by a reload, still draining
         self._fx.stop(model, cfg.unload_timeout if cfg else DEFAULT_UNLOAD_TIMEOUT, cut=cut)
 
@@ -618,7 +639,7 @@ class Scheduler:
         if swap.start_issued:
             self._stop(swap.target)
         else:
-            self._slots[swap.target].state = State.STOPPED
+            self._slots[swap.target].move(State.STOPPED)
 
     def _unload(self, model: str, error: SwapperError) -> None:
         for req in [r for r in self._queue if r.model == model]:
@@ -631,7 +652,7 @@ class Scheduler:
                 self._forget(req)
                 self._fx.fail(req.req_id, error)
             if not swap.start_issued:
-                self._slots[model].state = State.STOPPED
+                self._slots[model].move(State.STOPPED)
                 return
         if self._slots[model].state in (State.STARTING, State.READY):
             self._stop(model)

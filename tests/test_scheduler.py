@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from swapper.errors import ConcurrencyLimit, ModelLoadFailed, ModelUnloaded, QueueFull, ShuttingDown
-from swapper.scheduler import Scheduler, State
+from swapper.scheduler import InvalidTransition, Scheduler, Slot, State
 from tests.fakes import FakeEffects, StubPlanner, config, model
 
 
@@ -413,3 +413,25 @@ def test_reload_removing_a_model_stops_it_and_forgets_it() -> None:
     assert "a" not in h.s.status(h.now)
     r = h.req("a")
     assert h.fx.failures[r].status == 404
+
+
+@pytest.mark.parametrize("old", list(State))
+@pytest.mark.parametrize("new", list(State))
+def test_a_model_makes_only_the_state_changes_in_the_transition_table(old: State, new: State) -> None:
+    slot = Slot(state=old)
+    valid = {
+        (State.STOPPED, State.STARTING),
+        (State.STARTING, State.READY),
+        (State.STARTING, State.STOPPING),
+        (State.STARTING, State.STOPPED),
+        (State.READY, State.STOPPING),
+        (State.READY, State.STOPPED),
+        (State.STOPPING, State.STOPPED),
+    }
+    if (old, new) in valid:
+        slot.move(new)
+        assert slot.state is new
+    else:
+        with pytest.raises(InvalidTransition, match=f"model state {old} cannot become {new}"):
+            slot.move(new)
+        assert slot.state is old
