@@ -7,7 +7,7 @@ Must not touch: the request body, routing, or the headers forwarded upstream. Ke
 stripped before forwarding (llama-swap forwards them too, and an upstream started with its own
 ``--api-key`` set to the same key then keeps working).
 
-Accepted forms (reference §4.1, checklist 67): ``Authorization: Bearer <key>``, ``x-api-key: <key>``
+Accepted forms (llama-swap's): ``Authorization: Bearer <key>``, ``x-api-key: <key>``
 and ``Authorization: Basic base64(<any user>:<key>)``. A request passes when any credential it
 presents equals any key. Every comparison is ``hmac.compare_digest`` and all of them run, so the
 response time says nothing about how much of a guess was right, nor which key it was close to.

@@ -62,7 +62,7 @@ class Release:
 
     Reconciled by ``req_id``: a request in flight frees its slot, a queued or waiting one leaves
     its queue, an unknown one is a no-op. This is what makes a cancellation that races a grant
-    leak-proof (see DESIGN.md, "Why a Release on every path").
+    leak-proof (see DESIGN.md, invariant 1).
     """
 
     req_id: int

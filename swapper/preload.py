@@ -9,7 +9,7 @@ Must not touch: children or scheduler state. Each model goes through the run loo
 planning and the queue, and the model then stays loaded like any other (its TTL counts from the
 release). Models are loaded one after the other, in the configured order: preloading several
 models of one exclusive group loads and swaps them in turn, leaving the last one loaded, exactly
-as llama-swap does (reference §5.5, checklist 78).
+as llama-swap does.
 
 A model that fails to load is logged and skipped; preload never brings the server down. It stops
 early once the run loop is shutting down.

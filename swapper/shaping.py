@@ -8,7 +8,7 @@ name).
 
 Concurrency: none; no I/O, no shared state.
 
-Semantics follow llama-swap's ``filters.go`` (reference §4.1, checklist 62–63):
+Semantics follow llama-swap's ``filters`` (``stripParams``, ``setParams``):
 
 1. JSON bodies, in order: ``useModelName`` sets ``model``; ``stripParams`` deletes keys but never
    ``model``; ``setParams`` sets top-level keys (whole values replace, no deep merge; ``model`` is

@@ -11,7 +11,7 @@ and keeps a busy model from being evicted; it is tracked like one too (``/metric
 is retried once on a restarted child. Bodies are forwarded untouched: no ``useModelName``, no
 filters (llama-swap's upstream chain has none either).
 
-Semantics (reference §4.2, checklist 61 and 65):
+Semantics (llama-swap's ``/upstream`` route):
 
 1. The model is the *longest* configured id or alias that prefixes the path, so ids containing
    ``/`` work (``/upstream/author/model/v1/models``). Names are compared percent-decoded, so

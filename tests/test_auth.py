@@ -1,4 +1,4 @@
-"""apiKeys: every route but /health and OPTIONS needs a key (reference §4.1, checklist 67)."""
+"""apiKeys: every route but /health and OPTIONS needs a key, as in llama-swap."""
 
 from __future__ import annotations
 

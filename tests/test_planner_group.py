@@ -1,4 +1,4 @@
-"""GroupPlanner: the §2.1 truth table, checklist items 10–17 at planner level, and logging."""
+"""GroupPlanner: the group truth table, the group rules at planner level, and logging."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _evict(config: Config, target: str, running: str) -> set[str]:
     return set(GroupPlanner(config).evict_for(target, PlanView(running=frozenset(running))))
 
 
-# --- §2.1 truth table: target t and peer s in G, o in another group O -----------------------------
+# --- the truth table: target t and peer s in G, o in another group O -----------------------------
 
 TRUTH_TABLE = [
     # (G.swap, G.exclusive, O.persistent, same-group peer evicted, other-group model evicted)
@@ -72,7 +72,7 @@ def test_other_groups_own_flags_do_not_matter(other_swap: bool, other_exclusive:
     assert _evict(config, "t", "o") == {"o"}
 
 
-# --- checklist 10–17 ------------------------------------------------------------------------------
+# --- group rules ----------------------------------------------------------------------------------
 
 
 def test_10_default_config_is_one_at_a_time() -> None:

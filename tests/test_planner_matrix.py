@@ -1,4 +1,4 @@
-"""MatrixPlanner: checklist items 18–25, the solve rule's costs and tie-breaks, logging, and a
+"""MatrixPlanner: llama-swap's matrix rules, the solve rule's costs and tie-breaks, logging, and a
 property test of the projected solver against brute-force expansion."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _view(*running: str) -> PlanView:
     return PlanView(running=frozenset(running))
 
 
-# --- checklist 18–25 ------------------------------------------------------------------------------
+# --- matrix rules ---------------------------------------------------------------------------------
 
 
 def test_18_disjoint_sets_swap() -> None:

@@ -1,4 +1,4 @@
-"""TTL unloads and startup preload, end to end with real fake upstreams (checklist 45–47, 78).
+"""TTL unloads and startup preload, end to end with real fake upstreams.
 
 Nothing here sleeps to wait for a state: every wait polls the run loop's snapshot under a deadline.
 """

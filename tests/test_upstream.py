@@ -1,4 +1,4 @@
-"""/upstream/<model>/<path> passthrough (reference §4.2, checklist 61 and 65), real fake upstreams."""
+"""/upstream/<model>/<path> passthrough, real fake upstreams."""
 
 from __future__ import annotations
 
