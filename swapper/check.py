@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from swapper.config import Config, ModelConfig
 from swapper.ledger import human
-from swapper.planners import Planner, make_planner
+from swapper.memory import load_ledger
+from swapper.planners import Planner
+from swapper.planners.build import make_planner
 
 if TYPE_CHECKING:
     from swapper.planners.memory import MemoryPlanner
@@ -77,7 +79,8 @@ def summary(config: Config) -> dict[str, Any]:
 
 def report(config: Config, path: str) -> str:
     """``swapper check``'s text: the summary, each model and its placement, every warning."""
-    planner = make_planner(config)
+    ledger = load_ledger(config) if config.routing.use == "memory" else None
+    planner = make_planner(config, ledger=ledger)
     placement = _placement(config, planner)
     head = summary(config)
     lines = [

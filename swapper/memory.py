@@ -29,7 +29,7 @@ from typing import Any, Final
 import structlog
 
 from swapper.config import Config
-from swapper.gpu import MemorySample, Sampler
+from swapper.gpu import MemorySample, Sampler, SystemSampler
 from swapper.ledger import Measurement, MemoryLedger, human
 
 log = structlog.get_logger("swapper.memory")
@@ -159,12 +159,6 @@ class MemoryMonitor:
         self._wake = asyncio.Event()
         self._closed = False
         self._failures = 0
-
-    @staticmethod
-    def of(planner: object) -> MemoryMonitor | None:
-        """The monitor of a planner that plans by memory; None for any other planner."""
-        monitor = getattr(planner, "memory_monitor", None)
-        return monitor if isinstance(monitor, MemoryMonitor) else None
 
     # ---- run-loop task, before the loop takes its first message ----
 
@@ -315,9 +309,14 @@ class MemoryMonitor:
 
 def make_monitor(config: Config, sampler: Sampler | None = None) -> MemoryMonitor:
     """A monitor (and its ledger) for ``config``, restoring measured footprints from the state file."""
-    from swapper.gpu import SystemSampler
+    return MemoryMonitor(load_ledger(config), sampler or SystemSampler(), state_file(config))
 
+
+def state_file(config: Config) -> Path:
     settings = config.routing.memory
-    path = Path(settings.state_file).expanduser() if settings.state_file else default_state_file()
-    ledger = MemoryLedger(config, saved=read_state(path))
-    return MemoryMonitor(ledger, sampler or SystemSampler(), path)
+    return Path(settings.state_file).expanduser() if settings.state_file else default_state_file()
+
+
+def load_ledger(config: Config) -> MemoryLedger:
+    """A ledger for ``config`` with the footprints measured before (the state file)."""
+    return MemoryLedger(config, saved=read_state(state_file(config)))

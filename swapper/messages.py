@@ -20,6 +20,7 @@ from swapper.planners import Planner
 
 if TYPE_CHECKING:
     from swapper.gpu import MemorySample
+    from swapper.memory import MemoryMonitor
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,7 @@ class Reload:
     config: Config
     planner: Planner
     reply: asyncio.Future[frozenset[str]]
+    memory: MemoryMonitor | None = None  # the new config's (routing.router.use: memory)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from swapper.h1pool import H1Pool
 from swapper.hang import CLAIMED_SILENCE, PROBE_TIMEOUT, HangWatch, probe
 from swapper.health import ensure_port_free, wait_healthy
 from swapper.logs import LogHub
-from swapper.memory import MemoryMonitor
+from swapper.memory import MemoryMonitor, make_monitor
 from swapper.messages import (
     Acquire,
     ChildExited,
@@ -52,7 +52,8 @@ from swapper.messages import (
     Unreachable,
 )
 from swapper.phases import StartMarks, StopMarks, SwapTimeline
-from swapper.planners import Planner, coexisting, make_planner
+from swapper.planners import Planner, coexisting
+from swapper.planners.build import make_planner
 from swapper.scheduler import ModelSnapshot, Scheduler, State
 from swapper.selection import Selection
 from swapper.services import ProbeFacts, Service
@@ -88,8 +89,9 @@ class RunLoop:
         self._pool = pool
         self._logs = logs or LogHub()
         self._events = events or EventBus()  # told of states, starts and exits; never awaited
-        planner = planner or make_planner(config)
-        self._memory = MemoryMonitor.of(planner)  # None unless routing.router.use is memory
+        # The run loop owns the memory monitor; the memory planner reads the ledger it feeds.
+        self._memory = make_monitor(config) if config.routing.use == "memory" else None
+        planner = planner or make_planner(config, ledger=self._memory.ledger if self._memory else None)
         self._sched = Scheduler(config, planner, self)
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._children: dict[str, Child | Service] = {}
@@ -197,9 +199,10 @@ class RunLoop:
         Raises what building the new planner raises (e.g. a matrix DSL error), before anything
         changes.
         """
-        planner = make_planner(config)
+        memory = make_monitor(config) if config.routing.use == "memory" else None
+        planner = make_planner(config, ledger=memory.ledger if memory else None)
         reply: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
-        self._post(Reload(config, planner, reply))
+        self._post(Reload(config, planner, reply, memory))
         return await reply
 
     async def shutdown(self) -> None:
@@ -369,8 +372,8 @@ class RunLoop:
                 targets = frozenset(m for m in targets if not self._pinned(m))  # never stopped
                 self._unload_replies.append((targets, reply))
                 self._sched.on_unload(targets, now)
-            case Reload(config, planner, reply):
-                self._memory = self._reload_memory(planner)  # before on_reload decides with it
+            case Reload(config, planner, reply, memory):
+                self._memory = self._reload_memory(memory)  # before on_reload decides with it
                 changed = self._sched.on_reload(config, planner, now)
                 self.config = config
                 if not reply.done():
@@ -630,10 +633,9 @@ class RunLoop:
         """For the memory sampler (an advisory read: samples are applied in ``_handle``)."""
         return {m: c.pid for m, c in self._children.items() if c.pid is not None}
 
-    def _reload_memory(self, planner: Planner) -> MemoryMonitor | None:
-        """The memory monitor after a reload to ``planner``: the running one adopts the new
-        ledger (keeping what it sampled and measured), or sampling starts or ends."""
-        new = MemoryMonitor.of(planner)
+    def _reload_memory(self, new: MemoryMonitor | None) -> MemoryMonitor | None:
+        """The memory monitor after a reload (``new``: the new config's): the running one adopts
+        the new ledger (keeping what it sampled and measured), or sampling starts or ends."""
         if self._memory is not None and new is not None:
             return self._memory.adopt(new)
         if self._memory is not None:

@@ -6,7 +6,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from swapper.config import Config, ConfigError, GroupConfig, ModelConfig, RoutingConfig
-from swapper.planners import PlanView, make_planner
+from swapper.planners import PlanView
+from swapper.planners.build import make_planner
 from swapper.planners.group import DEFAULT_GROUP, GroupPlanner
 
 

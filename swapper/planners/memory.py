@@ -35,12 +35,10 @@ import structlog
 
 from swapper.gpu import Device
 from swapper.ledger import Capacity, Dev, Footprint, MemoryLedger, human
-from swapper.memory import MemoryMonitor, make_monitor
 from swapper.planners import PlanView, Unplaceable
 
 if TYPE_CHECKING:
     from swapper.config import Config
-    from swapper.gpu import Sampler
 
 _log = structlog.get_logger("swapper.planner")
 
@@ -61,12 +59,9 @@ class Plan:
 class MemoryPlanner:
     """``routing.router.use: memory``."""
 
-    def __init__(
-        self, config: Config, *, sampler: Sampler | None = None, monitor: MemoryMonitor | None = None
-    ) -> None:
+    def __init__(self, config: Config, ledger: MemoryLedger) -> None:
         self._config = config
-        self.memory_monitor = monitor or make_monitor(config, sampler)
-        self._ledger: MemoryLedger = self.memory_monitor.ledger
+        self._ledger = ledger  # fed by the run loop's memory monitor; read here, never written
         self._last: dict[str, Plan] = {}
 
     @property
