@@ -32,10 +32,10 @@ from swapper.activity import ACTIVITY, ActivityLog
 from swapper.config import Config, MemoryConfig
 from swapper.errors import BadRequest
 from swapper.events import EVENTS, EventBus, Feed, RequestTrack
-from swapper.gpu import GpuUsage
 from swapper.logs import SWAPPER, LogHub, tagged
 from swapper.metrics import CONTENT_TYPE, METRICS, Metrics
 from swapper.routes import CONFIG, RUNLOOP, SESSION, error_response, handle_model_request
+from swapper.samples import GpuUsage
 from swapper.scheduler import State
 
 FEED_LIMIT = 1024  # entries a stream may fall behind before the oldest are dropped

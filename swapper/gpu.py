@@ -1,7 +1,7 @@
 """Memory sampling: GPUs through NVML (``pynvml``), system RAM and process trees through psutil.
 
-Owns: the NVML session (``Nvml``) and the immutable records a sample is made of. Holds no policy
-and no scheduling state: ``swapper.memory`` decides what a sample means.
+Owns: the NVML session (``Nvml``); a sample's records are ``samples``'s. Holds no policy and no
+scheduling state: ``swapper.memory`` decides what a sample means.
 
 Concurrency contract: every function and method here *blocks* (NVML calls, /proc reads), so
 callers run them in a worker thread (``asyncio.to_thread``), never inside a run-loop handler.
@@ -16,89 +16,35 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import psutil
 
-Device = Literal["gpu", "ram"]
+from swapper.samples import (
+    ChildUsage,
+    Device,
+    DeviceUsage,
+    GpuUsage,
+    MemorySample,
+    ReleaseProbe,
+    Sampler,
+)
 
-
-@dataclass(frozen=True, slots=True)
-class DeviceUsage:
-    """One device's memory: for ``gpu`` the sum over every GPU NVML reports."""
-
-    total: int
-    used: int
-
-    @property
-    def free(self) -> int:
-        return max(0, self.total - self.used)
-
-
-@dataclass(frozen=True, slots=True)
-class GpuUsage:
-    index: int
-    name: str
-    total: int
-    used: int
-
-
-@dataclass(frozen=True, slots=True)
-class ChildUsage:
-    """What one child's process tree holds right now."""
-
-    pid: int  # the child (leader of the tree)
-    ram: int  # USS summed over the tree (RSS where USS cannot be read)
-    gpu: int | None  # NVML per-process used memory summed over the tree; None: not measurable
-    processes: int
-    gpus: Mapping[int, int] = field(default_factory=dict)  # GPU index -> bytes there (held only)
-
-
-@dataclass(frozen=True, slots=True)
-class MemorySample:
-    at: float  # monotonic time the sample was begun
-    ram: DeviceUsage
-    gpus: tuple[GpuUsage, ...]  # empty without NVML
-    children: Mapping[str, ChildUsage]  # model id -> its child's usage
-    nvml_error: str | None = None  # why there are no GPUs (NVML absent, not opened yet...)
-
-    @property
-    def gpu(self) -> DeviceUsage | None:
-        if not self.gpus:
-            return None
-        return DeviceUsage(sum(g.total for g in self.gpus), sum(g.used for g in self.gpus))
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseProbe:
-    """Whether a stopped child's memory is free yet.
-
-    A child leads its own process group and its helpers stay in it after it exits, so the group
-    is what is watched: no snapshot of the process tree is needed before the stop.
-    """
-
-    alive: frozenset[int]  # live members of the group (zombies hold no memory and do not count)
-    gpu_held: int  # bytes NVML attributes to the group's members and the pids asked about
-    gpu_used: int | None  # bytes used over every GPU now; None without NVML
-
-
-class Sampler(Protocol):
-    """What ``swapper.memory`` needs from a sampler; blocking, called from worker threads."""
-
-    def open(self) -> str | None:
-        """Prepares sampling; returns why GPUs cannot be sampled, or None when they can."""
-        ...
-
-    def sample(self, children: Mapping[str, int], at: float) -> MemorySample:
-        """Samples every device and the process tree of each ``model id -> pid``."""
-        ...
-
-    def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
-        """What process group ``pgid`` (and ``pids``, which NVML may list after they died) holds."""
-        ...
-
-    def close(self) -> None: ...
+# The records a sample is made of live in samples.py (pure); they are re-exported here.
+__all__ = [
+    "ChildUsage",
+    "Device",
+    "DeviceUsage",
+    "GpuUsage",
+    "MemorySample",
+    "Nvml",
+    "ReleaseProbe",
+    "Sampler",
+    "SystemSampler",
+    "gpu_used_by",
+    "open_nvml",
+    "used_by",
+]
 
 
 class Nvml:

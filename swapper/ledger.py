@@ -31,8 +31,8 @@ import structlog
 
 from swapper.config import Config, MemoryConfig, ModelConfig
 from swapper.footprint import GIB, MIB, Estimate, estimate
-from swapper.gpu import ChildUsage, Device, DeviceUsage, GpuUsage, MemorySample
 from swapper.placement import Placement, configured, split
+from swapper.samples import ChildUsage, Device, DeviceUsage, GpuUsage, MemorySample
 
 # A planned device: system RAM, or one GPU by its NVML index.
 Dev = int | Literal["ram"]

@@ -29,8 +29,9 @@ from typing import Any, Final
 import structlog
 
 from swapper.config import Config
-from swapper.gpu import MemorySample, Sampler, SystemSampler
+from swapper.gpu import SystemSampler
 from swapper.ledger import Measurement, MemoryLedger, human
+from swapper.samples import MemorySample, Sampler
 
 log = structlog.get_logger("swapper.memory")
 

@@ -19,8 +19,8 @@ from swapper.phases import StartMarks, StopMarks
 from swapper.planners import Planner
 
 if TYPE_CHECKING:
-    from swapper.gpu import MemorySample
     from swapper.memory import MemoryMonitor
+    from swapper.samples import MemorySample
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,6 @@ from swapper.children import Child
 from swapper.config import Config
 from swapper.errors import GatewayTimeout, ModelLoadFailed, ShuttingDown, SwapperError
 from swapper.events import EventBus
-from swapper.gpu import MemorySample
 from swapper.h1pool import H1Pool
 from swapper.hang import CLAIMED_SILENCE, PROBE_TIMEOUT, HangWatch, probe
 from swapper.health import ensure_port_free, wait_healthy
@@ -54,6 +53,7 @@ from swapper.messages import (
 from swapper.phases import StartMarks, StopMarks, SwapTimeline
 from swapper.planners import Planner, coexisting
 from swapper.planners.build import make_planner
+from swapper.samples import MemorySample
 from swapper.scheduler import ModelSnapshot, Scheduler, State
 from swapper.selection import Selection
 from swapper.services import ProbeFacts, Service

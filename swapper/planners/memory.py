@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from swapper.gpu import Device
 from swapper.ledger import Capacity, Dev, Footprint, MemoryLedger, human
 from swapper.planners import PlanView, Unplaceable
+from swapper.samples import Device
 
 if TYPE_CHECKING:
     from swapper.config import Config
