@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from swapper.front import FrontSite, runner_options
+from swapper.web.front import FrontSite, runner_options
 
 
 class FrontTestServer(TestServer):

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from swapper.config import ConfigError, parse_config
+from swapper.config.schema import ConfigError, parse_config
 
 M = "  m: {cmd: 'srv ${PORT}'}\n"
 N = "  n: {cmd: 'srv ${PORT}', aliases: [nn]}\n"

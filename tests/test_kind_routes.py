@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from aiohttp import FormData
 
-from swapper.config import ConfigError, parse_config
-from swapper.kindroutes import KindRoute, KindRoutes, parse_routes
-from swapper.scheduler import State
+from swapper.config.kindroutes import KindRoute, KindRoutes, parse_routes
+from swapper.config.schema import ConfigError, parse_config
+from swapper.core.scheduler import State
 from tests.test_swapping import ClientFactory, client_for, fake_config, pid_of, runloop, wait_until
 
 ROUTES = """

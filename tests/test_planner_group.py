@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from swapper.config import Config, ConfigError, GroupConfig, ModelConfig, RoutingConfig
+from swapper.config.schema import Config, ConfigError, GroupConfig, ModelConfig, RoutingConfig
 from swapper.planners import PlanView
 from swapper.planners.build import make_planner
 from swapper.planners.group import DEFAULT_GROUP, GroupPlanner

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from swapper.config import Config, MatrixConfig, ModelConfig, RoutingConfig, load_config
+from swapper.config.dsl import DslError
+from swapper.config.schema import Config, MatrixConfig, ModelConfig, RoutingConfig, load_config
 from swapper.planners import PlanView
 from swapper.planners.build import make_planner
-from swapper.planners.dsl import DslError
 from swapper.planners.matrix import Decision, MatrixPlanner, compile_matrix, solve
 
 

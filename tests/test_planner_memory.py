@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from swapper.config import Config, MemoryConfig, ModelConfig, RoutingConfig
-from swapper.errors import SwapperError
-from swapper.footprint import MIB
-from swapper.gpu import ChildUsage, DeviceUsage, GpuUsage, MemorySample, ReleaseProbe
-from swapper.ledger import OVERHEAD, Footprint, Measurement, MemoryLedger, fingerprint
-from swapper.memory import MemoryMonitor, read_state, write_state
+from swapper.config.schema import Config, MemoryConfig, ModelConfig, RoutingConfig
+from swapper.core.errors import SwapperError
+from swapper.core.scheduler import Scheduler, State
+from swapper.memory.footprint import MIB
+from swapper.memory.gpu import ChildUsage, DeviceUsage, GpuUsage, MemorySample, ReleaseProbe
+from swapper.memory.ledger import OVERHEAD, Footprint, Measurement, MemoryLedger, fingerprint
+from swapper.memory.monitor import MemoryMonitor, read_state, write_state
 from swapper.planners import PlanView, Unplaceable
 from swapper.planners.build import make_planner
 from swapper.planners.memory import MemoryPlanner
-from swapper.scheduler import Scheduler, State
 from tests.fakes import FakeEffects, model
 
 GIB = 1024 * MIB

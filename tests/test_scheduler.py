@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from swapper.errors import ConcurrencyLimit, ModelLoadFailed, ModelUnloaded, QueueFull, ShuttingDown
-from swapper.scheduler import InvalidTransition, Scheduler, Slot, State
+from swapper.core.errors import ConcurrencyLimit, ModelLoadFailed, ModelUnloaded, QueueFull, ShuttingDown
+from swapper.core.scheduler import InvalidTransition, Scheduler, Slot, State
 from tests.fakes import FakeEffects, StubPlanner, config, model
 
 

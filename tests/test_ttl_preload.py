@@ -14,8 +14,8 @@ import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.scheduler import State
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.core.scheduler import State
 from tests.ops_helpers import ops_config, runloop, wait_until
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

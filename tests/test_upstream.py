@@ -10,10 +10,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from swapper.config import DEFAULT_UPSTREAM_IGNORE_PATHS
-from swapper.scheduler import State
-from swapper.server import make_app
-from swapper.upstream import PathResolver
+from swapper.app.server import make_app
+from swapper.config.schema import DEFAULT_UPSTREAM_IGNORE_PATHS
+from swapper.core.scheduler import State
+from swapper.web.upstream import PathResolver
 from tests.ops_helpers import ops_config, runloop
 from tests.test_metrics import scrape, settled, value
 

@@ -6,8 +6,8 @@ protocol and the shared helpers, so no planner module imports this one).
 
 from __future__ import annotations
 
-from swapper.config import Config
-from swapper.ledger import MemoryLedger
+from swapper.config.schema import Config
+from swapper.memory.ledger import MemoryLedger
 from swapper.planners import Pinning, Planner
 from swapper.planners.group import GroupPlanner
 from swapper.planners.matrix import MatrixPlanner

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from swapper.planners.dsl import CompiledMatrix, DslError, compile_matrix
+from swapper.config.dsl import CompiledMatrix, DslError, compile_matrix
 
 if TYPE_CHECKING:
-    from swapper.config import Config
+    from swapper.config.schema import Config
     from swapper.planners import PlanView
 
 __all__ = ["CompiledMatrix", "Decision", "DslError", "MatrixPlanner", "compile_matrix", "solve"]
