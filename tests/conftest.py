@@ -15,7 +15,7 @@ Real upstream processes:
       For conditions no event reports (another process's death); prefer awaiting events.
 
 In-process servers: ``aiohttp_client(app)`` (pytest-aiohttp's fixture, wrapped here) serves an app
-built by ``swapper.app.server.make_app`` through ``swapper.web.front.FrontSite``, as ``swapper`` itself
+built by ``swapper.app.server.make_app`` through ``swapper.app.site.FrontSite``, as ``swapper`` itself
 does, so in-process tests cover the front door's fast path and its hand-offs to aiohttp. Other
 apps (test upstreams) are served by aiohttp's own test server.
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from swapper.config.schema import Config, parse_config
+from swapper.config.load import parse_config
+from swapper.config.schema import Config
 from swapper.runtime.runloop import RunLoop
 from swapper.web.routes import RUNLOOP
 

@@ -20,8 +20,8 @@ import yaml
 from aiohttp import FormData
 
 from swapper.app.check import report
-from swapper.config.schema import parse_config
-from swapper.core.scheduler import State
+from swapper.config.load import parse_config
+from swapper.core.states import State
 from tests.test_services import Services, gone, wait_port
 from tests.test_swapping import FAKE, ClientFactory, client_for, free_port, runloop, wait_until
 

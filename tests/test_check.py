@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from swapper.app import check
-from swapper.config.schema import parse_config
+from swapper.config.load import parse_config
 from swapper.memory.ledger import fingerprint
 
 

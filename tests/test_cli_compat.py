@@ -197,7 +197,7 @@ def test_metrics_listen_moves_metrics_off_the_main_listener(tmp_path: Path) -> N
 
 
 def test_metrics_listen_must_be_an_address() -> None:
-    from swapper.config.schema import parse_config
+    from swapper.config.load import parse_config
 
     with pytest.raises(ConfigError, match="metricsListen: invalid listen address"):
         parse_config("metricsListen: nowhere\nmodels:\n  a: {cmd: x, proxy: 'http://127.0.0.1:1'}\n")

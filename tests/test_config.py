@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from swapper.config.load import load_config, parse_config
 from swapper.config.schema import (
     DEFAULT_GROUP,
     DEFAULT_UPSTREAM_IGNORE_PATHS,
     Config,
     ConfigError,
     GroupConfig,
-    load_config,
-    parse_config,
 )
 
 
@@ -365,7 +364,7 @@ def test_env_in_commented_cmd_line_is_ignored(monkeypatch: pytest.MonkeyPatch) -
 def test_env_values_with_newline_or_nul_are_rejected(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     if "\0" in value:
         # The OS refuses NUL in the environment, so the check is exercised through a patched mapping.
-        monkeypatch.setattr("swapper.config.schema.os.environ", {"SWAPPER_TEST_BAD": value})
+        monkeypatch.setattr("swapper.config.load.os.environ", {"SWAPPER_TEST_BAD": value})
     else:
         monkeypatch.setenv("SWAPPER_TEST_BAD", value)
     message = error(one_model("cmd: svr ${env.SWAPPER_TEST_BAD} ${PORT}"))

@@ -12,7 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
-from swapper.config.schema import ConfigError, parse_config
+from swapper.config.load import parse_config
+from swapper.config.schema import ConfigError
 from swapper.http import cors
 from tests.ops_helpers import ops_config, runloop
 

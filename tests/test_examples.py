@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swapper.config.schema import load_config
+from swapper.config.load import load_config
 from swapper.planners.build import make_planner
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))

@@ -45,7 +45,8 @@ from aiohttp.test_utils import TestClient
 
 from swapper.config.schema import Config
 from swapper.core.errors import ModelLoadFailed
-from swapper.core.scheduler import BACKOFF_CAP, STABLE_SECONDS, State
+from swapper.core.scheduler import BACKOFF_CAP, STABLE_SECONDS
+from swapper.core.states import State
 from tests.conftest import TAG_ENV
 from tests.frontserver import FrontTestServer
 from tests.rawhttp import read_request

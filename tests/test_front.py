@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.observe.events import EVENTS
 from swapper.web.front import Front, FrontConn
 from tests.frontserver import FrontTestServer

@@ -55,8 +55,8 @@ from swapper.core.scheduler import (
     BACKOFF_FIRST,
     STABLE_SECONDS,
     Scheduler,
-    State,
 )
+from swapper.core.states import State
 from swapper.http import modelid
 from tests.fakes import StubPlanner, config, model
 

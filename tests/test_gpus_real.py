@@ -31,8 +31,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
-from swapper.config.schema import Config, parse_config
-from swapper.core.scheduler import State
+from swapper.config.load import parse_config
+from swapper.config.schema import Config
+from swapper.core.states import State
 from tests import fake_nvml
 from tests.test_memory_real import FAKE_SERVER, ClientFactory, chat, free_port, runloop, wait_until
 from tests.test_services import Services, gone

@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from swapper.core.scheduler import ModelSnapshot, ModelStatus, State
+from swapper.core.states import ModelSnapshot, ModelStatus, State
 from swapper.memory.gpu import GpuUsage
 from swapper.observe.events import EVENTS, EventBus, Feed, Observer
 from swapper.observe.metrics import Metrics, Sample, Usage, _Families, _footprints, _gauges

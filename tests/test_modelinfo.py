@@ -15,7 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
-from swapper.config.schema import Config, parse_config
+from swapper.config.load import parse_config
+from swapper.config.schema import Config
 from swapper.memory.ledger import fingerprint
 from swapper.observe.modelinfo import FILE_NAME, Learned, parse, read, write
 from tests.ops_helpers import FAKE, free_port

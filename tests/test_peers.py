@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
-from swapper.config.schema import parse_config
+from swapper.config.load import parse_config
 from swapper.web.routes import RUNLOOP
 from tests.test_swapping import ClientFactory, chat, fake_config, free_port
 

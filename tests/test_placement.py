@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from swapper.config.load import parse_config
 from swapper.config.placement import configured, parse_devices, split
-from swapper.config.schema import ConfigError, GpuLimits, parse_config
+from swapper.config.schema import ConfigError, GpuLimits
 from swapper.config.services import ServiceSpec
 from swapper.memory.footprint import MIB
 from swapper.memory.gpu import ChildUsage, GpuUsage

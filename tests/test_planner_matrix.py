@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from swapper.config.dsl import DslError
-from swapper.config.schema import Config, MatrixConfig, ModelConfig, RoutingConfig, load_config
+from swapper.config.load import load_config
+from swapper.config.schema import Config, MatrixConfig, ModelConfig, RoutingConfig
 from swapper.planners import PlanView
 from swapper.planners.build import make_planner
 from swapper.planners.matrix import Decision, MatrixPlanner, compile_matrix, solve

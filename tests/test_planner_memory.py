@@ -14,7 +14,8 @@ from structlog.testing import capture_logs
 
 from swapper.config.schema import Config, MemoryConfig, ModelConfig, RoutingConfig
 from swapper.core.errors import SwapperError
-from swapper.core.scheduler import Scheduler, State
+from swapper.core.scheduler import Scheduler
+from swapper.core.states import State
 from swapper.memory.footprint import MIB
 from swapper.memory.gpu import ChildUsage, DeviceUsage, GpuUsage, MemorySample, ReleaseProbe
 from swapper.memory.ledger import OVERHEAD, Footprint, Measurement, MemoryLedger, fingerprint

@@ -26,10 +26,11 @@ from typing import Any
 import psutil
 import pytest
 
-from swapper.config.schema import ConfigError, parse_config
+from swapper.config.load import parse_config
+from swapper.config.schema import ConfigError
 from swapper.config.timeouts import Timeouts
 from swapper.core.messages import Unreachable
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.observe.activity import ACTIVITY
 from tests.test_faults import error_of, with_model
 from tests.test_metrics import scrape, settled, value

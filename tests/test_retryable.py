@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config.schema import parse_config
+from swapper.config.load import parse_config
 from swapper.core.errors import (
     BadRequest,
     BodyTooLarge,

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from swapper.core.errors import ConcurrencyLimit, ModelLoadFailed, ModelUnloaded, QueueFull, ShuttingDown
-from swapper.core.scheduler import InvalidTransition, Scheduler, Slot, State
+from swapper.core.scheduler import Scheduler
+from swapper.core.states import InvalidTransition, Slot, State
 from tests.fakes import FakeEffects, StubPlanner, config, model
 
 

@@ -23,8 +23,9 @@ import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config.schema import ConfigError, parse_config
-from swapper.core.scheduler import State
+from swapper.config.load import parse_config
+from swapper.config.schema import ConfigError
+from swapper.core.states import State
 from tests.conftest import _fake_server_cmd
 from tests.test_swapping import FAKE, ClientFactory, client_for, free_port, runloop, wait_until
 

@@ -19,8 +19,9 @@ from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
-from swapper.config.schema import Config, parse_config
-from swapper.core.scheduler import State
+from swapper.config.load import parse_config
+from swapper.config.schema import Config
+from swapper.core.states import State
 from swapper.runtime.runloop import RunLoop
 from swapper.web.routes import RUNLOOP
 

@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from tests.ops_helpers import ops_config, runloop, wait_until
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

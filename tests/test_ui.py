@@ -4,7 +4,7 @@ driven in a real browser by ``test_ui_browser.py``."""
 
 from __future__ import annotations
 
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.web.ui import load_files
 from tests.test_swapping import ClientFactory, client_for, fake_config, runloop
 

@@ -12,7 +12,7 @@ from yarl import URL
 
 from swapper.app.server import make_app
 from swapper.config.schema import DEFAULT_UPSTREAM_IGNORE_PATHS
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.web.upstream import PathResolver
 from tests.ops_helpers import ops_config, runloop
 from tests.test_metrics import scrape, settled, value

@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.web import front as front_module
 from swapper.web.front import Front
 from tests.frontserver import FrontTestServer

@@ -27,6 +27,7 @@ from swapper.app import check
 from swapper.app.reload import watch_config as watch
 from swapper.app.sdnotify import Notifier
 from swapper.app.server import make_app
+from swapper.app.site import FrontSite
 from swapper.config import listen
 from swapper.config.schema import DEFAULT_SHUTDOWN_TIMEOUT, Config
 from swapper.config.sources import ConfigSources
@@ -35,7 +36,7 @@ from swapper.observe.logs import LogHub
 from swapper.runtime import process
 from swapper.runtime.orphans import owner_mark, sweep_orphans
 from swapper.runtime.reaper import Reaper
-from swapper.web.front import FrontSite, runner_options
+from swapper.web.front import runner_options
 from swapper.web.observe import metrics_app
 from swapper.web.routes import RUNLOOP
 

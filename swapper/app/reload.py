@@ -17,7 +17,7 @@ from swapper.app import check
 from swapper.app.preload import preload
 from swapper.config.schema import ConfigError
 from swapper.config.sources import ConfigSources
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.runtime.runloop import RunLoop
 
 log = structlog.get_logger("swapper.app.reload")

@@ -22,79 +22,40 @@ targets must be local, and ``spillover`` targets must be able to run together (o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from swapper.config.schema import Filters, ModelConfig, RoutingConfig
+    from swapper.config.schema import ModelConfig, RoutingConfig
+from swapper.config.dsl import compile_matrix
+from swapper.config.keys import _NONE
+from swapper.config.models import _parse_filters, _parse_proxy
+from swapper.config.schema import (
+    DEFAULT_PEER_CONCURRENCY,
+    DEFAULT_PEER_CONNECT_TIMEOUT,
+    DEFAULT_PEER_RESPONSE_HEADER_TIMEOUT,
+    ConfigError,
+    Fleet,
+    PeerConfig,
+    ProfileConfig,
+    SelectorConfig,
+)
+from swapper.config.values import (
+    _as_list,
+    _as_mapping,
+    _as_text,
+    _choice,
+    _key_text,
+    _known,
+    _opt_bool,
+    _positive_int,
+    _seconds,
+)
 
 STRATEGIES = ("warm", "pin", "spillover")
-DEFAULT_PEER_CONNECT_TIMEOUT = 30.0  # llama-swap's peer transport defaults
-DEFAULT_PEER_RESPONSE_HEADER_TIMEOUT = 60.0
-DEFAULT_PEER_CONCURRENCY = 100  # requests in flight to one peer at once; more get 429
 _PEER_KEYS = frozenset({"proxy", "apiKey", "models", "filters", "timeouts", "concurrencyLimit"})
 # Transport knobs llama-swap has that swapper's client sets for itself: accepted, nothing to do.
 _TRANSPORT_KEYS = frozenset({"keepalive", "tlsHandshake", "expectContinue", "idleConn"})
 _SELECTOR_KEYS = frozenset({"strategy", "targets", "settings", "name", "description", "unlisted", "metadata"})
-
-
-@dataclass(frozen=True, slots=True)
-class PeerConfig:
-    id: str
-    proxy: str  # base URL, no trailing slash; the request's path is appended
-    models: tuple[str, ...]
-    filters: Filters
-    api_key: str = ""  # sent as Authorization: Bearer and x-api-key when set
-    connect_timeout: float = DEFAULT_PEER_CONNECT_TIMEOUT  # 0: none
-    response_header_timeout: float = DEFAULT_PEER_RESPONSE_HEADER_TIMEOUT  # 0: none
-    concurrency_limit: int = DEFAULT_PEER_CONCURRENCY
-
-
-@dataclass(frozen=True, slots=True)
-class ProfileConfig:
-    id: str
-    pins: Mapping[str, str]  # requested name -> target; "" disables the name
-    description: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class SelectorConfig:
-    id: str
-    strategy: Literal["warm", "pin", "spillover"]
-    targets: tuple[str, ...]
-    spillover: int = 1
-    name: str = ""
-    description: str = ""
-    unlisted: bool = False
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class PeerModel:
-    peer: str
-    model: str
-
-    @property
-    def fqn(self) -> str:
-        return f"{self.peer}/{self.model}"
-
-
-@dataclass(frozen=True, slots=True)
-class Fleet:
-    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
-    profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
-    selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)
-
-    def peer_model(self, name: str) -> PeerModel | None:
-        """The peer model ``name`` names: an exact ``peer/model`` first, else a bare model id that
-        exactly one peer lists (local ids and aliases are the caller's to try first)."""
-        found = {PeerModel(p.id, m) for p in self.peers.values() for m in p.models if f"{p.id}/{m}" == name}
-        if not found:
-            found = {PeerModel(p.id, m) for p in self.peers.values() for m in p.models if m == name}
-        return next(iter(found)) if len(found) == 1 else None
-
-    def peer_models(self) -> list[PeerModel]:
-        return [PeerModel(p.id, m) for p in self.peers.values() for m in dict.fromkeys(p.models)]
 
 
 def parse_fleet(
@@ -105,20 +66,19 @@ def parse_fleet(
     warnings: list[str],
 ) -> Fleet:
     """Decodes and validates ``peers``, ``selectors`` and ``profiles``; raises ConfigError."""
-    from swapper.config import schema as c  # config imports this module for the Fleet type
 
     peers = {}
-    for key, value in c._as_mapping(top.get("peers"), "peers").items():
-        peer_id = c._key_text(key, "peers")
+    for key, value in _as_mapping(top.get("peers"), "peers").items():
+        peer_id = _key_text(key, "peers")
         peers[peer_id] = _parse_peer(peer_id, value, warnings)
     fleet = Fleet(peers=peers)
     selectors = {}
-    for key, value in c._as_mapping(top.get("selectors"), "selectors").items():
-        selector_id = c._key_text(key, "selectors")
+    for key, value in _as_mapping(top.get("selectors"), "selectors").items():
+        selector_id = _key_text(key, "selectors")
         selectors[selector_id] = _parse_selector(selector_id, value, warnings)
     profiles = {}
-    for key, value in c._as_mapping(top.get("profiles"), "profiles").items():
-        profile_id = c._key_text(key, "profiles")
+    for key, value in _as_mapping(top.get("profiles"), "profiles").items():
+        profile_id = _key_text(key, "profiles")
         profiles[profile_id] = _parse_profile(profile_id, value, warnings)
     fleet = Fleet(peers=peers, selectors=selectors, profiles=profiles)
     _check_peer_names(fleet, models, aliases)
@@ -130,98 +90,90 @@ def parse_fleet(
 
 
 def _parse_peer(peer_id: str, raw: object, warnings: list[str]) -> PeerConfig:
-    from swapper.config import schema as c
-
     path = f"peers.{peer_id}"
     if not peer_id.strip():
-        raise c.ConfigError("peers: a peer id must not be empty")
-    spec = c._known(raw, path, _PEER_KEYS, c._NONE, warnings)
+        raise ConfigError("peers: a peer id must not be empty")
+    spec = _known(raw, path, _PEER_KEYS, _NONE, warnings)
     if spec.get("proxy") is None:
-        raise c.ConfigError(f"{path}.proxy: is required")
+        raise ConfigError(f"{path}.proxy: is required")
     names = [
-        c._as_text(m, f"{path}.models[{i}]").strip()
-        for i, m in enumerate(c._as_list(spec.get("models"), path))
+        _as_text(m, f"{path}.models[{i}]").strip() for i, m in enumerate(_as_list(spec.get("models"), path))
     ]
     if not names or not all(names):
-        raise c.ConfigError(f"{path}.models: at least one model id is required (and none may be empty)")
+        raise ConfigError(f"{path}.models: at least one model id is required (and none may be empty)")
     known = {"connect", "responseHeader"} | _TRANSPORT_KEYS
-    timeouts = c._known(spec.get("timeouts"), f"{path}.timeouts", known, c._NONE, warnings)
+    timeouts = _known(spec.get("timeouts"), f"{path}.timeouts", known, _NONE, warnings)
     return PeerConfig(
         id=peer_id,
-        proxy=c._parse_proxy(spec["proxy"], f"{path}.proxy"),
+        proxy=_parse_proxy(spec["proxy"], f"{path}.proxy"),
         models=tuple(names),
-        filters=c._parse_filters(spec.get("filters"), f"{path}.filters", warnings),
-        api_key=c._as_text(spec.get("apiKey"), f"{path}.apiKey").strip(),
-        connect_timeout=c._seconds(
+        filters=_parse_filters(spec.get("filters"), f"{path}.filters", warnings),
+        api_key=_as_text(spec.get("apiKey"), f"{path}.apiKey").strip(),
+        connect_timeout=_seconds(
             timeouts.get("connect"), f"{path}.timeouts.connect", DEFAULT_PEER_CONNECT_TIMEOUT
         ),
-        response_header_timeout=c._seconds(
+        response_header_timeout=_seconds(
             timeouts.get("responseHeader"),
             f"{path}.timeouts.responseHeader",
             DEFAULT_PEER_RESPONSE_HEADER_TIMEOUT,
         ),
-        concurrency_limit=c._positive_int(
+        concurrency_limit=_positive_int(
             spec.get("concurrencyLimit"), f"{path}.concurrencyLimit", DEFAULT_PEER_CONCURRENCY
         ),
     )
 
 
 def _parse_selector(selector_id: str, raw: object, warnings: list[str]) -> SelectorConfig:
-    from swapper.config import schema as c
-
     path = f"selectors.{selector_id}"
     if not selector_id.strip():
-        raise c.ConfigError("selectors: selector names cannot be empty")
-    spec = c._known(raw, path, _SELECTOR_KEYS, c._NONE, warnings)
+        raise ConfigError("selectors: selector names cannot be empty")
+    spec = _known(raw, path, _SELECTOR_KEYS, _NONE, warnings)
     strategy = spec.get("strategy")
     if strategy is None or strategy == "":
-        raise c.ConfigError(f"{path}.strategy: is required (warm, pin or spillover)")
-    strategy = c._choice(strategy, f"{path}.strategy", STRATEGIES, "strategy")
+        raise ConfigError(f"{path}.strategy: is required (warm, pin or spillover)")
+    strategy = _choice(strategy, f"{path}.strategy", STRATEGIES, "strategy")
     targets = tuple(
-        c._as_text(t, f"{path}.targets[{i}]").strip()
-        for i, t in enumerate(c._as_list(spec.get("targets"), path))
+        _as_text(t, f"{path}.targets[{i}]").strip() for i, t in enumerate(_as_list(spec.get("targets"), path))
     )
     if not targets:
-        raise c.ConfigError(f"{path}.targets: must contain at least one entry")
-    settings = c._known(spec.get("settings"), f"{path}.settings", {"spillover"}, c._NONE, warnings)
+        raise ConfigError(f"{path}.targets: must contain at least one entry")
+    settings = _known(spec.get("settings"), f"{path}.settings", {"spillover"}, _NONE, warnings)
     spillover = settings.get("spillover", 1)
     if isinstance(spillover, bool) or not isinstance(spillover, int) or spillover < 1:
-        raise c.ConfigError(f"{path}.settings.spillover: must be an integer >= 1")
+        raise ConfigError(f"{path}.settings.spillover: must be an integer >= 1")
     return SelectorConfig(
         id=selector_id,
         strategy=strategy,  # type: ignore[arg-type]  # _choice returned one of STRATEGIES
         targets=targets,
         spillover=spillover,
-        name=c._as_text(spec.get("name"), f"{path}.name").strip(),
-        description=c._as_text(spec.get("description"), f"{path}.description").strip(),
-        unlisted=c._opt_bool(spec.get("unlisted"), f"{path}.unlisted", False),
-        metadata=c._as_mapping(spec.get("metadata"), f"{path}.metadata"),
+        name=_as_text(spec.get("name"), f"{path}.name").strip(),
+        description=_as_text(spec.get("description"), f"{path}.description").strip(),
+        unlisted=_opt_bool(spec.get("unlisted"), f"{path}.unlisted", False),
+        metadata=_as_mapping(spec.get("metadata"), f"{path}.metadata"),
     )
 
 
 def _parse_profile(profile_id: str, raw: object, warnings: list[str]) -> ProfileConfig:
-    from swapper.config import schema as c
-
     path = f"profiles.{profile_id}"
     if not profile_id.strip():
-        raise c.ConfigError("profiles: profile names cannot be empty")
+        raise ConfigError("profiles: profile names cannot be empty")
     if isinstance(raw, list):  # llama-swap's old form: a list of models run together
-        raise c.ConfigError(f"{path}: a list is the old form; write pins: {{requested name: target model}}")
-    spec = c._known(raw, path, {"description", "pins"}, c._NONE, warnings)
+        raise ConfigError(f"{path}: a list is the old form; write pins: {{requested name: target model}}")
+    spec = _known(raw, path, {"description", "pins"}, _NONE, warnings)
     if isinstance(spec.get("pins"), list):
-        raise c.ConfigError(f"{path}.pins: is a mapping now (requested name: target model), not a list")
+        raise ConfigError(f"{path}.pins: is a mapping now (requested name: target model), not a list")
     pins: dict[str, str] = {}
-    for key, value in c._as_mapping(spec.get("pins"), f"{path}.pins").items():
-        name = c._key_text(key, f"{path}.pins")
+    for key, value in _as_mapping(spec.get("pins"), f"{path}.pins").items():
+        name = _key_text(key, f"{path}.pins")
         if not name.strip():
-            raise c.ConfigError(f"{path}.pins: pin names cannot be empty")
-        pins[name] = c._as_text(value, f"{path}.pins.{name}").strip()
+            raise ConfigError(f"{path}.pins: pin names cannot be empty")
+        pins[name] = _as_text(value, f"{path}.pins.{name}").strip()
     if not pins:
-        raise c.ConfigError(f"{path}.pins: must contain at least one entry")
+        raise ConfigError(f"{path}.pins: must contain at least one entry")
     return ProfileConfig(
         id=profile_id,
         pins=pins,
-        description=c._as_text(spec.get("description"), f"{path}.description").strip(),
+        description=_as_text(spec.get("description"), f"{path}.description").strip(),
     )
 
 
@@ -230,8 +182,6 @@ def _local(name: str, models: Mapping[str, ModelConfig], aliases: Mapping[str, s
 
 
 def _check_peer_names(fleet: Fleet, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]) -> None:
-    from swapper.config.schema import ConfigError
-
     owners: dict[str, str] = {}
     for pm in fleet.peer_models():
         other = owners.setdefault(pm.fqn, pm.peer)
@@ -260,8 +210,6 @@ def _check_selector(
     aliases: Mapping[str, str],
     routing: RoutingConfig,
 ) -> None:
-    from swapper.config.schema import ConfigError
-
     path = f"selectors.{selector.id}"
     if selector.id in models:
         raise ConfigError(f"{path}: the name conflicts with model id '{selector.id}'")
@@ -294,13 +242,10 @@ def _check_coexistence(
     path: str, targets: list[str], routing: RoutingConfig, models: Mapping[str, ModelConfig]
 ) -> None:
     """Spillover sends traffic to several local targets at once: they must be able to run together."""
-    from swapper.config.schema import ConfigError
 
     if len(targets) <= 1 or routing.use == "memory":  # the memory planner decides by measured fit
         return
     if routing.use == "matrix":
-        from swapper.config.dsl import compile_matrix
-
         assert routing.matrix is not None
         if not compile_matrix(routing.matrix, models.keys()).can_contain_all(targets):
             raise ConfigError(f"{path}.targets: must all appear together in one expanded matrix set")
@@ -316,8 +261,6 @@ def _check_coexistence(
 def _check_profile(
     profile: ProfileConfig, fleet: Fleet, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]
 ) -> None:
-    from swapper.config.schema import ConfigError
-
     for pin, target in profile.pins.items():
         if not target or target in fleet.selectors:
             continue

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swapper.config.schema import Config, ConfigError, _kind, parse_tree, read_tree
+from swapper.config.load import parse_tree, read_tree
+from swapper.config.schema import Config, ConfigError
+from swapper.config.values import _kind
 
 IDENTITY_MAPS = frozenset(
     {

@@ -17,10 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from swapper.config.fleet import PeerModel, ProfileConfig, SelectorConfig
-from swapper.config.schema import Config
+from swapper.config.schema import Config, PeerModel, ProfileConfig, SelectorConfig
 from swapper.core.errors import ModelNotFound, SwapperError
-from swapper.core.scheduler import State
+from swapper.core.states import State
 
 ACTIVE = (State.READY, State.STARTING)
 

@@ -25,7 +25,7 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from swapper.config.fleet import PeerConfig, PeerModel
+from swapper.config.schema import PeerConfig, PeerModel
 from swapper.core.errors import ConcurrencyLimit, UpstreamError
 from swapper.http import shaping
 from swapper.http.exchange import upstream_path

@@ -32,7 +32,7 @@ import structlog
 from aiohttp import web
 
 from swapper.core.phases import SwapTimeline
-from swapper.core.scheduler import State
+from swapper.core.states import State
 
 if TYPE_CHECKING:
     from swapper.observe.capture import Capture

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from swapper.core.scheduler import ModelSnapshot, State
+from swapper.core.states import ModelSnapshot, State
 from swapper.memory.gpu import GpuUsage, Nvml, gpu_used_by, open_nvml
 from swapper.observe.console import CONSOLE
 from swapper.observe.events import Observer, RequestTrack

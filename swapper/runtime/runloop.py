@@ -43,8 +43,9 @@ from swapper.core.messages import (
     Unreachable,
 )
 from swapper.core.phases import StartMarks, StopMarks, SwapTimeline
-from swapper.core.scheduler import ModelSnapshot, Scheduler, State
+from swapper.core.scheduler import Scheduler
 from swapper.core.selection import Selection
+from swapper.core.states import ModelSnapshot, State
 from swapper.memory.monitor import MemoryMonitor, make_monitor
 from swapper.memory.samples import MemorySample
 from swapper.observe.events import EventBus
@@ -56,6 +57,7 @@ from swapper.runtime.children import Child
 from swapper.runtime.hang import CLAIMED_SILENCE, PROBE_TIMEOUT, HangWatch, probe
 from swapper.runtime.health import ensure_port_free, wait_healthy
 from swapper.runtime.services import ProbeFacts, Service
+from swapper.runtime.spawning import _health_url, _stop_if_spawned
 from swapper.wire.h1pool import H1Pool
 
 log = structlog.get_logger("swapper.runtime.runloop")
@@ -643,17 +645,3 @@ class RunLoop:
         elif new is not None:
             _ = self._spawn(new.sample_forever(self._post_sample, self._child_pids, opened=False))
         return new
-
-
-async def _stop_if_spawned(child: Child | Service, grace: float) -> None:
-    # A binary that is missing or not executable never spawned: ``Child.stop`` would raise, and
-    # the start would then never report ``Started`` (its waiters hung, the model stuck starting).
-    if isinstance(child, Service):
-        child.forget()  # a service that did not come up is not stopped: it may be coming up still
-    elif child.pid is not None:
-        await child.stop(grace=grace)
-
-
-def _health_url(child: Child | Service) -> str | None:
-    endpoint = child.model.check_endpoint
-    return None if endpoint is None else child.model.proxy + endpoint

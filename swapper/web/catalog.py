@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from swapper.config import capabilities
-from swapper.core.scheduler import State
+from swapper.core.states import State
 
 if TYPE_CHECKING:
     from swapper.config.schema import ModelConfig

@@ -37,15 +37,11 @@ which closes the upstream connection, so llama-server stops generating.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from http import HTTPStatus
 from typing import Any, Final, cast
-from urllib.parse import parse_qsl
 
 import structlog
 from aiohttp import web
@@ -70,7 +66,6 @@ from swapper.web.routes import (
 )
 from swapper.wire.codec import (
     CHUNK_END,
-    PLAIN_CONNECTION,
     BadMessage,
     RequestHead,
     RequestReader,
@@ -79,7 +74,8 @@ from swapper.wire.codec import (
 )
 from swapper.wire.h1pool import H1Pool, Response
 
-__all__ = ["Front", "FrontConn", "FrontSite", "runner_options"]
+__all__ = ["Front", "FrontConn", "runner_options"]
+from swapper.http.heads import _BODILESS, _answer_head, _capturing, _forwarded, _query, _reason
 
 log = structlog.get_logger("swapper.web.front")
 
@@ -87,8 +83,6 @@ MAX_PIPELINED: Final = 1024 * 1024  # bytes buffered behind a request in service
 KEEPALIVE: Final = 75.0  # seconds an idle connection stays open (aiohttp's default before 3.10)
 _FAST_PATHS: Final = frozenset(BODY_ROUTES)
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BODILESS: Final = frozenset({204, 304})  # answers that never have a body
-_CLOSE: Final = b"Connection: close\r\n"
 _NO_TAIL: Final[deque[bytes]] = deque((), TAIL_CHUNKS)  # shared until the first relay: written, never read
 
 
@@ -715,118 +709,5 @@ class FrontConn(asyncio.Protocol):
             self._transport.close()
 
 
-def _capturing(sink: Callable[[bytes, bool], None], capture: Capture) -> Callable[[bytes, bool], None]:
-    def relay(data: bytes, last: bool) -> None:
-        capture.add(data)
-        sink(data, last)
-
-    return relay
-
-
 _NOTHING_OUT, _HEAD_OUT, _SSE_OUT = range(3)  # FrontConn._head_out
 _TIMEOUT: Final = SwapperError("request head not received in time", status=408, code="request_timeout")
-
-
-def _forwarded(head: RequestHead) -> bytes:
-    """The header lines ``head`` goes upstream with."""
-    if head.connection in PLAIN_CONNECTION:
-        return head.forward
-    # Its Connection names more hop-by-hop headers (RFC 9110 §7.6.1).
-    return proxy.upstream_headers(head.headers, identity=False, connection=head.connection)
-
-
-def _query(query: str) -> dict[str, str]:
-    """The query's fields, the first value of each (as aiohttp's ``request.query.get`` gives)."""
-    fields: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        fields.setdefault(name, value)
-    return fields
-
-
-def _answer_head(upstream: Response, close: bool) -> tuple[bytes, bool]:
-    """The head of the client's answer to ``upstream``, and whether its body goes out chunked
-    (the upstream's was, or had no length)."""
-    chunked = upstream.status not in _BODILESS and not upstream.sized
-    lines = upstream.reader.forward(chunked)
-    if chunked:
-        lines += b"Transfer-Encoding: chunked\r\n"
-    if upstream.sse:
-        lines += b"X-Accel-Buffering: no\r\n"  # nginx and friends in front of us must not buffer
-    if close:
-        lines += _CLOSE
-    return response_head(upstream.status, upstream.reason, lines), chunked
-
-
-def _reason(status: int) -> bytes:
-    with contextlib.suppress(ValueError):
-        return HTTPStatus(status).phrase.encode()
-    return b"Error"
-
-
-class FrontSite(web.BaseSite):
-    """A TCP site whose connections start on the front door (``Front``), not on aiohttp.
-
-    ``stop()`` stops listening, closes idle fast-path connections, and waits up to ``grace``
-    seconds for fast requests in service to finish, before the runner drains aiohttp's own.
-    """
-
-    __slots__ = ("_front", "_grace", "_host", "_listener", "_port")
-
-    def __init__(
-        self,
-        runner: web.AppRunner,
-        host: str,
-        port: int,
-        *,
-        grace: float,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        super().__init__(runner, ssl_context=ssl_context)
-        self._host = host
-        self._port = port
-        self._grace = grace
-        self._front: Front | None = None
-        self._listener: asyncio.Server | None = None
-
-    @property
-    def name(self) -> str:
-        scheme = "https" if self._ssl_context is not None else "http"
-        return f"{scheme}://{self._host}:{self._port}"
-
-    @property
-    def front(self) -> Front:
-        assert self._front is not None, "start() first"
-        return self._front
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with port 0)."""
-        assert self._listener is not None and self._listener.sockets, "start() first"
-        return int(self._listener.sockets[0].getsockname()[1])
-
-    async def start(self) -> None:
-        await super().start()
-        runner = cast(web.AppRunner, self._runner)
-        server = runner.server
-        assert server is not None
-        self._front = Front(runner.app, server)
-        self._front.sweep()
-        self._listener = await asyncio.get_running_loop().create_server(
-            self._front,
-            self._host or None,  # "" (Go's ":8080") binds every interface
-            self._port,
-            reuse_address=True,
-            backlog=self._backlog,
-            ssl=self._ssl_context,
-        )
-        self._server = self._listener
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        if self._front is not None:
-            self._front.begin_shutdown()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._grace):
-                    await self._front.wait_drained()
-        await super().stop()

@@ -31,7 +31,7 @@ from swapper import __version__
 from swapper.config import capabilities
 from swapper.config.schema import Config, MemoryConfig
 from swapper.core.errors import BadRequest
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.memory.samples import GpuUsage
 from swapper.observe.activity import ACTIVITY, ActivityLog
 from swapper.observe.events import EVENTS, EventBus, Feed, RequestTrack

@@ -29,7 +29,7 @@ from swapper.core.errors import (
     error_answer,
 )
 from swapper.core.messages import Lease
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.http import cors, modelid, peers, shaping
 from swapper.http import relay as proxy
 from swapper.http.exchange import Exchange, outcome_of, upstream_path

@@ -39,7 +39,7 @@ from aiohttp import hdrs, web
 
 from swapper.config.schema import Config
 from swapper.core.errors import Conflict, ModelNotFound, SwapperError
-from swapper.core.scheduler import State
+from swapper.core.states import State
 from swapper.http import cors
 from swapper.http import relay as proxy
 from swapper.http.exchange import Exchange
