@@ -45,12 +45,12 @@ from swapper.core.messages import (
 from swapper.core.phases import StartMarks, StopMarks, SwapTimeline
 from swapper.core.scheduler import Scheduler
 from swapper.core.selection import Selection
-from swapper.core.states import ModelSnapshot, State
+from swapper.core.states import State
 from swapper.memory.monitor import MemoryMonitor, make_monitor
 from swapper.memory.samples import MemorySample
 from swapper.observe.events import EventBus
 from swapper.observe.logs import LogHub
-from swapper.planners import Planner, coexisting
+from swapper.planners import Planner
 from swapper.planners.build import make_planner
 from swapper.runtime import process
 from swapper.runtime.children import Child
@@ -58,6 +58,7 @@ from swapper.runtime.hang import CLAIMED_SILENCE, PROBE_TIMEOUT, HangWatch, prob
 from swapper.runtime.health import ensure_port_free, wait_healthy
 from swapper.runtime.services import ProbeFacts, Service
 from swapper.runtime.spawning import _health_url, _stop_if_spawned
+from swapper.runtime.views import LoopViews
 from swapper.wire.h1pool import H1Pool
 
 log = structlog.get_logger("swapper.runtime.runloop")
@@ -73,7 +74,7 @@ OUTPUT_BATCH_SECONDS: Final = 0.05
 _INLINE: Final = frozenset({Acquire, Release})
 
 
-class RunLoop:
+class RunLoop(LoopViews):
     def __init__(
         self,
         config: Config,
@@ -219,46 +220,6 @@ class RunLoop:
         for child in self._children.values():
             if child.pid is not None and not child.exited():
                 child.kill()
-
-    async def wait_idle(self) -> None:
-        """Waits until the inbox is empty and no child is starting or stopping (for tests)."""
-        await self._idle.wait()
-
-    def snapshot(self) -> dict[str, ModelSnapshot]:
-        """An advisory view for status routes; never gate a decision on it."""
-        now = time.monotonic()
-        return {
-            model: ModelSnapshot(
-                status,
-                self._children[model].pid if model in self._children else None,
-                self._spawned_at.get(model),
-            )
-            for model, status in self._sched.status(now).items()
-        }
-
-    def state(self, model: str) -> State:
-        return self._sched.state(model)
-
-    def service_status(self, model: str) -> dict[str, Any] | None:
-        """Advisory: a service's kind and last health probe (``services.ProbeFacts``); None for a
-        model swapper spawns."""
-        cfg = self.config.models.get(model)
-        if cfg is None or cfg.service is None:
-            return None
-        return self._probes.get(model, ProbeFacts()).status(pinned=cfg.pinned)
-
-    def coexists_with(self, model: str) -> tuple[str, ...]:
-        """Advisory: the models ``model`` may run beside under the planner (``planners.coexisting``)."""
-        return coexisting(self._sched.planner, model, self.config.models)
-
-    def memory_status(self) -> dict[str, Any] | None:
-        """Advisory: devices, footprints, per-child use (``MemoryLedger.status``); None unless
-        ``routing.router.use`` is memory."""
-        return None if self._memory is None else self._memory.status()
-
-    @property
-    def logs(self) -> LogHub:
-        return self._logs
 
     # ---- the loop ----
 
@@ -624,16 +585,8 @@ class RunLoop:
             await asyncio.sleep(TICK_SECONDS)
             self._post(Tick(time.monotonic()))
 
-    def _pid(self, model: str) -> int | None:
-        child = self._children.get(model)
-        return child.pid if child else None
-
     def _post_sample(self, sample: MemorySample) -> None:
         self._post(MemorySampled(sample))
-
-    def _child_pids(self) -> dict[str, int]:
-        """For the memory sampler (an advisory read: samples are applied in ``_handle``)."""
-        return {m: c.pid for m, c in self._children.items() if c.pid is not None}
 
     def _reload_memory(self, new: MemoryMonitor | None) -> MemoryMonitor | None:
         """The memory monitor after a reload (``new``: the new config's): the running one adopts
