@@ -40,21 +40,21 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Final, cast
 
 import structlog
 from aiohttp import web
 
-from swapper.core.errors import Answer, BadRequest, SwapperError, UpstreamError, error_answer, sse_error_event
-from swapper.http import cors, modelid
+from swapper.core.errors import BadRequest, SwapperError, error_answer
+from swapper.http import modelid
 from swapper.http import relay as proxy
 from swapper.http.exchange import Exchange, outcome_of, upstream_path
-from swapper.observe.activity import TAIL, TAIL_CHUNKS, tail_of
-from swapper.observe.capture import Capture
-from swapper.observe.events import EVENTS, EventBus, RequestTrack
+from swapper.http.heads import _answer_head, _forwarded, _query
+from swapper.observe.activity import TAIL
+from swapper.observe.events import EVENTS, EventBus
 from swapper.runtime.runloop import RunLoop
 from swapper.web import auth
+from swapper.web.answers import _NO_TAIL, _NOTHING_OUT, AnswerWriter
 from swapper.web.routes import (
     ANSWERED_GETS,
     BODY_ROUTES,
@@ -70,12 +70,10 @@ from swapper.wire.codec import (
     RequestHead,
     RequestReader,
     chunk,
-    response_head,
 )
 from swapper.wire.h1pool import H1Pool, Response
 
 __all__ = ["Front", "FrontConn", "runner_options"]
-from swapper.http.heads import _BODILESS, _answer_head, _capturing, _forwarded, _query, _reason
 
 log = structlog.get_logger("swapper.web.front")
 
@@ -83,7 +81,6 @@ MAX_PIPELINED: Final = 1024 * 1024  # bytes buffered behind a request in service
 KEEPALIVE: Final = 75.0  # seconds an idle connection stays open (aiohttp's default before 3.10)
 _FAST_PATHS: Final = frozenset(BODY_ROUTES)
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NO_TAIL: Final[deque[bytes]] = deque((), TAIL_CHUNKS)  # shared until the first relay: written, never read
 
 
 def runner_options() -> dict[str, Any]:
@@ -166,8 +163,10 @@ class Front:
             self._drained.set()
 
 
-class FrontConn(asyncio.Protocol):
-    """One client connection while it is on the fast path."""
+class FrontConn(AnswerWriter, asyncio.Protocol):
+    """One client connection while it is on the fast path; ``AnswerWriter`` is its writing side."""
+
+    _front: Front  # the whole front door (the writing side reads only a part of it)
 
     def __init__(self, front: Front) -> None:
         self._front = front
@@ -578,136 +577,5 @@ class FrontConn(asyncio.Protocol):
             self._head_out = _NOTHING_OUT
             ex.finish()
 
-    def _end_with(self, track: RequestTrack, err: SwapperError) -> bool:
-        """Ends the current answer with ``err``, however far it got: the JSON error if nothing
-        went out, a final SSE error event and a proper end for a stream, else a cut connection
-        (a truncated body must not look complete). True if the connection may serve on."""
-        if self._head_out == _NOTHING_OUT:
-            track.failed(err.status, outcome_of(err))
-            self._answer(self._error(err), close=True)
-            return False
-        track.outcome = outcome_of(err)
-        if self._head_out == _SSE_OUT:
-            event = sse_error_event(err)
-            if not (self._tail and self._tail[-1].endswith(b"\n\n")):
-                event = b"\n\n" + event  # the upstream broke mid-event: end that one first
-            return self._write(chunk(event) + CHUNK_END)
-        if self._transport is not None:
-            self._transport.close()
-        return False
 
-    async def _relay(self, upstream: Response, track: RequestTrack) -> bool:
-        """Writes the upstream's answer; True if it completed (the connection may be reused).
-        Leaves the answer's last bytes in ``track.tail`` (its last few reads: never per chunk
-        work beyond keeping a reference)."""
-        tail = self._tail = deque((), TAIL_CHUNKS)
-        try:
-            return await self._relay_body(upstream, track.capture)
-        finally:
-            track.tail = tail_of(tail)
-            self._tail = _NO_TAIL
-
-    async def _relay_body(self, upstream: Response, capture: Capture | None) -> bool:
-        head, chunked = _answer_head(upstream, self._closing_after())
-        bodiless = upstream.status in _BODILESS
-        first = b""
-        if not upstream.sse and not bodiless:
-            # Read ahead: a small answer leaves in one write, and an upstream that dies before its
-            # body is still a clean 502.
-            try:
-                first = await upstream.readany()
-            except proxy.UPSTREAM_READ_ERRORS as exc:
-                err = UpstreamError(f"upstream broke before sending a body: {exc!r}")
-                return self._end_with(self._track_of(), err)
-        if bodiless:
-            return self._write(head)
-        self._tail.append(first)
-        if capture is not None:
-            capture.add(first)
-        start = head + (chunk(first) if chunked else first) if first else head
-        if upstream.at_eof():
-            return self._write(start + CHUNK_END if chunked else start)
-        if not self._write(start):
-            return False
-        self._head_out = _SSE_OUT if chunked and upstream.sse else _HEAD_OUT
-        # The rest goes from the upstream's data_received straight to the client: no task switch
-        # per chunk. Reading the upstream pauses while the client does not keep up.
-        self._upstream = upstream
-        sink = self._relay_chunk if chunked else self._relay_bytes
-        upstream.pipe(sink if capture is None else _capturing(sink, capture))
-        if self._write_paused:
-            upstream.pause_reading(True)
-        try:
-            await upstream.wait_done()
-        except proxy.UPSTREAM_READ_ERRORS as exc:
-            # A stream ends with an error event and a proper end; any other truncated body must
-            # not look complete: the client connection is dropped (as nginx and Go's ReverseProxy do).
-            return self._end_with(self._track_of(), UpstreamError(f"upstream broke mid-answer: {exc!r}"))
-        finally:
-            self._upstream = None
-        return self._transport is not None and not self._transport.is_closing()
-
-    def _track_of(self) -> RequestTrack:
-        assert self._exchange is not None
-        return self._exchange.track
-
-    def _relay_chunk(self, data: bytes, last: bool) -> None:
-        self._tail.append(data)
-        transport = self._transport
-        if transport is not None:
-            if data:
-                transport.write(b"%x\r\n%b\r\n%b" % (len(data), data, CHUNK_END if last else b""))
-            elif last:
-                transport.write(CHUNK_END)
-
-    def _relay_bytes(self, data: bytes, last: bool) -> None:
-        self._tail.append(data)
-        transport = self._transport
-        if transport is not None and data:
-            transport.write(data)
-
-    # ---- writing ----
-
-    def _closing_after(self) -> bool:
-        return not self._keep or self._front.closing
-
-    def _write(self, data: bytes) -> bool:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return False
-        transport.write(data)
-        return True
-
-    def _error(self, err: SwapperError) -> Answer:
-        """The model request's error answer; with the request's ``Origin``, as a page may read it
-        (``cors``: swapper's own answers carry ``Allow-Origin``, as llama-server's do)."""
-        answer = error_answer(err)
-        origin = self._origin
-        if origin is None:
-            return answer
-        allowed = cors.allow_origin(self._front.cors_origins, origin.decode("utf-8", "surrogateescape"))
-        if allowed is None:
-            return answer
-        extra = (("Access-Control-Allow-Origin", allowed),) + (
-            (("Vary", "Origin"),) if allowed != "*" else ()
-        )
-        return replace(answer, headers=answer.headers + extra)
-
-    def _answer(self, answer: Answer, *, close: bool = False, head_only: bool = False) -> None:
-        """Writes ``answer`` whole (``head_only``: without its body, for HEAD); ``close`` closes
-        the connection after it."""
-        content_type = answer.content_type
-        if answer.charset:
-            content_type += f"; charset={answer.charset}"
-        fields = [("Content-Type", content_type), ("Content-Length", str(len(answer.body))), *answer.headers]
-        if close:
-            fields.append(("Connection", "close"))
-        lines = "".join(f"{name}: {value}\r\n" for name, value in fields)
-        data = response_head(answer.status, _reason(answer.status), lines.encode("utf-8", "surrogateescape"))
-        if self._write(data if head_only else data + answer.body) and close:
-            assert self._transport is not None
-            self._transport.close()
-
-
-_NOTHING_OUT, _HEAD_OUT, _SSE_OUT = range(3)  # FrontConn._head_out
 _TIMEOUT: Final = SwapperError("request head not received in time", status=408, code="request_timeout")
