@@ -34,7 +34,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swapper.config import load_config  # noqa: E402
+from swapper.config.load import load_config  # noqa: E402
 from tests.realstack import ROOT as REPO  # noqa: E402
 from tests.realstack import (  # noqa: E402
     SwapperProcess,

@@ -49,14 +49,14 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from swapper.phases import PHASES as SWAP_PHASES
+from swapper.core.phases import PHASES as SWAP_PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "upstreams" / "fake_server.py"
 LLAMA = ROOT / ".demo" / "bin" / "llama-server"
 MODELS = ROOT / ".demo" / "models"
 HOST = "127.0.0.1"
-PHASES = (*SWAP_PHASES, "total")  # swapper/phases.py, and the whole swap
+PHASES = (*SWAP_PHASES, "total")  # swapper/core/phases.py, and the whole swap
 READY = re.compile(rb"listening on|server is listening")  # llama-server's, the fake's
 CHAT = b'{"model":"%s","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'
 

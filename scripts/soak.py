@@ -440,8 +440,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             children = [
                 p.pid
                 for p in swapper.children(recursive=True)
-                if p.status() != psutil.STATUS_ZOMBIE and "swapper.reaper" not in p.cmdline()
-            ]  # model children only: swapper's reaper (swapper/reaper.py) idles beside them
+                if p.status() != psutil.STATUS_ZOMBIE and "swapper.runtime.reaper" not in p.cmdline()
+            ]  # model children only: swapper's reaper (swapper/runtime/reaper.py) idles beside them
             end_rss, end_fds = swapper.memory_info().rss, swapper.num_fds()
             starts = await metric_sums(
                 base,

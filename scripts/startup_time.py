@@ -5,7 +5,7 @@
 Starts ``python -m swapper --config CFG --listen 127.0.0.1:PORT`` with a one-model config (no child
 is started: models load on demand) and times from just before the exec to the first accepted TCP
 connection, then SIGTERMs it. Prints the median and quartiles, and the median ``import
-swapper.cli`` time (``python -X importtime``'s cumulative figure for it), and two floors timed in
+swapper.app.cli`` time (``python -X importtime``'s cumulative figure for it), and two floors timed in
 the same rounds: a bare interpreter, and one that imports ``aiohttp.web`` and nothing else.
 
 ``--base DIR``: another checkout (``git worktree add /tmp/base main``) timed in the same rounds,
@@ -88,7 +88,7 @@ def bare_import(module: str) -> float:
 
 def import_time(root: Path) -> float:
     out = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import swapper.cli"],
+        [sys.executable, "-X", "importtime", "-c", "import swapper.app.cli"],
         cwd=root,
         env=env_for(root),
         capture_output=True,
@@ -97,9 +97,9 @@ def import_time(root: Path) -> float:
     ).stderr
     for line in out.splitlines():
         fields = [f.strip() for f in line.split("|")]
-        if len(fields) == 3 and fields[2] == "swapper.cli":
+        if len(fields) == 3 and fields[2] == "swapper.app.cli":
             return int(fields[1]) / 1e6
-    raise RuntimeError("swapper.cli not in -X importtime's output")
+    raise RuntimeError("swapper.app.cli not in -X importtime's output")
 
 
 def summary(values: list[float]) -> str:
@@ -133,7 +133,7 @@ def main() -> int:
     for name in roots:
         print(f"{name:5} exec → listening {summary(starts[name])}")
         print(f"{name:5} CPU, whole run     {summary(cpus[name])}")
-        print(f"{name:5} import swapper.cli {summary(imports[name])}")
+        print(f"{name:5} import swapper.app.cli {summary(imports[name])}")
     print(f"floor python -c pass           {summary(floors['pass'])}")
     print(f"floor python -c 'import aiohttp.web' {summary(floors['aiohttp.web'])}")
     if args.base:

@@ -17,7 +17,7 @@ Checks, in order (the first failure exits 1 with what went wrong):
    repository root, where they exist after scripts/bootstrap.sh, none); an invalid config exits 2.
 4. A real start with a fake-upstream model (tests/upstreams/fake_server.py, run from the checkout
    by the virtualenv's python): READY=1 on an sd_notify socket once it listens, ``/health``, one
-   proxied chat completion, ``/ui/`` when the wheel has a UI (``swapper/ui/``), the reaper running
+   proxied chat completion, ``/ui/`` when the wheel has a UI (``swapper/web/ui/``), the reaper running
    from the installed package, and on SIGTERM STOPPING=1, exit 0 and no child left.
 5. A start whose model forks a grandchild, then SIGKILL: the child (parent-death signal) and the
    grandchild (the installed reaper) are gone within seconds.
@@ -118,7 +118,7 @@ def inspect_wheel(wheel: Path) -> list[str]:
     expect(not stray, f"the wheel holds files outside the package: {stray}")
     missing = sorted(tracked_package_files() - set(names))
     expect(not missing, f"the wheel lacks package files (declare them in pyproject.toml): {missing}")
-    expect("swapper = swapper.cli:main" in entry_points, f"no swapper console script:\n{entry_points}")
+    expect("swapper = swapper.app.cli:main" in entry_points, f"no swapper console script:\n{entry_points}")
     return names
 
 
@@ -284,7 +284,7 @@ def serve_and_stop(swapper: Path, python: Path, work: Path, with_ui: bool) -> No
             if with_ui:
                 expect(http(url + "/ui/")[0] == 200, "/ui/ did not answer 200")
             kids = descendants(proc.pid)
-            reaper = [pid for pid, cmd in kids.items() if "-m swapper.reaper" in cmd]
+            reaper = [pid for pid, cmd in kids.items() if "-m swapper.runtime.reaper" in cmd]
             expect(len(reaper) == 1, f"no reaper among swapper's processes: {kids}")
             cwd = os.readlink(f"/proc/{reaper[0]}/cwd")
             expect(Path(cwd).is_relative_to(python.parent.parent), f"the reaper runs from {cwd}")
@@ -363,7 +363,7 @@ def main() -> int:
         work.mkdir()
         version = wheel.name.split("-")[1]
         report = check_commands(swapper, python, work, version)
-        serve_and_stop(swapper, python, work, any(n.startswith("swapper/ui/") for n in names))
+        serve_and_stop(swapper, python, work, any(n.startswith("swapper/web/ui/") for n in names))
         sigkill(swapper, python, work)
         verify_unit(swapper, work)
     except SmokeFailure as exc:

@@ -2,6 +2,6 @@
 
 import sys
 
-from swapper.cli import main
+from swapper.app.cli import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ Real upstream processes:
       For conditions no event reports (another process's death); prefer awaiting events.
 
 In-process servers: ``aiohttp_client(app)`` (pytest-aiohttp's fixture, wrapped here) serves an app
-built by ``swapper.server.make_app`` through ``swapper.front.FrontSite``, as ``swapper`` itself
+built by ``swapper.app.server.make_app`` through ``swapper.app.site.FrontSite``, as ``swapper`` itself
 does, so in-process tests cover the front door's fast path and its hand-offs to aiohttp. Other
 apps (test upstreams) are served by aiohttp's own test server.
 
@@ -52,8 +52,8 @@ import psutil
 import pytest
 from aiohttp import web
 
-from swapper.config import ModelConfig
-from swapper.routes import CONFIG
+from swapper.config.schema import ModelConfig
+from swapper.web.routes import CONFIG
 from tests.frontserver import FrontTestServer
 
 FAKE_SERVER = Path(__file__).parent / "upstreams" / "fake_server.py"
@@ -221,7 +221,7 @@ def aiohttp_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
 
 @pytest.fixture(scope="session")
 def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    """The loop the tests run on: uvloop, as ``swapper.cli.run`` does when it is installed, unless
+    """The loop the tests run on: uvloop, as ``swapper.app.cli.run`` does when it is installed, unless
     ``SWAPPER_TEST_LOOP=asyncio`` asks for asyncio's own (the CLI's fallback; CI runs both)."""
     if os.environ.get("SWAPPER_TEST_LOOP", "uvloop") != "asyncio":
         with contextlib.suppress(ImportError):

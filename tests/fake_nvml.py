@@ -1,7 +1,7 @@
 """A fake ``pynvml`` with N GPUs whose memory is held by real fake-upstream processes.
 
 Installed in ``sys.modules`` (``install``), it stands behind swapper's own NVML seam
-(``swapper.gpu.open_nvml`` imports ``pynvml``), so everything above it is swapper's real code:
+(``swapper.memory.gpu.open_nvml`` imports ``pynvml``), so everything above it is swapper's real code:
 the sampler, the ledger, the planner, the release wait. Each live process whose command line runs
 ``fake_server.py`` with ``--vram-mib N`` "holds" N MiB, split evenly over the GPUs in its
 ``--vram-gpus`` (else those in its ``CUDA_VISIBLE_DEVICES``, else GPU 0), as a CUDA process would

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from swapper.config import Config, ModelConfig
-from swapper.errors import SwapperError
+from swapper.config.schema import Config, ModelConfig
+from swapper.core.errors import SwapperError
 from swapper.planners import PlanView
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from swapper.front import FrontSite, runner_options
+from swapper.app.site import FrontSite
+from swapper.web.front import runner_options
 
 
 class FrontTestServer(TestServer):

@@ -12,9 +12,10 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from swapper.config import Config, parse_config
-from swapper.routes import RUNLOOP
-from swapper.runloop import RunLoop
+from swapper.config.load import parse_config
+from swapper.config.schema import Config
+from swapper.runtime.runloop import RunLoop
+from swapper.web.routes import RUNLOOP
 
 FAKE = Path(__file__).parent / "upstreams" / "fake_server.py"
 

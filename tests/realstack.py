@@ -306,7 +306,7 @@ class LlamaServer:
             try:
                 self.proc.wait(STOP_WITHIN)
             except subprocess.TimeoutExpired:
-                self.proc.kill()  # it waits for open connections to end (docs/real-upstreams)
+                self.proc.kill()  # llama-server, on SIGTERM, waits for its open connections to end
                 self.proc.wait()
         self._log.close()
 

@@ -1,4 +1,4 @@
-"""The activity log (``swapper.activity``): token counts from an answer's tail, the ring, captures.
+"""The activity log (``swapper.observe.activity``): token counts from an answer's tail, the ring, captures.
 
 Pure tests of the parsing and the bounds, then a real swapper app in front of fake-upstream
 children: every receiving path (the front door inline and in a task, aiohttp's relay, /upstream)
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from swapper.activity import TAIL, ActivityLog, Capture, Captures, parse_tokens, tail_of
-from swapper.events import EVENTS, EventBus
+from swapper.observe.activity import TAIL, ActivityLog, Capture, Captures, parse_tokens, tail_of
+from swapper.observe.events import EVENTS, EventBus
 from tests.test_swapping import ClientFactory, client_for, fake_config
 
 CHAT = "/v1/chat/completions"

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import ClientResponse
 
-from swapper.events import EVENTS
+from swapper.observe.events import EVENTS
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, runloop, wait_until
 
 CHAT = "/v1/chat/completions"

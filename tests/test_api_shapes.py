@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from swapper.config import parse_config
+from swapper.config.load import parse_config
 from tests.test_swapping import FAKE, ClientFactory, chat, client_for, free_port
 
 

@@ -1,4 +1,4 @@
-"""apiKeys: every route but /health and OPTIONS needs a key (reference §4.1, checklist 67)."""
+"""apiKeys: every route but /health and OPTIONS needs a key, as in llama-swap."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
-from swapper import auth, ui
-from swapper.config import Config
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.config.schema import Config
+from swapper.web import auth, ui
 from tests.ops_helpers import ops_config
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from aiohttp import FormData
 
-from swapper.check import report
-from swapper.config import parse_config
-from swapper.scheduler import State
+from swapper.app.check import report
+from swapper.config.load import parse_config
+from swapper.core.states import State
 from tests.test_services import Services, gone, wait_port
 from tests.test_swapping import FAKE, ClientFactory, client_for, free_port, runloop, wait_until
 

@@ -2,7 +2,7 @@
 
 A check loads the config exactly as a start does, starts nothing, prints each model's command,
 port, aliases and placement and every warning, and exits 0; an invalid config exits 2 with the
-message a start gives. Pure functions of ``swapper.check`` (the program lookup) are tested
+message a start gives. Pure functions of ``swapper.app.check`` (the program lookup) are tested
 directly.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from swapper import check
-from swapper.config import parse_config
-from swapper.ledger import fingerprint
+from swapper.app import check
+from swapper.config.load import parse_config
+from swapper.memory.ledger import fingerprint
 
 
 def swapper(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

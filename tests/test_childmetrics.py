@@ -11,8 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from swapper.childmetrics import merge, scrape
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.observe.childmetrics import merge, scrape
 from tests.ops_helpers import ops_config
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

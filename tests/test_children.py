@@ -25,10 +25,10 @@ import aiohttp
 import psutil
 import pytest
 
-from swapper import children, process
-from swapper.children import Child, exit_reason
-from swapper.config import ModelConfig
-from swapper.errors import ModelLoadFailed
+from swapper.config.schema import ModelConfig
+from swapper.core.errors import ModelLoadFailed
+from swapper.runtime import children, process
+from swapper.runtime.children import Child, exit_reason
 
 MakeModel = Callable[..., ModelConfig]
 WaitUntil = Callable[..., Awaitable[None]]
@@ -300,9 +300,9 @@ async def test_cancelled_stop_kills_at_once(fake_model: MakeModel) -> None:
 
 PARENT_SCRIPT = """
 import asyncio, os, sys
-from swapper import process
-from swapper.children import Child
-from swapper.config import ModelConfig
+from swapper.runtime import process
+from swapper.runtime.children import Child
+from swapper.config.schema import ModelConfig
 
 if os.environ.get("NO_SETPRIV"):
     process.pdeathsig_wrapper = lambda: ()  # the pre-exec hook's fallback
@@ -352,7 +352,7 @@ async def test_child_dies_when_swapper_is_sigkilled(
 
 
 async def test_fake_server_endpoints(fake_model: MakeModel, wait_until: WaitUntil) -> None:
-    from swapper.health import wait_healthy
+    from swapper.runtime.health import wait_healthy
 
     lines = Lines()
     model = fake_model("alpha", "--tokens", "3")
@@ -409,7 +409,7 @@ async def test_fake_server_crash_after_bytes(fake_model: MakeModel) -> None:
     child = Child(model, on_lines=lines)
     await child.spawn()
     async with aiohttp.ClientSession(model.proxy) as http:
-        from swapper.health import wait_healthy
+        from swapper.runtime.health import wait_healthy
 
         await wait_healthy(http, child, f"{model.proxy}/health", 10.0)
         received = b""

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from swapper import listen
-from swapper.cli import parse_listen
-from swapper.config import ConfigError
-from swapper.sources import ConfigSources
+from swapper.app.cli import parse_listen
+from swapper.config import listen
+from swapper.config.schema import ConfigError
+from swapper.config.sources import ConfigSources
 from tests.test_swapping import FAKE, free_port
 
 WITHIN = 30.0
@@ -197,7 +197,7 @@ def test_metrics_listen_moves_metrics_off_the_main_listener(tmp_path: Path) -> N
 
 
 def test_metrics_listen_must_be_an_address() -> None:
-    from swapper.config import parse_config
+    from swapper.config.load import parse_config
 
     with pytest.raises(ConfigError, match="metricsListen: invalid listen address"):
         parse_config("metricsListen: nowhere\nmodels:\n  a: {cmd: x, proxy: 'http://127.0.0.1:1'}\n")

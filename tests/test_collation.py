@@ -8,7 +8,7 @@ from typing import Any
 
 import openai
 
-from swapper.scheduler import State
+from swapper.core.states import State
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, runloop, wait_until
 
 

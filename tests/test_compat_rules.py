@@ -13,7 +13,8 @@ import textwrap
 
 import pytest
 
-from swapper.config import ConfigError, parse_config
+from swapper.config.load import parse_config
+from swapper.config.schema import ConfigError
 
 M = "  m: {cmd: 'srv ${PORT}'}\n"
 N = "  n: {cmd: 'srv ${PORT}', aliases: [nn]}\n"

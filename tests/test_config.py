@@ -1,4 +1,4 @@
-"""Config loading: llama-swap compatibility (reference §7 items 1-9, 17, 24) and every error path.
+"""Config loading: llama-swap compatibility (defaults, ports, macros, aliases, routing) and every error path.
 
 Pure: parses YAML text, never starts a process. Error tests assert the key path the message
 starts with, since that is what a user needs to find the mistake.
@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from swapper.config import (
+from swapper.config.load import load_config, parse_config
+from swapper.config.schema import (
     DEFAULT_GROUP,
     DEFAULT_UPSTREAM_IGNORE_PATHS,
     Config,
     ConfigError,
     GroupConfig,
-    load_config,
-    parse_config,
 )
 
 
@@ -38,7 +37,7 @@ def one_model(body: str, top: str = "") -> str:
     return f"{textwrap.dedent(top)}\nmodels:\n  m:\n{indented}"
 
 
-# --- checklist 1-4: defaults, ports, health timeout ---------------------------------------------
+# --- defaults, ports, health timeout ---------------------------------------------
 
 
 def test_minimal_model_gets_defaults() -> None:
@@ -149,7 +148,7 @@ def test_running_out_of_ports_is_an_error() -> None:
     assert message.startswith("models.b.cmd: ")
 
 
-# --- checklist 5-6: macros ----------------------------------------------------------------------
+# --- macros -----------------------------------------------------------------------------------
 
 
 def test_macro_in_macro_resolves() -> None:
@@ -365,7 +364,7 @@ def test_env_in_commented_cmd_line_is_ignored(monkeypatch: pytest.MonkeyPatch) -
 def test_env_values_with_newline_or_nul_are_rejected(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     if "\0" in value:
         # The OS refuses NUL in the environment, so the check is exercised through a patched mapping.
-        monkeypatch.setattr("swapper.config.os.environ", {"SWAPPER_TEST_BAD": value})
+        monkeypatch.setattr("swapper.config.load.os.environ", {"SWAPPER_TEST_BAD": value})
     else:
         monkeypatch.setenv("SWAPPER_TEST_BAD", value)
     message = error(one_model("cmd: svr ${env.SWAPPER_TEST_BAD} ${PORT}"))
@@ -617,7 +616,7 @@ def test_legacy_strip_params_key() -> None:
     assert config.models["m"].filters.strip_params == ("a", "b")
 
 
-# --- checklist 7: aliases and setParamsByID ----------------------------------------------------
+# --- aliases and setParamsByID ----------------------------------------------------
 
 
 def test_aliases_resolve() -> None:
@@ -731,7 +730,7 @@ def test_set_params_by_id_keys_resolving_to_the_same_name() -> None:
     assert message == "models.m.filters.setParamsByID: two keys resolve to 'm:x'"
 
 
-# --- checklist 9, 17: routing -------------------------------------------------------------------
+# --- routing -----------------------------------------------------------------------------------
 
 THREE_MODELS = """
 models:

@@ -1,6 +1,6 @@
 """Console output never blocks serving: a stalled or closed stderr costs dropped lines, not requests.
 
-``swapper.console.Console`` against a real pipe that nobody reads, then one that is read again,
+``swapper.observe.console.Console`` against a real pipe that nobody reads, then one that is read again,
 then one whose reader closed; and a real ``python -m swapper`` process whose stderr pipe nobody
 drains while a child floods its output (``logToStdout: both``). Before: swapper sat in the pipe
 write on its event loop, and every request timed out; once the reader left, every batch of child
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from swapper.console import Console
+from swapper.observe.console import Console
 from tests.test_swapping import FAKE, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from swapper.config import load_config
+from swapper.config.load import load_config
 from tests.test_swapping import FAKE, free_port
 
 CORPUS = Path(__file__).parent / "compat"

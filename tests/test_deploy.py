@@ -35,11 +35,11 @@ from typing import Any
 import psutil
 import pytest
 
-from swapper.cli import EXIT_CONFIG, build_parser
-from swapper.lifecycle import SHUTDOWN_GRACE
-from swapper.reaper import Reaper
-from swapper.sdnotify import Notifier
-from swapper.server import SHUTDOWN_BACKSTOP
+from swapper.app.cli import EXIT_CONFIG, build_parser
+from swapper.app.lifecycle import SHUTDOWN_GRACE
+from swapper.app.sdnotify import Notifier
+from swapper.app.server import SHUTDOWN_BACKSTOP
+from swapper.runtime.reaper import Reaper
 from tests.realstack import ROOT
 from tests.test_swapping import FAKE, free_port
 
@@ -161,7 +161,7 @@ def test_ready_once_listening_stopping_on_sigterm_and_children_never_see_the_soc
             with urllib.request.urlopen(req, timeout=WITHIN) as resp:
                 assert resp.status == 200
             children = psutil.Process(proc.pid).children()
-            assert any("swapper.reaper" in " ".join(c.cmdline()) for c in children)
+            assert any("swapper.runtime.reaper" in " ".join(c.cmdline()) for c in children)
             assert any("fake_server.py" in " ".join(c.cmdline()) for c in children)
             for child in children:
                 assert "NOTIFY_SOCKET" not in child.environ(), child.cmdline()

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config import ConfigError, parse_config
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.config.load import parse_config
+from swapper.config.schema import ConfigError
 from tests.ops_helpers import ops_config, runloop
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from swapper.config import MatrixConfig
-from swapper.planners.dsl import And, CompiledMatrix, DslError, Ident, Or, Ref, compile_matrix, parse
+from swapper.config.dsl import And, CompiledMatrix, DslError, Ident, Or, Ref, compile_matrix, parse
+from swapper.config.schema import MatrixConfig
 
 MODELS = ("a", "b", "c", "d", "e", "gemma", "qwen", "mistral", "voxtral", "x.y_z-1", "模型", "org/m:q4")
 

@@ -10,7 +10,7 @@ control the connection (read one chunk, then stop reading or hang up). The ``sta
 unloads everything after each test, so every test starts with no model loaded and the leak check
 (conftest) sees no child left behind.
 
-Facts about the real servers these tests lean on (docs/real-upstreams.md, re-measured here):
+Facts about the real servers these tests lean on (each measured by a test here):
 random weights never sample EOS, so every request sends max_tokens (finish reason "length");
 temperature 0 is deterministic and chat-a/chat-b answer differently; ``n_probs: 512`` (the whole
 vocabulary) turns a 512-token answer into ~18 MB, which keeps a response in flight for as long

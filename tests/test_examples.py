@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from swapper.config import load_config
-from swapper.planners import make_planner
+from swapper.config.load import load_config
+from swapper.planners.build import make_planner
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swapper.config import load_config
+from swapper.config.load import load_config
 from tests.test_swapping import ClientFactory, chat, client_for, runloop
 
 ROOT = Path(__file__).parent.parent

@@ -18,7 +18,7 @@ Behaviour these tests pin down:
   * another process on the model's port: see ``test_port_taken_*`` for what swapper can and
     cannot tell apart;
   * swapper SIGKILLed (idle, mid-load, mid-stream, with a request queued) leaves no child
-    behind, 20 times, and no grandchild forked by a child either (swapper/reaper.py).
+    behind, 20 times, and no grandchild forked by a child either (swapper/runtime/reaper.py).
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config import Config
-from swapper.errors import ModelLoadFailed
-from swapper.scheduler import BACKOFF_CAP, STABLE_SECONDS, State
+from swapper.config.schema import Config
+from swapper.core.errors import ModelLoadFailed
+from swapper.core.scheduler import BACKOFF_CAP, STABLE_SECONDS
+from swapper.core.states import State
 from tests.conftest import TAG_ENV
 from tests.frontserver import FrontTestServer
 from tests.rawhttp import read_request
@@ -488,7 +489,7 @@ async def test_a_child_that_stops_listening_is_restarted_not_a_502(
 ) -> None:
     # After one answer the child closes its listener but stays alive, counted ready: the next
     # request is refused. It must be restarted and the request served, not answered 502. A
-    # chunked upload is handed to aiohttp's path (routes.py); a sized one stays on the front door.
+    # chunked upload is handed to aiohttp's path (web/routes.py); a sized one stays on the front door.
     client = await client_for(aiohttp_client, fake_config({"a": "--deaf-after 1"}))
     await chat(client, "a")
     first = pid_of(client, "a")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from swapper.footprint import (
+from swapper.memory.footprint import (
     DEFAULT_CTX,
     FLAT_KV_MARGIN,
     UNKNOWN_ESTIMATE,

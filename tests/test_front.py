@@ -1,4 +1,4 @@
-"""The front door (swapper/front.py): what it serves itself, what it hands to aiohttp, and that a
+"""The front door (swapper/web/front.py): what it serves itself, what it hands to aiohttp, and that a
 client cannot tell the two apart. Real processes: swapper in-process behind ``FrontSite`` (see
 conftest's ``aiohttp_client``), the fake upstream as a child, raw sockets as clients so that
 connection reuse, pipelining and framing are under the test's control."""
@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from swapper.events import EVENTS
-from swapper.front import Front, FrontConn
-from swapper.scheduler import State
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.core.states import State
+from swapper.observe.events import EVENTS
+from swapper.web.front import Front, FrontConn
 from tests.frontserver import FrontTestServer
 from tests.ops_helpers import ops_config, runloop, wait_until
 from tests.rawhttp import Conn, chat, read_response

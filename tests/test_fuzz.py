@@ -9,7 +9,7 @@ or failed, stale Started, Stopped, child crash, child refusing connections, tick
 unload, config reload of one model, shutdown) is played
 against the pure scheduler under a random planner (one at a time, disjoint, or a random symmetric
 conflict graph). ``World`` stands in for the run loop and keeps the Effects contract the way
-``runloop.py`` does: a start yields exactly one ``Started`` unless a stop cancels it (then the
+``runtime/runloop.py`` does: a start yields exactly one ``Started`` unless a stop cancels it (then the
 ``Started`` may already be in the inbox and arrive stale), a stop always yields one ``Stopped``, a
 crash is reported only for a ready child, ``grant`` returns False once the requester left, and every
 request is released exactly once. It checks after every message:
@@ -48,16 +48,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swapper import modelid
-from swapper.errors import BadRequest, ConcurrencyLimit, ModelLoadFailed, SwapperError
-from swapper.scheduler import (
+from swapper.core.errors import BadRequest, ConcurrencyLimit, ModelLoadFailed, SwapperError
+from swapper.core.scheduler import (
     BACKOFF_AFTER_FAILURES,
     BACKOFF_CAP,
     BACKOFF_FIRST,
     STABLE_SECONDS,
     Scheduler,
-    State,
 )
+from swapper.core.states import State
+from swapper.http import modelid
 from tests.fakes import StubPlanner, config, model
 
 FUZZ = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from swapper.gpu import SystemSampler, open_nvml
+from swapper.memory.gpu import SystemSampler, open_nvml
 
 MIB = 1024 * 1024
 

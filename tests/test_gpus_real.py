@@ -30,9 +30,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config import Config, parse_config
-from swapper.scheduler import State
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.config.load import parse_config
+from swapper.config.schema import Config
+from swapper.core.states import State
 from tests import fake_nvml
 from tests.test_memory_real import FAKE_SERVER, ClientFactory, chat, free_port, runloop, wait_until
 from tests.test_services import Services, gone

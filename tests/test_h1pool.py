@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager, suppress
 import pytest
 from yarl import URL
 
-from swapper.codec import HOP_BY_HOP, RECHUNKED_DROP, forwardable, response_head
-from swapper.h1pool import HIGH_WATER, ConnectFailed, Disconnected, H1Pool, ProtocolError, Response
+from swapper.wire.codec import HOP_BY_HOP, RECHUNKED_DROP, forwardable, response_head
+from swapper.wire.h1pool import HIGH_WATER, ConnectFailed, Disconnected, H1Pool, ProtocolError, Response
 from tests.rawhttp import read_request
 
 STEP = 5.0

@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 import yarl
 
-from swapper.children import Child
-from swapper.config import ModelConfig
-from swapper.errors import ModelLoadFailed
-from swapper.h1pool import H1Pool
-from swapper.health import wait_healthy
+from swapper.config.schema import ModelConfig
+from swapper.core.errors import ModelLoadFailed
+from swapper.runtime.children import Child
+from swapper.runtime.health import wait_healthy
+from swapper.wire.h1pool import H1Pool
 from tests.test_children import Lines
 
 MakeModel = Callable[..., ModelConfig]

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from aiohttp import FormData
 
-from swapper.config import ConfigError, parse_config
-from swapper.kindroutes import KindRoute, KindRoutes, parse_routes
-from swapper.scheduler import State
+from swapper.config.kindroutes import KindRoute, KindRoutes, parse_routes
+from swapper.config.load import parse_config
+from swapper.config.schema import ConfigError
+from swapper.core.states import State
 from tests.test_swapping import ClientFactory, client_for, fake_config, pid_of, runloop, wait_until
 
 ROUTES = """

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swapper import logs
-from swapper.logs import RING_BYTES, LogHub, _Ring, tagged
+from swapper.observe import logs
+from swapper.observe.logs import RING_BYTES, LogHub, _Ring, tagged
 
 
 def reference(batches: list[list[str]], tag: str = "") -> list[str]:

@@ -20,11 +20,12 @@ import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config import Config, load_config, parse_config
-from swapper.routes import RUNLOOP
-from swapper.runloop import RunLoop
-from swapper.scheduler import State
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.config.load import load_config, parse_config
+from swapper.config.schema import Config
+from swapper.core.states import State
+from swapper.runtime.runloop import RunLoop
+from swapper.web.routes import RUNLOOP
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 FAKE_SERVER = Path(__file__).parent / "upstreams" / "fake_server.py"

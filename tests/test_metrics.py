@@ -9,11 +9,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from swapper.events import EVENTS, EventBus, Feed, Observer
-from swapper.gpu import GpuUsage
-from swapper.metrics import Metrics, Sample, Usage, _Families, _footprints, _gauges
-from swapper.runloop import ModelSnapshot
-from swapper.scheduler import ModelStatus, State
+from swapper.core.states import ModelSnapshot, ModelStatus, State
+from swapper.memory.gpu import GpuUsage
+from swapper.observe.events import EVENTS, EventBus, Feed, Observer
+from swapper.observe.metrics import Metrics, Sample, Usage, _Families, _footprints, _gauges
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, runloop, wait_until
 
 CHAT = "/v1/chat/completions"
@@ -205,7 +204,7 @@ def test_request_series_render_as_prometheus_clients_own_would() -> None:
     # must match prometheus_client's Counter and Histogram fed the same facts (less _created).
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    from swapper.metrics import TTFB_BUCKETS, WAIT_BUCKETS
+    from swapper.observe.metrics import TTFB_BUCKETS, WAIT_BUCKETS
 
     metrics = Metrics(["a", "b"])
     bus = EventBus()

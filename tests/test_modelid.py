@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from swapper.errors import BadRequest
-from swapper.modelid import RequestModel, body_kind, extract, multipart_boundary, scan_multipart
+from swapper.core.errors import BadRequest
+from swapper.http.modelid import RequestModel, body_kind, extract, multipart_boundary, scan_multipart
 
 JSON = "application/json"
 BOUNDARY = "----swapperBoundary7MA4YWxkTrZu0gW"

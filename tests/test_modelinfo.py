@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config import Config, parse_config
-from swapper.ledger import fingerprint
-from swapper.modelinfo import FILE_NAME, Learned, parse, read, write
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.config.load import parse_config
+from swapper.config.schema import Config
+from swapper.memory.ledger import fingerprint
+from swapper.observe.modelinfo import FILE_NAME, Learned, parse, read, write
 from tests.ops_helpers import FAKE, free_port
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

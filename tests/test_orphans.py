@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from swapper.orphans import OWNER_ENV, sweep_orphans
+from swapper.runtime.orphans import OWNER_ENV, sweep_orphans
 from tests.test_swapping import FAKE, free_port
 
 
@@ -73,7 +73,9 @@ def test_next_swapper_reclaims_grandchildren_of_a_killed_one(tmp_path: Path) -> 
         # The reaper would end both the moment swapper dies; with it gone first (the OOM killer,
         # say), nothing does: the children of a CLI swapper rely on the reaper, not on a
         # parent-death signal.
-        (reaper,) = [p for p in psutil.Process(first.pid).children() if "swapper.reaper" in p.cmdline()]
+        (reaper,) = [
+            p for p in psutil.Process(first.pid).children() if "swapper.runtime.reaper" in p.cmdline()
+        ]
         reaper.kill()
         poll(lambda: not reaper.is_running() or reaper.status() == psutil.STATUS_ZOMBIE, "the reaper to die")
         first.kill()

@@ -8,10 +8,11 @@ start waits for its ``Stopped``. Pure scheduler tests with the real planners: no
 
 from __future__ import annotations
 
-from swapper.config import Config, GroupConfig, RoutingConfig
-from swapper.gpu import GpuUsage
+from swapper.config.schema import Config, GroupConfig, RoutingConfig
+from swapper.core.scheduler import Scheduler
+from swapper.core.states import State
+from swapper.memory.gpu import GpuUsage
 from swapper.planners.group import DEFAULT_GROUP, GroupPlanner
-from swapper.scheduler import Scheduler, State
 from tests.fakes import FakeEffects, model
 from tests.test_planner_memory import FakeSampler, make, mib_model
 

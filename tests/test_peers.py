@@ -17,9 +17,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from swapper.config import parse_config
-from swapper.routes import RUNLOOP
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.config.load import parse_config
+from swapper.web.routes import RUNLOOP
 from tests.test_swapping import ClientFactory, chat, fake_config, free_port
 
 BACK_KEY = "sk-back"

@@ -7,9 +7,9 @@ import math
 
 from structlog.testing import capture_logs
 
-from swapper.events import EventBus, Observer
-from swapper.phases import PHASES, TOTAL, StartMarks, StopMarks, SwapTimeline
-from swapper.scheduler import State
+from swapper.core.phases import PHASES, TOTAL, StartMarks, StopMarks, SwapTimeline
+from swapper.core.states import State
+from swapper.observe.events import EventBus, Observer
 from tests.test_metrics import scrape, settled, value
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, runloop
 

@@ -1,4 +1,4 @@
-"""Per-GPU planning, pure: where a model lives (``swapper.placement``) and the planner's decisions
+"""Per-GPU planning, pure: where a model lives (``swapper.config.placement``) and the planner's decisions
 over two and four GPUs with scripted samples (no processes; ``tests/test_gpus_real.py`` runs the
 same with real children and a fake NVML)."""
 
@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
-from swapper.config import ConfigError, GpuLimits, parse_config
-from swapper.footprint import MIB
-from swapper.gpu import ChildUsage, GpuUsage
-from swapper.ledger import Measurement
-from swapper.memory import read_state, write_state
-from swapper.placement import configured, parse_devices, split
+from swapper.config.load import parse_config
+from swapper.config.placement import configured, parse_devices, split
+from swapper.config.schema import ConfigError, GpuLimits
+from swapper.config.services import ServiceSpec
+from swapper.memory.footprint import MIB
+from swapper.memory.gpu import ChildUsage, GpuUsage
+from swapper.memory.ledger import Measurement
+from swapper.memory.monitor import read_state, write_state
 from swapper.planners import PlanView, Unplaceable, coexisting
-from swapper.serviceconfig import ServiceSpec
 from tests.test_planner_memory import FakeSampler, make, mib_model, sample_with
 
 

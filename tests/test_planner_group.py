@@ -1,12 +1,13 @@
-"""GroupPlanner: the §2.1 truth table, checklist items 10–17 at planner level, and logging."""
+"""GroupPlanner: the group truth table, the group rules at planner level, and logging."""
 
 from __future__ import annotations
 
 import pytest
 from structlog.testing import capture_logs
 
-from swapper.config import Config, ConfigError, GroupConfig, ModelConfig, RoutingConfig
-from swapper.planners import PlanView, make_planner
+from swapper.config.schema import Config, ConfigError, GroupConfig, ModelConfig, RoutingConfig
+from swapper.planners import PlanView
+from swapper.planners.build import make_planner
 from swapper.planners.group import DEFAULT_GROUP, GroupPlanner
 
 
@@ -33,7 +34,7 @@ def _evict(config: Config, target: str, running: str) -> set[str]:
     return set(GroupPlanner(config).evict_for(target, PlanView(running=frozenset(running))))
 
 
-# --- §2.1 truth table: target t and peer s in G, o in another group O -----------------------------
+# --- the truth table: target t and peer s in G, o in another group O -----------------------------
 
 TRUTH_TABLE = [
     # (G.swap, G.exclusive, O.persistent, same-group peer evicted, other-group model evicted)
@@ -72,7 +73,7 @@ def test_other_groups_own_flags_do_not_matter(other_swap: bool, other_exclusive:
     assert _evict(config, "t", "o") == {"o"}
 
 
-# --- checklist 10–17 ------------------------------------------------------------------------------
+# --- group rules ----------------------------------------------------------------------------------
 
 
 def test_10_default_config_is_one_at_a_time() -> None:

@@ -1,19 +1,22 @@
-"""MatrixPlanner: checklist items 18–25, the solve rule's costs and tie-breaks, logging, and a
+"""MatrixPlanner: llama-swap's matrix rules, the solve rule's costs and tie-breaks, logging, and a
 property test of the projected solver against brute-force expansion."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from swapper.config import Config, MatrixConfig, ModelConfig, RoutingConfig
-from swapper.planners import PlanView, make_planner
-from swapper.planners.dsl import DslError
+from swapper.config.dsl import DslError
+from swapper.config.load import load_config
+from swapper.config.schema import Config, MatrixConfig, ModelConfig, RoutingConfig
+from swapper.planners import PlanView
+from swapper.planners.build import make_planner
 from swapper.planners.matrix import Decision, MatrixPlanner, compile_matrix, solve
 
 
@@ -41,7 +44,7 @@ def _view(*running: str) -> PlanView:
     return PlanView(running=frozenset(running))
 
 
-# --- checklist 18–25 ------------------------------------------------------------------------------
+# --- matrix rules ---------------------------------------------------------------------------------
 
 
 def test_18_disjoint_sets_swap() -> None:
@@ -339,3 +342,10 @@ def test_projected_solver_matches_brute_force(defs: dict[str, Node], costs: dict
             decision = solve(compiled, target, running)
             expected = _brute_solve(expansions, target, running, costs)
             assert (decision.evict, decision.set_name, decision.cost) == expected, (target, running)
+
+
+def test_the_matrix_is_compiled_once_at_load_and_the_planner_uses_that_compilation() -> None:
+    config = load_config(str(Path(__file__).parent.parent / "examples" / "matrix.yaml"))
+    assert config.routing.compiled is not None
+    planner = make_planner(config)
+    assert getattr(planner, "matrix", None) is config.routing.compiled

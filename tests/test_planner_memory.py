@@ -12,16 +12,17 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from swapper.config import Config, MemoryConfig, ModelConfig, RoutingConfig
-from swapper.errors import SwapperError
-from swapper.footprint import MIB
-from swapper.gpu import ChildUsage, DeviceUsage, GpuUsage, MemorySample, ReleaseProbe
-from swapper.ledger import OVERHEAD, Footprint, Measurement, MemoryLedger, fingerprint
-from swapper.memory import MemoryMonitor, read_state, write_state
-from swapper.messages import MemorySampled
-from swapper.planners import PlanView, Unplaceable, make_planner
+from swapper.config.schema import Config, MemoryConfig, ModelConfig, RoutingConfig
+from swapper.core.errors import SwapperError
+from swapper.core.scheduler import Scheduler
+from swapper.core.states import State
+from swapper.memory.footprint import MIB
+from swapper.memory.gpu import ChildUsage, DeviceUsage, GpuUsage, MemorySample, ReleaseProbe
+from swapper.memory.ledger import OVERHEAD, Footprint, Measurement, MemoryLedger, fingerprint
+from swapper.memory.monitor import MemoryMonitor, read_state, write_state
+from swapper.planners import PlanView, Unplaceable
+from swapper.planners.build import make_planner
 from swapper.planners.memory import MemoryPlanner
-from swapper.scheduler import Scheduler, State
 from tests.fakes import FakeEffects, model
 
 GIB = 1024 * MIB
@@ -65,6 +66,14 @@ def mib_model(mid: str, mib: int | None, **kw: Any) -> ModelConfig:
     return model(mid, memory_estimate=None if mib is None else mib * MIB, **kw)
 
 
+# Each planner's monitor, as the run loop would hold it (the planner only reads the ledger).
+_MONITORS: dict[int, MemoryMonitor] = {}
+
+
+def monitor_of(planner: MemoryPlanner) -> MemoryMonitor:
+    return _MONITORS[id(planner)]
+
+
 def make(
     *models: ModelConfig, sampler: FakeSampler | None = None, state_file: Path | None = None, **settings: Any
 ) -> tuple[MemoryPlanner, FakeSampler]:
@@ -72,7 +81,8 @@ def make(
     sampler = sampler or FakeSampler()
     saved = read_state(state_file) if state_file else {}
     monitor = MemoryMonitor(MemoryLedger(config, saved=saved), sampler, state_file)
-    planner = MemoryPlanner(config, monitor=monitor)
+    planner = MemoryPlanner(config, monitor.ledger)
+    _MONITORS[id(planner)] = monitor
     planner.ledger.on_sample(sampler.sample({}, 0.0))
     return planner, sampler
 
@@ -225,10 +235,11 @@ def test_on_commit_logs_the_plan() -> None:
 
 def test_make_planner_builds_the_memory_planner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWAPPER_CACHE", str(tmp_path))
-    planner = make_planner(memory_config(mib_model("a", 1)))
+    config = memory_config(mib_model("a", 1))
+    ledger = MemoryLedger(config)
+    planner = make_planner(config, ledger=ledger)
     assert isinstance(planner, MemoryPlanner)
-    assert MemoryMonitor.of(planner) is planner.memory_monitor
-    assert MemoryMonitor.of(object()) is None
+    assert planner.ledger is ledger  # the monitor's, which the run loop owns and feeds
 
 
 # ---- learning ----
@@ -355,14 +366,14 @@ async def test_open_applies_a_first_sample_and_says_once_why_there_is_no_gpu() -
 async def test_sampler_task_measures_at_once_after_ready_and_persists(tmp_path: Path) -> None:
     path = tmp_path / "memory.json"
     planner, sampler = make(mib_model("a", 400), state_file=path)
-    monitor = planner.memory_monitor
+    monitor = monitor_of(planner)
     sampler.children = {"a": ChildUsage(42, 111 * MIB, None, 1)}
-    posted: list[MemorySampled] = []
+    posted: list[MemorySample] = []
     measured = asyncio.Event()
 
-    def post(msg: MemorySampled) -> None:  # stands in for the run loop: apply in the handler
-        posted.append(msg)
-        monitor.on_sample(msg)
+    def post(sample: MemorySample) -> None:  # stands in for the run loop: apply in the handler
+        posted.append(sample)
+        monitor.on_sample(sample)
         if planner.ledger.footprint("a").source == "measured":
             measured.set()
 
@@ -381,7 +392,7 @@ async def test_waits_until_the_stopped_tree_is_gone() -> None:
     planner, sampler = make(mib_model("a", 100), release_timeout=5.0)
     sampler.probes = [ReleaseProbe(frozenset({42, 43}), 0, None), ReleaseProbe(frozenset({43}), 0, None)]
     sampler.probes.append(ReleaseProbe(frozenset(), 0, None))
-    watch = await planner.memory_monitor.watch_release("a", 42)
+    watch = await monitor_of(planner).watch_release("a", 42)
     assert sampler.probed == 0  # without GPUs nothing is probed before the stop
     took = await watch.wait_released()
     assert took is not None and sampler.probed == 3
@@ -393,7 +404,7 @@ async def test_waits_until_the_gpu_gives_the_memory_back() -> None:
         mib_model("a", 100), sampler=FakeSampler(reason=None, gpus=gpu), release_timeout=5.0
     )
     sampler.probes = [ReleaseProbe(frozenset({42}), 400 * MIB, 900 * MIB)]  # held before the stop
-    watch = await planner.memory_monitor.watch_release("a", 42)
+    watch = await monitor_of(planner).watch_release("a", 42)
     sampler.probed = 0
     sampler.probes = [
         ReleaseProbe(frozenset(), 400 * MIB, 900 * MIB),  # exited, but NVML still lists it
@@ -407,7 +418,7 @@ async def test_waits_until_the_gpu_gives_the_memory_back() -> None:
 async def test_gives_up_waiting_after_the_release_timeout() -> None:
     planner, sampler = make(mib_model("a", 100), release_timeout=0.05)
     sampler.probes = [ReleaseProbe(frozenset({42}), 0, None)]
-    watch = await planner.memory_monitor.watch_release("a", 42)
+    watch = await monitor_of(planner).watch_release("a", 42)
     with capture_logs() as logs:
         assert await watch.wait_released() is None
     assert logs[-1]["log_level"] == "warning" and logs[-1]["processes_alive"] == [42]
@@ -415,7 +426,7 @@ async def test_gives_up_waiting_after_the_release_timeout() -> None:
 
 async def test_nothing_to_wait_for_without_a_pid() -> None:
     planner, sampler = make(mib_model("a", 100))
-    watch = await planner.memory_monitor.watch_release("a", None)
+    watch = await monitor_of(planner).watch_release("a", None)
     assert await watch.wait_released() == 0.0 and sampler.probed == 0
 
 
@@ -427,7 +438,7 @@ def test_status_is_plain_json() -> None:
         sampler=FakeSampler(reason=None, gpus=gpu),
     )
     planner.ledger.on_sample(sample_with(sampler, 1.0, c=ChildUsage(5, 90 * MIB, None, 1)))
-    status = json.loads(json.dumps(planner.memory_monitor.status()))
+    status = json.loads(json.dumps(monitor_of(planner).status()))
     assert status["nvml"] is True
     assert status["devices"]["gpu"]["total"] == 80 * GIB and status["devices"]["gpu"]["free"] == 79 * GIB
     assert status["devices"]["ram"]["usable"] == 1000 * MIB
@@ -442,7 +453,7 @@ def test_nothing_is_learned_once_the_stop_was_decided() -> None:
     planner, sampler = make(mib_model("a", 400))
     led = planner.ledger
     led.on_ready("a", 42, at=0.0)
-    planner.memory_monitor.on_stopping("a")
+    monitor_of(planner).on_stopping("a")
     led.on_sample(sample_with(sampler, 1.0, a=ChildUsage(42, 3 * MIB, None, 1)))
     assert led.footprint("a").source == "override"
 
@@ -452,13 +463,13 @@ async def test_a_reload_hands_the_ledger_over_and_close_ends_sampling(tmp_path: 
     old.ledger.on_ready("a", 42, at=0.0)
     old.ledger.on_sample(sample_with(sampler, 1.0, a=ChildUsage(42, 111 * MIB, None, 1)))
     new, _ = make(mib_model("a", 400), ram_budget=500 * MIB, state_file=tmp_path / "new.json")
-    monitor = old.memory_monitor.adopt(new.memory_monitor)
-    assert monitor is old.memory_monitor and monitor.ledger is new.ledger
+    monitor = monitor_of(old).adopt(monitor_of(new))
+    assert monitor is monitor_of(old) and monitor.ledger is new.ledger
     assert new.ledger.footprint("a") == Footprint(111 * MIB, "measured")
     assert new.ledger.capacity("ram") == replace(old.ledger.capacity("ram"), budget=500 * MIB)
     assert new.ledger.status()["nvml_unavailable_reason"] == "NVML is not available (fake)"
 
-    posted: list[MemorySampled] = []
+    posted: list[MemorySample] = []
     task = asyncio.ensure_future(monitor.sample_forever(posted.append, lambda: {"a": 42}))
     monitor.close()
     await task  # ends on its own, saving under the new config's file

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 import sys
 
-from swapper.config import parse_config
-from swapper.scheduler import State
+from swapper.config.load import parse_config
+from swapper.core.states import State
 from tests.test_swapping import FAKE, ClientFactory, client_for, runloop
 
 

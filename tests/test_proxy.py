@@ -26,8 +26,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
-from swapper.errors import UpstreamError, UpstreamRefused, error_body
-from swapper.proxy import make_session, pool_of, relay, send, upstream_headers
+from swapper.core.errors import UpstreamError, UpstreamRefused, error_body
+from swapper.http.relay import make_session, pool_of, relay, send, upstream_headers
 from tests.rawhttp import read_request
 
 MAX_BODY = 64 * 1024 * 1024

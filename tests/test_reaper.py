@@ -1,4 +1,4 @@
-"""The reaper (swapper/reaper.py): when its pipe closes, as it does when swapper dies, it kills
+"""The reaper (swapper/runtime/reaper.py): when its pipe closes, as it does when swapper dies, it kills
 every process carrying swapper's owner mark, and only those, then exits. The end-to-end case
 (swapper SIGKILLed, a child's own fork killed) is in test_faults.py."""
 
@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 import swapper
-from swapper.orphans import OWNER_ENV, owner_mark
-from swapper.reaper import Reaper
+from swapper.runtime.orphans import OWNER_ENV, owner_mark
+from swapper.runtime.reaper import Reaper
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -56,7 +56,9 @@ def test_the_reaper_is_this_installations_whatever_the_working_directory(
     decoy.mkdir()
     (decoy / "__init__.py").write_text("")
     marker = tmp_path / "decoy-ran"
-    (decoy / "reaper.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (decoy / "runtime").mkdir()
+    (decoy / "runtime" / "__init__.py").write_text("")
+    (decoy / "runtime" / "reaper.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     monkeypatch.chdir(tmp_path)
     reaper = Reaper.start(f"{os.getpid()}:test-{time.monotonic_ns()}")
     try:

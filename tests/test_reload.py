@@ -10,8 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from swapper.reload import reload_once
-from swapper.scheduler import State
+from swapper.app.reload import reload_once
+from swapper.core.states import State
 from tests.test_swapping import (
     FAKE,
     ClientFactory,
@@ -47,7 +47,7 @@ async def test_reload_restarts_only_the_changed_model(aiohttp_client: ClientFact
     ports = {"a": free_port(), "b": free_port()}
     path = tmp_path / "models.yaml"
     path.write_text(yaml_for(ports))
-    from swapper.config import load_config
+    from swapper.config.load import load_config
 
     client = await client_for(aiohttp_client, load_config(str(path)))
     await chat(client, "a")

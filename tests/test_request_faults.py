@@ -26,11 +26,12 @@ from typing import Any
 import psutil
 import pytest
 
-from swapper.activity import ACTIVITY
-from swapper.config import ConfigError, parse_config
-from swapper.messages import Unreachable
-from swapper.scheduler import State
-from swapper.timeouts import Timeouts
+from swapper.config.load import parse_config
+from swapper.config.schema import ConfigError
+from swapper.config.timeouts import Timeouts
+from swapper.core.messages import Unreachable
+from swapper.core.states import State
+from swapper.observe.activity import ACTIVITY
 from tests.test_faults import error_of, with_model
 from tests.test_metrics import scrape, settled, value
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, pid_of, runloop

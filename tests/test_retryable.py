@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config import parse_config
-from swapper.errors import (
+from swapper.config.load import parse_config
+from swapper.core.errors import (
     BadRequest,
     BodyTooLarge,
     ConcurrencyLimit,

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from swapper.errors import ConcurrencyLimit, ModelLoadFailed, ModelUnloaded, QueueFull, ShuttingDown
-from swapper.scheduler import Scheduler, State
+from swapper.core.errors import ConcurrencyLimit, ModelLoadFailed, ModelUnloaded, QueueFull, ShuttingDown
+from swapper.core.scheduler import Scheduler
+from swapper.core.states import InvalidTransition, Slot, State
 from tests.fakes import FakeEffects, StubPlanner, config, model
 
 
@@ -63,7 +64,7 @@ def test_fast_path_when_ready() -> None:
     assert h.fx.grants[-1] == r and len(h.fx.starts) == 1
 
 
-def test_concurrent_cold_requests_join_one_start() -> None:  # checklist 27
+def test_concurrent_cold_requests_join_one_start() -> None:
     h = Harness("a")
     rs = [h.req("a") for _ in range(3)]
     assert len(h.fx.starts) == 1
@@ -71,7 +72,7 @@ def test_concurrent_cold_requests_join_one_start() -> None:  # checklist 27
     assert h.fx.grants == rs
 
 
-def test_swap_stops_previous_then_starts() -> None:  # checklist 10
+def test_swap_stops_previous_then_starts() -> None:
     h = Harness("a", "b")
     h.done(h.bring_up("a"))
     rb = h.req("b")
@@ -82,7 +83,7 @@ def test_swap_stops_previous_then_starts() -> None:  # checklist 10
     assert h.fx.grants[-1] == rb
 
 
-def test_busy_model_is_never_evicted() -> None:  # checklist 28
+def test_busy_model_is_never_evicted() -> None:
     h = Harness("a", "b")
     ra1 = h.bring_up("a")
     ra2 = h.req("a")
@@ -97,7 +98,7 @@ def test_busy_model_is_never_evicted() -> None:  # checklist 28
     assert h.fx.grants[-1] == rb
 
 
-def test_collation_abcabc_starts_each_model_once() -> None:  # checklist 26
+def test_collation_abcabc_starts_each_model_once() -> None:
     h = Harness("a", "b", "c")
     ids = [h.req(m) for m in "abcabc"]
     order: list[str] = []
@@ -114,7 +115,7 @@ def test_collation_abcabc_starts_each_model_once() -> None:  # checklist 26
     assert [m for m, _ in h.fx.starts] == ["a", "b", "c"]
 
 
-def test_overlapping_evictions_serialise() -> None:  # checklist 29
+def test_overlapping_evictions_serialise() -> None:
     planner = StubPlanner({"b": frozenset({"x"}), "c": frozenset({"x"}), "x": frozenset()})
     h = Harness("x", "b", "c", planner=planner)
     h.done(h.bring_up("x"))
@@ -135,7 +136,7 @@ def test_disjoint_swaps_run_in_parallel() -> None:
     assert [m for m, _ in h.fx.starts] == ["a", "b"]
 
 
-def test_request_during_stop_waits_then_restarts() -> None:  # llama-swap #946, checklist 43
+def test_request_during_stop_waits_then_restarts() -> None:  # llama-swap #946
     h = Harness("a", per_model={"a": {"ttl": 5.0}})
     h.done(h.bring_up("a"))
     h.now = 10.0
@@ -149,7 +150,7 @@ def test_request_during_stop_waits_then_restarts() -> None:  # llama-swap #946, 
     assert h.fx.grants[-1] == r
 
 
-def test_ttl_never_unloads_in_flight() -> None:  # checklist 45
+def test_ttl_never_unloads_in_flight() -> None:
     h = Harness("a", per_model={"a": {"ttl": 2.0}})
     r = h.bring_up("a")
     h.now = 100.0
@@ -164,7 +165,7 @@ def test_ttl_never_unloads_in_flight() -> None:  # checklist 45
     assert h.fx.stops == ["a"]
 
 
-def test_load_failure_fails_every_waiter_and_next_request_retries() -> None:  # checklist 35
+def test_load_failure_fails_every_waiter_and_next_request_retries() -> None:
     h = Harness("a")
     r1, r2 = h.req("a"), h.req("a")
     h.s.on_started("a", h.fx.start_id("a"), ModelLoadFailed("exited"), h.now)
@@ -173,7 +174,7 @@ def test_load_failure_fails_every_waiter_and_next_request_retries() -> None:  # 
     assert len(h.fx.starts) == 2
 
 
-def test_release_of_queued_request_leaves_queue_without_start() -> None:  # checklist 33
+def test_release_of_queued_request_leaves_queue_without_start() -> None:
     h = Harness("a", "b")
     ra = h.bring_up("a")
     rb = h.req("b")
@@ -182,7 +183,7 @@ def test_release_of_queued_request_leaves_queue_without_start() -> None:  # chec
     assert h.fx.stops == [] and [m for m, _ in h.fx.starts] == ["a"]
 
 
-def test_waiter_leaving_during_load_others_still_served() -> None:  # checklist 34
+def test_waiter_leaving_during_load_others_still_served() -> None:
     h = Harness("a")
     r1, r2 = h.req("a"), h.req("a")
     h.done(r1)
@@ -212,7 +213,7 @@ def test_release_is_idempotent_and_unknown_ids_are_ignored() -> None:
     assert h.s.is_idle()
 
 
-def test_concurrency_limit_rejects_with_retry_after() -> None:  # checklist 31
+def test_concurrency_limit_rejects_with_retry_after() -> None:
     h = Harness("a", per_model={"a": {"concurrency_limit": 2}})
     h.req("a")
     h.req("a")
@@ -231,7 +232,7 @@ def test_queue_cap_answers_503() -> None:
     assert isinstance(h.fx.failures[r], QueueFull)
 
 
-def test_priority_orders_the_queue() -> None:  # checklist 30
+def test_priority_orders_the_queue() -> None:
     prio = {"a": 10, "b": 5, "c": 5, "d": 1}
     h = Harness("x", "a", "b", "c", "d", per_model={m: {"priority": p} for m, p in prio.items()})
     rx = h.bring_up("x")
@@ -297,7 +298,7 @@ def test_continuous_load_cannot_hold_a_queued_swap_past_the_bound() -> None:
     assert rb in h.fx.grants
 
 
-def test_unload_fails_waiters_and_stops() -> None:  # checklist 51
+def test_unload_fails_waiters_and_stops() -> None:
     h = Harness("a", "b")
     ra = h.bring_up("a")
     rb = h.req("b")
@@ -321,7 +322,7 @@ def test_unload_during_start_aborts_it_and_ignores_late_started() -> None:
     assert h.s.state("a") is State.STOPPED
 
 
-def test_crash_while_ready_marks_stopped_and_next_request_restarts() -> None:  # checklist 41
+def test_crash_while_ready_marks_stopped_and_next_request_restarts() -> None:
     h = Harness("a")
     h.done(h.bring_up("a"))
     h.s.on_child_exited("a", h.now)
@@ -413,3 +414,25 @@ def test_reload_removing_a_model_stops_it_and_forgets_it() -> None:
     assert "a" not in h.s.status(h.now)
     r = h.req("a")
     assert h.fx.failures[r].status == 404
+
+
+@pytest.mark.parametrize("old", list(State))
+@pytest.mark.parametrize("new", list(State))
+def test_a_model_makes_only_the_state_changes_in_the_transition_table(old: State, new: State) -> None:
+    slot = Slot(state=old)
+    valid = {
+        (State.STOPPED, State.STARTING),
+        (State.STARTING, State.READY),
+        (State.STARTING, State.STOPPING),
+        (State.STARTING, State.STOPPED),
+        (State.READY, State.STOPPING),
+        (State.READY, State.STOPPED),
+        (State.STOPPING, State.STOPPED),
+    }
+    if (old, new) in valid:
+        slot.move(new)
+        assert slot.state is new
+    else:
+        with pytest.raises(InvalidTransition, match=f"model state {old} cannot become {new}"):
+            slot.move(new)
+        assert slot.state is old

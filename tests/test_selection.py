@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from swapper.config import Config, parse_config
-from swapper.errors import ModelNotFound
-from swapper.fleet import PeerModel
-from swapper.scheduler import State
-from swapper.selection import NoTarget, Selection
+from swapper.config.load import parse_config
+from swapper.config.schema import Config, PeerModel
+from swapper.core.errors import ModelNotFound
+from swapper.core.selection import NoTarget, Selection
+from swapper.core.states import State
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, runloop
 
 S = State

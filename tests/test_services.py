@@ -23,8 +23,9 @@ import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.config import ConfigError, parse_config
-from swapper.scheduler import State
+from swapper.config.load import parse_config
+from swapper.config.schema import ConfigError
+from swapper.core.states import State
 from tests.conftest import _fake_server_cmd
 from tests.test_swapping import FAKE, ClientFactory, client_for, free_port, runloop, wait_until
 
@@ -257,7 +258,7 @@ def test_a_model_needs_cmd_or_proxy() -> None:
 async def test_a_reload_adopts_a_pinned_service_it_adds(
     aiohttp_client: ClientFactory, services: Services, tmp_path: Path
 ) -> None:
-    from swapper.reload import reload_once
+    from swapper.app.reload import reload_once
 
     port = free_port()
     proc = services.run(port, "kokoro")

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from swapper.config import Filters
-from swapper.errors import BadRequest
-from swapper.modelid import extract
-from swapper.shaping import rewrite_body
+from swapper.config.schema import Filters
+from swapper.core.errors import BadRequest
+from swapper.http.modelid import extract
+from swapper.http.shaping import rewrite_body
 
 JSON = "application/json"
 BOUNDARY = "XyZboundary123"

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
-from swapper.server import make_app
+from swapper.app.server import make_app
 from tests.ops_helpers import ops_config
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

@@ -18,11 +18,12 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
-from swapper.config import Config, parse_config
-from swapper.routes import RUNLOOP
-from swapper.runloop import RunLoop
-from swapper.scheduler import State
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.config.load import parse_config
+from swapper.config.schema import Config
+from swapper.core.states import State
+from swapper.runtime.runloop import RunLoop
+from swapper.web.routes import RUNLOOP
 
 FAKE = Path(__file__).parent / "upstreams" / "fake_server.py"
 
@@ -329,9 +330,9 @@ async def test_unload_cuts_in_flight_streams_so_the_child_exits_on_sigterm(
 async def test_shutdown_backstop_kills_a_child_whose_stop_wedges(
     aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import swapper.server
+    import swapper.app.server
 
-    monkeypatch.setattr(swapper.server, "SHUTDOWN_BACKSTOP", 1.0)
+    monkeypatch.setattr(swapper.app.server, "SHUTDOWN_BACKSTOP", 1.0)
     cfg = fake_config({"a": "--ignore-sigterm"})
     stubborn = dataclasses.replace(cfg.models["a"], unload_timeout=600.0)
     client = await client_for(aiohttp_client, dataclasses.replace(cfg, models={"a": stubborn}))

@@ -1,4 +1,4 @@
-"""TTL unloads and startup preload, end to end with real fake upstreams (checklist 45–47, 78).
+"""TTL unloads and startup preload, end to end with real fake upstreams.
 
 Nothing here sleeps to wait for a state: every wait polls the run loop's snapshot under a deadline.
 """
@@ -14,8 +14,8 @@ import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper.scheduler import State
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.core.states import State
 from tests.ops_helpers import ops_config, runloop, wait_until
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

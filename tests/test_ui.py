@@ -4,8 +4,8 @@ driven in a real browser by ``test_ui_browser.py``."""
 
 from __future__ import annotations
 
-from swapper.scheduler import State
-from swapper.ui import load_files
+from swapper.core.states import State
+from swapper.web.ui import load_files
 from tests.test_swapping import ClientFactory, client_for, fake_config, runloop
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}  # a browser's

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from swapper.server import make_app
+from swapper.app.server import make_app
 from tests import fake_nvml
 from tests.test_gpus_real import gpu_config
 from tests.test_memory_real import ClientFactory, chat, runloop, wait_until

@@ -1,4 +1,4 @@
-"""/upstream/<model>/<path> passthrough (reference §4.2, checklist 61 and 65), real fake upstreams."""
+"""/upstream/<model>/<path> passthrough, real fake upstreams."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from swapper.config import DEFAULT_UPSTREAM_IGNORE_PATHS
-from swapper.scheduler import State
-from swapper.server import make_app
-from swapper.upstream import PathResolver
+from swapper.app.server import make_app
+from swapper.config.schema import DEFAULT_UPSTREAM_IGNORE_PATHS
+from swapper.core.states import State
+from swapper.web.upstream import PathResolver
 from tests.ops_helpers import ops_config, runloop
 from tests.test_metrics import scrape, settled, value
 

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from swapper import front as front_module
-from swapper.front import Front
-from swapper.scheduler import State
-from swapper.server import make_app
+from swapper.app.server import make_app
+from swapper.core.states import State
+from swapper.web import front as front_module
+from swapper.web.front import Front
 from tests.frontserver import FrontTestServer
 from tests.ops_helpers import ops_config, runloop, wait_until
 from tests.rawhttp import Conn, chat, read_response

@@ -30,7 +30,7 @@ from aiohttp.http_parser import HttpRequestParser, HttpResponseParserPy
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from swapper.codec import BadMessage, RequestReader, ResponseReader
+from swapper.wire.codec import BadMessage, RequestReader, ResponseReader
 
 # ---- generating messages ----
 

@@ -6,17 +6,15 @@ loop's thread touches.
 Contract (llama-swap's ``Swapper``, with one name): ``evict_for`` is a pure decision that the
 scheduler calls speculatively on every request and every queue drain, so it must not log, mutate
 or do I/O. ``on_commit`` runs once per swap that really starts and is the one place a planner may
-log. A planner never sees processes: only model ids and the facts in ``PlanView``.
+log. A planner never sees processes: only model ids and the facts in ``PlanView``. ``build``
+makes the planner a config names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from swapper.config import Config
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +80,7 @@ def coexisting(planner: Planner, model: str, models: Iterable[str]) -> tuple[str
 class Pinning:
     """Any planner, with pinned services (``ModelConfig.pinned``) out of its reach: one is never
     evicted, and adopting one evicts nothing (it runs already; swapper only starts probing it).
-    Every other attribute is the wrapped planner's (the memory planner's ``memory_monitor``)."""
+    Every other attribute is the wrapped planner's (the memory planner's ``ledger``)."""
 
     __slots__ = ("inner", "pinned")
 
@@ -101,26 +99,3 @@ class Pinning:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
-
-
-def make_planner(config: Config) -> Planner:
-    """Builds the planner that ``routing.router.use`` names (with ``Pinning`` around it when a
-    service is pinned)."""
-    planner = _make_planner(config)
-    pinned = frozenset(m for m, cfg in config.models.items() if cfg.pinned)
-    return Pinning(planner, pinned) if pinned else planner
-
-
-def _make_planner(config: Config) -> Planner:
-    use = config.routing.use
-    if use == "group":
-        from swapper.planners.group import GroupPlanner
-
-        return GroupPlanner(config)
-    if use == "matrix":
-        from swapper.planners.matrix import MatrixPlanner
-
-        return MatrixPlanner(config)
-    from swapper.planners.memory import MemoryPlanner
-
-    return MemoryPlanner(config)

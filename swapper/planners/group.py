@@ -21,13 +21,11 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from swapper.config import ConfigError, GroupConfig
+from swapper.config.schema import DEFAULT_GROUP, ConfigError, GroupConfig
 
 if TYPE_CHECKING:
-    from swapper.config import Config
+    from swapper.config.schema import Config
     from swapper.planners import PlanView
-
-DEFAULT_GROUP = "(default)"
 
 _log = structlog.get_logger("swapper.planner")
 

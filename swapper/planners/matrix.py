@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from swapper.planners.dsl import CompiledMatrix, DslError, compile_matrix
+from swapper.config.dsl import CompiledMatrix, DslError, compile_matrix
 
 if TYPE_CHECKING:
-    from swapper.config import Config
+    from swapper.config.schema import Config
     from swapper.planners import PlanView
 
 __all__ = ["CompiledMatrix", "Decision", "DslError", "MatrixPlanner", "compile_matrix", "solve"]
@@ -75,7 +75,9 @@ class MatrixPlanner:
     def __init__(self, config: Config) -> None:
         if config.routing.matrix is None:
             raise DslError("routing.router.settings.matrix is required when use is matrix")
-        self.matrix = compile_matrix(config.routing.matrix, config.models.keys())
+        # Compiled once at load; a Config built by hand (tests) is compiled here.
+        compiled = config.routing.compiled
+        self.matrix = compiled or compile_matrix(config.routing.matrix, config.models.keys())
         self._cache: tuple[str, frozenset[str], Decision] | None = None
         self._last: dict[str, Decision] = {}
 

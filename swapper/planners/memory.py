@@ -1,12 +1,12 @@
 """The memory policy: evict just enough to fit the target into its device's budget.
 
 Owns: the last plan per target (a private cache for ``on_commit``'s log line, touched only by the
-run loop's thread). It reads, never writes, the ``MemoryLedger`` (``swapper.ledger``) that the run
+run loop's thread). It reads, never writes, the ``MemoryLedger`` (``swapper.memory.ledger``) that the run
 loop keeps up to date from NVML/psutil samples; ``evict_for`` is a pure function of (target, view,
 ledger) and never logs.
 
 Each model lives in ``ram`` or on one or more GPUs, each GPU planned on its own (its placement:
-``swapper.placement``; its share of the footprint on each: ``MemoryLedger.need_on``). Only models
+``swapper.config.placement``; its share of the footprint on each: ``MemoryLedger.need_on``). Only models
 that share a device with the target are eviction candidates, and pinned services never are. The
 target fits when, on every device it lives on, both hold:
 
@@ -15,7 +15,7 @@ target fits when, on every device it lives on, both hold:
   same sum ≤ device total − its reserve.
 
 A running model "holds" the larger of its footprint and its sampled use; a footprint is the
-measured one when known, else the estimate (``swapper.footprint``).
+measured one when known, else the estimate (``swapper.memory.footprint``).
 
 Victims are taken in order: idle before busy, lower priority first, least recently used first,
 until the target fits; then any victim whose eviction turned out unnecessary is kept again
@@ -33,14 +33,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from swapper.gpu import Device
-from swapper.ledger import Capacity, Dev, Footprint, MemoryLedger, human
-from swapper.memory import MemoryMonitor, make_monitor
+from swapper.memory.ledger import Capacity, Dev, Footprint, MemoryLedger, human
+from swapper.memory.samples import Device
 from swapper.planners import PlanView, Unplaceable
 
 if TYPE_CHECKING:
-    from swapper.config import Config
-    from swapper.gpu import Sampler
+    from swapper.config.schema import Config
 
 _log = structlog.get_logger("swapper.planner")
 
@@ -61,12 +59,9 @@ class Plan:
 class MemoryPlanner:
     """``routing.router.use: memory``."""
 
-    def __init__(
-        self, config: Config, *, sampler: Sampler | None = None, monitor: MemoryMonitor | None = None
-    ) -> None:
+    def __init__(self, config: Config, ledger: MemoryLedger) -> None:
         self._config = config
-        self.memory_monitor = monitor or make_monitor(config, sampler)
-        self._ledger: MemoryLedger = self.memory_monitor.ledger
+        self._ledger = ledger  # fed by the run loop's memory monitor; read here, never written
         self._last: dict[str, Plan] = {}
 
     @property

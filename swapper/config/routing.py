@@ -1,0 +1,301 @@
+"""``routing:`` (and llama-swap's ``groups``/``matrix``): groups, the swap matrix's vars,
+costs and sets, memory settings, GPU limits, the scheduler's knobs.
+
+Owns: nothing mutable; decoding only (``load`` compiles the matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, cast
+
+from swapper.config.dsl import DslError, MatrixConfig, compile_matrix
+from swapper.config.keys import (
+    _NONE,
+    _ROUTERS,
+    _VAR_NAME_RE,
+    _Document,
+    _Router,
+)
+from swapper.config.schema import (
+    DEFAULT_GROUP,
+    ConfigError,
+    GpuLimits,
+    GroupConfig,
+    MemoryConfig,
+    ModelConfig,
+    RoutingConfig,
+)
+from swapper.config.values import (
+    _as_int,
+    _as_list,
+    _as_mapping,
+    _as_size,
+    _as_str,
+    _as_text,
+    _choice,
+    _key_text,
+    _known,
+    _opt_bool,
+    _opt_size,
+    _resolve,
+    _seconds,
+)
+
+
+def _compile_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> RoutingConfig:
+    """Compiles the swap matrix now, once: a DSL error is a config error at load, not a crash later."""
+    if routing.matrix is None:
+        return routing
+    try:
+        return replace(routing, compiled=compile_matrix(routing.matrix, models))
+    except DslError as exc:
+        raise ConfigError(f"routing.router.settings.matrix: {exc}") from None
+
+
+# --- routing --------------------------------------------------------------------------------------
+
+
+def _parse_routing(
+    doc: _Document, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]
+) -> tuple[RoutingConfig, dict[str, int]]:
+    routing = _known(doc.top.get("routing"), "routing", {"router", "scheduler"}, _NONE, doc.warnings)
+    use, sources = _router_sources(doc.top, routing, doc.warnings)
+    groups_raw, groups_path = sources["groups"]
+    matrix_raw, matrix_path = sources["matrix"]
+    memory_raw, memory_path = sources["memory"]
+    groups = _parse_groups(groups_raw, groups_path, models, aliases, doc.warnings)
+    matrix = None
+    if matrix_raw is not None and use != "matrix":
+        # llama-swap never reads a matrix its router does not use; an invalid one is only news.
+        try:
+            matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
+            _compile_matrix(RoutingConfig(matrix=matrix), models)
+        except ConfigError as exc:
+            doc.warnings.append(f"{exc} (not in use: routing.router.use is {use}; ignored)")
+            matrix = None
+    elif matrix_raw is not None:
+        matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
+    elif use == "matrix":
+        raise ConfigError(f"{matrix_path}: is required when routing.router.use is matrix")
+    memory = _parse_memory_settings(memory_raw, memory_path, doc.warnings)
+    priorities = _parse_scheduler(routing.get("scheduler"), models, aliases, doc.warnings)
+    return RoutingConfig(use=use, groups=groups, matrix=matrix, memory=memory), priorities
+
+
+def _router_sources(
+    top: Mapping[str, Any], routing: Mapping[str, Any], warnings: list[str]
+) -> tuple[_Router, dict[str, tuple[Any, str]]]:
+    """Which router is used and where its settings come from: routing.router or legacy keys."""
+    legacy = [key for key in ("groups", "matrix") if top.get(key) is not None]
+    if routing.get("router") is not None:
+        if legacy:
+            raise ConfigError(
+                f"{legacy[0]}: the legacy top-level '{legacy[0]}' key cannot be combined with a "
+                f"routing.router block; move it to routing.router.settings.{legacy[0]}"
+            )
+        router = _known(routing["router"], "routing.router", {"use", "settings"}, _NONE, warnings)
+        use = _choice(router.get("use"), "routing.router.use", _ROUTERS, "router")
+        base = "routing.router.settings"
+        settings = _known(router.get("settings"), base, {"groups", "matrix", "memory"}, _NONE, warnings)
+        return cast(_Router, use), {
+            k: (settings.get(k), f"{base}.{k}") for k in ("groups", "matrix", "memory")
+        }
+    if len(legacy) == 2:
+        raise ConfigError("matrix: cannot be combined with the top-level 'groups' key; use one or the other")
+    sources = {"groups": (top.get("groups"), "groups"), "matrix": (top.get("matrix"), "matrix")}
+    sources["memory"] = (None, "routing.router.settings.memory")
+    return ("matrix" if legacy == ["matrix"] else "group"), sources
+
+
+def _parse_groups(
+    raw: object,
+    path: str,
+    models: Mapping[str, ModelConfig],
+    aliases: Mapping[str, str],
+    warnings: list[str],
+) -> tuple[GroupConfig, ...]:
+    owner: dict[str, str] = {}
+    groups: list[GroupConfig] = []
+    for key, value in _as_mapping(raw, path).items():
+        name = _key_text(key, path)
+        group_path = f"{path}.{name}"
+        if name == DEFAULT_GROUP:
+            raise ConfigError(f"{group_path}: the name '{DEFAULT_GROUP}' is reserved for ungrouped models")
+        spec = _known(value, group_path, {"swap", "exclusive", "persistent", "members"}, _NONE, warnings)
+        members = _group_members(
+            spec.get("members"), f"{group_path}.members", name, owner, models, aliases, warnings
+        )
+        groups.append(
+            GroupConfig(
+                name=name,
+                members=members,
+                swap=_opt_bool(spec.get("swap"), f"{group_path}.swap", True),
+                exclusive=_opt_bool(spec.get("exclusive"), f"{group_path}.exclusive", True),
+                persistent=_opt_bool(spec.get("persistent"), f"{group_path}.persistent", False),
+            )
+        )
+    ungrouped = tuple(model_id for model_id in models if model_id not in owner)
+    if ungrouped:
+        groups.append(GroupConfig(name=DEFAULT_GROUP, members=ungrouped, swap=True, exclusive=True))
+    return tuple(groups)
+
+
+def _group_members(
+    raw: object,
+    path: str,
+    group: str,
+    owner: dict[str, str],
+    models: Mapping[str, ModelConfig],
+    aliases: Mapping[str, str],
+    warnings: list[str],
+) -> tuple[str, ...]:
+    if raw is None:
+        raise ConfigError(f"{path}: is required")
+    members: list[str] = []
+    for i, item in enumerate(_as_list(raw, path)):
+        model_id = _as_text(item, f"{path}[{i}]").strip()
+        if model_id not in models:
+            # llama-swap's loader takes any name here (a model commented out, its group left as
+            # it was); only its router refuses it at start. Left out, said once.
+            if model_id in aliases:
+                warnings.append(f"{path}: '{model_id}' is an alias of '{aliases[model_id]}'; using the model")
+                model_id = aliases[model_id]
+            else:
+                warnings.append(f"{path}: '{model_id}' is not a model id; left out of the group")
+                continue
+        if model_id in owner:
+            other = owner[model_id]
+            if other == group:
+                raise ConfigError(f"{path}: model '{model_id}' is listed twice")
+            raise ConfigError(f"{path}: model '{model_id}' is in both groups '{other}' and '{group}'")
+        owner[model_id] = group
+        members.append(model_id)
+    return tuple(members)
+
+
+def _parse_matrix(
+    raw: object,
+    path: str,
+    models: Mapping[str, ModelConfig],
+    aliases: Mapping[str, str],
+    warnings: list[str],
+) -> MatrixConfig:
+    spec = _known(raw, path, {"vars", "evict_costs", "sets"}, _NONE, warnings)
+    variables = _matrix_vars(spec.get("vars"), f"{path}.vars", models, aliases)
+    return MatrixConfig(
+        vars=variables,
+        evict_costs=_matrix_costs(spec.get("evict_costs"), f"{path}.evict_costs", variables, models),
+        sets=_matrix_sets(spec.get("sets"), f"{path}.sets"),
+    )
+
+
+def _matrix_vars(
+    raw: object, path: str, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]
+) -> dict[str, str]:
+    variables: dict[str, str] = {}
+    for key, value in _as_mapping(raw, path).items():
+        name = _key_text(key, path)
+        var_path = f"{path}.{name}"
+        if not _VAR_NAME_RE.match(name):
+            raise ConfigError(f"{var_path}: invalid var name (1-32 letters, digits, '.' or '-')")
+        model_id = _as_text(value, var_path).strip()
+        if model_id in aliases:
+            raise ConfigError(
+                f"{var_path}: '{model_id}' is an alias of '{aliases[model_id]}'; vars must name a model id"
+            )
+        if model_id not in models:
+            raise ConfigError(f"{var_path}: unknown model '{model_id}'")
+        variables[name] = model_id
+    return variables
+
+
+def _matrix_costs(
+    raw: object, path: str, variables: Mapping[str, str], models: Mapping[str, ModelConfig]
+) -> dict[str, int]:
+    costs: dict[str, int] = {}
+    for key, value in _as_mapping(raw, path).items():
+        name = _key_text(key, path)
+        cost_path = f"{path}.{name}"
+        # A var shadows a model id of the same name, as in the set DSL.
+        model_id = variables.get(name, name)
+        if model_id not in models:
+            raise ConfigError(f"{cost_path}: unknown var or model '{name}'")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{cost_path}: must be a positive integer, got {value!r}")
+        if model_id in costs:
+            raise ConfigError(f"{cost_path}: model '{model_id}' already has an eviction cost")
+        costs[model_id] = value
+    return costs
+
+
+def _matrix_sets(raw: object, path: str) -> tuple[tuple[str, str], ...]:
+    sets: list[tuple[str, str]] = []
+    for key, value in _as_mapping(raw, path).items():
+        name = _key_text(key, path)
+        text = _as_str(value, f"{path}.{name}").strip()
+        if not text:
+            raise ConfigError(f"{path}.{name}: must not be empty")
+        sets.append((name, text))
+    if not sets:
+        raise ConfigError(f"{path}: at least one set is required")
+    return tuple(sets)
+
+
+def _parse_memory_settings(raw: object, path: str, warnings: list[str]) -> MemoryConfig:
+    keys = {"gpuBudget", "ramBudget", "reserve", "stateFile", "releaseTimeout", "gpus"}
+    spec = _known(raw, path, keys, _NONE, warnings)
+    defaults = MemoryConfig()
+    reserve = spec.get("reserve")
+    release_timeout = _seconds(spec.get("releaseTimeout"), f"{path}.releaseTimeout", defaults.release_timeout)
+    if release_timeout <= 0:
+        raise ConfigError(f"{path}.releaseTimeout: must be greater than 0")
+    return MemoryConfig(
+        gpu_budget=_opt_size(spec.get("gpuBudget"), f"{path}.gpuBudget"),
+        ram_budget=_opt_size(spec.get("ramBudget"), f"{path}.ramBudget"),
+        reserve=defaults.reserve if reserve is None else _as_size(reserve, f"{path}.reserve", minimum=0),
+        state_file=_as_text(spec.get("stateFile"), f"{path}.stateFile").strip() or None,
+        release_timeout=release_timeout,
+        gpus=_parse_gpu_limits(spec.get("gpus"), f"{path}.gpus", warnings),
+    )
+
+
+def _parse_gpu_limits(raw: object, path: str, warnings: list[str]) -> dict[int, GpuLimits]:
+    """``gpus: {0: {budget: 20GiB, reserve: 1GiB}, ...}``: per-GPU overrides of gpuBudget/reserve."""
+    limits: dict[int, GpuLimits] = {}
+    for key, value in _as_mapping(raw, path).items():
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            raise ConfigError(f"{path}: keys must be GPU indices (0, 1, ...), got {key!r}")
+        spec = _known(value, f"{path}.{key}", {"budget", "reserve"}, _NONE, warnings)
+        reserve = spec.get("reserve")
+        limits[key] = GpuLimits(
+            budget=_opt_size(spec.get("budget"), f"{path}.{key}.budget"),
+            reserve=None if reserve is None else _as_size(reserve, f"{path}.{key}.reserve", minimum=0),
+        )
+    return limits
+
+
+def _parse_scheduler(
+    raw: object, models: Mapping[str, ModelConfig], aliases: Mapping[str, str], warnings: list[str]
+) -> dict[str, int]:
+    """Model id -> priority from routing.scheduler.settings.fifo.priority (aliases resolved)."""
+    path = "routing.scheduler"
+    spec = _known(raw, path, {"use", "settings"}, _NONE, warnings)
+    _choice(spec.get("use"), f"{path}.use", ("fifo",), "scheduler")
+    settings = _known(spec.get("settings"), f"{path}.settings", {"fifo"}, _NONE, warnings)
+    fifo = _known(settings.get("fifo"), f"{path}.settings.fifo", {"priority"}, _NONE, warnings)
+    priority_path = f"{path}.settings.fifo.priority"
+    priorities: dict[str, int] = {}
+    for key, value in _as_mapping(fifo.get("priority"), priority_path).items():
+        name = _key_text(key, priority_path)
+        model_id = _resolve(name, models, aliases)
+        if model_id is None:
+            raise ConfigError(f"{priority_path}: unknown model '{name}'")
+        priority = _as_int(value, f"{priority_path}.{name}")
+        if priorities.get(model_id, priority) != priority:
+            raise ConfigError(
+                f"{priority_path}.{name}: model '{model_id}' already has priority {priorities[model_id]}"
+            )
+        priorities[model_id] = priority
+    return priorities

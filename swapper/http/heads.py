@@ -1,0 +1,69 @@
+"""The heads the front door writes on the wire: the request head it forwards to a child, the
+answer's head from the child's, the reason phrases; and the capturing relay sink.
+
+Owns: nothing mutable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Final
+from urllib.parse import parse_qsl
+
+from swapper.http import relay as proxy
+from swapper.observe.capture import Capture
+from swapper.wire.codec import (
+    PLAIN_CONNECTION,
+    RequestHead,
+    response_head,
+)
+from swapper.wire.h1pool import Response
+
+_BODILESS: Final = frozenset({204, 304})  # answers that never have a body
+_CLOSE: Final = b"Connection: close\r\n"
+
+
+def _capturing(sink: Callable[[bytes, bool], None], capture: Capture) -> Callable[[bytes, bool], None]:
+    def relay(data: bytes, last: bool) -> None:
+        capture.add(data)
+        sink(data, last)
+
+    return relay
+
+
+def _forwarded(head: RequestHead) -> bytes:
+    """The header lines ``head`` goes upstream with."""
+    if head.connection in PLAIN_CONNECTION:
+        return head.forward
+    # Its Connection names more hop-by-hop headers (RFC 9110 §7.6.1).
+    return proxy.upstream_headers(head.headers, identity=False, connection=head.connection)
+
+
+def _query(query: str) -> dict[str, str]:
+    """The query's fields, the first value of each (as aiohttp's ``request.query.get`` gives)."""
+    fields: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        fields.setdefault(name, value)
+    return fields
+
+
+def _answer_head(upstream: Response, close: bool) -> tuple[bytes, bool]:
+    """The head of the client's answer to ``upstream``, and whether its body goes out chunked
+    (the upstream's was, or had no length)."""
+    chunked = upstream.status not in _BODILESS and not upstream.sized
+    lines = upstream.reader.forward(chunked)
+    if chunked:
+        lines += b"Transfer-Encoding: chunked\r\n"
+    if upstream.sse:
+        lines += b"X-Accel-Buffering: no\r\n"  # nginx and friends in front of us must not buffer
+    if close:
+        lines += _CLOSE
+    return response_head(upstream.status, upstream.reason, lines), chunked
+
+
+def _reason(status: int) -> bytes:
+    with contextlib.suppress(ValueError):
+        return HTTPStatus(status).phrase.encode()
+    return b"Error"

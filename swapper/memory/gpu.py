@@ -1,0 +1,251 @@
+"""Memory sampling: GPUs through NVML (``pynvml``), system RAM and process trees through psutil.
+
+Owns: the NVML session (``Nvml``); a sample's records are ``samples``'s. Holds no policy and no
+scheduling state: ``swapper.memory.monitor`` decides what a sample means.
+
+Concurrency contract: every function and method here *blocks* (NVML calls, /proc reads), so
+callers run them in a worker thread (``asyncio.to_thread``), never inside a run-loop handler.
+They may run in two threads at once (the periodic sample and a stop's release probe): NVML is
+thread-safe, psutil keeps no shared state, and ``SystemSampler`` mutates nothing after ``open``.
+
+Without NVML (no driver, no GPU, ``nvidia-ml-py`` missing) ``SystemSampler.open`` returns the
+reason and every sample simply has no GPUs; nothing here raises because a GPU is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import psutil
+
+from swapper.memory.samples import (
+    ChildUsage,
+    Device,
+    DeviceUsage,
+    GpuUsage,
+    MemorySample,
+    ReleaseProbe,
+    Sampler,
+)
+
+# The records a sample is made of live in memory/samples.py (pure); they are re-exported here.
+__all__ = [
+    "ChildUsage",
+    "Device",
+    "DeviceUsage",
+    "GpuUsage",
+    "MemorySample",
+    "Nvml",
+    "ReleaseProbe",
+    "Sampler",
+    "SystemSampler",
+    "gpu_used_by",
+    "open_nvml",
+    "used_by",
+]
+
+
+class Nvml:
+    """An open NVML session; ``open_nvml`` makes one."""
+
+    __slots__ = ("_nvml", "_handles", "_names")
+
+    def __init__(self, nvml: Any, handles: list[Any], names: list[str]) -> None:
+        self._nvml = nvml
+        self._handles = handles
+        self._names = names
+
+    def devices(self) -> tuple[GpuUsage, ...]:
+        out = []
+        for index, handle in enumerate(self._handles):
+            info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            out.append(GpuUsage(index, self._names[index], int(info.total), int(info.used)))
+        return tuple(out)
+
+    def processes(self) -> dict[int, int | None]:
+        """pid -> bytes used over every GPU; None where the driver does not say (WDDM, some vGPU)."""
+        return _summed(self.processes_by_gpu().values())
+
+    def processes_by_gpu(self) -> dict[int, dict[int, int | None]]:
+        """GPU index -> (pid -> bytes used there; None where the driver does not say)."""
+        return {index: self._processes_on(handle) for index, handle in enumerate(self._handles)}
+
+    def _processes_on(self, handle: Any) -> dict[int, int | None]:
+        usage: dict[int, int | None] = {}
+        for getter in (
+            self._nvml.nvmlDeviceGetComputeRunningProcesses,
+            self._nvml.nvmlDeviceGetGraphicsRunningProcesses,
+        ):
+            try:
+                procs = getter(handle)
+            except self._nvml.NVMLError:
+                continue  # e.g. graphics processes are not supported on this device
+            for proc in procs:
+                used = proc.usedGpuMemory
+                before = usage.get(proc.pid, 0)
+                usage[proc.pid] = None if used is None or before is None else before + int(used)
+        return usage
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError:
+            pass
+
+
+def _summed(tables: Iterable[Mapping[int, int | None]]) -> dict[int, int | None]:
+    usage: dict[int, int | None] = {}
+    for table in tables:
+        for pid, used in table.items():
+            before = usage.get(pid, 0)
+            usage[pid] = None if used is None or before is None else before + used
+    return usage
+
+
+def open_nvml() -> tuple[Nvml | None, str | None]:
+    """Initialises NVML; returns (session, None) or (None, why there is none)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, "the nvidia-ml-py package is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return None, f"NVML is not available ({exc})"
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        names = [_text(pynvml.nvmlDeviceGetName(h)) for h in handles]
+    except pynvml.NVMLError as exc:
+        pynvml.nvmlShutdown()
+        return None, f"NVML could not list GPUs ({exc})"
+    if not handles:
+        pynvml.nvmlShutdown()
+        return None, "NVML reports no GPU"
+    return Nvml(pynvml, handles, names), None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class SystemSampler:
+    """The real sampler: NVML when it opens, psutil always."""
+
+    def __init__(self) -> None:
+        self._nvml: Nvml | None = None
+        self._reason: str | None = "NVML was not opened yet"
+
+    def open(self) -> str | None:
+        self._nvml, self._reason = open_nvml()
+        return self._reason
+
+    def sample(self, children: Mapping[str, int], at: float) -> MemorySample:
+        vm = psutil.virtual_memory()
+        # "used" as the kernel sees pressure: page cache that can be dropped counts as free.
+        ram = DeviceUsage(int(vm.total), int(vm.total - vm.available))
+        gpus: tuple[GpuUsage, ...] = ()
+        gpu_procs: dict[int, int | None] | None = None
+        by_gpu: dict[int, dict[int, int | None]] = {}
+        if self._nvml is not None:
+            gpus = self._nvml.devices()
+            by_gpu = self._nvml.processes_by_gpu()
+            gpu_procs = _summed(by_gpu.values())
+        kids = _children_map() if children else {}
+        usage = {}
+        for model, pid in children.items():
+            tree = [pid, *_descendants(pid, kids)]
+            ram_bytes, alive = _ram_of(tree)
+            if alive and alive[0] == pid:  # an exited leader's leftovers are no footprint
+                on = {i: used_by(tree, procs) for i, procs in by_gpu.items()}
+                held = {i: used for i, used in on.items() if used}
+                usage[model] = ChildUsage(pid, ram_bytes, gpu_used_by(tree, gpu_procs), len(alive), held)
+        return MemorySample(at, ram, gpus, usage, self._reason)
+
+    def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
+        alive = _group_members(pgid)
+        gpu_held = 0
+        gpu_used = None
+        if self._nvml is not None:
+            procs = self._nvml.processes()
+            gpu_held = sum(procs.get(pid) or 0 for pid in alive | pids)
+            gpu_used = sum(g.used for g in self._nvml.devices())
+        return ReleaseProbe(alive, gpu_held, gpu_used)
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.close()
+            self._nvml = None
+
+
+def _children_map() -> dict[int, list[int]]:
+    """ppid -> pids, from one pass over the process table (cheaper than one pass per child)."""
+    kids: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info.get("ppid")
+        if ppid is not None:
+            kids.setdefault(ppid, []).append(proc.pid)
+    return kids
+
+
+def _descendants(pid: int, kids: Mapping[int, list[int]]) -> list[int]:
+    out: list[int] = []
+    todo = list(kids.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(kids.get(child, ()))
+    return out
+
+
+def _ram_of(pids: Iterable[int]) -> tuple[int, list[int]]:
+    """(private bytes summed over ``pids``, those of them alive); zombies hold nothing."""
+    total = 0
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            try:
+                info = proc.memory_full_info()
+                held, rss = int(info.uss), int(info.rss)
+            except psutil.AccessDenied:
+                held = rss = int(proc.memory_info().rss)
+        except psutil.Error:
+            continue  # exited since the scan
+        if rss:  # a zombie reads as all zeros
+            total += held
+            alive.append(pid)
+    return total, alive
+
+
+def used_by(pids: Iterable[int], procs: Mapping[int, int | None]) -> int:
+    """What ``pids`` hold by one GPU's process table (unknown amounts count as nothing)."""
+    return sum(procs.get(pid) or 0 for pid in pids)
+
+
+def gpu_used_by(pids: Iterable[int], procs: Mapping[int, int | None] | None) -> int | None:
+    """GPU memory the ``pids`` hold by NVML's per-process table; None when it cannot say."""
+    if procs is None:
+        return None
+    total = 0
+    for pid in pids:
+        if pid in procs:
+            used = procs[pid]
+            if used is None:
+                return None
+            total += used
+    return total
+
+
+def _group_members(pgid: int) -> frozenset[int]:
+    """Live (not zombie) processes of process group ``pgid``; one getpgid per process, ~1 µs each."""
+    members = set()
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                members.add(pid)
+        except (OSError, psutil.Error):
+            continue  # gone meanwhile
+    return frozenset(members)
