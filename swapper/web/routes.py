@@ -260,11 +260,8 @@ async def _serve_local(
             return preamble.response
         return error_response(err)
     except asyncio.CancelledError:
-        # Cut by a stop of its model before the upstream's answer began: say so (a cut relay
-        # can only drop the connection).
-        if (cut := ex.cut_error) is None or relaying or (task := asyncio.current_task()) is None:
+        if (cut := _cut_before_answer(ex, relaying)) is None:
             raise
-        task.uncancel()
         track.failed(cut.status, outcome_of(cut))
         if preamble is not None and preamble.response.prepared:
             await preamble.fail(cut)
@@ -330,14 +327,23 @@ async def relay_plain(request: web.Request, ex: Exchange, track: RequestTrack) -
         track.failed(err.status, outcome_of(err))
         return error_response(err)
     except asyncio.CancelledError:
-        # Cut by a stop of its model before the upstream's answer began: say so.
-        if (cut := ex.cut_error) is None or relaying or (task := asyncio.current_task()) is None:
+        if (cut := _cut_before_answer(ex, relaying)) is None:
             raise
-        task.uncancel()
         track.failed(cut.status, outcome_of(cut))
         return error_response(cut)
     finally:
         ex.finish()
+
+
+def _cut_before_answer(ex: Exchange, relaying: bool) -> SwapperError | None:
+    """Why the handler's task was cancelled, when a stop of its model did it before the upstream's
+    answer began (the cancellation is withdrawn: the handler answers with it instead); None when
+    the cancellation must go on (the client left, or a relay under way, which can only drop the
+    connection)."""
+    if (cut := ex.cut_error) is None or relaying or (task := asyncio.current_task()) is None:
+        return None
+    task.uncancel()
+    return cut
 
 
 def wants_loading_state(config: Config, cfg: ModelConfig, path: str) -> bool:
