@@ -38,8 +38,7 @@ from swapper.core.errors import (
     UpstreamRefused,
 )
 from swapper.core.messages import Lease
-from swapper.http import modelid, shaping
-from swapper.http import relay as proxy
+from swapper.http import modelid, relay, shaping
 from swapper.observe.events import EventBus, RequestTrack
 from swapper.runtime.runloop import RunLoop
 from swapper.wire.h1pool import Connection, H1Pool, Response
@@ -105,7 +104,7 @@ class Exchange:
     ) -> None:
         """``target``: the path and query to send upstream, appended to the lease's base URL.
         ``wanted``: the model as the body named it, for shaping (None: the body goes verbatim,
-        as ``/upstream`` sends it). ``headers``: the header lines to send (``proxy.upstream_headers``)."""
+        as ``/upstream`` sends it). ``headers``: the header lines to send (``relay.upstream_headers``)."""
         self.runloop = runloop
         self.pool = pool
         self.model = model
@@ -199,14 +198,14 @@ class Exchange:
         connect = self.cfg.timeouts.connect
         self._arm_head_timer()
         try:
-            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out, connect)
+            upstream = await relay.send(self.pool, self.method, self.url, self.headers, self.out, connect)
         except UpstreamRefused:
             assert self.lease is not None
             self._disarm_head_timer()  # a restart is a load, not the child's answer time
             self.granted(await self.runloop.reacquire(self.lease, self))
             self.started = time.perf_counter()
             self._arm_head_timer()
-            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out, connect)
+            upstream = await relay.send(self.pool, self.method, self.url, self.headers, self.out, connect)
         self.answered(upstream, time.perf_counter())
         return upstream
 

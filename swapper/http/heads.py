@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import Final
 from urllib.parse import parse_qsl
 
-from swapper.http import relay as proxy
+from swapper.http import relay
 from swapper.observe.capture import Capture
 from swapper.wire.codec import (
     PLAIN_CONNECTION,
@@ -38,7 +38,7 @@ def _forwarded(head: RequestHead) -> bytes:
     if head.connection in PLAIN_CONNECTION:
         return head.forward
     # Its Connection names more hop-by-hop headers (RFC 9110 §7.6.1).
-    return proxy.upstream_headers(head.headers, identity=False, connection=head.connection)
+    return relay.upstream_headers(head.headers, identity=False, connection=head.connection)
 
 
 def _query(query: str) -> dict[str, str]:

@@ -125,7 +125,7 @@ def pool_of(session: aiohttp.ClientSession) -> H1Pool:
     if not isinstance(connector, _Connector):
         if connector is None:  # closed: swapper is shutting down
             raise UpstreamError("the upstream session is closed")
-        raise TypeError("the session must come from proxy.make_session()")
+        raise TypeError("the session must come from relay.make_session()")
     return connector.h1pool
 
 

@@ -46,8 +46,7 @@ import structlog
 from aiohttp import web
 
 from swapper.core.errors import BadRequest, SwapperError, error_answer
-from swapper.http import modelid
-from swapper.http import relay as proxy
+from swapper.http import modelid, relay
 from swapper.http.exchange import Exchange, outcome_of, upstream_path
 from swapper.http.heads import _answer_head, _forwarded, _query
 from swapper.observe.activity import TAIL
@@ -123,7 +122,7 @@ class Front:
         parts = self._parts
         if parts is None:
             app = self.app
-            parts = self._parts = (app[RUNLOOP], proxy.pool_of(app[SESSION]), app[EVENTS])
+            parts = self._parts = (app[RUNLOOP], relay.pool_of(app[SESSION]), app[EVENTS])
         return parts
 
     def sweep(self) -> None:
@@ -477,8 +476,8 @@ class FrontConn(AnswerWriter, asyncio.Protocol):
                 return  # the head is still arriving
             ex.sent = None
             sent.abandon()
-            # Never sent again: it was written, so the child may have read it (proxy.send).
-            self._end_inline(ex, proxy.failed_before_response(exc, ex.url))
+            # Never sent again: it was written, so the child may have read it (relay.send).
+            self._end_inline(ex, relay.failed_before_response(exc, ex.url))
             return
         arrived = time.perf_counter()
         ex.sent = None

@@ -30,8 +30,7 @@ from swapper.core.errors import (
 )
 from swapper.core.messages import Lease
 from swapper.core.states import State
-from swapper.http import cors, modelid, peers, shaping
-from swapper.http import relay as proxy
+from swapper.http import cors, modelid, peers, relay, shaping
 from swapper.http.exchange import Exchange, outcome_of, upstream_path
 from swapper.http.loading import LoadingStream, wait_with_preamble
 from swapper.observe.events import EVENTS, RequestTrack, track_request
@@ -220,14 +219,14 @@ async def _serve_local(
     cfg = config.models[model]
     ex = Exchange(
         runloop,
-        proxy.pool_of(app[SESSION]),
+        relay.pool_of(app[SESSION]),
         model=model,
         cfg=cfg,
         wanted=wanted,
         method=request.method,
         target=upstream_path(request.raw_path),
         content_type=content_type,
-        headers=proxy.upstream_headers(request.raw_headers, identity=False),
+        headers=relay.upstream_headers(request.raw_headers, identity=False),
         body=body,
     )
     track = ex.track = track_request(request, ex.req_id, model)
@@ -240,7 +239,7 @@ async def _serve_local(
             ex.granted(await acquire_with_preamble(ex, preamble))
             if preamble.response.prepared:
                 # Its headers are out and carry no Content-Encoding: ask for an unencoded body.
-                ex.headers = proxy.upstream_headers(request.raw_headers, identity=True)
+                ex.headers = relay.upstream_headers(request.raw_headers, identity=True)
             else:
                 preamble = None  # served at once: the upstream's own headers go out
         else:
@@ -248,7 +247,7 @@ async def _serve_local(
         track.granted()
         upstream = await ex.send()
         relaying = True
-        relayed = await proxy.relay(request, upstream, preamble.response if preamble else None, track.capture)
+        relayed = await relay.relay(request, upstream, preamble.response if preamble else None, track.capture)
         track.tail = relayed.tail
         if relayed.broken:
             track.outcome = "upstream_error"
@@ -291,14 +290,14 @@ async def handle_kind_route(request: web.Request, route: KindRoute) -> web.Strea
     raw_path, _, query = request.raw_path.partition("?")
     ex = Exchange(
         runloop,
-        proxy.pool_of(app[SESSION]),
+        relay.pool_of(app[SESSION]),
         model=route.model,
         cfg=runloop.config.models[route.model],
         wanted=wanted,
         method=route.method or request.method,
         target=route.target(raw_path, query),
         content_type=content_type,
-        headers=proxy.upstream_headers(request.raw_headers, identity=False),
+        headers=relay.upstream_headers(request.raw_headers, identity=False),
         body=body,
     )
     bus = app.get(EVENTS)
@@ -318,7 +317,7 @@ async def relay_plain(request: web.Request, ex: Exchange, track: RequestTrack) -
         track.granted()
         upstream = await ex.send()
         relaying = True
-        relayed = await proxy.relay(request, upstream, capture=track.capture)
+        relayed = await relay.relay(request, upstream, capture=track.capture)
         track.tail = relayed.tail
         if relayed.broken:
             track.outcome = "upstream_error"

@@ -129,7 +129,7 @@ class RequestHead:
     ``target`` is the path and query as sent (an absolute-form target reduced to them);
     ``headers`` are the fields as received, values without trailing blanks; ``forward`` is them as
     header lines minus what a proxy drops (``REQUEST_DROP``; for the names ``connection`` lists
-    besides, see ``proxy.upstream_headers``).
+    besides, see ``relay.upstream_headers``).
     """
 
     # Defaults on the class: a head sets only what it has (one per request, built in one pass).
