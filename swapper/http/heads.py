@@ -1,5 +1,5 @@
-"""The heads the front door writes on the wire: the request head it forwards to a child, the
-answer's head from the child's, the reason phrases; and the capturing relay sink.
+"""The heads the front door writes on the wire: the answer's head from the child's, the reason
+phrases; the capturing relay sink; and the query's fields, as aiohttp reads them.
 
 Owns: nothing mutable.
 """
@@ -12,13 +12,8 @@ from http import HTTPStatus
 from typing import Final
 from urllib.parse import parse_qsl
 
-from swapper.http import relay
 from swapper.observe.capture import Capture
-from swapper.wire.codec import (
-    PLAIN_CONNECTION,
-    RequestHead,
-    response_head,
-)
+from swapper.wire.codec import response_head
 from swapper.wire.h1pool import Response
 
 _BODILESS: Final = frozenset({204, 304})  # answers that never have a body
@@ -33,15 +28,7 @@ def _capturing(sink: Callable[[bytes, bool], None], capture: Capture) -> Callabl
     return relay
 
 
-def _forwarded(head: RequestHead) -> bytes:
-    """The header lines ``head`` goes upstream with."""
-    if head.connection in PLAIN_CONNECTION:
-        return head.forward
-    # Its Connection names more hop-by-hop headers (RFC 9110 §7.6.1).
-    return relay.upstream_headers(head.headers, identity=False, connection=head.connection)
-
-
-def _query(query: str) -> dict[str, str]:
+def query_fields(query: str) -> dict[str, str]:
     """The query's fields, the first value of each (as aiohttp's ``request.query.get`` gives)."""
     fields: dict[str, str] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):

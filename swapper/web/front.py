@@ -48,7 +48,7 @@ from aiohttp import web
 from swapper.core.errors import BadRequest, SwapperError, error_answer
 from swapper.http import modelid, relay
 from swapper.http.exchange import Exchange, outcome_of, upstream_path
-from swapper.http.heads import _answer_head, _forwarded, _query
+from swapper.http.heads import _answer_head, query_fields
 from swapper.observe.activity import TAIL
 from swapper.observe.events import EVENTS, EventBus
 from swapper.runtime.runloop import RunLoop
@@ -407,7 +407,7 @@ class FrontConn(AnswerWriter, asyncio.Protocol):
         config = runloop.config  # a reload replaces it; read it once per request
         self._origin = head.origin
         try:
-            query = _query(head.query) if head.query else {}
+            query = query_fields(head.query) if head.query else {}
             wanted = modelid.extract(head.method, head.content_type, body, query)
             if wanted.model and runloop.selection.wants_choice(wanted.model, config):
                 raise SwapperError("a pin, selector or peer model")  # aiohttp's path resolves it
@@ -427,7 +427,7 @@ class FrontConn(AnswerWriter, asyncio.Protocol):
             method=head.method,
             target=upstream_path(head.target),
             content_type=head.content_type,
-            headers=_forwarded(head),
+            headers=head.forwarded(),
             body=body,
         )
         ex.cut = self._cut
