@@ -1,5 +1,5 @@
 """The heads the front door writes on the wire: the answer's head from the child's, the reason
-phrases; the capturing relay sink; and the query's fields, as aiohttp reads them.
+phrases; and the capturing relay sink.
 
 Owns: nothing mutable.
 """
@@ -10,7 +10,6 @@ import contextlib
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Final
-from urllib.parse import parse_qsl
 
 from swapper.observe.capture import Capture
 from swapper.wire.codec import response_head
@@ -26,14 +25,6 @@ def _capturing(sink: Callable[[bytes, bool], None], capture: Capture) -> Callabl
         sink(data, last)
 
     return relay
-
-
-def query_fields(query: str) -> dict[str, str]:
-    """The query's fields, the first value of each (as aiohttp's ``request.query.get`` gives)."""
-    fields: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        fields.setdefault(name, value)
-    return fields
 
 
 def _answer_head(upstream: Response, close: bool) -> tuple[bytes, bool]:
