@@ -4,12 +4,12 @@ The front door (``web.front``) and aiohttp's handlers (``serve`` for inference, 
 passthrough) each receive requests their own way and write answers their own way (straight on
 the transport, or through an aiohttp response); everything between is this one flow:
 
-    the model (``target.resolve``: the body's name, then the config or the selection) → shape the
-    body for the model (at construction) → grant (``try_grant`` with no wait, or ``acquire``) →
-    send (``send_now`` on an idle pooled connection with no await, or ``send``) → if the child
-    refused the connection, restart it and send once more (``send``, the only place that
-    retries) → the receiver relays the answer → ``finish`` gives back the lease, the upstream and
-    the track.
+    the model (``modelid`` reads its name, ``target`` maps it with the config or the selection)
+    → shape the body for the model (at construction) → grant (``try_grant`` with no wait, or
+    ``acquire``) → send (``send_now`` on an idle pooled connection with no await, or ``send``)
+    → if the child refused the connection, restart it and send once more (``send``, the only
+    place that retries) → the receiver relays the answer → ``finish`` gives back the lease, the
+    upstream and the track.
 
 ``Exchange.open`` runs that flow for the front door as far as it goes with no wait, in one call:
 the front door hands it the head and body, and hears back only to write the answer (its
@@ -47,7 +47,7 @@ from swapper.core.errors import (
 from swapper.core.messages import Lease
 from swapper.http import modelid, relay, shaping
 from swapper.http.loading import wants_loading_state
-from swapper.http.target import query_fields, resolve
+from swapper.http.target import local_model, query_fields
 from swapper.observe.events import EventBus, RequestTrack
 from swapper.runtime.runloop import RunLoop
 from swapper.wire.codec import RequestHead
@@ -187,14 +187,14 @@ class Exchange:
         config = runloop.config  # a reload replaces it; read it once per request
         try:
             query = query_fields(head.query) if head.query else {}
-            target = resolve(runloop, config, head.method, head.content_type, body, query, local_only=True)
-            model = target.model
+            wanted = modelid.extract(head.method, head.content_type, body, query)
+            model = local_model(runloop, config, wanted)
             ex = cls(
                 runloop,
                 pool,
                 model=model,
                 cfg=config.models[model],
-                wanted=target.wanted,
+                wanted=wanted,
                 method=head.method,
                 target=upstream_path(head.target),
                 content_type=head.content_type,
@@ -205,7 +205,7 @@ class Exchange:
             return None
         ex.cut = cut
         if not ex.try_grant():
-            if target.wanted.stream and wants_loading_state(config, ex.cfg, head.path):
+            if wanted.stream and wants_loading_state(config, ex.cfg, head.path):
                 ex.drop()
                 return None
             ex.begin_track(bus, head.path, head.path)

@@ -5,9 +5,10 @@ name asks for it, the run loop's ``selection`` (profile pins, selectors, peer mo
 Owns: nothing mutable. A ``Target`` may hold a selector's reservation (its ``Choice``): whoever
 resolved it calls ``release`` in ``finally``.
 
-One resolution for every receiver: the front door resolves with ``local_only`` (a name the
-selection must resolve goes to aiohttp's path, which can hold a reservation across awaits and
-forward to a peer), aiohttp's handler without.
+One resolution for every receiver: the front door takes ``local_model`` (a name the selection
+must resolve goes to aiohttp's path, which can hold a reservation across awaits and forward to a
+peer), aiohttp's handler ``resolve``; both read the name with ``modelid`` and map it with
+``choose_model``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from swapper.core.states import State
 from swapper.http import modelid, shaping
 from swapper.runtime.runloop import RunLoop
 
-__all__ = ["Target", "choose_model", "listed_ids", "query_fields", "resolve"]
+__all__ = ["Target", "choose_model", "listed_ids", "local_model", "query_fields", "resolve"]
 
 NO_FILTERS = Filters()
 
@@ -43,6 +44,15 @@ class Target:
             self.choice.release()
 
 
+def local_model(runloop: RunLoop, config: Config, wanted: modelid.RequestModel) -> str:
+    """The local model ``wanted`` names (the front door's resolution: no ``Target`` to build);
+    raises ``SwapperError`` for an unknown name, and for any name the selection must resolve."""
+    name = wanted.model
+    if name and runloop.selection.wants_choice(name, config):
+        raise SwapperError("a pin, selector or peer model")  # aiohttp's path resolves it
+    return choose_model(name, config, runloop)
+
+
 def resolve(
     runloop: RunLoop,
     config: Config,
@@ -50,18 +60,13 @@ def resolve(
     content_type: str | None,
     body: bytes,
     query: Mapping[str, str],
-    *,
-    local_only: bool = False,
 ) -> Target:
     """The request's target; raises ``SwapperError`` (``BadRequest`` for a body that cannot be
-    read, 404 for an unknown name, 503 for a selector with no target; with ``local_only``, for
-    any name the selection must resolve)."""
+    read, 404 for an unknown name, 503 for a selector with no target)."""
     wanted = modelid.extract(method, content_type, body, query)
     name = wanted.model
     if not name or not runloop.selection.wants_choice(name, config):
         return Target(choose_model(name, config, runloop), wanted, body)
-    if local_only:
-        raise SwapperError("a pin, selector or peer model")  # aiohttp's path resolves it
     states = {m: snap.status.state for m, snap in runloop.snapshot().items()}
     choice = runloop.selection.choose(name, config, states)
     try:
