@@ -239,7 +239,7 @@ async def test_loading_state_streams_go_to_aiohttp(aiohttp_client: ClientFactory
     conn = await Conn.open(client)
     status, _, body = await conn.ask(chat(stream=True, max_tokens=2))
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
-    assert b"reasoning_content" in body  # the loading state, streamed by routes.LoadingStream
+    assert b"reasoning_content" in body  # the loading state, streamed by http.loading.LoadingStream
     assert (front.served, front.handed) == (0, 1)
     conn.close()
 
