@@ -239,9 +239,25 @@ async def test_loading_state_streams_go_to_aiohttp(aiohttp_client: ClientFactory
     conn = await Conn.open(client)
     status, _, body = await conn.ask(chat(stream=True, max_tokens=2))
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
-    assert b"reasoning_content" in body  # the loading state, streamed by routes.LoadingStream
+    assert b"reasoning_content" in body  # the loading state, streamed by http.loading.LoadingStream
     assert (front.served, front.handed) == (0, 1)
     conn.close()
+
+
+async def test_a_stream_handed_to_aiohttp_leaves_no_deadline_behind(aiohttp_client: ClientFactory) -> None:
+    """A request the front door hands to aiohttp after looking at it holds nothing there: no
+    lease, and no ``timeouts.request`` timer that would fire later on a request it never served."""
+    config = ops_config({"m": "--load-delay 0.6"}, "sendLoadingState: true", m="timeouts: {request: 0.3}")
+    client = await aiohttp_client(make_app(config))
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    conn = await Conn.open(client)
+    # aiohttp's own deadline (armed after the front door's would have been) ends the stream.
+    status, _, body = await conn.ask(chat(stream=True, max_tokens=2))
+    conn.close()
+    assert status == 200 and b"timeouts.request" in body
+    assert front_of(client).handed == 1
+    assert errors == []
 
 
 async def test_refusals_while_waiting_are_rendered_by_the_front_door(aiohttp_client: ClientFactory) -> None:

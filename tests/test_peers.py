@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from swapper.app.server import make_app
 from swapper.config.load import parse_config
 from swapper.web.routes import RUNLOOP
+from tests import rawhttp
 from tests.test_swapping import ClientFactory, chat, fake_config, free_port
 
 BACK_KEY = "sk-back"
@@ -71,6 +72,47 @@ async def test_a_peer_model_is_forwarded_with_the_peers_key(aiohttp_client: Clie
     assert json.loads(base64.b64decode(echo["body_b64"]))["model"] == "m"
     headers = {k.lower(): v for k, v in echo["headers"].items()}
     assert headers["authorization"] == f"Bearer {BACK_KEY}" and headers["x-api-key"] == BACK_KEY
+
+
+async def test_hop_by_hop_headers_stop_at_swapper_on_the_way_to_a_peer_and_back(
+    aiohttp_client: ClientFactory,
+) -> None:
+    """The fixed hop-by-hop list and whatever a Connection value names (RFC 9110 §7.6.1) go no
+    further than swapper, toward a peer and back from it; end-to-end headers pass."""
+    heads: list[bytes] = []
+    body = b'{"ok": true}'
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = await rawhttp.read_request(reader)
+        assert got is not None
+        heads.append(got[0])
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive, X-Hop\r\n"
+            b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authentication-Info: a\r\nX-End: kept\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(peer, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        front = await front_swapper(
+            aiohttp_client, f"peers:\n  raw:\n    proxy: http://127.0.0.1:{port}\n    models: [m]\n"
+        )
+        conn = await rawhttp.Conn.open(front)
+        hops = "Connection: keep-alive, X-Drop\r\nX-Drop: 1\r\nTE: trailers\r\n"
+        hops += "Proxy-Authorization: Basic eA==\r\n"
+        status, headers, got = await conn.ask(rawhttp.chat("raw/m", extra_headers=hops + "X-End: kept\r\n"))
+        conn.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (status, got) == (200, body)
+    sent = {line.split(b":")[0].lower() for line in heads[0].split(b"\r\n")[1:] if line}
+    assert b"x-end" in sent and not sent & {b"x-drop", b"te", b"proxy-authorization"}, sent
+    assert headers["x-end"] == "kept"
+    assert not headers.keys() & {"x-hop", "keep-alive", "proxy-authentication-info"}, headers
 
 
 async def test_a_peer_streams(aiohttp_client: ClientFactory) -> None:

@@ -23,8 +23,7 @@ import structlog
 from aiohttp import web
 
 from swapper import __version__
-from swapper.app import check
-from swapper.app.reload import watch_config as watch
+from swapper.app import check, reload
 from swapper.app.sdnotify import Notifier
 from swapper.app.server import make_app
 from swapper.app.site import FrontSite
@@ -133,7 +132,7 @@ async def _serve_app(
             watcher = None
             if sources is not None:
                 runloop = app[RUNLOOP]
-                watcher = tasks.create_task(watch(sources, runloop, hup, poll=watch_config))
+                watcher = tasks.create_task(reload.watch_config(sources, runloop, hup, poll=watch_config))
             await stop.wait()
             log.info("shutting down", shutdown_timeout=grace)
             # What is still in flight when the grace runs out is cut: name it.

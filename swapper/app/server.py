@@ -16,8 +16,7 @@ from aiohttp import web
 
 from swapper.app import preload
 from swapper.config.schema import Config
-from swapper.http import cors, peers
-from swapper.http import relay as proxy
+from swapper.http import cors, peers, relay
 from swapper.observe import modelinfo
 from swapper.observe.events import EVENTS
 from swapper.observe.logs import LogHub
@@ -62,8 +61,8 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
 
 
 async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
-    session = proxy.make_session()
-    runloop = RunLoop(app[CONFIG], session, logs=app[LOGS], events=app[EVENTS], pool=proxy.pool_of(session))
+    session = relay.make_session()
+    runloop = RunLoop(app[CONFIG], session, logs=app[LOGS], events=app[EVENTS], pool=relay.pool_of(session))
     app[SESSION] = session
     app[RUNLOOP] = runloop
     app[MODEL_INFO].attach(lambda: runloop.config, session)

@@ -1,6 +1,6 @@
-"""One model request from grant to release: the exchange (lease, track, upstream
-connection), the relay of its answer, the body's model id, request shaping, the loading
-stream.
+"""One model request from its body to its release: which model it is for (target, modelid), the
+exchange (shaping, lease, track, upstream connection), aiohttp's side of it (serve), the relay
+of its answer, request shaping, the loading stream, peers.
 
 Owns: each request's exchange.
 May import: runtime, observe, core, planners, memory, config, wire.

@@ -37,7 +37,7 @@ ORIGINS = web.AppKey("cors_origins", tuple)
 
 
 class Relayed:
-    """Marks a response class relayed from a model (``proxy``): its CORS headers are the model's."""
+    """Marks a response class relayed from a model (``relay``): its CORS headers are the model's."""
 
 
 def allow_origin(origins: tuple[str, ...], origin: str | None) -> str | None:

@@ -1,13 +1,19 @@
-"""One model request, from its grant to its release, whichever server received it.
+"""One model request, from its parsed head and body to its release, whichever server received it.
 
-The front door (``front``), aiohttp's inference handler (``routes``) and the ``/upstream``
-passthrough (``upstream``) each receive requests their own way and write answers their own way
-(straight on the transport, or through an aiohttp response); everything between is this one flow:
+The front door (``web.front``) and aiohttp's handlers (``serve`` for inference, the ``/upstream``
+passthrough) each receive requests their own way and write answers their own way (straight on
+the transport, or through an aiohttp response); everything between is this one flow:
 
-    grant (``try_grant`` with no wait, or ``acquire``) → shape the body for the model (``granted``)
-    → send (``send_now`` on an idle pooled connection with no await, or ``send``) → if the child
-    refused the connection, restart it and send once more (``send``, the only place that retries)
-    → the receiver relays the answer → ``finish`` gives back the lease, the upstream and the track.
+    the model (``modelid`` reads its name, ``target`` maps it with the config or the selection)
+    → shape the body for the model (at construction) → grant (``try_grant`` with no wait, or
+    ``acquire``) → send (``send_now`` on an idle pooled connection with no await, or ``send``)
+    → if the child refused the connection, restart it and send once more (``send``, the only
+    place that retries) → the receiver relays the answer → ``finish`` gives back the lease, the
+    upstream and the track.
+
+``Exchange.open`` runs that flow for the front door as far as it goes with no wait, in one call:
+the front door hands it the head and body, and hears back only to write the answer (its
+``progress`` callback) or to end a cut request (``cut``).
 
 Owns: what one request holds: its lease, its ``RequestTrack`` (metrics and ``/api/events``), and
 the upstream connection or response. ``finish`` is idempotent and always runs once the request
@@ -25,6 +31,7 @@ import functools
 import time
 from collections.abc import Callable
 
+import structlog
 from yarl import URL
 
 from swapper.config.schema import ModelConfig
@@ -38,13 +45,17 @@ from swapper.core.errors import (
     UpstreamRefused,
 )
 from swapper.core.messages import Lease
-from swapper.http import modelid, shaping
-from swapper.http import relay as proxy
+from swapper.http import modelid, relay, shaping
+from swapper.http.loading import wants_loading_state
+from swapper.http.target import local_model, query_fields
 from swapper.observe.events import EventBus, RequestTrack
 from swapper.runtime.runloop import RunLoop
+from swapper.wire.codec import RequestHead
 from swapper.wire.h1pool import Connection, H1Pool, Response
 
 __all__ = ["Exchange", "outcome_of", "upstream_path"]
+
+log = structlog.get_logger("swapper.http.exchange")
 
 
 def upstream_path(path: str) -> str:
@@ -105,7 +116,9 @@ class Exchange:
     ) -> None:
         """``target``: the path and query to send upstream, appended to the lease's base URL.
         ``wanted``: the model as the body named it, for shaping (None: the body goes verbatim,
-        as ``/upstream`` sends it). ``headers``: the header lines to send (``proxy.upstream_headers``)."""
+        as ``/upstream`` sends it). ``headers``: the header lines to send (``relay.upstream_headers``).
+        Raises ``BadRequest`` for a body that cannot be shaped for the model (before any grant:
+        a request that cannot be sent loads nothing)."""
         self.runloop = runloop
         self.pool = pool
         self.model = model
@@ -124,7 +137,19 @@ class Exchange:
         self.sent: Connection | None = None  # sent with send_now, no response head yet
         self.upstream: Response | None = None
         self.url = _NO_URL
-        self.out = b""  # the body as it goes upstream
+        # The body as it goes upstream.
+        self.out = (
+            body
+            if wanted is None
+            else shaping.rewrite_body(
+                content_type,
+                body,
+                model_name=cfg.use_model_name,
+                filters=cfg.filters,
+                requested=wanted.model or model,
+                is_json=wanted.is_json,
+            )
+        )
         self.started = 0.0  # perf_counter when it last went upstream
         self.finished = False
         # Why swapper cut it (set by ``cancel``): what its client is told, if it can still be.
@@ -136,6 +161,71 @@ class Exchange:
         if (limit := cfg.timeouts.request) > 0:
             err = GatewayTimeout(f"model {model!r}: no complete answer within {limit:g}s (timeouts.request)")
             self.deadline = asyncio.get_running_loop().call_later(limit, self.cancel, err)
+
+    @classmethod
+    def open(
+        cls,
+        runloop: RunLoop,
+        pool: H1Pool,
+        bus: EventBus,
+        head: RequestHead,
+        body: bytes,
+        progress: Callable[[Exchange], None],
+        cut: Callable[[Exchange], None],
+    ) -> Exchange | None:
+        """The front door's request, from its parsed head and body, as far as it goes with no wait.
+
+        Resolved to its local model, shaped, granted and sent when the model can serve at once
+        and a pooled connection is idle (then ``sent``; ``progress(ex)`` is called as the answer
+        arrives); else it waits for its grant (``lease`` None) or a connection, in the receiver's
+        task. ``finished`` already: sending failed (logged; the receiver closes the connection).
+        None, with nothing held, when aiohttp's path must serve it: a name the selection resolves
+        (pins, selectors, peers), an unknown name, a body that cannot be read or shaped, or a
+        stream that must wait while ``sendLoadingState`` is on (aiohttp's path streams it).
+        ``cut(ex)`` ends a request that has no task when its model is stopped under it.
+        """
+        config = runloop.config  # a reload replaces it; read it once per request
+        try:
+            query = query_fields(head.query) if head.query else {}
+            wanted = modelid.extract(head.method, head.content_type, body, query)
+            model = local_model(runloop, config, wanted)
+            ex = cls(
+                runloop,
+                pool,
+                model=model,
+                cfg=config.models[model],
+                wanted=wanted,
+                method=head.method,
+                target=upstream_path(head.target),
+                content_type=head.content_type,
+                headers=head.forwarded(),
+                body=body,
+            )
+        except SwapperError:
+            return None
+        ex.cut = cut
+        if not ex.try_grant():
+            if wanted.stream and wants_loading_state(config, ex.cfg, head.path):
+                ex.drop()
+                return None
+            ex.begin_track(bus, head.path, head.path)
+            return ex
+        try:
+            ex.send_now(lambda: progress(ex))
+        except Exception:
+            log.exception("sending failed", path=head.path)
+            ex.begin_track(bus, head.path, head.path)
+            ex.finish()
+            return ex
+        # Tracked once the request is on its way upstream: the answer waits for none of this.
+        ex.begin_track(bus, head.path, head.path).granted()
+        return ex
+
+    def drop(self) -> None:
+        """Forgets a request that was never granted nor tracked (handed to another path)."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
     def begin_track(self, bus: EventBus, route: str, path: str) -> RequestTrack:
         self.track = bus.track(self.req_id, self.model, route, self.method, path)
@@ -159,23 +249,10 @@ class Exchange:
         return await self.runloop.acquire(self.req_id, self.model, on_wait=on_wait, holder=self)
 
     def granted(self, lease: Lease) -> None:
-        """``lease`` is in hand: what goes upstream follows from it (a reacquire's new one too).
-        Raises ``BadRequest`` for a body that cannot be shaped."""
+        """``lease`` is in hand: where the request goes follows from it (a reacquire's new one too)."""
         self.lease = lease
         self.req_id = lease.req_id
         self.url = _url(lease.base_url + self.target)
-        wanted, cfg = self.wanted, self.cfg
-        if wanted is None:
-            self.out = self.body
-            return
-        self.out = shaping.rewrite_body(
-            self.content_type,
-            self.body,
-            model_name=cfg.use_model_name,
-            filters=cfg.filters,
-            requested=wanted.model or lease.model,
-            is_json=wanted.is_json,
-        )
 
     # ---- sending ----
 
@@ -199,14 +276,14 @@ class Exchange:
         connect = self.cfg.timeouts.connect
         self._arm_head_timer()
         try:
-            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out, connect)
+            upstream = await relay.send(self.pool, self.method, self.url, self.headers, self.out, connect)
         except UpstreamRefused:
             assert self.lease is not None
             self._disarm_head_timer()  # a restart is a load, not the child's answer time
             self.granted(await self.runloop.reacquire(self.lease, self))
             self.started = time.perf_counter()
             self._arm_head_timer()
-            upstream = await proxy.send(self.pool, self.method, self.url, self.headers, self.out, connect)
+            upstream = await relay.send(self.pool, self.method, self.url, self.headers, self.out, connect)
         self.answered(upstream, time.perf_counter())
         return upstream
 

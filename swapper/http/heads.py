@@ -1,5 +1,5 @@
-"""The heads the front door writes on the wire: the request head it forwards to a child, the
-answer's head from the child's, the reason phrases; and the capturing relay sink.
+"""The heads the front door writes on the wire: the answer's head from the child's, the reason
+phrases; and the capturing relay sink.
 
 Owns: nothing mutable.
 """
@@ -10,15 +10,9 @@ import contextlib
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Final
-from urllib.parse import parse_qsl
 
-from swapper.http import relay as proxy
 from swapper.observe.capture import Capture
-from swapper.wire.codec import (
-    PLAIN_CONNECTION,
-    RequestHead,
-    response_head,
-)
+from swapper.wire.codec import response_head
 from swapper.wire.h1pool import Response
 
 _BODILESS: Final = frozenset({204, 304})  # answers that never have a body
@@ -31,22 +25,6 @@ def _capturing(sink: Callable[[bytes, bool], None], capture: Capture) -> Callabl
         sink(data, last)
 
     return relay
-
-
-def _forwarded(head: RequestHead) -> bytes:
-    """The header lines ``head`` goes upstream with."""
-    if head.connection in PLAIN_CONNECTION:
-        return head.forward
-    # Its Connection names more hop-by-hop headers (RFC 9110 §7.6.1).
-    return proxy.upstream_headers(head.headers, identity=False, connection=head.connection)
-
-
-def _query(query: str) -> dict[str, str]:
-    """The query's fields, the first value of each (as aiohttp's ``request.query.get`` gives)."""
-    fields: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        fields.setdefault(name, value)
-    return fields
 
 
 def _answer_head(upstream: Response, close: bool) -> tuple[bytes, bool]:

@@ -23,11 +23,20 @@ from typing import Literal
 
 from aiohttp import web
 
+from swapper.config.schema import Config, ModelConfig
 from swapper.core.errors import SwapperError
 from swapper.core.messages import Lease
 
 Mode = Literal["reasoning", "comments"]
 TICK_SECONDS = 1.0
+
+
+def wants_loading_state(config: Config, cfg: ModelConfig, path: str) -> bool:
+    """Whether a streamed request to ``cfg``'s model that must wait is shown the loading state:
+    status text as reasoning deltas only fits chat completions; comments fit any SSE."""
+    if not cfg.send_loading_state:
+        return False
+    return config.loading_state_mode == "comments" or path.endswith("/chat/completions")
 
 
 class LoadingStream:

@@ -31,26 +31,9 @@ from swapper.http import shaping
 from swapper.http.exchange import upstream_path
 from swapper.http.modelid import RequestModel
 from swapper.observe.events import EVENTS, EventBus
+from swapper.wire.codec import HOP_BY_HOP, REQUEST_DROP, connection_of, kept_fields
 
 log = structlog.get_logger("swapper.http.peers")
-
-# Hop-by-hop and framing headers: never forwarded either way (RFC 9110 §7.6.1).
-_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "expect",
-    }
-)
 
 
 class PeerClient:
@@ -87,12 +70,18 @@ async def peers_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
+def _kept(raw: tuple[tuple[bytes, bytes], ...], drop: frozenset[bytes]) -> list[tuple[str, str]]:
+    """``raw`` minus ``drop`` and the names its Connection lists (``codec.kept_fields``), decoded
+    as aiohttp decodes headers."""
+    return [
+        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        for name, value in kept_fields(raw, connection_of(raw), drop)
+    ]
+
+
 def _headers(request: web.Request, peer: PeerConfig) -> CIMultiDict[str]:
-    named = {v.strip().lower() for v in request.headers.getall(hdrs.CONNECTION, ()) for v in v.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
-        if name.lower() not in _HOP and name.lower() not in named:
-            out.add(name, value)
+    # Never Host, Content-Length or Expect either: the client session writes its own.
+    out = CIMultiDict(_kept(request.raw_headers, REQUEST_DROP))
     if peer.api_key:  # the peer's key replaces the client's (which was for this swapper)
         out[hdrs.AUTHORIZATION] = f"Bearer {peer.api_key}"
         out["x-api-key"] = peer.api_key
@@ -189,9 +178,8 @@ def _route(request: web.Request) -> str:
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    for name, value in upstream.headers.items():
-        if name.lower() not in _HOP or name.lower() == "content-length":
-            resp.headers.add(name, value)
+    for name, value in _kept(upstream.raw_headers, HOP_BY_HOP):  # its Content-Length stays
+        resp.headers.add(name, value)
     if upstream.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
         resp.headers["X-Accel-Buffering"] = "no"  # a proxy in front must not buffer SSE
     try:

@@ -40,7 +40,14 @@ from swapper.core.errors import GatewayTimeout, SwapperError, UpstreamError, Ups
 from swapper.http import cors
 from swapper.observe.activity import TAIL_CHUNKS, tail_of
 from swapper.observe.capture import Capture
-from swapper.wire.codec import HOP_BY_HOP, RECHUNKED_DROP, REQUEST_DROP, forwardable, kept_fields
+from swapper.wire.codec import (
+    HOP_BY_HOP,
+    RECHUNKED_DROP,
+    REQUEST_DROP,
+    connection_of,
+    forwardable,
+    kept_fields,
+)
 from swapper.wire.h1pool import ConnectFailed, Disconnected, H1Pool, Response
 
 __all__ = [
@@ -125,19 +132,15 @@ def pool_of(session: aiohttp.ClientSession) -> H1Pool:
     if not isinstance(connector, _Connector):
         if connector is None:  # closed: swapper is shutting down
             raise UpstreamError("the upstream session is closed")
-        raise TypeError("the session must come from proxy.make_session()")
+        raise TypeError("the session must come from relay.make_session()")
     return connector.h1pool
 
 
-def upstream_headers(
-    incoming: Sequence[tuple[bytes, bytes]], *, identity: bool, connection: bytes | None = None
-) -> bytes:
+def upstream_headers(incoming: Sequence[tuple[bytes, bytes]], *, identity: bool) -> bytes:
     """The header lines of the client's headers to send upstream: minus hop-by-hop ones (also those
-    named in its ``Connection`` values: ``connection`` when the caller has them comma-joined),
-    Host, Content-Length and Expect. ``identity`` asks for an unencoded body (for a caller whose
-    own headers carry no encoding)."""
-    if connection is None:
-        connection = b", ".join(value for name, value in incoming if name.lower() == b"connection")
+    named in its ``Connection`` values), Host, Content-Length and Expect (``codec.REQUEST_DROP``).
+    ``identity`` asks for an unencoded body (for a caller whose own headers carry no encoding)."""
+    connection = connection_of(incoming)
     if identity:
         return forwardable(incoming, connection, _IDENTITY_DROP) + b"Accept-Encoding: identity\r\n"
     return forwardable(incoming, connection, REQUEST_DROP)

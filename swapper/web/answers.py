@@ -14,8 +14,7 @@ from dataclasses import replace
 from typing import Final, Protocol
 
 from swapper.core.errors import Answer, SwapperError, UpstreamError, error_answer, sse_error_event
-from swapper.http import cors
-from swapper.http import relay as proxy
+from swapper.http import cors, relay
 from swapper.http.exchange import Exchange, outcome_of
 from swapper.http.heads import _BODILESS, _answer_head, _capturing, _reason
 from swapper.observe.activity import TAIL_CHUNKS, tail_of
@@ -92,7 +91,7 @@ class AnswerWriter:
             # body is still a clean 502.
             try:
                 first = await upstream.readany()
-            except proxy.UPSTREAM_READ_ERRORS as exc:
+            except relay.UPSTREAM_READ_ERRORS as exc:
                 err = UpstreamError(f"upstream broke before sending a body: {exc!r}")
                 return self._end_with(self._track_of(), err)
         if bodiless:
@@ -115,7 +114,7 @@ class AnswerWriter:
             upstream.pause_reading(True)
         try:
             await upstream.wait_done()
-        except proxy.UPSTREAM_READ_ERRORS as exc:
+        except relay.UPSTREAM_READ_ERRORS as exc:
             # A stream ends with an error event and a proper end; any other truncated body must
             # not look complete: the client connection is dropped (as nginx and Go's ReverseProxy do).
             return self._end_with(self._track_of(), UpstreamError(f"upstream broke mid-answer: {exc!r}"))

@@ -46,10 +46,9 @@ import structlog
 from aiohttp import web
 
 from swapper.core.errors import BadRequest, SwapperError, error_answer
-from swapper.http import modelid
-from swapper.http import relay as proxy
-from swapper.http.exchange import Exchange, outcome_of, upstream_path
-from swapper.http.heads import _answer_head, _forwarded, _query
+from swapper.http import relay
+from swapper.http.exchange import Exchange, outcome_of
+from swapper.http.heads import _answer_head
 from swapper.observe.activity import TAIL
 from swapper.observe.events import EVENTS, EventBus
 from swapper.runtime.runloop import RunLoop
@@ -61,8 +60,6 @@ from swapper.web.routes import (
     CONFIG,
     RUNLOOP,
     SESSION,
-    choose_model,
-    wants_loading_state,
 )
 from swapper.wire.codec import (
     CHUNK_END,
@@ -123,7 +120,7 @@ class Front:
         parts = self._parts
         if parts is None:
             app = self.app
-            parts = self._parts = (app[RUNLOOP], proxy.pool_of(app[SESSION]), app[EVENTS])
+            parts = self._parts = (app[RUNLOOP], relay.pool_of(app[SESSION]), app[EVENTS])
         return parts
 
     def sweep(self) -> None:
@@ -397,68 +394,30 @@ class FrontConn(AnswerWriter, asyncio.Protocol):
         """Serves a model request: inline while everything goes the common way, else in a task.
 
         Inline means no task, no future and no await: the grant, the upstream write on a pooled
-        connection, and (in the upstream's ``data_received``) the answer, when it is a sized one
-        that arrived whole. That is most requests to a ready model, and a task's creation and
-        wake-ups cost about as much CPU as the rest of the proxy's Python. At the first step that
-        must wait (a load or queue, a new upstream connection, a retry, a streamed or partial
-        body), the rest of the request moves to a task (``_forward``).
+        connection (both in ``Exchange.open``), and (in the upstream's ``data_received``) the
+        answer, when it is a sized one that arrived whole. That is most requests to a ready model,
+        and a task's creation and wake-ups cost about as much CPU as the rest of the proxy's
+        Python. At the first step that must wait (a load or queue, a new upstream connection, a
+        retry, a streamed or partial body), the rest of the request moves to a task (``_forward``).
         """
         front = self._front
-        runloop, pool, bus = front.parts()
-        config = runloop.config  # a reload replaces it; read it once per request
-        self._origin = head.origin
-        try:
-            query = _query(head.query) if head.query else {}
-            wanted = modelid.extract(head.method, head.content_type, body, query)
-            if wanted.model and runloop.selection.wants_choice(wanted.model, config):
-                raise SwapperError("a pin, selector or peer model")  # aiohttp's path resolves it
-            model = choose_model(wanted.model, config, runloop)
-            if front.keys and not self._key_ok(head):
-                raise SwapperError("unauthorized")  # aiohttp's middleware answers and logs it
-        except SwapperError:
-            self._hand_off(head_bytes + body)
+        if front.keys and not self._key_ok(head):
+            self._hand_off(head_bytes + body)  # aiohttp's middleware answers and logs it
             return
-        cfg = config.models[model]
-        ex = Exchange(
-            runloop,
-            pool,
-            model=model,
-            cfg=cfg,
-            wanted=wanted,
-            method=head.method,
-            target=upstream_path(head.target),
-            content_type=head.content_type,
-            headers=_forwarded(head),
-            body=body,
-        )
-        ex.cut = self._cut
-        granted = ex.try_grant()
-        if not granted and wanted.stream and wants_loading_state(config, cfg, head.path):
-            # It has to wait, and aiohttp's path streams the loading state.
+        self._origin = head.origin
+        runloop, pool, bus = front.parts()
+        ex = Exchange.open(runloop, pool, bus, head, body, self._progress, self._cut)
+        if ex is None:
             self._hand_off(head_bytes + body)
             return
         front.served += 1
         self._exchange = ex
         self._keep = head.keep_alive
-        if not granted:
-            ex.begin_track(bus, head.path, head.path)
-            self._in_task(ex)
-            return
-        failure = None
-        try:
-            sent = ex.send_now(lambda: self._progress(ex))
-        except Exception as exc:
-            failure = exc
-        # Tracked once the request is on its way upstream: the answer waits for none of this.
-        ex.begin_track(bus, head.path, head.path).granted()
-        if failure is None:
-            if not sent:
-                self._in_task(ex)  # no idle upstream connection
-        elif isinstance(failure, SwapperError):  # the body could not be shaped for the model
-            self._end_inline(ex, failure)
-        else:
-            log.error("front door failed", path=head.path, exc_info=failure)
-            self._cut(ex)
+        if ex.sent is None:
+            if ex.finished:
+                self._done(ex, False)  # it could not be sent
+            else:
+                self._in_task(ex)  # it waits for its grant or for a connection
 
     def _progress(self, ex: Exchange) -> None:
         """The inline request's upstream connection moved on (``H1Pool.send_now``)."""
@@ -477,8 +436,8 @@ class FrontConn(AnswerWriter, asyncio.Protocol):
                 return  # the head is still arriving
             ex.sent = None
             sent.abandon()
-            # Never sent again: it was written, so the child may have read it (proxy.send).
-            self._end_inline(ex, proxy.failed_before_response(exc, ex.url))
+            # Never sent again: it was written, so the child may have read it (relay.send).
+            self._end_inline(ex, relay.failed_before_response(exc, ex.url))
             return
         arrived = time.perf_counter()
         ex.sent = None

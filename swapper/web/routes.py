@@ -1,14 +1,14 @@
-"""HTTP handlers: the per-request flow, and the admin endpoints.
+"""HTTP handlers: the inference routes' table, and the admin endpoints.
 
-Owns: nothing mutable. A model request reads its body once (bounded), finds its model id, asks
-the run loop for a lease, forwards the bytes, and always releases in ``finally``. Admin routes read
-the run loop's advisory snapshot or post messages to it; they never touch children or the
+Owns: nothing mutable. A model request that reaches aiohttp has its body read here (bounded) and
+is handed once to ``http.serve``, the same flow as the front door's: its model resolved, a
+lease, the bytes forwarded, the answer relayed, the lease released in ``finally``. Admin routes
+read the run loop's advisory snapshot or post messages to it; they never touch children or the
 scheduler directly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -17,29 +17,16 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from swapper.config.kindroutes import KindRoute
-from swapper.config.schema import Config, Filters, ModelConfig
-from swapper.core.errors import (
-    Answer,
-    BadRequest,
-    BodyTooLarge,
-    ModelNotFound,
-    ModelRequired,
-    NotFound,
-    SwapperError,
-    error_answer,
-)
-from swapper.core.messages import Lease
+from swapper.config.schema import Config
+from swapper.core.errors import Answer, BodyTooLarge, ModelNotFound, NotFound, SwapperError
 from swapper.core.states import State
-from swapper.http import cors, modelid, peers, shaping
-from swapper.http import relay as proxy
-from swapper.http.exchange import Exchange, outcome_of, upstream_path
-from swapper.http.loading import LoadingStream, wait_with_preamble
-from swapper.observe.events import EVENTS, RequestTrack, track_request
+from swapper.http import cors, serve
+from swapper.http.serve import answer_response as answer_response
+from swapper.http.serve import error_response as error_response
 from swapper.observe.modelinfo import ModelInfo
 from swapper.runtime.runloop import RunLoop
 from swapper.web.catalog import model_list
 
-NO_FILTERS = Filters()
 CONFIG = web.AppKey("config", Config)
 RUNLOOP = web.AppKey("runloop", RunLoop)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -100,56 +87,6 @@ QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props", "/slots", "/lor
 PATTERN_ROUTES = ("/slots/{id_slot}",)  # POST ?action=save|restore|erase
 
 
-def error_response(err: SwapperError) -> web.Response:
-    return answer_response(error_answer(err))
-
-
-def answer_response(answer: Answer) -> web.Response:
-    """``answer`` as aiohttp's response (the front door writes the same bytes itself)."""
-    return web.Response(
-        status=answer.status,
-        body=answer.body,
-        content_type=answer.content_type,
-        charset=answer.charset,
-        headers=answer.headers,
-    )
-
-
-def choose_model(name: str | None, config: Config, runloop: RunLoop) -> str:
-    """Maps the requested name (id or alias) to a model id, or picks one for a bare request.
-
-    Clients written for a single llama-server often send no model at all: those go to
-    ``defaultModel``, else to the only configured model, else to the only loaded one. They also
-    send names llama-server ignores (``gpt-3.5-turbo``): an unknown name goes to the only
-    configured model, or to ``defaultModel`` with ``routeUnknownModels``; otherwise it is a 404
-    that lists the ids there are.
-    """
-    if name:
-        model = config.resolve(name)
-        if model is not None:
-            return model
-        if len(config.models) == 1:
-            return next(iter(config.models))
-        if config.route_unknown_models and config.default_model is not None:
-            return config.default_model
-        raise ModelNotFound(f"model '{name}' not found; models: {', '.join(listed_ids(config))}")
-    if config.default_model is not None:
-        return config.default_model
-    if len(config.models) == 1:
-        return next(iter(config.models))
-    loaded = [
-        m for m, snap in runloop.snapshot().items() if snap.status.state in (State.READY, State.STARTING)
-    ]
-    if len(loaded) == 1:
-        return loaded[0]
-    raise ModelRequired("no model in the request: send a 'model' field (or ?model=), or set defaultModel")
-
-
-def listed_ids(config: Config) -> list[str]:
-    """The ids ``/v1/models`` lists, sorted (what a 404 for an unknown name offers instead)."""
-    return sorted(mid for mid, cfg in config.models.items() if not cfg.unlisted)
-
-
 async def read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
@@ -159,221 +96,27 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def handle_model_request(request: web.Request) -> web.StreamResponse:
-    """A model request that reached aiohttp (the front door serves most of them; see ``front``).
-
-    A name that is no local id or alias, or that the active profile pins, is resolved first
-    (``selection``): profile pin, selector, local model, peer model.
-    """
+    """A model request that reached aiohttp (the front door serves most of them; see ``front``):
+    its body read here, then served by ``http.serve``, the same flow as the front door's."""
     app = request.app
     runloop = app[RUNLOOP]
-    config = runloop.config  # a reload replaces it; read it once per request
-    if config.routes and (route := config.routes.match(request.path)) is not None:
+    if runloop.config.routes and (route := runloop.config.routes.match(request.path)) is not None:
         return await handle_kind_route(request, route)
-    choice = None
     try:
         body = await read_body(request)
-        content_type = request.headers.get("Content-Type")
-        wanted = modelid.extract(request.method, content_type, body, request.query)
-        name = wanted.model
-        if name and runloop.selection.wants_choice(name, config):
-            states = {m: snap.status.state for m, snap in runloop.snapshot().items()}
-            choice = runloop.selection.choose(name, config, states)
-            if choice.peer is not None:
-                peer = config.fleet.peers[choice.peer.peer]
-                return await peers.forward(
-                    request,
-                    body,
-                    content_type,
-                    wanted,
-                    peer,
-                    choice.peer,
-                    choice.name,
-                    runloop.new_request_id(),
-                    selector=choice.selector,
-                )
-            if choice.name != name:  # the client's name for it is a pin or a selector
-                body = shaping.rewrite_body(
-                    content_type, body, model_name=choice.name, filters=NO_FILTERS, requested=name
-                )
-                wanted = modelid.extract(request.method, content_type, body, request.query)
-        model = choice.local if choice is not None and choice.local else choose_model(name, config, runloop)
-        selector = choice.selector if choice is not None else None
-        return await _serve_local(request, runloop, config, model, wanted, body, content_type, selector)
     except SwapperError as err:
         return error_response(err)
-    finally:
-        if choice is not None:
-            choice.release()
-
-
-async def _serve_local(
-    request: web.Request,
-    runloop: RunLoop,
-    config: Config,
-    model: str,
-    wanted: modelid.RequestModel,
-    body: bytes,
-    content_type: str | None,
-    selector: str | None = None,
-) -> web.StreamResponse:
-    app = request.app
-    cfg = config.models[model]
-    ex = Exchange(
-        runloop,
-        proxy.pool_of(app[SESSION]),
-        model=model,
-        cfg=cfg,
-        wanted=wanted,
-        method=request.method,
-        target=upstream_path(request.raw_path),
-        content_type=content_type,
-        headers=proxy.upstream_headers(request.raw_headers, identity=False),
-        body=body,
-    )
-    track = ex.track = track_request(request, ex.req_id, model)
-    track.selector = selector
-    preamble: LoadingStream | None = None
-    relaying = False
-    try:
-        if wanted.stream and wants_loading_state(config, cfg, request.path):
-            preamble = LoadingStream(request, model, config.loading_state_mode)
-            ex.granted(await acquire_with_preamble(ex, preamble))
-            if preamble.response.prepared:
-                # Its headers are out and carry no Content-Encoding: ask for an unencoded body.
-                ex.headers = proxy.upstream_headers(request.raw_headers, identity=True)
-            else:
-                preamble = None  # served at once: the upstream's own headers go out
-        else:
-            ex.granted(await ex.acquire())
-        track.granted()
-        upstream = await ex.send()
-        relaying = True
-        relayed = await proxy.relay(request, upstream, preamble.response if preamble else None, track.capture)
-        track.tail = relayed.tail
-        if relayed.broken:
-            track.outcome = "upstream_error"
-        return relayed.response
-    except SwapperError as err:
-        track.failed(err.status, outcome_of(err))
-        if preamble is not None and preamble.response.prepared:
-            await preamble.fail(err)
-            return preamble.response
-        return error_response(err)
-    except asyncio.CancelledError:
-        if (cut := _cut_before_answer(ex, relaying)) is None:
-            raise
-        track.failed(cut.status, outcome_of(cut))
-        if preamble is not None and preamble.response.prepared:
-            await preamble.fail(cut)
-            return preamble.response
-        return error_response(cut)
-    finally:
-        ex.finish()
+    return await serve.model_request(request, runloop, app[SESSION], body)
 
 
 async def handle_kind_route(request: web.Request, route: KindRoute) -> web.StreamResponse:
-    """A request on a ``routes:`` path: its model is the route's, whatever the body says; it goes
-    upstream on the route's path and method (``swapper.config.kindroutes``), through the same lease,
-    queue, limits and metrics as any model request."""
+    """A request on a ``routes:`` path (``serve.routed``)."""
     app = request.app
-    runloop = app[RUNLOOP]
     try:
         body = await read_body(request)
     except SwapperError as err:
         return error_response(err)
-    content_type = request.headers.get("Content-Type")
-    try:
-        read = modelid.extract(request.method, content_type, body, request.query)
-        # Shaped for the route's model (its filters, useModelName), never re-routed by the body.
-        wanted: modelid.RequestModel | None = modelid.RequestModel(None, read.stream, is_json=read.is_json)
-    except BadRequest:
-        wanted = None  # not JSON or a form swapper can read: the service judges its own body
-    raw_path, _, query = request.raw_path.partition("?")
-    ex = Exchange(
-        runloop,
-        proxy.pool_of(app[SESSION]),
-        model=route.model,
-        cfg=runloop.config.models[route.model],
-        wanted=wanted,
-        method=route.method or request.method,
-        target=route.target(raw_path, query),
-        content_type=content_type,
-        headers=proxy.upstream_headers(request.raw_headers, identity=False),
-        body=body,
-    )
-    bus = app.get(EVENTS)
-    if bus is None:
-        track = ex.track = track_request(request, ex.req_id, route.model)
-    else:  # labelled by the route's path, not aiohttp's catch-all
-        track = ex.track = bus.track(ex.req_id, route.model, route.path, request.method, request.path)
-    return await relay_plain(request, ex, track)
-
-
-async def relay_plain(request: web.Request, ex: Exchange, track: RequestTrack) -> web.StreamResponse:
-    """Lease, send and relay with no loading preamble: requests whose body swapper forwards as
-    it is (``/upstream``, kind routes)."""
-    relaying = False
-    try:
-        ex.granted(await ex.acquire())
-        track.granted()
-        upstream = await ex.send()
-        relaying = True
-        relayed = await proxy.relay(request, upstream, capture=track.capture)
-        track.tail = relayed.tail
-        if relayed.broken:
-            track.outcome = "upstream_error"
-        return relayed.response
-    except SwapperError as err:
-        track.failed(err.status, outcome_of(err))
-        return error_response(err)
-    except asyncio.CancelledError:
-        if (cut := _cut_before_answer(ex, relaying)) is None:
-            raise
-        track.failed(cut.status, outcome_of(cut))
-        return error_response(cut)
-    finally:
-        ex.finish()
-
-
-def _cut_before_answer(ex: Exchange, relaying: bool) -> SwapperError | None:
-    """Why the handler's task was cancelled, when a stop of its model did it before the upstream's
-    answer began (the cancellation is withdrawn: the handler answers with it instead); None when
-    the cancellation must go on (the client left, or a relay under way, which can only drop the
-    connection)."""
-    if (cut := ex.cut_error) is None or relaying or (task := asyncio.current_task()) is None:
-        return None
-    task.uncancel()
-    return cut
-
-
-def wants_loading_state(config: Config, cfg: ModelConfig, path: str) -> bool:
-    """Status text as reasoning deltas only fits chat completions; comments fit any SSE."""
-    if not cfg.send_loading_state:
-        return False
-    return config.loading_state_mode == "comments" or path.endswith("/chat/completions")
-
-
-async def acquire_with_preamble(ex: Exchange, preamble: LoadingStream) -> Lease:
-    """Acquires; if the request has to wait, streams status to the client meanwhile.
-
-    Admission errors (429, 404) arrive before any byte is written, since the loop answers them
-    while handling the Acquire, before it would report a wait.
-    """
-    waiting = asyncio.get_running_loop().create_future()
-
-    def on_wait() -> None:
-        if not waiting.done():
-            waiting.set_result(None)
-
-    ex.task = asyncio.current_task()  # cut by a stop of the model, not the acquiring task below
-    lease = asyncio.ensure_future(ex.acquire(on_wait=on_wait))
-    try:
-        await asyncio.wait({lease, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        if not lease.done():
-            await wait_with_preamble(preamble, lease, lambda: ex.runloop.queue_position(ex.req_id))
-        return await lease
-    finally:
-        lease.cancel()  # a no-op once done; otherwise the client left while we waited
+    return await serve.routed(request, app[RUNLOOP], app[SESSION], route, body)
 
 
 def _cors(app: web.Application, origin: str | None) -> tuple[tuple[str, str], ...]:

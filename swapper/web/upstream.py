@@ -4,9 +4,9 @@ Owns: nothing mutable. ``add_routes(app, config)`` registers the routes with a `
 built once from the config (names, the deepest name, the compiled ``upstream.ignorePaths``).
 
 Must not touch: children or scheduler state. A passthrough request takes a lease from the run
-loop exactly like an inference request (``acquire`` → ``proxy.forward`` → ``release`` in
-``finally``), so any method on any path loads or swaps the model, waits its turn in the queue,
-and keeps a busy model from being evicted; it is tracked like one too (``/metrics`` and
+loop exactly like an inference request (``serve.passthrough``: ``acquire`` → ``relay.send`` →
+``release`` in ``finally``), so any method on any path loads or swaps the model, waits its turn
+in the queue, and keeps a busy model from being evicted; it is tracked like one too (``/metrics`` and
 ``/api/events``, route ``/upstream/{rest}``), and a connection refused by a ready model's child
 is retried once on a restarted child. Bodies are forwarded untouched: no ``useModelName``, no
 filters (llama-swap's upstream chain has none either).
@@ -40,12 +40,9 @@ from aiohttp import hdrs, web
 from swapper.config.schema import Config
 from swapper.core.errors import Conflict, ModelNotFound, SwapperError
 from swapper.core.states import State
-from swapper.http import cors
-from swapper.http import relay as proxy
-from swapper.http.exchange import Exchange
-from swapper.observe.events import track_request
+from swapper.http import cors, serve
 from swapper.web import ui
-from swapper.web.routes import RUNLOOP, SESSION, error_response, read_body, relay_plain
+from swapper.web.routes import RUNLOOP, SESSION, error_response, read_body
 
 __all__ = ["PathResolver", "add_routes"]
 
@@ -128,17 +125,4 @@ async def _handle(request: web.Request, resolver: PathResolver) -> web.StreamRes
         body = await read_body(request)
     except SwapperError as err:
         return error_response(err)
-    ex = Exchange(
-        runloop,
-        proxy.pool_of(app[SESSION]),
-        model=model,
-        cfg=runloop.config.models[model],
-        wanted=None,  # forwarded untouched
-        method=request.method,
-        target=f"{rest}{qmark}{query}",
-        content_type=request.headers.get(hdrs.CONTENT_TYPE),
-        headers=proxy.upstream_headers(request.raw_headers, identity=False),
-        body=body,
-    )
-    ex.track = track_request(request, ex.req_id, model)  # metrics and /api/events
-    return await relay_plain(request, ex, ex.track)
+    return await serve.passthrough(request, runloop, app[SESSION], model, f"{rest}{qmark}{query}", body)

@@ -19,8 +19,9 @@ the connection's end is completed by ``ResponseReader.eof``.
 
 Writing: ``request_head`` and ``response_head`` build heads from header pairs as they were
 received (bytes), so nothing is decoded and re-encoded on the way through. Hop-by-hop headers
-(RFC 9110 §7.6.1: the fixed list and whatever ``Connection`` names) are dropped by
-``forwardable``, the one filter both directions use.
+(RFC 9110 §7.6.1: the fixed list ``HOP_BY_HOP`` and whatever ``Connection`` names) are dropped
+by ``kept_fields`` (``forwardable``: the same as header lines), the one filter every forwarding
+path uses, both ways: the front door's, aiohttp's relay and the peers' client.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "RequestReader",
     "ResponseReader",
     "chunk",
+    "connection_of",
     "forwardable",
     "kept_fields",
     "request_head",
@@ -78,6 +80,11 @@ PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"C
 
 class BadMessage(Exception):
     """A message llhttp or swapper's limits refuse; for a request the answer is a 400."""
+
+
+def connection_of(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Every Connection value of ``headers``, comma-joined (what ``kept_fields`` takes)."""
+    return b", ".join([value for name, value in headers if name.lower() == b"connection"])
 
 
 def kept_fields(
@@ -128,8 +135,8 @@ class RequestHead:
 
     ``target`` is the path and query as sent (an absolute-form target reduced to them);
     ``headers`` are the fields as received, values without trailing blanks; ``forward`` is them as
-    header lines minus what a proxy drops (``REQUEST_DROP``; for the names ``connection`` lists
-    besides, see ``proxy.upstream_headers``).
+    header lines minus what a proxy drops (``REQUEST_DROP``), built in the head's one pass;
+    ``forwarded()`` also drops the names ``connection`` lists.
     """
 
     # Defaults on the class: a head sets only what it has (one per request, built in one pass).
@@ -155,6 +162,13 @@ class RequestHead:
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.headers = headers
+
+    def forwarded(self) -> bytes:
+        """The header lines this request goes upstream with (``forward``, unless its Connection
+        names more hop-by-hop headers: RFC 9110 §7.6.1)."""
+        if self.connection in PLAIN_CONNECTION:
+            return self.forward
+        return forwardable(self.headers, self.connection, REQUEST_DROP)
 
     @property
     def for_aiohttp(self) -> bool:
