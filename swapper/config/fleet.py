@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from swapper.config.schema import ModelConfig, RoutingConfig
-from swapper.config.dsl import compile_matrix
 from swapper.config.keys import _NONE
 from swapper.config.models import _parse_filters, _parse_proxy
 from swapper.config.schema import (
@@ -246,8 +245,8 @@ def _check_coexistence(
     if len(targets) <= 1 or routing.use == "memory":  # the memory planner decides by measured fit
         return
     if routing.use == "matrix":
-        assert routing.matrix is not None
-        if not compile_matrix(routing.matrix, models.keys()).can_contain_all(targets):
+        assert routing.compiled is not None  # compiled at load whenever use is matrix
+        if not routing.compiled.can_contain_all(targets):
             raise ConfigError(f"{path}.targets: must all appear together in one expanded matrix set")
         return
     group_of = {m: g for g in routing.groups for m in g.members}

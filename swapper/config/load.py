@@ -41,7 +41,7 @@ from swapper.config.macros import (
     _parse_macros,
 )
 from swapper.config.models import _link_aliases, _parse_models
-from swapper.config.routing import _compile_matrix, _parse_routing
+from swapper.config.routing import _parse_routing
 from swapper.config.schema import (
     DEFAULT_ACTIVITY_RECORDS,
     DEFAULT_HEALTH_CHECK_TIMEOUT,
@@ -107,7 +107,6 @@ def parse_tree(raw: Any, *, source: str = "<config>") -> Config:
     defaults = _parse_defaults(doc.top, doc.warnings)
     models, aliases = _link_aliases(_parse_models(doc, defaults), doc.warnings)
     routing, priorities = _parse_routing(doc, models, aliases)
-    routing = _compile_matrix(routing, models)
     models = {
         mid: replace(m, priority=priorities[mid]) if mid in priorities else m for mid, m in models.items()
     }

@@ -1,16 +1,15 @@
 """``routing:`` (and llama-swap's ``groups``/``matrix``): groups, the swap matrix's vars,
 costs and sets, memory settings, GPU limits, the scheduler's knobs.
 
-Owns: nothing mutable; decoding only (``load`` compiles the matrix).
+Owns: nothing mutable; decoding only (the matrix is compiled here, once per load).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any, cast
 
-from swapper.config.dsl import DslError, MatrixConfig, compile_matrix
+from swapper.config.dsl import CompiledMatrix, DslError, MatrixConfig, compile_matrix
 from swapper.config.keys import (
     _NONE,
     _ROUTERS,
@@ -44,12 +43,10 @@ from swapper.config.values import (
 )
 
 
-def _compile_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> RoutingConfig:
+def _compile(matrix: MatrixConfig, models: Mapping[str, ModelConfig]) -> CompiledMatrix:
     """Compiles the swap matrix now, once: a DSL error is a config error at load, not a crash later."""
-    if routing.matrix is None:
-        return routing
     try:
-        return replace(routing, compiled=compile_matrix(routing.matrix, models))
+        return compile_matrix(matrix, models)
     except DslError as exc:
         raise ConfigError(f"routing.router.settings.matrix: {exc}") from None
 
@@ -66,22 +63,24 @@ def _parse_routing(
     matrix_raw, matrix_path = sources["matrix"]
     memory_raw, memory_path = sources["memory"]
     groups = _parse_groups(groups_raw, groups_path, models, aliases, doc.warnings)
-    matrix = None
+    matrix = compiled = None
     if matrix_raw is not None and use != "matrix":
         # llama-swap never reads a matrix its router does not use; an invalid one is only news.
         try:
             matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
-            _compile_matrix(RoutingConfig(matrix=matrix), models)
+            compiled = _compile(matrix, models)
         except ConfigError as exc:
             doc.warnings.append(f"{exc} (not in use: routing.router.use is {use}; ignored)")
             matrix = None
     elif matrix_raw is not None:
         matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
+        compiled = _compile(matrix, models)
     elif use == "matrix":
         raise ConfigError(f"{matrix_path}: is required when routing.router.use is matrix")
     memory = _parse_memory_settings(memory_raw, memory_path, doc.warnings)
     priorities = _parse_scheduler(routing.get("scheduler"), models, aliases, doc.warnings)
-    return RoutingConfig(use=use, groups=groups, matrix=matrix, memory=memory), priorities
+    routing_config = RoutingConfig(use=use, groups=groups, matrix=matrix, memory=memory, compiled=compiled)
+    return routing_config, priorities
 
 
 def _router_sources(

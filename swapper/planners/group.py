@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from swapper.config.schema import DEFAULT_GROUP, ConfigError, GroupConfig
+from swapper.config.schema import DEFAULT_GROUP, GroupConfig
 
 if TYPE_CHECKING:
     from swapper.config.schema import Config
@@ -31,18 +31,9 @@ _log = structlog.get_logger("swapper.planner")
 
 
 def _index_members(config: Config) -> dict[str, GroupConfig]:
-    """Maps each member to its group; rejects unknown models and models listed twice."""
-    group_of: dict[str, GroupConfig] = {}
-    for group in config.routing.groups:
-        for member in group.members:
-            where = f"routing.router.settings.groups.{group.name}"
-            if member not in config.models:
-                raise ConfigError(f'{where}: no model config for "{member}"')
-            if member in group_of:
-                other = group_of[member].name
-                raise ConfigError(f'{where}: model "{member}" is already a member of group "{other}"')
-            group_of[member] = group
-    return group_of
+    """Maps each member to its group. The loader has checked the groups (every member is a model,
+    in one group only: ``swapper.config.routing``), so nothing is checked again here."""
+    return {member: group for group in config.routing.groups for member in group.members}
 
 
 class GroupPlanner:
