@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from swapper.config.services import SERVICE_KEYS
+from swapper.config.spec import Tree
 from swapper.config.timeouts import Timeouts
 
 # --- key tables -----------------------------------------------------------------------------------
@@ -34,22 +35,6 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-_TOP_KEYS = _words(
-    """
-    healthCheckTimeout logLevel logToStdout startPort macros models globalTTL unloadTimeout
-    apiKeys includeAliasesInList sendLoadingState hooks upstream routing groups matrix
-    peers profiles selectors
-    """
-) | _words(  # ours
-    "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer routes metricsListen routeUnknownModels "
-    "corsOrigins timeouts shutdownTimeout"
-)
-_TOP_UNSUPPORTED = _words(
-    """
-    logTimeFormat logRequests store ui performance
-    """
-)
 _MODEL_KEYS = (
     _words(
         """
@@ -89,7 +74,7 @@ Macros = list[tuple[str, Scalar]]
 class _Document:
     """The parsed top level after global macros; ``warnings`` grows while decoding continues."""
 
-    top: dict[str, Any]
+    top: Tree
     macros: Macros
     warnings: list[str]
 
