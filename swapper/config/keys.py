@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from swapper.config.services import SERVICE_KEYS
 from swapper.config.spec import Tree
 from swapper.config.timeouts import Timeouts
 
@@ -35,19 +34,6 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-_MODEL_KEYS = (
-    _words(
-        """
-    cmd cmdStop proxy checkEndpoint env aliases useModelName unlisted name description metadata
-    macros ttl unloadTimeout concurrencyLimit maxWait sendLoadingState filters memory memoryEstimate
-    capabilities
-    """
-    )
-    | SERVICE_KEYS
-    | _words("timeouts")
-)
-# healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
-_MODEL_UNSUPPORTED = frozenset({"compat", "healthCheckTimeout"})
 _NONE: frozenset[str] = frozenset()
 
 _PID_ONLY = frozenset({"PID"})

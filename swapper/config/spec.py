@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Key", "Section", "Tree", "check_record", "stage"]
+__all__ = ["Key", "Section", "Tree", "check_record", "stage", "stages"]
 
 C = TypeVar("C")
 # (value, its key path, the level's context) -> the field's value; value is None when absent.
@@ -33,6 +33,11 @@ def _snake(name: str) -> str:
 def stage(value: object, path: str, ctx: object) -> None:
     """The decode of a key that another stage reads (``models``, ``routing``, a service's keys)."""
     return None
+
+
+def stages(*names: str) -> tuple[Key[Any], ...]:
+    """Rows for keys that another stage or row reads (their value fills no field of their own)."""
+    return tuple(Key(name, stage) for name in names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,9 @@ class Tree(dict[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         return super().__getitem__(self._declared(key))
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        return super().pop(self._declared(key), default)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from swapper.config.schema import (
     ConfigError,
     ModelConfig,
 )
-from swapper.config.spec import Key, Section, Tree, check_record, stage
+from swapper.config.spec import Key, Section, Tree, check_record, stages
 from swapper.config.values import (
     _as_int,
     _as_list,
@@ -244,10 +244,7 @@ DEFAULTS: Section[TopContext] = Section(
     )
 )
 STAGES: Section[TopContext] = Section(
-    tuple(
-        Key(name, stage)
-        for name in ("macros", "models", "routing", "groups", "matrix", "peers", "profiles", "selectors")
-    )
+    stages("macros", "models", "routing", "groups", "matrix", "peers", "profiles", "selectors")
 )
 LINKED: Section[TopContext] = Section(
     (
