@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from swapper.config.schema import ModelConfig, RoutingConfig
-from swapper.config.keys import _NONE
+from swapper.config.keys import _NONE, _STRATEGIES
 from swapper.config.models import _parse_filters, _parse_proxy
 from swapper.config.schema import (
     DEFAULT_PEER_CONCURRENCY,
@@ -50,7 +50,6 @@ from swapper.config.values import (
     _seconds,
 )
 
-STRATEGIES = ("warm", "pin", "spillover")
 _PEER_KEYS = frozenset({"proxy", "apiKey", "models", "filters", "timeouts", "concurrencyLimit"})
 # Transport knobs llama-swap has that swapper's client sets for itself: accepted, nothing to do.
 _TRANSPORT_KEYS = frozenset({"keepalive", "tlsHandshake", "expectContinue", "idleConn"})
@@ -130,7 +129,7 @@ def _parse_selector(selector_id: str, raw: object, warnings: list[str]) -> Selec
     strategy = spec.get("strategy")
     if strategy is None or strategy == "":
         raise ConfigError(f"{path}.strategy: is required (warm, pin or spillover)")
-    strategy = _choice(strategy, f"{path}.strategy", STRATEGIES, "strategy")
+    strategy = _choice(strategy, f"{path}.strategy", _STRATEGIES, "strategy")
     targets = tuple(
         _as_text(t, f"{path}.targets[{i}]").strip() for i, t in enumerate(_as_list(spec.get("targets"), path))
     )
@@ -142,7 +141,7 @@ def _parse_selector(selector_id: str, raw: object, warnings: list[str]) -> Selec
         raise ConfigError(f"{path}.settings.spillover: must be an integer >= 1")
     return SelectorConfig(
         id=selector_id,
-        strategy=strategy,  # type: ignore[arg-type]  # _choice returned one of STRATEGIES
+        strategy=strategy,  # type: ignore[arg-type]  # _choice returned one of _STRATEGIES
         targets=targets,
         spillover=spillover,
         name=_as_text(spec.get("name"), f"{path}.name").strip(),

@@ -22,7 +22,6 @@ from swapper.config.keys import (
     _PID_ONLY,
     Macros,
     _Defaults,
-    _Device,
     _Document,
 )
 from swapper.config.macros import (
@@ -32,7 +31,7 @@ from swapper.config.macros import (
     _model_macros,
 )
 from swapper.config.placement import parse_devices
-from swapper.config.schema import DEFAULT_CHECK_ENDPOINT, ConfigError, Filters, ModelConfig
+from swapper.config.schema import DEFAULT_CHECK_ENDPOINT, ConfigError, Device, Filters, ModelConfig
 from swapper.config.services import SERVICE_KEYS, ServiceError, ServiceSpec, parse_service
 from swapper.config.spec import Key, Section, Tree, check_record, stages
 from swapper.config.values import (
@@ -312,7 +311,7 @@ def _model_max_wait(value: object, path: str, default: float) -> float:
 
 def _model_memory(
     value: object, path: str, ctx: _ModelContext
-) -> tuple[int | None, _Device, tuple[int, ...] | None]:
+) -> tuple[int | None, Device, tuple[int, ...] | None]:
     """``memory: {estimate, device, devices}``, and the older ``memoryEstimate`` beside it."""
     memory = _known(value, path, {"estimate", "device", "devices"}, _NONE, ctx.warnings)
     legacy = ctx.tree.get("memoryEstimate")
@@ -329,7 +328,7 @@ def _model_memory(
         gpus = parse_devices(memory.get("devices"), f"{path}.devices")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return estimate, cast(_Device, device), gpus
+    return estimate, cast(Device, device), gpus
 
 
 def _parse_filters(value: object, path: str, warnings: list[str]) -> Filters:

@@ -15,7 +15,6 @@ from swapper.config.keys import (
     _ROUTERS,
     _VAR_NAME_RE,
     _Document,
-    _Router,
 )
 from swapper.config.schema import (
     DEFAULT_GROUP,
@@ -24,6 +23,7 @@ from swapper.config.schema import (
     GroupConfig,
     MemoryConfig,
     ModelConfig,
+    Router,
     RoutingConfig,
 )
 from swapper.config.values import (
@@ -85,7 +85,7 @@ def _parse_routing(
 
 def _router_sources(
     top: Mapping[str, Any], routing: Mapping[str, Any], warnings: list[str]
-) -> tuple[_Router, dict[str, tuple[Any, str]]]:
+) -> tuple[Router, dict[str, tuple[Any, str]]]:
     """Which router is used and where its settings come from: routing.router or legacy keys."""
     legacy = [key for key in ("groups", "matrix") if top.get(key) is not None]
     if routing.get("router") is not None:
@@ -98,7 +98,7 @@ def _router_sources(
         use = _choice(router.get("use"), "routing.router.use", _ROUTERS, "router")
         base = "routing.router.settings"
         settings = _known(router.get("settings"), base, {"groups", "matrix", "memory"}, _NONE, warnings)
-        return cast(_Router, use), {
+        return cast(Router, use), {
             k: (settings.get(k), f"{base}.{k}") for k in ("groups", "matrix", "memory")
         }
     if len(legacy) == 2:
