@@ -9,11 +9,12 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from swapper.config import fleet, routing, spec, top
 from swapper.config import models as model_keys
-from swapper.config import spec, top
 from swapper.config.load import parse_config
 from swapper.config.spec import Key, Section, Tree, check_record, stages
 
@@ -49,11 +50,31 @@ upstream: {ignorePaths: ['\\.css$']}
 hooks: {on_startup: {preload: [a]}}
 routes: {/v1/audio/speech: svc}
 macros: {m: 1}
-peers: {p: {proxy: "http://127.0.0.1:19151", models: [remote]}}
-selectors: {s: {strategy: pin, targets: [a]}}
-profiles: {pr: {pins: {x: a}}}
+peers:
+  p:
+    proxy: http://127.0.0.1:19151
+    models: [remote]
+    apiKey: k2
+    concurrencyLimit: 3
+    filters: {strip_params: temperature}
+    timeouts: {connect: 5, responseHeader: 10, keepalive: 30}
+selectors: {s: {strategy: pin, targets: [a], settings: {spillover: 2}, name: S, description: d,
+                unlisted: true, metadata: {k: v}}}
+profiles: {pr: {pins: {x: a}, description: d}}
 routing:
-  router: {use: group, settings: {groups: {g: {members: [a]}}}}
+  router:
+    use: memory
+    settings:
+      groups: {g: {members: [a], swap: true, exclusive: false, persistent: true}}
+      matrix: {vars: {x: a}, evict_costs: {x: 2}, sets: {s: x}}
+      memory:
+        gpuBudget: 20GiB
+        ramBudget: 8GiB
+        reserve: 1GiB
+        stateFile: /tmp/footprints.json
+        releaseTimeout: 5
+        gpus: {0: {budget: 10GiB, reserve: 1GiB}}
+  scheduler: {use: fifo, settings: {fifo: {priority: {a: 2}}}}
 models:
   a:
     cmd: svr --port ${PORT} --m ${m}
@@ -62,7 +83,7 @@ models:
     proxy: http://127.0.0.1:${PORT}
     checkEndpoint: /ready
     env: [A=1]
-    aliases: [alpha]
+    aliases: [alpha, {id: beta}]
     useModelName: served
     unlisted: true
     name: A
@@ -73,8 +94,8 @@ models:
     concurrencyLimit: 4
     maxWait: 9
     sendLoadingState: false
-    filters: {stripParams: temperature}
-    memory: {device: cpu}
+    filters: {stripParams: temperature, setParams: {top_k: 1}, setParamsByID: {alpha: {top_k: 2}}}
+    memory: {device: cpu, devices: [0]}
     memoryEstimate: 1GiB
     capabilities: {in: [text], out: [text]}
     timeouts: {request: 60}
@@ -102,13 +123,46 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[frozenset[str], set[
     yield seen
 
 
-@pytest.mark.parametrize(("name", "section"), [("top", top.TOP), ("model", model_keys.MODEL)])
-def test_every_key_in_a_table_is_read_by_the_decode(
-    name: str, section: Section[object], reads: dict[frozenset[str], set[str]]
-) -> None:
+SECTIONS: dict[str, Section[Any]] = {
+    "top": top.TOP,
+    "hooks": top._HOOKS,
+    "hooks.on_startup": top._ON_STARTUP,
+    "upstream": top._UPSTREAM,
+    "models.*": model_keys.MODEL,
+    "models.*.filters": model_keys.FILTERS,
+    "models.*.memory": model_keys._MODEL_MEMORY,
+    "models.*.aliases[*]": model_keys._ALIAS,
+    "routing": routing._ROUTING,
+    "routing.router": routing._ROUTER,
+    "routing.router.settings": routing._ROUTER_SETTINGS,
+    "routing.scheduler": routing._SCHEDULER,
+    "routing.scheduler.settings": routing._SCHEDULER_SETTINGS,
+    "routing.scheduler.settings.fifo": routing._FIFO,
+    "groups.*": routing.GROUP,
+    "matrix": routing.MATRIX,
+    "memory": routing.MEMORY,
+    "memory.gpus.*": routing.GPU,
+    "peers.*": fleet.PEER,
+    "peers.*.timeouts": fleet.PEER_TIMEOUTS,
+    "selectors.*": fleet.SELECTOR,
+    "selectors.*.settings": fleet.SELECTOR_SETTINGS,
+    "profiles.*": fleet.PROFILE,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECTIONS))
+def test_every_key_in_a_table_is_read_by_the_decode(name: str, reads: dict[frozenset[str], set[str]]) -> None:
+    section = SECTIONS[name]
     config = parse_config(EVERY_KEY)
     assert config.models["a"].max_wait == 9 and config.models["svc"].service is not None
-    assert sorted(section.names - reads.get(section.names, set())) == []
+    assert config.routing.use == "memory" and config.routing.compiled is not None
+    # Every key was known: only llama-swap's unsupported ones warn.
+    assert config.warnings == (
+        "logTimeFormat: not supported by swapper; ignored",
+        "models.a.compat: not supported by swapper; ignored",
+    )
+    unread = section.names - section.ignored - reads.get(section.names, set())
+    assert sorted(unread) == []
 
 
 def test_the_every_key_config_sets_every_declared_key() -> None:
@@ -131,7 +185,7 @@ def test_a_key_no_table_declares_cannot_be_read() -> None:
 
 
 def test_each_key_is_written_once_across_a_level() -> None:
-    for section in (top.TOP, model_keys.MODEL):
+    for section in SECTIONS.values():
         names = [key.name for key in section.keys]
         assert sorted({n for n in names if names.count(n) > 1}) == []
         assert section.names.isdisjoint(section.unsupported)

@@ -31,10 +31,7 @@ from swapper.config.schema import (
     ConfigError,
 )
 from swapper.config.top import INHERITED, TOP, TopContext, read_defaults, read_linked, read_settings
-from swapper.config.values import (
-    _kind,
-    _known,
-)
+from swapper.config.values import _kind, _section
 
 
 def load_config(path: str) -> Config:
@@ -228,7 +225,7 @@ def _read_document(raw: Any, source: str) -> _Document:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of settings, not {_kind(raw)}")
     warnings: list[str] = []
-    top = TOP.tree(_known(raw, "", TOP.names, TOP.unsupported, warnings).items())
+    top = _section(raw, "", TOP, warnings)
     macros = _parse_macros(top.get("macros"), "macros")
     _check_macro_order(macros, "macros", {name for name, _ in macros})
     for key, value in top.items():

@@ -45,11 +45,11 @@ from swapper.config.values import (
     _decode_timeouts,
     _key_text,
     _kind,
-    _known,
     _opt_bool,
     _opt_size,
     _scalar_text,
     _seconds,
+    _section,
 )
 
 # --- models ---------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def _prepare_model(model_id: str, raw: object, global_macros: Macros, warnings: 
     path = f"models.{model_id}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping, got {_kind(raw)}")
-    tree = MODEL.tree(_known(raw, path, MODEL.names, MODEL.unsupported, warnings).items())
+    tree = _section(raw, path, MODEL, warnings)
     if tree.get("cmd") is None and tree.get("proxy") is None:
         raise ConfigError(f"{path}.cmd: is required (or proxy alone, for a service swapper does not spawn)")
     for key in ("cmd", "cmdStop"):
@@ -273,7 +273,7 @@ def _parse_aliases(value: object, path: str, warnings: list[str]) -> tuple[str, 
         item_path = f"{path}[{i}]"
         if isinstance(item, dict):
             # Older llama-swap examples write aliases as {id, name, unlisted}; only id routes.
-            entry = _known(item, item_path, {"id"}, {"name", "unlisted"}, warnings)
+            entry = _section(item, item_path, _ALIAS, warnings)
             item = entry.get("id")
         alias = _as_text(item, item_path).strip()
         if not alias:
@@ -313,7 +313,7 @@ def _model_memory(
     value: object, path: str, ctx: _ModelContext
 ) -> tuple[int | None, Device, tuple[int, ...] | None]:
     """``memory: {estimate, device, devices}``, and the older ``memoryEstimate`` beside it."""
-    memory = _known(value, path, {"estimate", "device", "devices"}, _NONE, ctx.warnings)
+    memory = _section(value, path, _MODEL_MEMORY, ctx.warnings)
     legacy = ctx.tree.get("memoryEstimate")
     if memory.get("estimate") is not None and legacy is not None:
         raise ConfigError(
@@ -332,17 +332,20 @@ def _model_memory(
 
 
 def _parse_filters(value: object, path: str, warnings: list[str]) -> Filters:
-    keys = {"stripParams", "strip_params", "setParams", "setParamsByID"}
-    spec = _known(value, path, keys, _NONE, warnings)
-    strip_key = "stripParams" if spec.get("stripParams") is not None else "strip_params"
-    by_id: dict[str, dict[Any, Any]] = {}
-    for name, params in _as_mapping(spec.get("setParamsByID"), f"{path}.setParamsByID").items():
-        by_id[name] = _without_model(params, f"{path}.setParamsByID.{name}")
-    return Filters(
-        strip_params=_parse_strip_params(spec.get(strip_key), f"{path}.{strip_key}"),
-        set_params=_without_model(spec.get("setParams"), f"{path}.setParams"),
-        set_params_by_id=by_id,
-    )
+    tree = _section(value, path, FILTERS, warnings)
+    return Filters(**FILTERS.decode(tree, path, tree))
+
+
+def _strip_params(value: object, path: str, tree: Tree) -> tuple[str, ...]:
+    if value is None:  # llama-swap's older spelling
+        value, path = tree.get("strip_params"), f"{path.rsplit('.', 1)[0]}.strip_params"
+    return _parse_strip_params(value, path)
+
+
+def _set_params_by_id(value: object, path: str, tree: Tree) -> dict[str, dict[Any, Any]]:
+    return {
+        name: _without_model(params, f"{path}.{name}") for name, params in _as_mapping(value, path).items()
+    }
 
 
 def _parse_strip_params(value: object, path: str) -> tuple[str, ...]:
@@ -453,3 +456,15 @@ MODEL: Section[_ModelContext] = Section(
     unsupported=frozenset({"compat", "healthCheckTimeout"}),
 )
 check_record(ModelConfig, [MODEL], ("id", "port", "health_check_timeout", "priority", "service"))
+
+FILTERS: Section[Tree] = Section(
+    (
+        Key("stripParams", _strip_params),
+        *stages("strip_params"),  # llama-swap's older spelling, read by stripParams
+        Key("setParams", lambda v, p, c: _without_model(v, p)),
+        Key("setParamsByID", _set_params_by_id),
+    )
+)
+check_record(Filters, [FILTERS])
+_MODEL_MEMORY: Section[None] = Section(stages("estimate", "device", "devices"))  # read by _model_memory
+_ALIAS: Section[None] = Section(stages("id"), unsupported=frozenset({"name", "unlisted"}))  # an older form

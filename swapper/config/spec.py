@@ -83,17 +83,21 @@ class Tree(dict[str, Any]):
 
 @dataclass(frozen=True, slots=True)
 class Section(Generic[C]):
-    """The keys of one level; ``unsupported``: llama-swap keys accepted with a "not supported" warning."""
+    """The keys of one level. ``unsupported``: llama-swap keys accepted with a "not supported"
+    warning; ``ignored``: keys accepted without one and never read (knobs swapper sets itself)."""
 
     keys: tuple[Key[C], ...]
     unsupported: frozenset[str] = frozenset()
+    ignored: frozenset[str] = frozenset()
 
     @property
     def names(self) -> frozenset[str]:
-        return frozenset(k.name for k in self.keys)
+        return frozenset(k.name for k in self.keys) | self.ignored
 
     def __add__(self, other: Section[C]) -> Section[C]:
-        return Section(self.keys + other.keys, self.unsupported | other.unsupported)
+        return Section(
+            self.keys + other.keys, self.unsupported | other.unsupported, self.ignored | other.ignored
+        )
 
     def tree(self, items: Iterable[tuple[str, Any]] = ()) -> Tree:
         return Tree(self.names, items)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from swapper.config import timeouts as _timeouts
-from swapper.config.keys import _LOADING_MODES, _LOG_FORMATS, _LOG_LEVELS, _LOG_TARGETS, _NONE, _Defaults
+from swapper.config.keys import _LOADING_MODES, _LOG_FORMATS, _LOG_LEVELS, _LOG_TARGETS, _Defaults
 from swapper.config.kindroutes import KindRoutes, RouteError, parse_routes
 from swapper.config.listen import AddressError, parse_address
 from swapper.config.schema import (
@@ -44,7 +44,6 @@ from swapper.config.values import (
     _capture_buffer,
     _choice,
     _decode_timeouts,
-    _known,
     _non_negative_int,
     _opt_bool,
     _opt_size,
@@ -52,6 +51,7 @@ from swapper.config.values import (
     _positive_number,
     _resolve,
     _seconds,
+    _section,
 )
 
 __all__ = ["INHERITED", "TOP", "TopContext", "read_defaults", "read_linked", "read_settings"]
@@ -121,8 +121,8 @@ def _default_model(value: object, path: str, ctx: TopContext) -> str | None:
 
 
 def _preload(value: object, path: str, ctx: TopContext) -> tuple[str, ...]:
-    hooks = _known(value, path, {"on_startup"}, _NONE, ctx.warnings)
-    startup = _known(hooks.get("on_startup"), f"{path}.on_startup", {"preload"}, _NONE, ctx.warnings)
+    hooks = _section(value, path, _HOOKS, ctx.warnings)
+    startup = _section(hooks.get("on_startup"), f"{path}.on_startup", _ON_STARTUP, ctx.warnings)
     path = f"{path}.on_startup.preload"
     preload: list[str] = []
     for i, item in enumerate(_as_list(startup.get("preload"), path)):
@@ -189,7 +189,7 @@ def _cors_origins(value: object, path: str, ctx: TopContext) -> tuple[str, ...]:
 
 
 def _ignore_paths(value: object, path: str, ctx: TopContext) -> tuple[str, ...]:
-    upstream = _known(value, path, {"ignorePaths"}, _NONE, ctx.warnings)
+    upstream = _section(value, path, _UPSTREAM, ctx.warnings)
     path = f"{path}.ignorePaths"
     patterns = [
         _as_str(item, f"{path}[{i}]") for i, item in enumerate(_as_list(upstream.get("ignorePaths"), path))
@@ -277,6 +277,10 @@ SETTINGS: Section[TopContext] = Section(
         Key("shutdownTimeout", _secs(DEFAULT_SHUTDOWN_TIMEOUT)),
     )
 )
+# Levels below the top that hold only a key or two, read by the rows above.
+_HOOKS: Section[None] = Section(stages("on_startup"))
+_ON_STARTUP: Section[None] = Section(stages("preload"))
+_UPSTREAM: Section[None] = Section(stages("ignorePaths"))
 # llama-swap keys swapper accepts and ignores, with a warning.
 _UNSUPPORTED = frozenset({"logTimeFormat", "logRequests", "store", "ui", "performance"})
 TOP = DEFAULTS + STAGES + LINKED + SETTINGS + Section((), _UNSUPPORTED)
