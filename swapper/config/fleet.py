@@ -299,7 +299,7 @@ def _check_coexistence(
         if not routing.compiled.can_contain_all(targets):
             raise ConfigError(f"{path}.targets: must all appear together in one expanded matrix set")
         return
-    group_of = {m: g for g in routing.groups for m in g.members}
+    group_of = routing.group_of()
     group = group_of.get(targets[0])
     if group is None or group.swap:
         raise ConfigError(f"{path}.targets: spillover targets must share a group with swap: false")

@@ -255,6 +255,10 @@ class RoutingConfig:
     # ``matrix`` compiled against the models, once per load (the matrix planner's input).
     compiled: CompiledMatrix | None = None
 
+    def group_of(self) -> dict[str, GroupConfig]:
+        """Each grouped model's group; the loader has put every member in exactly one."""
+        return {member: group for group in self.groups for member in group.members}
+
 
 @dataclass(frozen=True, slots=True)
 class Config:

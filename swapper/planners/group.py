@@ -30,19 +30,14 @@ if TYPE_CHECKING:
 _log = structlog.get_logger("swapper.planner")
 
 
-def _index_members(config: Config) -> dict[str, GroupConfig]:
-    """Maps each member to its group. The loader has checked the groups (every member is a model,
-    in one group only: ``swapper.config.routing``), so nothing is checked again here."""
-    return {member: group for group in config.routing.groups for member in group.members}
-
-
 class GroupPlanner:
     """Evicts by group membership and the three group booleans (see the module docstring)."""
 
     __slots__ = ("_default", "_group_of")
 
     def __init__(self, config: Config) -> None:
-        self._group_of = _index_members(config)
+        # The loader has checked the groups (every member a model, in one group only); not again here.
+        self._group_of = config.routing.group_of()
         declared = [g for g in config.routing.groups if g.name == DEFAULT_GROUP]
         self._default = declared[0] if declared else GroupConfig(DEFAULT_GROUP, ())
 
