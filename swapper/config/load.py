@@ -1,5 +1,7 @@
-"""Loading a config: ``load_config``/``parse_config`` and the stages before decoding
-(``${env.X}`` substitution, YAML with llama-swap's rules), then the top-level defaults.
+"""Loading a config: ``load_config``/``parse_config``, the stages before decoding (``${env.X}``
+substitution, YAML with llama-swap's rules), then the decode in its order: the top level's
+defaults, the models, routing, the keys that name models, the fleet, the other settings (each
+level's keys are rows of its table: ``top``, ``models``, ``routing``, ``fleet``; see ``spec``).
 
 Owns: nothing mutable. Error messages start with the key path, which the tests pin.
 """
