@@ -213,11 +213,15 @@ def test_a_table_that_disagrees_with_its_record_fails_when_built() -> None:
 
 
 def test_a_row_fills_the_field_named_after_its_key() -> None:
-    decode = spec.stage
-    assert Key("maxWait", top._max_wait).targets == ("max_wait",)
-    assert Key("globalTTL", top._max_wait).targets == ("global_ttl",)
-    assert Key("includeAliasesInList", top._max_wait).targets == ("include_aliases_in_list",)
-    assert Key("models", decode).targets == ()
+    def decode(value: object, path: str, ctx: object) -> object:
+        return value
+
+    assert Key("maxWait", decode).targets == ("max_wait",)
+    assert Key("globalTTL", decode).targets == ("global_ttl",)
+    assert Key("includeAliasesInList", decode).targets == ("include_aliases_in_list",)
+    assert Key("setParamsByID", decode).targets == ("set_params_by_id",)
+    assert Key("metricsMaxInMemory", decode, ("activity_records",)).targets == ("activity_records",)
+    assert Key("models", spec.stage).targets == ()
 
 
 # llama-swap's own keys (its config reference: top level and per model). None may warn as unknown.

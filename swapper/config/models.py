@@ -47,6 +47,7 @@ from swapper.config.values import (
     _kind,
     _opt_bool,
     _opt_size,
+    _positive_seconds,
     _scalar_text,
     _seconds,
     _section,
@@ -302,13 +303,6 @@ def _model_concurrency(value: object, path: str, defaults: _Defaults) -> int:
     return limit or defaults.concurrency_limit
 
 
-def _model_max_wait(value: object, path: str, default: float) -> float:
-    max_wait = _seconds(value, path, default)
-    if max_wait <= 0:
-        raise ConfigError(f"{path}: must be greater than 0")
-    return max_wait
-
-
 def _model_memory(
     value: object, path: str, ctx: _ModelContext
 ) -> tuple[int | None, Device, tuple[int, ...] | None]:
@@ -446,7 +440,7 @@ MODEL: Section[_ModelContext] = Section(
         Key("ttl", _ttl),
         Key("unloadTimeout", lambda v, p, c: _seconds(v, p, 0.0) or c.defaults.unload_timeout),
         Key("concurrencyLimit", lambda v, p, c: _model_concurrency(v, p, c.defaults)),
-        Key("maxWait", lambda v, p, c: _model_max_wait(v, p, c.defaults.max_wait)),
+        Key("maxWait", lambda v, p, c: _positive_seconds(v, p, c.defaults.max_wait)),
         Key("sendLoadingState", lambda v, p, c: _opt_bool(v, p, c.defaults.send_loading_state)),
         Key("filters", lambda v, p, c: _parse_filters(v, p, c.warnings)),
         Key("capabilities", lambda v, p, c: _parse_capabilities(v, p)),

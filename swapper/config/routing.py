@@ -38,8 +38,8 @@ from swapper.config.values import (
     _key_text,
     _opt_bool,
     _opt_size,
+    _positive_seconds,
     _resolve,
-    _seconds,
     _section,
 )
 
@@ -230,13 +230,6 @@ def _parse_memory_settings(raw: object, path: str, warnings: list[str]) -> Memor
     return MemoryConfig(**MEMORY.decode(_section(raw, path, MEMORY, warnings), path, warnings))
 
 
-def _release_timeout(value: object, path: str, warnings: list[str]) -> float:
-    release_timeout = _seconds(value, path, _MEMORY_DEFAULTS.release_timeout)
-    if release_timeout <= 0:
-        raise ConfigError(f"{path}: must be greater than 0")
-    return release_timeout
-
-
 def _reserve(value: object, path: str, default: int | None) -> int | None:
     return default if value is None else _as_size(value, path, minimum=0)
 
@@ -332,7 +325,7 @@ check_record(MatrixConfig, [MATRIX])
 _MEMORY_DEFAULTS = MemoryConfig()
 MEMORY: Section[list[str]] = Section(
     (
-        Key("releaseTimeout", _release_timeout),
+        Key("releaseTimeout", lambda v, p, c: _positive_seconds(v, p, _MEMORY_DEFAULTS.release_timeout)),
         Key("gpuBudget", lambda v, p, c: _opt_size(v, p)),
         Key("ramBudget", lambda v, p, c: _opt_size(v, p)),
         Key("reserve", lambda v, p, c: _reserve(v, p, _MEMORY_DEFAULTS.reserve)),

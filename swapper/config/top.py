@@ -49,6 +49,7 @@ from swapper.config.values import (
     _opt_size,
     _positive_int,
     _positive_number,
+    _positive_seconds,
     _resolve,
     _seconds,
     _section,
@@ -97,13 +98,6 @@ def _concurrency_limit(value: object, path: str, ctx: TopContext) -> int:
     # Unset: admit what maxQueued allows and let the child queue, as a llama-server alone
     # would (started with --parallel N it serves N and queues the rest, never refuses).
     return concurrency or _max_queued(ctx.tree.get("maxQueued"), "maxQueued", ctx)
-
-
-def _max_wait(value: object, path: str, ctx: TopContext) -> float:
-    max_wait = _seconds(value, path, DEFAULT_MAX_WAIT)
-    if max_wait <= 0:
-        raise ConfigError(f"{path}: must be greater than 0")
-    return max_wait
 
 
 def _max_queued(value: object, path: str, ctx: TopContext) -> int:
@@ -237,7 +231,7 @@ DEFAULTS: Section[TopContext] = Section(
             "unloadTimeout", lambda v, p, c: _seconds(v, p, DEFAULT_UNLOAD_TIMEOUT) or DEFAULT_UNLOAD_TIMEOUT
         ),
         Key("concurrencyLimit", _concurrency_limit),
-        Key("maxWait", _max_wait),
+        Key("maxWait", lambda v, p, c: _positive_seconds(v, p, DEFAULT_MAX_WAIT)),
         Key("globalTTL", _secs(0.0)),
         Key("sendLoadingState", _flag(False)),
         Key("timeouts", lambda v, p, c: _decode_timeouts(v, p, _timeouts.DEFAULT, c.warnings)),

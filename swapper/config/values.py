@@ -214,6 +214,13 @@ def _seconds(value: object, path: str, default: float, *, minimum: float = 0.0) 
     return seconds
 
 
+def _positive_seconds(value: object, path: str, default: float) -> float:
+    seconds = _seconds(value, path, default)
+    if seconds <= 0:
+        raise ConfigError(f"{path}: must be greater than 0")
+    return seconds
+
+
 def _decode_timeouts(raw: object, path: str, base: Timeouts, warnings: list[str]) -> Timeouts:
     try:
         return _timeouts.decode(raw, path, base, warnings)
