@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from swapper.config.schema import Config, ConfigError, GroupConfig, ModelConfig, RoutingConfig
+from swapper.config.schema import Config, GroupConfig, ModelConfig, RoutingConfig
 from swapper.planners import PlanView
 from swapper.planners.build import make_planner
 from swapper.planners.group import DEFAULT_GROUP, GroupPlanner
@@ -125,22 +125,6 @@ def test_16_gotcha_against_default_group() -> None:
     config = _config("abc", GroupConfig("side", ("c",), swap=False, exclusive=False))
     assert _evict(config, "c", "ab") == set()
     assert _evict(config, "a", "bc") == {"b", "c"}
-
-
-def test_17_model_in_two_groups_is_an_error() -> None:
-    config = _config("ab", GroupConfig("g1", ("a",)), GroupConfig("g2", ("a", "b")))
-    with pytest.raises(ConfigError, match=r'groups\.g2: model "a" is already a member of group "g1"'):
-        GroupPlanner(config)
-
-
-def test_17_duplicate_within_a_group_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="already a member"):
-        GroupPlanner(_config("a", GroupConfig("g", ("a", "a"))))
-
-
-def test_unknown_member_is_an_error() -> None:
-    with pytest.raises(ConfigError, match='no model config for "zz"'):
-        GroupPlanner(_config("a", GroupConfig("g", ("a", "zz"))))
 
 
 # --- edges ----------------------------------------------------------------------------------------

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from swapper.config.dsl import DslError
-from swapper.config.load import load_config
-from swapper.config.schema import Config, MatrixConfig, ModelConfig, RoutingConfig
+from swapper.config.dsl import DslError, compile_matrix
+from swapper.config.load import load_config, parse_config
+from swapper.config.schema import Config, ConfigError, MatrixConfig, ModelConfig, RoutingConfig
 from swapper.planners import PlanView
 from swapper.planners.build import make_planner
-from swapper.planners.matrix import Decision, MatrixPlanner, compile_matrix, solve
+from swapper.planners.matrix import Decision, MatrixPlanner, solve
 
 
 def _model(model_id: str) -> ModelConfig:
@@ -32,8 +32,13 @@ def _config(
     costs: Mapping[str, int] | None = None,
     vars: Mapping[str, str] | None = None,
 ) -> Config:
+    """A config as the loader makes it: the matrix compiled once (DslError when it does not compile)."""
     matrix = MatrixConfig(vars=vars or {}, evict_costs=costs or {}, sets=tuple(sets))
-    return Config(models={m: _model(m) for m in models}, routing=RoutingConfig(use="matrix", matrix=matrix))
+    compiled = compile_matrix(matrix, models)
+    return Config(
+        models={m: _model(m) for m in models},
+        routing=RoutingConfig(use="matrix", matrix=matrix, compiled=compiled),
+    )
 
 
 def _planner(sets: Sequence[tuple[str, str]], **kwargs: object) -> MatrixPlanner:
@@ -75,7 +80,7 @@ def test_22_target_in_no_set_runs_alone() -> None:
     assert planner.decide("x", frozenset({"a", "b"})) == Decision("x", frozenset({"a", "b"}), None, 5)
 
 
-def test_23_and_24_compile_errors_raise_at_construction() -> None:
+def test_23_and_24_compile_errors_raise_at_compilation() -> None:
     with pytest.raises(DslError, match='set "s": unexpected character'):
         _planner([("s", "a @ b")])
     with pytest.raises(DslError, match="circular reference"):
@@ -93,10 +98,10 @@ def test_25_target_running_evicts_nothing() -> None:
     assert planner.decide("a", frozenset({"a", "b"})) == Decision("a", frozenset(), "s_ab", 0)
 
 
-def test_missing_matrix_section_is_an_error() -> None:
-    config = Config(models={"a": _model("a")}, routing=RoutingConfig(use="matrix"))
-    with pytest.raises(DslError, match="matrix is required"):
-        MatrixPlanner(config)
+def test_missing_matrix_section_is_refused_by_the_loader() -> None:
+    text = "models:\n  a:\n    cmd: svr --port ${PORT}\nrouting:\n  router:\n    use: matrix\n"
+    with pytest.raises(ConfigError, match=r"^routing\.router\.settings\.matrix: is required when"):
+        parse_config(text)
 
 
 # --- tie-breaks -----------------------------------------------------------------------------------

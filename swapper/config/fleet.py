@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from swapper.config.schema import ModelConfig, RoutingConfig
-from swapper.config.dsl import compile_matrix
-from swapper.config.keys import _NONE
+from swapper.config.keys import _STRATEGIES
 from swapper.config.models import _parse_filters, _parse_proxy
 from swapper.config.schema import (
     DEFAULT_PEER_CONCURRENCY,
@@ -39,23 +38,19 @@ from swapper.config.schema import (
     ProfileConfig,
     SelectorConfig,
 )
+from swapper.config.spec import Key, Section, check_record
+from swapper.config.timeouts import TRANSPORT_KEYS
 from swapper.config.values import (
     _as_list,
     _as_mapping,
     _as_text,
     _choice,
     _key_text,
-    _known,
     _opt_bool,
     _positive_int,
     _seconds,
+    _section,
 )
-
-STRATEGIES = ("warm", "pin", "spillover")
-_PEER_KEYS = frozenset({"proxy", "apiKey", "models", "filters", "timeouts", "concurrencyLimit"})
-# Transport knobs llama-swap has that swapper's client sets for itself: accepted, nothing to do.
-_TRANSPORT_KEYS = frozenset({"keepalive", "tlsHandshake", "expectContinue", "idleConn"})
-_SELECTOR_KEYS = frozenset({"strategy", "targets", "settings", "name", "description", "unlisted", "metadata"})
 
 
 def parse_fleet(
@@ -93,64 +88,16 @@ def _parse_peer(peer_id: str, raw: object, warnings: list[str]) -> PeerConfig:
     path = f"peers.{peer_id}"
     if not peer_id.strip():
         raise ConfigError("peers: a peer id must not be empty")
-    spec = _known(raw, path, _PEER_KEYS, _NONE, warnings)
-    if spec.get("proxy") is None:
-        raise ConfigError(f"{path}.proxy: is required")
-    names = [
-        _as_text(m, f"{path}.models[{i}]").strip() for i, m in enumerate(_as_list(spec.get("models"), path))
-    ]
-    if not names or not all(names):
-        raise ConfigError(f"{path}.models: at least one model id is required (and none may be empty)")
-    known = {"connect", "responseHeader"} | _TRANSPORT_KEYS
-    timeouts = _known(spec.get("timeouts"), f"{path}.timeouts", known, _NONE, warnings)
-    return PeerConfig(
-        id=peer_id,
-        proxy=_parse_proxy(spec["proxy"], f"{path}.proxy"),
-        models=tuple(names),
-        filters=_parse_filters(spec.get("filters"), f"{path}.filters", warnings),
-        api_key=_as_text(spec.get("apiKey"), f"{path}.apiKey").strip(),
-        connect_timeout=_seconds(
-            timeouts.get("connect"), f"{path}.timeouts.connect", DEFAULT_PEER_CONNECT_TIMEOUT
-        ),
-        response_header_timeout=_seconds(
-            timeouts.get("responseHeader"),
-            f"{path}.timeouts.responseHeader",
-            DEFAULT_PEER_RESPONSE_HEADER_TIMEOUT,
-        ),
-        concurrency_limit=_positive_int(
-            spec.get("concurrencyLimit"), f"{path}.concurrencyLimit", DEFAULT_PEER_CONCURRENCY
-        ),
-    )
+    tree = _section(raw, path, PEER, warnings)
+    return PeerConfig(id=peer_id, **PEER.decode(tree, path, warnings))
 
 
 def _parse_selector(selector_id: str, raw: object, warnings: list[str]) -> SelectorConfig:
     path = f"selectors.{selector_id}"
     if not selector_id.strip():
         raise ConfigError("selectors: selector names cannot be empty")
-    spec = _known(raw, path, _SELECTOR_KEYS, _NONE, warnings)
-    strategy = spec.get("strategy")
-    if strategy is None or strategy == "":
-        raise ConfigError(f"{path}.strategy: is required (warm, pin or spillover)")
-    strategy = _choice(strategy, f"{path}.strategy", STRATEGIES, "strategy")
-    targets = tuple(
-        _as_text(t, f"{path}.targets[{i}]").strip() for i, t in enumerate(_as_list(spec.get("targets"), path))
-    )
-    if not targets:
-        raise ConfigError(f"{path}.targets: must contain at least one entry")
-    settings = _known(spec.get("settings"), f"{path}.settings", {"spillover"}, _NONE, warnings)
-    spillover = settings.get("spillover", 1)
-    if isinstance(spillover, bool) or not isinstance(spillover, int) or spillover < 1:
-        raise ConfigError(f"{path}.settings.spillover: must be an integer >= 1")
-    return SelectorConfig(
-        id=selector_id,
-        strategy=strategy,  # type: ignore[arg-type]  # _choice returned one of STRATEGIES
-        targets=targets,
-        spillover=spillover,
-        name=_as_text(spec.get("name"), f"{path}.name").strip(),
-        description=_as_text(spec.get("description"), f"{path}.description").strip(),
-        unlisted=_opt_bool(spec.get("unlisted"), f"{path}.unlisted", False),
-        metadata=_as_mapping(spec.get("metadata"), f"{path}.metadata"),
-    )
+    tree = _section(raw, path, SELECTOR, warnings)
+    return SelectorConfig(id=selector_id, **SELECTOR.decode(tree, path, warnings))
 
 
 def _parse_profile(profile_id: str, raw: object, warnings: list[str]) -> ProfileConfig:
@@ -159,22 +106,124 @@ def _parse_profile(profile_id: str, raw: object, warnings: list[str]) -> Profile
         raise ConfigError("profiles: profile names cannot be empty")
     if isinstance(raw, list):  # llama-swap's old form: a list of models run together
         raise ConfigError(f"{path}: a list is the old form; write pins: {{requested name: target model}}")
-    spec = _known(raw, path, {"description", "pins"}, _NONE, warnings)
-    if isinstance(spec.get("pins"), list):
-        raise ConfigError(f"{path}.pins: is a mapping now (requested name: target model), not a list")
-    pins: dict[str, str] = {}
-    for key, value in _as_mapping(spec.get("pins"), f"{path}.pins").items():
-        name = _key_text(key, f"{path}.pins")
-        if not name.strip():
-            raise ConfigError(f"{path}.pins: pin names cannot be empty")
-        pins[name] = _as_text(value, f"{path}.pins.{name}").strip()
-    if not pins:
-        raise ConfigError(f"{path}.pins: must contain at least one entry")
-    return ProfileConfig(
-        id=profile_id,
-        pins=pins,
-        description=_as_text(spec.get("description"), f"{path}.description").strip(),
+    tree = _section(raw, path, PROFILE, warnings)
+    return ProfileConfig(id=profile_id, **PROFILE.decode(tree, path, warnings))
+
+
+# --- the tables: peers, selectors, profiles -------------------------------------------------------
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0]
+
+
+def _required_proxy(value: object, path: str, warnings: list[str]) -> str:
+    if value is None:
+        raise ConfigError(f"{path}: is required")
+    return _parse_proxy(value, path)
+
+
+def _peer_models(value: object, path: str, warnings: list[str]) -> tuple[str, ...]:
+    names = [_as_text(m, f"{path}[{i}]").strip() for i, m in enumerate(_as_list(value, _parent(path)))]
+    if not names or not all(names):
+        raise ConfigError(f"{path}: at least one model id is required (and none may be empty)")
+    return tuple(names)
+
+
+PEER_TIMEOUTS: Section[None] = Section(
+    (
+        Key("connect", lambda v, p, c: _seconds(v, p, DEFAULT_PEER_CONNECT_TIMEOUT), ("connect_timeout",)),
+        Key(
+            "responseHeader",
+            lambda v, p, c: _seconds(v, p, DEFAULT_PEER_RESPONSE_HEADER_TIMEOUT),
+            ("response_header_timeout",),
+        ),
+    ),
+    ignored=TRANSPORT_KEYS,
+)
+
+
+def _peer_timeouts(value: object, path: str, warnings: list[str]) -> tuple[float, float]:
+    fields = PEER_TIMEOUTS.decode(_section(value, path, PEER_TIMEOUTS, warnings), path, None)
+    return fields["connect_timeout"], fields["response_header_timeout"]
+
+
+PEER: Section[list[str]] = Section(
+    (
+        Key("proxy", _required_proxy),
+        Key("models", _peer_models),
+        Key("timeouts", _peer_timeouts, ("connect_timeout", "response_header_timeout")),
+        Key("filters", _parse_filters),
+        Key("apiKey", lambda v, p, c: _as_text(v, p).strip()),
+        Key("concurrencyLimit", lambda v, p, c: _positive_int(v, p, DEFAULT_PEER_CONCURRENCY)),
     )
+)
+check_record(PeerConfig, [PEER], ("id",))
+
+
+def _strategy(value: object, path: str, warnings: list[str]) -> str:
+    if value is None or value == "":
+        raise ConfigError(f"{path}: is required (warm, pin or spillover)")
+    return _choice(value, path, _STRATEGIES, "strategy")
+
+
+def _targets(value: object, path: str, warnings: list[str]) -> tuple[str, ...]:
+    targets = tuple(_as_text(t, f"{path}[{i}]").strip() for i, t in enumerate(_as_list(value, _parent(path))))
+    if not targets:
+        raise ConfigError(f"{path}: must contain at least one entry")
+    return targets
+
+
+def _spillover(value: object, path: str, warnings: list[str]) -> int:
+    spillover = 1 if value is None else value
+    if isinstance(spillover, bool) or not isinstance(spillover, int) or spillover < 1:
+        raise ConfigError(f"{path}: must be an integer >= 1")
+    return spillover
+
+
+SELECTOR_SETTINGS: Section[list[str]] = Section((Key("spillover", _spillover),))
+
+
+def _selector_settings(value: object, path: str, warnings: list[str]) -> int:
+    tree = _section(value, path, SELECTOR_SETTINGS, warnings)
+    return int(SELECTOR_SETTINGS.decode(tree, path, warnings)["spillover"])
+
+
+SELECTOR: Section[list[str]] = Section(
+    (
+        Key("strategy", _strategy),
+        Key("targets", _targets),
+        Key("settings", _selector_settings, ("spillover",)),
+        Key("name", lambda v, p, c: _as_text(v, p).strip()),
+        Key("description", lambda v, p, c: _as_text(v, p).strip()),
+        Key("unlisted", lambda v, p, c: _opt_bool(v, p, False)),
+        Key("metadata", lambda v, p, c: _as_mapping(v, p)),
+    )
+)
+check_record(SelectorConfig, [SELECTOR], ("id",))
+
+
+def _pins(value: object, path: str, warnings: list[str]) -> dict[str, str]:
+    if isinstance(value, list):
+        raise ConfigError(f"{path}: is a mapping now (requested name: target model), not a list")
+    pins: dict[str, str] = {}
+    for key, target in _as_mapping(value, path).items():
+        name = _key_text(key, path)
+        if not name.strip():
+            raise ConfigError(f"{path}: pin names cannot be empty")
+        pins[name] = _as_text(target, f"{path}.{name}").strip()
+    if not pins:
+        raise ConfigError(f"{path}: must contain at least one entry")
+    return pins
+
+
+PROFILE: Section[list[str]] = Section(
+    (
+        Key("pins", _pins),
+        Key("description", lambda v, p, c: _as_text(v, p).strip()),
+    )
+)
+check_record(ProfileConfig, [PROFILE], ("id",))
 
 
 def _local(name: str, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]) -> str | None:
@@ -246,11 +295,11 @@ def _check_coexistence(
     if len(targets) <= 1 or routing.use == "memory":  # the memory planner decides by measured fit
         return
     if routing.use == "matrix":
-        assert routing.matrix is not None
-        if not compile_matrix(routing.matrix, models.keys()).can_contain_all(targets):
+        assert routing.compiled is not None  # compiled at load whenever use is matrix
+        if not routing.compiled.can_contain_all(targets):
             raise ConfigError(f"{path}.targets: must all appear together in one expanded matrix set")
         return
-    group_of = {m: g for g in routing.groups for m in g.members}
+    group_of = routing.group_of()
     group = group_of.get(targets[0])
     if group is None or group.swap:
         raise ConfigError(f"{path}.targets: spillover targets must share a group with swap: false")

@@ -1,5 +1,6 @@
-"""The key tables: which keys each level accepts, which it ignores with a warning, and the
-values a few keys may take; the decoded document the stages pass along.
+"""The values a few keys may take (from the records' Literals), the patterns and the macro names
+the stages share, and the decoded document they pass along. The key tables themselves are rows
+next to their decodes (``spec``: ``top.TOP``, ``models.MODEL``, ...).
 
 Owns: nothing mutable.
 """
@@ -8,61 +9,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import get_args
 
-from swapper.config.services import SERVICE_KEYS
+from swapper.config.schema import Device, LoadingMode, LogFormat, LogLevel, LogTarget, Router, Strategy
+from swapper.config.spec import Tree
 from swapper.config.timeouts import Timeouts
 
-# --- key tables -----------------------------------------------------------------------------------
+_LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+_LOG_TARGETS: tuple[str, ...] = get_args(LogTarget)
+_LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+_LOADING_MODES: tuple[str, ...] = get_args(LoadingMode)
+_ROUTERS: tuple[str, ...] = get_args(Router)
+_DEVICES: tuple[str, ...] = get_args(Device)
+_STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
-_LogLevel = Literal["debug", "info", "warn", "error"]
-_LogTarget = Literal["proxy", "upstream", "both", "none"]
-_LogFormat = Literal["console", "json"]
-_LoadingMode = Literal["reasoning", "comments"]
-_Router = Literal["group", "matrix", "memory"]
-_Device = Literal["gpu", "cpu", "auto"]
-
-_LOG_LEVELS = ("debug", "info", "warn", "error")
-_LOG_TARGETS = ("proxy", "upstream", "both", "none")
-_LOG_FORMATS = ("console", "json")
-_LOADING_MODES = ("reasoning", "comments")
-_ROUTERS = ("group", "matrix", "memory")
-_DEVICES = ("auto", "gpu", "cpu")
-
-
-def _words(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-_TOP_KEYS = _words(
-    """
-    healthCheckTimeout logLevel logToStdout startPort macros models globalTTL unloadTimeout
-    apiKeys includeAliasesInList sendLoadingState hooks upstream routing groups matrix
-    peers profiles selectors
-    """
-) | _words(  # ours
-    "defaultModel maxBodyBytes maxQueued maxWait concurrencyLimit logFormat loadingStateMode "
-    "requestHeaderTimeout metricsMaxInMemory captureBuffer routes metricsListen routeUnknownModels "
-    "corsOrigins timeouts shutdownTimeout"
-)
-_TOP_UNSUPPORTED = _words(
-    """
-    logTimeFormat logRequests store ui performance
-    """
-)
-_MODEL_KEYS = (
-    _words(
-        """
-    cmd cmdStop proxy checkEndpoint env aliases useModelName unlisted name description metadata
-    macros ttl unloadTimeout concurrencyLimit maxWait sendLoadingState filters memory memoryEstimate
-    capabilities
-    """
-    )
-    | SERVICE_KEYS
-    | _words("timeouts")
-)
-# healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
-_MODEL_UNSUPPORTED = frozenset({"compat", "healthCheckTimeout"})
 _NONE: frozenset[str] = frozenset()
 
 _PID_ONLY = frozenset({"PID"})
@@ -89,7 +49,7 @@ Macros = list[tuple[str, Scalar]]
 class _Document:
     """The parsed top level after global macros; ``warnings`` grows while decoding continues."""
 
-    top: dict[str, Any]
+    top: Tree
     macros: Macros
     warnings: list[str]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -18,13 +18,10 @@ from swapper.config.keys import (
     _DEFAULT_PROXY,
     _DEVICES,
     _MACRO_REF_RE,
-    _MODEL_KEYS,
-    _MODEL_UNSUPPORTED,
     _NONE,
     _PID_ONLY,
     Macros,
     _Defaults,
-    _Device,
     _Document,
 )
 from swapper.config.macros import (
@@ -34,8 +31,9 @@ from swapper.config.macros import (
     _model_macros,
 )
 from swapper.config.placement import parse_devices
-from swapper.config.schema import DEFAULT_CHECK_ENDPOINT, ConfigError, Filters, ModelConfig
+from swapper.config.schema import DEFAULT_CHECK_ENDPOINT, ConfigError, Device, Filters, ModelConfig
 from swapper.config.services import SERVICE_KEYS, ServiceError, ServiceSpec, parse_service
+from swapper.config.spec import Key, Section, Tree, check_record, stages
 from swapper.config.values import (
     _as_int,
     _as_list,
@@ -47,11 +45,12 @@ from swapper.config.values import (
     _decode_timeouts,
     _key_text,
     _kind,
-    _known,
     _opt_bool,
     _opt_size,
+    _positive_seconds,
     _scalar_text,
     _seconds,
+    _section,
 )
 
 # --- models ---------------------------------------------------------------------------------------
@@ -80,7 +79,7 @@ def _prepare_model(model_id: str, raw: object, global_macros: Macros, warnings: 
     path = f"models.{model_id}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping, got {_kind(raw)}")
-    tree = _known(raw, path, _MODEL_KEYS, _MODEL_UNSUPPORTED, warnings)
+    tree = _section(raw, path, MODEL, warnings)
     if tree.get("cmd") is None and tree.get("proxy") is None:
         raise ConfigError(f"{path}.cmd: is required (or proxy alone, for a service swapper does not spawn)")
     for key in ("cmd", "cmdStop"):
@@ -136,49 +135,30 @@ def _assign_ports(trees: dict[str, dict[str, Any]], start_port: int) -> dict[str
     return ports
 
 
+@dataclass(slots=True)
+class _ModelContext:
+    """What a model row's decode may use besides its value."""
+
+    path: str  # models.<id>
+    tree: Tree
+    defaults: _Defaults
+    warnings: list[str]
+    service: ServiceSpec | None  # set when the model has no cmd (swapper does not spawn it)
+
+
 def _decode_model(
     model_id: str, tree: Mapping[str, Any], port: int | None, defaults: _Defaults, warnings: list[str]
 ) -> ModelConfig:
     path = f"models.{model_id}"
-    service = _parse_service(tree, path)
-    argv, cmd_text = ((), "") if service is not None else _parse_cmd(tree["cmd"], f"{path}.cmd")
-    estimate, device, gpus = _parse_model_memory(tree, path, warnings)
-    use_model_name = _as_text(tree.get("useModelName"), f"{path}.useModelName").strip()
+    known = MODEL.tree(tree.items())
+    ctx = _ModelContext(path, known, defaults, warnings, _parse_service(known, path))
+    decoded = MODEL.decode(known, path, ctx)
     return ModelConfig(
         id=model_id,
-        cmd=argv,
-        cmd_text=cmd_text,
-        cmd_raw=tree.get("cmd") or "",
-        proxy=_parse_proxy(tree["proxy"], f"{path}.proxy"),
-        check_endpoint=_parse_check_endpoint(tree.get("checkEndpoint"), f"{path}.checkEndpoint", warnings),
-        cmd_stop=_parse_cmd_stop(tree.get("cmdStop"), f"{path}.cmdStop"),
-        env=_parse_env(tree.get("env"), f"{path}.env"),
-        aliases=_parse_aliases(tree.get("aliases"), f"{path}.aliases", warnings),
-        use_model_name=use_model_name or None,
-        unlisted=_opt_bool(tree.get("unlisted"), f"{path}.unlisted", False),
-        name=_as_text(tree.get("name"), f"{path}.name").strip(),
-        description=_as_text(tree.get("description"), f"{path}.description").strip(),
-        metadata=_parse_metadata(tree.get("metadata"), f"{path}.metadata", warnings),
         port=port,
-        # A pinned service is never unloaded, by its TTL or anything else.
-        ttl=0.0
-        if service is not None and not service.swappable
-        else _model_ttl(tree.get("ttl"), f"{path}.ttl", defaults.global_ttl),
-        unload_timeout=_seconds(tree.get("unloadTimeout"), f"{path}.unloadTimeout", 0.0)
-        or defaults.unload_timeout,
         health_check_timeout=defaults.health_check_timeout,
-        concurrency_limit=_model_concurrency(tree.get("concurrencyLimit"), path, defaults),
-        max_wait=_model_max_wait(tree.get("maxWait"), f"{path}.maxWait", defaults.max_wait),
-        send_loading_state=_opt_bool(
-            tree.get("sendLoadingState"), f"{path}.sendLoadingState", defaults.send_loading_state
-        ),
-        filters=_parse_filters(tree.get("filters"), f"{path}.filters", warnings),
-        memory_estimate=estimate,
-        memory_device=device,
-        memory_gpus=gpus,
-        service=service,
-        capabilities=_parse_capabilities(tree.get("capabilities"), f"{path}.capabilities"),
-        timeouts=_decode_timeouts(tree.get("timeouts"), f"{path}.timeouts", defaults.timeouts, warnings),
+        service=ctx.service,
+        **decoded,
     )
 
 
@@ -294,7 +274,7 @@ def _parse_aliases(value: object, path: str, warnings: list[str]) -> tuple[str, 
         item_path = f"{path}[{i}]"
         if isinstance(item, dict):
             # Older llama-swap examples write aliases as {id, name, unlisted}; only id routes.
-            entry = _known(item, item_path, {"id"}, {"name", "unlisted"}, warnings)
+            entry = _section(item, item_path, _ALIAS, warnings)
             item = entry.get("id")
         alias = _as_text(item, item_path).strip()
         if not alias:
@@ -317,49 +297,49 @@ def _model_ttl(value: object, path: str, global_ttl: float) -> float:
 
 
 def _model_concurrency(value: object, path: str, defaults: _Defaults) -> int:
-    limit = _as_int(value, f"{path}.concurrencyLimit") if value is not None else 0
+    limit = _as_int(value, path) if value is not None else 0
     if limit < 0:
-        raise ConfigError(f"{path}.concurrencyLimit: must not be negative, got {limit}")
+        raise ConfigError(f"{path}: must not be negative, got {limit}")
     return limit or defaults.concurrency_limit
 
 
-def _model_max_wait(value: object, path: str, default: float) -> float:
-    max_wait = _seconds(value, path, default)
-    if max_wait <= 0:
-        raise ConfigError(f"{path}: must be greater than 0")
-    return max_wait
-
-
-def _parse_model_memory(
-    tree: Mapping[str, Any], path: str, warnings: list[str]
-) -> tuple[int | None, _Device, tuple[int, ...] | None]:
-    memory = _known(tree.get("memory"), f"{path}.memory", {"estimate", "device", "devices"}, _NONE, warnings)
-    if memory.get("estimate") is not None and tree.get("memoryEstimate") is not None:
-        raise ConfigError(f"{path}.memoryEstimate: give either memoryEstimate or memory.estimate, not both")
+def _model_memory(
+    value: object, path: str, ctx: _ModelContext
+) -> tuple[int | None, Device, tuple[int, ...] | None]:
+    """``memory: {estimate, device, devices}``, and the older ``memoryEstimate`` beside it."""
+    memory = _section(value, path, _MODEL_MEMORY, ctx.warnings)
+    legacy = ctx.tree.get("memoryEstimate")
+    if memory.get("estimate") is not None and legacy is not None:
+        raise ConfigError(
+            f"{ctx.path}.memoryEstimate: give either memoryEstimate or memory.estimate, not both"
+        )
     if memory.get("estimate") is not None:
-        estimate = _opt_size(memory["estimate"], f"{path}.memory.estimate")
+        estimate = _opt_size(memory["estimate"], f"{path}.estimate")
     else:
-        estimate = _opt_size(tree.get("memoryEstimate"), f"{path}.memoryEstimate")
-    device = _choice(memory.get("device"), f"{path}.memory.device", _DEVICES, "device")
+        estimate = _opt_size(legacy, f"{ctx.path}.memoryEstimate")
+    device = _choice(memory.get("device"), f"{path}.device", _DEVICES, "device")
     try:
-        gpus = parse_devices(memory.get("devices"), f"{path}.memory.devices")
+        gpus = parse_devices(memory.get("devices"), f"{path}.devices")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return estimate, cast(_Device, device), gpus
+    return estimate, cast(Device, device), gpus
 
 
 def _parse_filters(value: object, path: str, warnings: list[str]) -> Filters:
-    keys = {"stripParams", "strip_params", "setParams", "setParamsByID"}
-    spec = _known(value, path, keys, _NONE, warnings)
-    strip_key = "stripParams" if spec.get("stripParams") is not None else "strip_params"
-    by_id: dict[str, dict[Any, Any]] = {}
-    for name, params in _as_mapping(spec.get("setParamsByID"), f"{path}.setParamsByID").items():
-        by_id[name] = _without_model(params, f"{path}.setParamsByID.{name}")
-    return Filters(
-        strip_params=_parse_strip_params(spec.get(strip_key), f"{path}.{strip_key}"),
-        set_params=_without_model(spec.get("setParams"), f"{path}.setParams"),
-        set_params_by_id=by_id,
-    )
+    tree = _section(value, path, FILTERS, warnings)
+    return Filters(**FILTERS.decode(tree, path, tree))
+
+
+def _strip_params(value: object, path: str, tree: Tree) -> tuple[str, ...]:
+    if value is None:  # llama-swap's older spelling
+        value, path = tree.get("strip_params"), f"{path.rsplit('.', 1)[0]}.strip_params"
+    return _parse_strip_params(value, path)
+
+
+def _set_params_by_id(value: object, path: str, tree: Tree) -> dict[str, dict[Any, Any]]:
+    return {
+        name: _without_model(params, f"{path}.{name}") for name, params in _as_mapping(value, path).items()
+    }
 
 
 def _parse_strip_params(value: object, path: str) -> tuple[str, ...]:
@@ -416,3 +396,69 @@ def _register_by_id_aliases(
         other = owner.setdefault(name, model.id)
         if other != model.id:
             raise ConfigError(f"{path}: alias '{name}' already used by model '{other}'")
+
+
+# --- the table: each model key once ---------------------------------------------------------------
+
+
+def _cmd(value: object, path: str, ctx: _ModelContext) -> tuple[tuple[str, ...], str, str]:
+    """argv, the command as one line, and as written (a service has none)."""
+    if ctx.service is not None:
+        return (), "", ""
+    argv, text = _parse_cmd(value, path)
+    return argv, text, cast(str, value)
+
+
+def _ttl(value: object, path: str, ctx: _ModelContext) -> float:
+    # A pinned service is never unloaded, by its TTL or anything else.
+    if ctx.service is not None and not ctx.service.swappable:
+        return 0.0
+    return _model_ttl(value, path, ctx.defaults.global_ttl)
+
+
+def _text(value: object, path: str, ctx: _ModelContext) -> str:
+    return _as_text(value, path).strip()
+
+
+MODEL: Section[_ModelContext] = Section(
+    (
+        *stages(*sorted(SERVICE_KEYS)),  # a service's keys, read together by _parse_service
+        *stages("macros"),  # applied before decoding (_prepare_model)
+        Key("cmd", _cmd, ("cmd", "cmd_text", "cmd_raw")),
+        Key("memory", _model_memory, ("memory_estimate", "memory_device", "memory_gpus")),
+        *stages("memoryEstimate"),  # the older spelling of memory.estimate, read with memory
+        Key("useModelName", lambda v, p, c: _text(v, p, c) or None),
+        Key("proxy", lambda v, p, c: _parse_proxy(v, p)),
+        Key("checkEndpoint", lambda v, p, c: _parse_check_endpoint(v, p, c.warnings)),
+        Key("cmdStop", lambda v, p, c: _parse_cmd_stop(v, p)),
+        Key("env", lambda v, p, c: _parse_env(v, p)),
+        Key("aliases", lambda v, p, c: _parse_aliases(v, p, c.warnings)),
+        Key("unlisted", lambda v, p, c: _opt_bool(v, p, False)),
+        Key("name", _text),
+        Key("description", _text),
+        Key("metadata", lambda v, p, c: _parse_metadata(v, p, c.warnings)),
+        Key("ttl", _ttl),
+        Key("unloadTimeout", lambda v, p, c: _seconds(v, p, 0.0) or c.defaults.unload_timeout),
+        Key("concurrencyLimit", lambda v, p, c: _model_concurrency(v, p, c.defaults)),
+        Key("maxWait", lambda v, p, c: _positive_seconds(v, p, c.defaults.max_wait)),
+        Key("sendLoadingState", lambda v, p, c: _opt_bool(v, p, c.defaults.send_loading_state)),
+        Key("filters", lambda v, p, c: _parse_filters(v, p, c.warnings)),
+        Key("capabilities", lambda v, p, c: _parse_capabilities(v, p)),
+        Key("timeouts", lambda v, p, c: _decode_timeouts(v, p, c.defaults.timeouts, c.warnings)),
+    ),
+    # healthCheckTimeout exists per model in llama-swap's struct but is overwritten by the global one.
+    unsupported=frozenset({"compat", "healthCheckTimeout"}),
+)
+check_record(ModelConfig, [MODEL], ("id", "port", "health_check_timeout", "priority", "service"))
+
+FILTERS: Section[Tree] = Section(
+    (
+        Key("stripParams", _strip_params),
+        *stages("strip_params"),  # llama-swap's older spelling, read by stripParams
+        Key("setParams", lambda v, p, c: _without_model(v, p)),
+        Key("setParamsByID", _set_params_by_id),
+    )
+)
+check_record(Filters, [FILTERS])
+_MODEL_MEMORY: Section[None] = Section(stages("estimate", "device", "devices"))  # read by _model_memory
+_ALIAS: Section[None] = Section(stages("id"), unsupported=frozenset({"name", "unlisted"}))  # an older form

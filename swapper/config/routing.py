@@ -1,22 +1,20 @@
 """``routing:`` (and llama-swap's ``groups``/``matrix``): groups, the swap matrix's vars,
 costs and sets, memory settings, GPU limits, the scheduler's knobs.
 
-Owns: nothing mutable; decoding only (``load`` compiles the matrix).
+Owns: nothing mutable; decoding only (the matrix is compiled here, once per load).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
-from swapper.config.dsl import DslError, MatrixConfig, compile_matrix
+from swapper.config.dsl import CompiledMatrix, DslError, MatrixConfig, compile_matrix
 from swapper.config.keys import (
-    _NONE,
     _ROUTERS,
     _VAR_NAME_RE,
     _Document,
-    _Router,
 )
 from swapper.config.schema import (
     DEFAULT_GROUP,
@@ -25,8 +23,10 @@ from swapper.config.schema import (
     GroupConfig,
     MemoryConfig,
     ModelConfig,
+    Router,
     RoutingConfig,
 )
+from swapper.config.spec import Key, Section, check_record, stages
 from swapper.config.values import (
     _as_int,
     _as_list,
@@ -36,20 +36,18 @@ from swapper.config.values import (
     _as_text,
     _choice,
     _key_text,
-    _known,
     _opt_bool,
     _opt_size,
+    _positive_seconds,
     _resolve,
-    _seconds,
+    _section,
 )
 
 
-def _compile_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -> RoutingConfig:
+def _compile(matrix: MatrixConfig, models: Mapping[str, ModelConfig]) -> CompiledMatrix:
     """Compiles the swap matrix now, once: a DSL error is a config error at load, not a crash later."""
-    if routing.matrix is None:
-        return routing
     try:
-        return replace(routing, compiled=compile_matrix(routing.matrix, models))
+        return compile_matrix(matrix, models)
     except DslError as exc:
         raise ConfigError(f"routing.router.settings.matrix: {exc}") from None
 
@@ -60,33 +58,35 @@ def _compile_matrix(routing: RoutingConfig, models: Mapping[str, ModelConfig]) -
 def _parse_routing(
     doc: _Document, models: Mapping[str, ModelConfig], aliases: Mapping[str, str]
 ) -> tuple[RoutingConfig, dict[str, int]]:
-    routing = _known(doc.top.get("routing"), "routing", {"router", "scheduler"}, _NONE, doc.warnings)
+    routing = _section(doc.top.get("routing"), "routing", _ROUTING, doc.warnings)
     use, sources = _router_sources(doc.top, routing, doc.warnings)
     groups_raw, groups_path = sources["groups"]
     matrix_raw, matrix_path = sources["matrix"]
     memory_raw, memory_path = sources["memory"]
     groups = _parse_groups(groups_raw, groups_path, models, aliases, doc.warnings)
-    matrix = None
+    matrix = compiled = None
     if matrix_raw is not None and use != "matrix":
         # llama-swap never reads a matrix its router does not use; an invalid one is only news.
         try:
             matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
-            _compile_matrix(RoutingConfig(matrix=matrix), models)
+            compiled = _compile(matrix, models)
         except ConfigError as exc:
             doc.warnings.append(f"{exc} (not in use: routing.router.use is {use}; ignored)")
             matrix = None
     elif matrix_raw is not None:
         matrix = _parse_matrix(matrix_raw, matrix_path, models, aliases, doc.warnings)
+        compiled = _compile(matrix, models)
     elif use == "matrix":
         raise ConfigError(f"{matrix_path}: is required when routing.router.use is matrix")
     memory = _parse_memory_settings(memory_raw, memory_path, doc.warnings)
     priorities = _parse_scheduler(routing.get("scheduler"), models, aliases, doc.warnings)
-    return RoutingConfig(use=use, groups=groups, matrix=matrix, memory=memory), priorities
+    routing_config = RoutingConfig(use=use, groups=groups, matrix=matrix, memory=memory, compiled=compiled)
+    return routing_config, priorities
 
 
 def _router_sources(
     top: Mapping[str, Any], routing: Mapping[str, Any], warnings: list[str]
-) -> tuple[_Router, dict[str, tuple[Any, str]]]:
+) -> tuple[Router, dict[str, tuple[Any, str]]]:
     """Which router is used and where its settings come from: routing.router or legacy keys."""
     legacy = [key for key in ("groups", "matrix") if top.get(key) is not None]
     if routing.get("router") is not None:
@@ -95,13 +95,11 @@ def _router_sources(
                 f"{legacy[0]}: the legacy top-level '{legacy[0]}' key cannot be combined with a "
                 f"routing.router block; move it to routing.router.settings.{legacy[0]}"
             )
-        router = _known(routing["router"], "routing.router", {"use", "settings"}, _NONE, warnings)
+        router = _section(routing["router"], "routing.router", _ROUTER, warnings)
         use = _choice(router.get("use"), "routing.router.use", _ROUTERS, "router")
         base = "routing.router.settings"
-        settings = _known(router.get("settings"), base, {"groups", "matrix", "memory"}, _NONE, warnings)
-        return cast(_Router, use), {
-            k: (settings.get(k), f"{base}.{k}") for k in ("groups", "matrix", "memory")
-        }
+        settings = _section(router.get("settings"), base, _ROUTER_SETTINGS, warnings)
+        return cast(Router, use), {k: (settings.get(k), f"{base}.{k}") for k in _ROUTER_SETTINGS.names}
     if len(legacy) == 2:
         raise ConfigError("matrix: cannot be combined with the top-level 'groups' key; use one or the other")
     sources = {"groups": (top.get("groups"), "groups"), "matrix": (top.get("matrix"), "matrix")}
@@ -123,19 +121,9 @@ def _parse_groups(
         group_path = f"{path}.{name}"
         if name == DEFAULT_GROUP:
             raise ConfigError(f"{group_path}: the name '{DEFAULT_GROUP}' is reserved for ungrouped models")
-        spec = _known(value, group_path, {"swap", "exclusive", "persistent", "members"}, _NONE, warnings)
-        members = _group_members(
-            spec.get("members"), f"{group_path}.members", name, owner, models, aliases, warnings
-        )
-        groups.append(
-            GroupConfig(
-                name=name,
-                members=members,
-                swap=_opt_bool(spec.get("swap"), f"{group_path}.swap", True),
-                exclusive=_opt_bool(spec.get("exclusive"), f"{group_path}.exclusive", True),
-                persistent=_opt_bool(spec.get("persistent"), f"{group_path}.persistent", False),
-            )
-        )
+        ctx = _GroupContext(name, owner, models, aliases, warnings)
+        fields = GROUP.decode(_section(value, group_path, GROUP, warnings), group_path, ctx)
+        groups.append(GroupConfig(name=name, **fields))
     ungrouped = tuple(model_id for model_id in models if model_id not in owner)
     if ungrouped:
         groups.append(GroupConfig(name=DEFAULT_GROUP, members=ungrouped, swap=True, exclusive=True))
@@ -182,13 +170,8 @@ def _parse_matrix(
     aliases: Mapping[str, str],
     warnings: list[str],
 ) -> MatrixConfig:
-    spec = _known(raw, path, {"vars", "evict_costs", "sets"}, _NONE, warnings)
-    variables = _matrix_vars(spec.get("vars"), f"{path}.vars", models, aliases)
-    return MatrixConfig(
-        vars=variables,
-        evict_costs=_matrix_costs(spec.get("evict_costs"), f"{path}.evict_costs", variables, models),
-        sets=_matrix_sets(spec.get("sets"), f"{path}.sets"),
-    )
+    ctx = _MatrixContext(models, aliases)
+    return MatrixConfig(**MATRIX.decode(_section(raw, path, MATRIX, warnings), path, ctx, ctx.fields))
 
 
 def _matrix_vars(
@@ -244,21 +227,11 @@ def _matrix_sets(raw: object, path: str) -> tuple[tuple[str, str], ...]:
 
 
 def _parse_memory_settings(raw: object, path: str, warnings: list[str]) -> MemoryConfig:
-    keys = {"gpuBudget", "ramBudget", "reserve", "stateFile", "releaseTimeout", "gpus"}
-    spec = _known(raw, path, keys, _NONE, warnings)
-    defaults = MemoryConfig()
-    reserve = spec.get("reserve")
-    release_timeout = _seconds(spec.get("releaseTimeout"), f"{path}.releaseTimeout", defaults.release_timeout)
-    if release_timeout <= 0:
-        raise ConfigError(f"{path}.releaseTimeout: must be greater than 0")
-    return MemoryConfig(
-        gpu_budget=_opt_size(spec.get("gpuBudget"), f"{path}.gpuBudget"),
-        ram_budget=_opt_size(spec.get("ramBudget"), f"{path}.ramBudget"),
-        reserve=defaults.reserve if reserve is None else _as_size(reserve, f"{path}.reserve", minimum=0),
-        state_file=_as_text(spec.get("stateFile"), f"{path}.stateFile").strip() or None,
-        release_timeout=release_timeout,
-        gpus=_parse_gpu_limits(spec.get("gpus"), f"{path}.gpus", warnings),
-    )
+    return MemoryConfig(**MEMORY.decode(_section(raw, path, MEMORY, warnings), path, warnings))
+
+
+def _reserve(value: object, path: str, default: int | None) -> int | None:
+    return default if value is None else _as_size(value, path, minimum=0)
 
 
 def _parse_gpu_limits(raw: object, path: str, warnings: list[str]) -> dict[int, GpuLimits]:
@@ -267,12 +240,8 @@ def _parse_gpu_limits(raw: object, path: str, warnings: list[str]) -> dict[int, 
     for key, value in _as_mapping(raw, path).items():
         if isinstance(key, bool) or not isinstance(key, int) or key < 0:
             raise ConfigError(f"{path}: keys must be GPU indices (0, 1, ...), got {key!r}")
-        spec = _known(value, f"{path}.{key}", {"budget", "reserve"}, _NONE, warnings)
-        reserve = spec.get("reserve")
-        limits[key] = GpuLimits(
-            budget=_opt_size(spec.get("budget"), f"{path}.{key}.budget"),
-            reserve=None if reserve is None else _as_size(reserve, f"{path}.{key}.reserve", minimum=0),
-        )
+        gpu_path = f"{path}.{key}"
+        limits[key] = GpuLimits(**GPU.decode(_section(value, gpu_path, GPU, warnings), gpu_path, warnings))
     return limits
 
 
@@ -281,10 +250,10 @@ def _parse_scheduler(
 ) -> dict[str, int]:
     """Model id -> priority from routing.scheduler.settings.fifo.priority (aliases resolved)."""
     path = "routing.scheduler"
-    spec = _known(raw, path, {"use", "settings"}, _NONE, warnings)
+    spec = _section(raw, path, _SCHEDULER, warnings)
     _choice(spec.get("use"), f"{path}.use", ("fifo",), "scheduler")
-    settings = _known(spec.get("settings"), f"{path}.settings", {"fifo"}, _NONE, warnings)
-    fifo = _known(settings.get("fifo"), f"{path}.settings.fifo", {"priority"}, _NONE, warnings)
+    settings = _section(spec.get("settings"), f"{path}.settings", _SCHEDULER_SETTINGS, warnings)
+    fifo = _section(settings.get("fifo"), f"{path}.settings.fifo", _FIFO, warnings)
     priority_path = f"{path}.settings.fifo.priority"
     priorities: dict[str, int] = {}
     for key, value in _as_mapping(fifo.get("priority"), priority_path).items():
@@ -299,3 +268,76 @@ def _parse_scheduler(
             )
         priorities[model_id] = priority
     return priorities
+
+
+# --- the tables -----------------------------------------------------------------------------------
+
+# Levels that only hold other levels (their keys are read where they are decoded, above).
+_ROUTING: Section[None] = Section(stages("router", "scheduler"))
+_ROUTER: Section[None] = Section(stages("use", "settings"))
+_ROUTER_SETTINGS: Section[None] = Section(stages("groups", "matrix", "memory"))
+_SCHEDULER: Section[None] = Section(stages("use", "settings"))
+_SCHEDULER_SETTINGS: Section[None] = Section(stages("fifo"))
+_FIFO: Section[None] = Section(stages("priority"))
+
+
+@dataclass(slots=True)
+class _GroupContext:
+    group: str
+    owner: dict[str, str]  # model id -> the group it is in, across the groups decoded so far
+    models: Mapping[str, ModelConfig]
+    aliases: Mapping[str, str]
+    warnings: list[str]
+
+
+def _members(value: object, path: str, c: _GroupContext) -> tuple[str, ...]:
+    return _group_members(value, path, c.group, c.owner, c.models, c.aliases, c.warnings)
+
+
+_GROUP_DEFAULTS = GroupConfig("", ())
+GROUP: Section[_GroupContext] = Section(
+    (
+        Key("members", _members),
+        Key("swap", lambda v, p, c: _opt_bool(v, p, _GROUP_DEFAULTS.swap)),
+        Key("exclusive", lambda v, p, c: _opt_bool(v, p, _GROUP_DEFAULTS.exclusive)),
+        Key("persistent", lambda v, p, c: _opt_bool(v, p, _GROUP_DEFAULTS.persistent)),
+    )
+)
+check_record(GroupConfig, [GROUP], ("name",))
+
+
+@dataclass(slots=True)
+class _MatrixContext:
+    models: Mapping[str, ModelConfig]
+    aliases: Mapping[str, str]
+    fields: dict[str, Any] = field(default_factory=dict)  # the rows decoded so far
+
+
+MATRIX: Section[_MatrixContext] = Section(
+    (
+        Key("vars", lambda v, p, c: _matrix_vars(v, p, c.models, c.aliases)),
+        Key("evict_costs", lambda v, p, c: _matrix_costs(v, p, c.fields["vars"], c.models)),
+        Key("sets", lambda v, p, c: _matrix_sets(v, p)),
+    )
+)
+check_record(MatrixConfig, [MATRIX])
+
+_MEMORY_DEFAULTS = MemoryConfig()
+MEMORY: Section[list[str]] = Section(
+    (
+        Key("releaseTimeout", lambda v, p, c: _positive_seconds(v, p, _MEMORY_DEFAULTS.release_timeout)),
+        Key("gpuBudget", lambda v, p, c: _opt_size(v, p)),
+        Key("ramBudget", lambda v, p, c: _opt_size(v, p)),
+        Key("reserve", lambda v, p, c: _reserve(v, p, _MEMORY_DEFAULTS.reserve)),
+        Key("stateFile", lambda v, p, c: _as_text(v, p).strip() or None),
+        Key("gpus", _parse_gpu_limits),
+    )
+)
+check_record(MemoryConfig, [MEMORY])
+GPU: Section[list[str]] = Section(
+    (
+        Key("budget", lambda v, p, c: _opt_size(v, p)),
+        Key("reserve", lambda v, p, c: _reserve(v, p, None)),
+    )
+)
+check_record(GpuLimits, [GPU])

@@ -68,6 +68,16 @@ from swapper.config.kindroutes import KindRoutes
 from swapper.config.services import ServiceSpec
 from swapper.config.timeouts import Timeouts
 
+# Each set of choices is written once: the decode offers these Literals' values, in this order
+# (the first is the default where a key may be left out).
+LogLevel = Literal["debug", "info", "warn", "error"]
+LogTarget = Literal["proxy", "upstream", "both", "none"]
+LogFormat = Literal["console", "json"]
+LoadingMode = Literal["reasoning", "comments"]
+Router = Literal["group", "matrix", "memory"]
+Device = Literal["auto", "gpu", "cpu"]
+Strategy = Literal["warm", "pin", "spillover"]
+
 DEFAULT_PEER_CONNECT_TIMEOUT = 30.0  # llama-swap's peer transport defaults
 DEFAULT_PEER_RESPONSE_HEADER_TIMEOUT = 60.0
 DEFAULT_PEER_CONCURRENCY = 100  # requests in flight to one peer at once; more get 429
@@ -95,7 +105,7 @@ class ProfileConfig:
 @dataclass(frozen=True, slots=True)
 class SelectorConfig:
     id: str
-    strategy: Literal["warm", "pin", "spillover"]
+    strategy: Strategy
     targets: tuple[str, ...]
     spillover: int = 1
     name: str = ""
@@ -185,7 +195,7 @@ class ModelConfig:
     filters: Filters = field(default_factory=Filters)
     # memory planner: bytes the model is expected to need before its first measured load
     memory_estimate: int | None = None
-    memory_device: Literal["gpu", "cpu", "auto"] = "auto"
+    memory_device: Device = "auto"
     memory_gpus: tuple[int, ...] | None = None  # memory.devices: the GPUs it lives on (placement)
     service: ServiceSpec | None = None  # proxy without cmd: a service swapper does not spawn
     capabilities: capabilities.Capabilities = field(default_factory=capabilities.Capabilities)
@@ -237,13 +247,17 @@ class MemoryConfig:
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    use: Literal["group", "matrix", "memory"] = "group"
+    use: Router = "group"
     # Ends with the implicit "(default)" group holding every model in no other group, if any is.
     groups: tuple[GroupConfig, ...] = ()
     matrix: MatrixConfig | None = None
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     # ``matrix`` compiled against the models, once per load (the matrix planner's input).
     compiled: CompiledMatrix | None = None
+
+    def group_of(self) -> dict[str, GroupConfig]:
+        """Each grouped model's group; the loader has put every member in exactly one."""
+        return {member: group for group in self.groups for member in group.members}
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +266,9 @@ class Config:
     aliases: Mapping[str, str] = field(default_factory=dict)  # alias -> model id (incl. setParamsByID keys)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     health_check_timeout: float = DEFAULT_HEALTH_CHECK_TIMEOUT
-    log_level: Literal["debug", "info", "warn", "error"] = "info"
-    log_to_stdout: Literal["proxy", "upstream", "both", "none"] = "proxy"
-    log_format: Literal["console", "json"] = "console"
+    log_level: LogLevel = "info"
+    log_to_stdout: LogTarget = "proxy"
+    log_format: LogFormat = "console"
     start_port: int = DEFAULT_START_PORT
     default_model: str | None = None  # model id that requests without a model go to
     route_unknown_models: bool = False  # requests naming an unknown model go to default_model
@@ -266,7 +280,7 @@ class Config:
     cors_origins: tuple[str, ...] = ()  # corsOrigins: () echoes any Origin, ("*",) answers *, else a list
     include_aliases_in_list: bool = False
     send_loading_state: bool = False
-    loading_state_mode: Literal["reasoning", "comments"] = "reasoning"
+    loading_state_mode: LoadingMode = "reasoning"
     preload: tuple[str, ...] = ()  # model ids (aliases resolved)
     upstream_ignore_paths: tuple[str, ...] = DEFAULT_UPSTREAM_IGNORE_PATHS
     activity_records: int = DEFAULT_ACTIVITY_RECORDS  # metricsMaxInMemory; 0: no activity log

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-__all__ = ["DEFAULT", "Timeouts", "TimeoutsError", "decode"]
+__all__ = ["DEFAULT", "TRANSPORT_KEYS", "Timeouts", "TimeoutsError", "decode"]
 
 
 class TimeoutsError(ValueError):
@@ -52,7 +52,8 @@ _KEYS: Final = {
     "hung": "hung",
     "loadStall": "load_stall",
 }
-_IGNORED: Final = frozenset({"keepalive", "tlsHandshake", "expectContinue", "idleConn"})
+# llama-swap's other transport knobs: swapper's client sets its own (peers accept them too).
+TRANSPORT_KEYS: Final = frozenset({"keepalive", "tlsHandshake", "expectContinue", "idleConn"})
 
 
 def decode(raw: object, path: str, base: Timeouts, warnings: list[str]) -> Timeouts:
@@ -66,7 +67,7 @@ def decode(raw: object, path: str, base: Timeouts, warnings: list[str]) -> Timeo
     changes: dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key)
-        if name in _IGNORED:
+        if name in TRANSPORT_KEYS:
             continue
         field = _KEYS.get(name)
         if field is None:

@@ -17,6 +17,7 @@ from swapper.config.keys import (
     Scalar,
 )
 from swapper.config.schema import ConfigError, ModelConfig
+from swapper.config.spec import Section, Tree
 from swapper.config.timeouts import Timeouts
 
 # --- shared coercion helpers ----------------------------------------------------------------------
@@ -70,6 +71,11 @@ def _known(
         else:
             warnings.append(f"{key_path}: unknown key; ignored")
     return out
+
+
+def _section(raw: object, path: str, section: Section[Any], warnings: list[str]) -> Tree:
+    """``section``'s keys of a mapping (None = empty), as a Tree; one warning per other key."""
+    return section.tree(_known(raw, path, section.names, section.unsupported, warnings).items())
 
 
 def _as_mapping(value: object, path: str) -> dict[Any, Any]:
@@ -205,6 +211,13 @@ def _seconds(value: object, path: str, default: float, *, minimum: float = 0.0) 
     seconds = _as_number(value, path)
     if seconds < minimum:
         raise ConfigError(f"{path}: must be at least {minimum:g}, got {seconds:g}")
+    return seconds
+
+
+def _positive_seconds(value: object, path: str, default: float) -> float:
+    seconds = _seconds(value, path, default)
+    if seconds <= 0:
+        raise ConfigError(f"{path}: must be greater than 0")
     return seconds
 
 

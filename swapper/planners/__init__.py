@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from swapper.config.schema import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,11 @@ def coexisting(planner: Planner, model: str, models: Iterable[str]) -> tuple[str
         if not clash:
             out.append(other)
     return tuple(sorted(out))
+
+
+def pinned_of(config: Config) -> frozenset[str]:
+    """The services a planner may never stop (``ModelConfig.pinned``)."""
+    return frozenset(m for m, cfg in config.models.items() if cfg.pinned)
 
 
 class Pinning:

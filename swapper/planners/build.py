@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from swapper.config.schema import Config
 from swapper.memory.ledger import MemoryLedger
-from swapper.planners import Pinning, Planner
+from swapper.planners import Pinning, Planner, pinned_of
 from swapper.planners.group import GroupPlanner
 from swapper.planners.matrix import MatrixPlanner
 from swapper.planners.memory import MemoryPlanner
@@ -21,7 +21,7 @@ def make_planner(config: Config, *, ledger: MemoryLedger | None = None) -> Plann
     service is pinned). The memory planner reads ``ledger``, which the run loop's memory monitor
     feeds (a fresh one, holding estimates only, when none is given)."""
     planner = _make_planner(config, ledger)
-    pinned = frozenset(m for m, cfg in config.models.items() if cfg.pinned)
+    pinned = pinned_of(config)
     return Pinning(planner, pinned) if pinned else planner
 
 

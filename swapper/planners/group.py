@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from swapper.config.schema import DEFAULT_GROUP, ConfigError, GroupConfig
+from swapper.config.schema import DEFAULT_GROUP, GroupConfig
 
 if TYPE_CHECKING:
     from swapper.config.schema import Config
@@ -30,28 +30,14 @@ if TYPE_CHECKING:
 _log = structlog.get_logger("swapper.planner")
 
 
-def _index_members(config: Config) -> dict[str, GroupConfig]:
-    """Maps each member to its group; rejects unknown models and models listed twice."""
-    group_of: dict[str, GroupConfig] = {}
-    for group in config.routing.groups:
-        for member in group.members:
-            where = f"routing.router.settings.groups.{group.name}"
-            if member not in config.models:
-                raise ConfigError(f'{where}: no model config for "{member}"')
-            if member in group_of:
-                other = group_of[member].name
-                raise ConfigError(f'{where}: model "{member}" is already a member of group "{other}"')
-            group_of[member] = group
-    return group_of
-
-
 class GroupPlanner:
     """Evicts by group membership and the three group booleans (see the module docstring)."""
 
     __slots__ = ("_default", "_group_of")
 
     def __init__(self, config: Config) -> None:
-        self._group_of = _index_members(config)
+        # The loader has checked the groups (every member a model, in one group only); not again here.
+        self._group_of = config.routing.group_of()
         declared = [g for g in config.routing.groups if g.name == DEFAULT_GROUP]
         self._default = declared[0] if declared else GroupConfig(DEFAULT_GROUP, ())
 

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from swapper.config.dsl import CompiledMatrix, DslError, compile_matrix
+from swapper.config.dsl import CompiledMatrix
 
 if TYPE_CHECKING:
     from swapper.config.schema import Config
     from swapper.planners import PlanView
 
-__all__ = ["CompiledMatrix", "Decision", "DslError", "MatrixPlanner", "compile_matrix", "solve"]
+__all__ = ["Decision", "MatrixPlanner", "solve"]
 
 _log = structlog.get_logger("swapper.planner")
 
@@ -67,17 +67,16 @@ def solve(matrix: CompiledMatrix, target: str, running: frozenset[str]) -> Decis
 class MatrixPlanner:
     """Minimum-eviction-cost choice among the configured sets (see the module docstring).
 
-    Raises DslError at construction when the matrix does not compile.
+    Uses the matrix the loader compiled and checked (``RoutingConfig.compiled``); checks nothing again.
     """
 
     __slots__ = ("_cache", "_last", "matrix")
 
     def __init__(self, config: Config) -> None:
-        if config.routing.matrix is None:
-            raise DslError("routing.router.settings.matrix is required when use is matrix")
-        # Compiled once at load; a Config built by hand (tests) is compiled here.
         compiled = config.routing.compiled
-        self.matrix = compiled or compile_matrix(config.routing.matrix, config.models.keys())
+        if compiled is None:  # not a loaded config: the loader compiles the matrix when use is matrix
+            raise ValueError("MatrixPlanner needs the compiled matrix of a loaded config")
+        self.matrix = compiled
         self._cache: tuple[str, frozenset[str], Decision] | None = None
         self._last: dict[str, Decision] = {}
 

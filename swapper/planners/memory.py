@@ -35,7 +35,7 @@ import structlog
 
 from swapper.memory.ledger import Capacity, Dev, Footprint, MemoryLedger, human
 from swapper.memory.samples import Device
-from swapper.planners import PlanView, Unplaceable
+from swapper.planners import PlanView, Unplaceable, pinned_of
 
 if TYPE_CHECKING:
     from swapper.config.schema import Config
@@ -63,6 +63,7 @@ class MemoryPlanner:
         self._config = config
         self._ledger = ledger  # fed by the run loop's memory monitor; read here, never written
         self._last: dict[str, Plan] = {}
+        self._pinned = pinned_of(config)  # never candidates
 
     @property
     def ledger(self) -> MemoryLedger:
@@ -109,7 +110,7 @@ class MemoryPlanner:
                     return False
             return True
 
-        pinned = _pinned(self._config)
+        pinned = self._pinned
         order = sorted(
             (m for m in resident if m not in pinned), key=lambda m: _eviction_rank(m, view, self._config)
         )
@@ -159,10 +160,6 @@ class MemoryPlanner:
 def _eviction_rank(model: str, view: PlanView, config: Config) -> tuple[bool, int, float, str]:
     """Sort key: idle before busy, then lower priority, then least recently used."""
     return (model in view.busy, config.models[model].priority, view.last_used.get(model, 0.0), model)
-
-
-def _pinned(config: Config) -> frozenset[str]:
-    return frozenset(m for m, cfg in config.models.items() if cfg.pinned)
 
 
 def _name(dev: Dev) -> str:
