@@ -7,7 +7,9 @@ in one non-exclusive group, preloaded, waits until all three are ready, then scr
 ``--scrapes`` times one after the other and reads swapper's own CPU time (user + system, its
 threads included, its children not) before and after. The figure is CPU per scrape; the CPU the
 same process spends idle over the same wall time (the run loop's tick, the children's output) is
-measured just before and taken off.
+measured just after and taken off. A scrape also asks each ready child for its own ``/metrics``,
+so the script times the memory part alone too: ``Metrics.sample`` (the process trees, NVML) of
+the three children, ``--samples`` times, in a separate interpreter with the same checkout.
 
 ``--base DIR``: another checkout (``git worktree add /tmp/base main``) measured in the same
 rounds, alternating with this one, so both see the same machine load; the ratio is the figure to
@@ -67,8 +69,37 @@ def cpu(proc: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def measure(checkout: Path, port: int, scrapes: int, directory: Path) -> float:
-    """Seconds of swapper CPU per scrape (idle CPU over the same time taken off)."""
+SAMPLE_ONLY = """
+import asyncio, sys, time
+from swapper.core.states import ModelSnapshot, ModelStatus, State
+from swapper.observe import metrics
+pids, n = [int(p) for p in sys.argv[1].split(",")], int(sys.argv[2])
+try:  # a checkout with one sampler per process hands it in; an older one opens its own
+    from swapper.memory.gpu import SystemSampler
+    m = metrics.Metrics([], SystemSampler())
+except TypeError:
+    m = metrics.Metrics([])
+snap = {str(p): ModelSnapshot(ModelStatus(State.READY, 0, 0, None), p, 0.0) for p in pids}
+async def main():
+    await m.sample(snap)  # the first opens what later ones reuse
+    began = time.process_time()
+    for _ in range(n):
+        await m.sample(snap)
+    print((time.process_time() - began) / n)
+asyncio.run(main())
+"""
+
+
+def sample_cost(checkout: Path, pids: list[int], samples: int) -> float:
+    """CPU seconds of one ``Metrics.sample`` of ``pids``' trees, with ``checkout``'s code."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    argv = [sys.executable, "-c", SAMPLE_ONLY, ",".join(map(str, pids)), str(samples)]
+    return float(subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout)
+
+
+def measure(checkout: Path, port: int, scrapes: int, samples: int, directory: Path) -> tuple[float, float]:
+    """Seconds of swapper CPU per scrape (idle CPU over the same time taken off), and per
+    ``Metrics.sample`` of the same three children."""
     cfg = directory / "three.yaml"
     cfg.write_text(config_text(port), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(checkout), "SWAPPER_CACHE": str(directory)}
@@ -97,7 +128,8 @@ def measure(checkout: Path, port: int, scrapes: int, directory: Path) -> float:
         idle_from = cpu(proc)
         time.sleep(wall)
         idle = cpu(proc) - idle_from
-        return max(0.0, busy - idle) / scrapes
+        children = [c.pid for c in proc.children()]
+        return max(0.0, busy - idle) / scrapes, sample_cost(checkout, children, samples)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -114,21 +146,27 @@ def main() -> None:
     parser.add_argument(
         "--port", type=int, default=19200, help="swapper's port; children take the next three"
     )
+    parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--base", type=Path, help="another checkout, measured in the same rounds")
     args = parser.parse_args()
     checkouts = {"this": ROOT}
     if args.base is not None:
         checkouts["base"] = args.base.resolve()
-    results: dict[str, list[float]] = {name: [] for name in checkouts}
+    scrape: dict[str, list[float]] = {name: [] for name in checkouts}
+    sample: dict[str, list[float]] = {name: [] for name in checkouts}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             for name, checkout in checkouts.items():
-                results[name].append(measure(checkout, args.port, args.scrapes, Path(tmp)))
-    for name, values in results.items():
-        print(f"{name:5} CPU per /metrics scrape: median {statistics.median(values) * 1e6:7.0f} µs  {values}")
-    if "base" in results:
-        ratio = statistics.median(results["this"]) / statistics.median(results["base"])
-        print(f"this / base: {ratio:.2f}")
+                per_scrape, per_sample = measure(checkout, args.port, args.scrapes, args.samples, Path(tmp))
+                scrape[name].append(per_scrape)
+                sample[name].append(per_sample)
+    for what, results in (("/metrics scrape", scrape), ("Metrics.sample", sample)):
+        for name, values in results.items():
+            cells = ", ".join(f"{v * 1e6:.0f}" for v in values)
+            print(f"{name:5} CPU per {what}: median {statistics.median(values) * 1e6:7.0f} µs  [{cells}]")
+        if "base" in results:
+            ratio = statistics.median(results["this"]) / statistics.median(results["base"])
+            print(f"this / base ({what}): {ratio:.2f}")
 
 
 if __name__ == "__main__":

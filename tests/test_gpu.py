@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+from swapper.memory import gpu
 from swapper.memory.gpu import SystemSampler, open_nvml
 
 MIB = 1024 * 1024
@@ -129,7 +130,12 @@ time.sleep(60)
 """
 
 
-def test_real_sampler_measures_a_process_tree_and_sees_it_go() -> None:
+@pytest.mark.parametrize("ppid_map", ["psutil's", "process_iter"])
+def test_real_sampler_measures_a_process_tree_and_sees_it_go(
+    monkeypatch: pytest.MonkeyPatch, ppid_map: str
+) -> None:
+    if ppid_map == "process_iter":  # psutil without its private ppid table: the public way
+        monkeypatch.setattr(gpu, "_PPID_MAP", None)
     proc = subprocess.Popen(
         [sys.executable, "-c", GRANDPARENT], stdout=subprocess.PIPE, start_new_session=True
     )
