@@ -439,13 +439,13 @@ class RunLoop(LoopViews):
                 cfg,
                 self._session,
                 self._probes.setdefault(model, ProbeFacts()),
-                on_lines=lambda stream, lines: self._logs.child_lines(model, stream, lines),
+                output=self._logs.output(model),
                 on_down=lambda: self._post(ChildExited(model, child.pid or 0, -1)),
             )
         else:
             child = Child(
                 cfg,
-                on_lines=lambda stream, lines: self._logs.child_lines(model, stream, lines),
+                output=self._logs.output(model),
                 on_exit=lambda returncode: self._on_exit(cfg.id, child, returncode),
             )
         self._children[model] = child
