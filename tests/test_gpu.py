@@ -234,3 +234,10 @@ def test_a_close_during_a_hung_open_ends_the_session_once_it_answers(
     opener.join()
     assert mod.calls == ["init", "shutdown"]
     assert sampler.open() == "the sampler was closed" and sampler.sample({}, at=0.0).gpus == ()
+
+
+def test_a_closed_sampler_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = fake_pynvml(monkeypatch)
+    sampler = SystemSampler()
+    sampler.close()
+    assert sampler.open() == "the sampler was closed" and mod.calls == []

@@ -163,6 +163,8 @@ class SystemSampler:
         its GPUs simply appear in the samples from then on.
         """
         with self._lock:
+            if self._closed and not self._started:
+                return "the sampler was closed"  # a reader after shutdown opens nothing
             first, self._started = not self._started, True
         if not first:
             self._opened.wait()
