@@ -27,23 +27,34 @@ import pytest
 
 from swapper.config.schema import ModelConfig
 from swapper.core.errors import ModelLoadFailed
+from swapper.observe.logs import LogHub
 from swapper.runtime import children, process
-from swapper.runtime.children import Child, exit_reason
+from swapper.runtime.children import Child, OnLines, exit_reason
 
 MakeModel = Callable[..., ModelConfig]
 WaitUntil = Callable[..., Awaitable[None]]
 
 
 class Lines:
-    """Records on_lines calls, a line at a time, and lets a test await a line matching a pattern."""
+    """A child's output: kept in a real log hub's ring (as the run loop's are), and recorded a line
+    at a time with its stream, so a test can await a line matching a pattern. ``also`` sees each
+    read's lines as they come."""
 
-    def __init__(self) -> None:
+    def __init__(self, also: OnLines | None = None) -> None:
         self.seen: list[tuple[str, str]] = []
         self._changed = asyncio.Event()
+        self._output = LogHub().output("test")
+        self._also = also
 
     def __call__(self, stream: str, lines: list[str]) -> None:
         self.seen.extend((stream, line) for line in lines)
+        self._output(stream, lines)
+        if self._also is not None:
+            self._also(stream, lines)
         self._changed.set()
+
+    def last(self, n: int) -> list[str]:
+        return self._output.last(n)
 
     def find(self, pattern: str) -> re.Match[str] | None:
         for _, line in self.seen:
@@ -61,7 +72,7 @@ class Lines:
 
 @asynccontextmanager
 async def running(model: ModelConfig, lines: Lines, **kwargs: Any) -> AsyncIterator[Child]:
-    child = Child(model, on_lines=lines, **kwargs)
+    child = Child(model, output=lines, **kwargs)
     await child.spawn()
     try:
         yield child
@@ -104,7 +115,7 @@ async def test_lines_are_split_cleaned_and_bounded(tmp_path: Path) -> None:
         id="script", cmd=(sys.executable, "-c", script), cmd_text="", proxy="", check_endpoint=None
     )
     lines = Lines()
-    child = Child(model, on_lines=lines)
+    child = Child(model, output=lines)
     await child.spawn()
     assert await child.wait_exited() == 0
     stdout = [line for stream, line in lines.seen if stream == "stdout"]
@@ -117,18 +128,26 @@ async def test_lines_are_split_cleaned_and_bounded(tmp_path: Path) -> None:
 
 
 async def test_failing_on_line_callback_does_not_stop_reading(fake_model: MakeModel) -> None:
-    def explode(stream: str, lines: list[str]) -> None:
-        raise RuntimeError("consumer bug")
+    class Explodes(Lines):
+        exploded = False
 
-    child = Child(fake_model("alpha", "--exit-after", "0.2"), on_lines=explode)
+        def __call__(self, stream: str, lines: list[str]) -> None:
+            if not self.exploded:
+                self.exploded = True
+                raise RuntimeError("consumer bug")
+            super().__call__(stream, lines)
+
+    lines = Explodes()
+    child = Child(fake_model("alpha", "--exit-after", "0.2"), output=lines)
     await child.spawn()
     assert await child.wait_exited() == 2
+    assert lines.exploded  # the first read's lines were lost with it, and reading went on
     assert any("fake crash" in line for line in child.last_lines())
 
 
 async def test_stop_sends_sigterm_to_the_group(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("alpha"), on_lines=lines)
+    child = Child(fake_model("alpha"), output=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")  # its SIGTERM handler is installed by now
     t0 = time.monotonic()
@@ -141,7 +160,7 @@ async def test_stop_sends_sigterm_to_the_group(fake_model: MakeModel) -> None:
 
 async def test_sigterm_ignored_escalates_to_sigkill_after_grace(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("stubborn", "--ignore-sigterm"), on_lines=lines)
+    child = Child(fake_model("stubborn", "--ignore-sigterm"), output=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")  # SIGTERM is ignored from here on
     t0 = time.monotonic()
@@ -154,7 +173,7 @@ async def test_sigterm_ignored_escalates_to_sigkill_after_grace(fake_model: Make
 
 async def test_stop_kills_a_forked_grandchild(fake_model: MakeModel, wait_until: WaitUntil) -> None:
     lines = Lines()
-    child = Child(fake_model("forker", "--fork-grandchild"), on_lines=lines)
+    child = Child(fake_model("forker", "--fork-grandchild"), output=lines)
     await child.spawn()
     grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
     assert not gone(grandchild)
@@ -172,7 +191,7 @@ def test_groups_and_grandchildren_under_uvloop(fake_model: MakeModel, wait_until
 
     async def scenario() -> None:
         lines = Lines()
-        child = Child(fake_model("forker", "--fork-grandchild"), on_lines=lines)
+        child = Child(fake_model("forker", "--fork-grandchild"), output=lines)
         await child.spawn()
         grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
         assert child.pid is not None
@@ -186,7 +205,7 @@ def test_groups_and_grandchildren_under_uvloop(fake_model: MakeModel, wait_until
 
 async def test_crashed_leader_takes_its_group_with_it(fake_model: MakeModel, wait_until: WaitUntil) -> None:
     lines = Lines()
-    child = Child(fake_model("forker", "--fork-grandchild", "--exit-after", "0.3"), on_lines=lines)
+    child = Child(fake_model("forker", "--fork-grandchild", "--exit-after", "0.3"), output=lines)
     await child.spawn()
     grandchild = int((await lines.wait_for(r"GRANDCHILD (\d+)"))[1])
     # The grandchild holds the pipes open, yet the exit is reported promptly with all output.
@@ -198,7 +217,7 @@ async def test_crashed_leader_takes_its_group_with_it(fake_model: MakeModel, wai
 
 async def test_cmd_stop_replaces_pid_and_is_used_instead_of_sigterm(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("alpha", cmd_stop=("kill", "-INT", "${PID}")), on_lines=lines)
+    child = Child(fake_model("alpha", cmd_stop=("kill", "-INT", "${PID}")), output=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     assert await child.stop(grace=5.0) == 0
@@ -209,7 +228,7 @@ async def test_cmd_stop_replaces_pid_and_is_used_instead_of_sigterm(fake_model: 
 async def test_cmd_stop_that_does_nothing_is_followed_by_sigkill(fake_model: MakeModel) -> None:
     lines = Lines()
     model = fake_model("alpha", cmd_stop=(sys.executable, "-c", "print('stopping ${PID}')"))
-    child = Child(model, on_lines=lines)
+    child = Child(model, output=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     assert await child.stop(grace=0.3) == -signal.SIGKILL
@@ -218,7 +237,7 @@ async def test_cmd_stop_that_does_nothing_is_followed_by_sigkill(fake_model: Mak
 
 async def test_unrunnable_cmd_stop_falls_back_to_sigterm(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("alpha", cmd_stop=("/nonexistent/stop-it", "${PID}")), on_lines=lines)
+    child = Child(fake_model("alpha", cmd_stop=("/nonexistent/stop-it", "${PID}")), output=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     assert await child.stop(grace=5.0) in (0, -signal.SIGTERM)
@@ -229,7 +248,7 @@ async def test_missing_binary_raises_model_load_failed() -> None:
     model = ModelConfig(
         id="ghost", cmd=("/nonexistent/llama-server", "-m", "x"), cmd_text="", proxy="", check_endpoint=None
     )
-    child = Child(model, on_lines=lambda s, line: None)
+    child = Child(model, output=Lines())
     with pytest.raises(ModelLoadFailed, match=r"'ghost'.*/nonexistent/llama-server.*no such file"):
         await child.spawn()
     assert child.pid is None and not child.exited()
@@ -240,7 +259,7 @@ async def test_non_executable_binary_raises_model_load_failed(tmp_path: Path) ->
     script.write_text("#!/bin/sh\n")
     model = ModelConfig(id="noexec", cmd=(str(script),), cmd_text="", proxy="", check_endpoint=None)
     with pytest.raises(ModelLoadFailed, match="permission denied"):
-        await Child(model, on_lines=lambda s, line: None).spawn()
+        await Child(model, output=Lines()).spawn()
 
 
 async def test_a_command_is_looked_up_on_the_path_and_a_directory_is_not_run(tmp_path: Path) -> None:
@@ -248,13 +267,13 @@ async def test_a_command_is_looked_up_on_the_path_and_a_directory_is_not_run(tmp
     echo = ModelConfig(
         id="echo", cmd=("sh", "-c", "echo on the path"), cmd_text="", proxy="", check_endpoint=None
     )
-    child = Child(echo, on_lines=lines)
+    child = Child(echo, output=lines)
     await child.spawn()
     assert await child.wait_exited() == 0
     assert lines.seen == [("stdout", "on the path")]
     folder = ModelConfig(id="dir", cmd=(str(tmp_path),), cmd_text="", proxy="", check_endpoint=None)
     with pytest.raises(ModelLoadFailed, match="permission denied"):
-        await Child(folder, on_lines=lambda s, line: None).spawn()
+        await Child(folder, output=Lines()).spawn()
 
 
 async def test_model_env_is_added_to_the_environment(tmp_path: Path) -> None:
@@ -268,7 +287,7 @@ async def test_model_env_is_added_to_the_environment(tmp_path: Path) -> None:
         env=(("SWAPPER_X", "42"),),
     )
     lines = Lines()
-    child = Child(model, on_lines=lines)
+    child = Child(model, output=lines)
     await child.spawn()
     assert await child.wait_exited() == 0
     assert lines.seen == [("stdout", "42 True")]
@@ -276,7 +295,7 @@ async def test_model_env_is_added_to_the_environment(tmp_path: Path) -> None:
 
 async def test_concurrent_and_repeated_stops_share_one_outcome(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("alpha"), on_lines=lines)
+    child = Child(fake_model("alpha"), output=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     results = await asyncio.gather(child.stop(1.0), child.stop(5.0), child.stop(0.0))
@@ -287,7 +306,7 @@ async def test_concurrent_and_repeated_stops_share_one_outcome(fake_model: MakeM
 
 async def test_cancelled_stop_kills_at_once(fake_model: MakeModel) -> None:
     lines = Lines()
-    child = Child(fake_model("stubborn", "--ignore-sigterm"), on_lines=lines)
+    child = Child(fake_model("stubborn", "--ignore-sigterm"), output=lines)
     await child.spawn()
     await lines.wait_for("accepting connections")
     stopping = asyncio.ensure_future(child.stop(grace=60.0))
@@ -303,13 +322,14 @@ import asyncio, os, sys
 from swapper.runtime import process
 from swapper.runtime.children import Child
 from swapper.config.schema import ModelConfig
+from swapper.observe.logs import LogHub
 
 if os.environ.get("NO_SETPRIV"):
     process.pdeathsig_wrapper = lambda: ()  # the pre-exec hook's fallback
 
 async def main():
     model = ModelConfig(id="orphan", cmd=tuple(sys.argv[1:]), cmd_text="", proxy="", check_endpoint=None)
-    child = Child(model, on_lines=lambda stream, line: None)
+    child = Child(model, output=LogHub().output("orphan"))
     await child.spawn()
     print(child.pid, flush=True)
     await asyncio.Event().wait()
@@ -406,7 +426,7 @@ async def test_fake_server_endpoints(fake_model: MakeModel, wait_until: WaitUnti
 async def test_fake_server_crash_after_bytes(fake_model: MakeModel) -> None:
     lines = Lines()
     model = fake_model("alpha", "--crash-after-bytes", "300")
-    child = Child(model, on_lines=lines)
+    child = Child(model, output=lines)
     await child.spawn()
     async with aiohttp.ClientSession(model.proxy) as http:
         from swapper.runtime.health import wait_healthy
@@ -430,7 +450,7 @@ def test_exit_reason() -> None:
 def test_env_override_wins(fake_model: MakeModel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWAPPER_Y", "outer")
     model = replace(fake_model("alpha"), env=(("SWAPPER_Y", "inner"),))
-    assert Child(model, on_lines=lambda s, line: None).env()["SWAPPER_Y"] == "inner"
+    assert Child(model, output=Lines()).env()["SWAPPER_Y"] == "inner"
 
 
 def script_model(script: str) -> ModelConfig:
@@ -443,7 +463,7 @@ async def test_batched_output_arrives_whole_in_order_and_in_few_reads() -> None:
     # 100 lines, one every 5 ms: read eagerly, nearly every line would be its own read.
     script = "import sys, time\nfor i in range(100):\n    print(f'line {i}', flush=True); time.sleep(0.005)\n"
     reads: list[list[str]] = []  # the lines of one read come in one call
-    child = Child(script_model(script), on_lines=lambda _s, lines: reads.append(lines))
+    child = Child(script_model(script), output=Lines(lambda _s, lines: reads.append(lines)))
     await child.spawn()
     child.batch_output(0.05)
     assert await child.wait_exited() == 0
@@ -456,7 +476,7 @@ async def test_a_chatty_child_never_blocks_on_a_resting_pipe() -> None:
     # (64 KiB at most) would block it for an hour; rests shrink with the rate it fills at.
     script = "import sys\nline = 'x' * 99 + '\\n'\nfor _ in range(80_000):\n    sys.stdout.write(line)\n"
     got = collections.Counter[str]()
-    child = Child(script_model(script), on_lines=lambda _s, lines: got.update(lines))
+    child = Child(script_model(script), output=Lines(lambda _s, lines: got.update(lines)))
     await child.spawn()
     child.batch_output(3600.0)
     async with asyncio.timeout(60):
@@ -477,7 +497,7 @@ def test_a_crash_of_a_batching_child_is_seen_at_once(monkeypatch: pytest.MonkeyP
     async def scenario() -> None:
         lines = Lines()
         exited = asyncio.get_running_loop().create_future()
-        child = Child(script_model(script), on_lines=lines, on_exit=exited.set_result)
+        child = Child(script_model(script), output=lines, on_exit=exited.set_result)
         await child.spawn()
         child.batch_output(3600.0)
         await lines.wait_for("up")  # read, so the pipe now rests
@@ -504,7 +524,7 @@ async def test_a_stop_reads_batched_output_at_once(monkeypatch: pytest.MonkeyPat
         "time.sleep(60)\n"
     )
     lines = Lines()
-    child = Child(script_model(script), on_lines=lines)
+    child = Child(script_model(script), output=lines)
     await child.spawn()
     # Before the first read: the pipe rests for an hour after it, however slowly it filled.
     monkeypatch.setattr(children, "_PIPE_QUARTER", 1 << 62)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+from swapper.memory import gpu
 from swapper.memory.gpu import SystemSampler, open_nvml
 
 MIB = 1024 * 1024
@@ -128,7 +130,12 @@ time.sleep(60)
 """
 
 
-def test_real_sampler_measures_a_process_tree_and_sees_it_go() -> None:
+@pytest.mark.parametrize("ppid_map", ["psutil's", "process_iter"])
+def test_real_sampler_measures_a_process_tree_and_sees_it_go(
+    monkeypatch: pytest.MonkeyPatch, ppid_map: str
+) -> None:
+    if ppid_map == "process_iter":  # psutil without its private ppid table: the public way
+        monkeypatch.setattr(gpu, "_PPID_MAP", None)
     proc = subprocess.Popen(
         [sys.executable, "-c", GRANDPARENT], stdout=subprocess.PIPE, start_new_session=True
     )
@@ -137,7 +144,10 @@ def test_real_sampler_measures_a_process_tree_and_sees_it_go() -> None:
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
         usage = sampler.sample({"p": proc.pid}, at=0.0).children["p"]
-        assert usage.processes == 2 and usage.ram > MIB
+        assert usage.processes == 2 and usage.ram > MIB and usage.rss >= usage.ram
+        # Without the USS read (what /metrics asks for) the same tree, by resident bytes.
+        cheap = sampler.sample({"p": proc.pid}, at=0.0, private=False).children["p"]
+        assert cheap.processes == 2 and cheap.ram == cheap.rss > MIB
         group = sampler.probe(proc.pid, frozenset()).alive
         assert len(group) == 2 and proc.pid in group
     finally:
@@ -163,3 +173,71 @@ def test_an_exited_leader_is_not_sampled() -> None:
         assert sampler.sample({"z": proc.pid}, at=0.0).children == {}
     finally:
         proc.wait()
+
+
+def hung_open(monkeypatch: pytest.MonkeyPatch) -> tuple[types.SimpleNamespace, threading.Event]:
+    """A fake NVML whose nvmlInit records itself, then hangs until the returned event is set."""
+    mod = fake_pynvml(monkeypatch)
+    gate = threading.Event()
+
+    def init() -> None:
+        mod.calls.append("init")
+        gate.wait()
+
+    mod.nvmlInit = init
+    return mod, gate
+
+
+def wait_for(cond: Any) -> None:
+    deadline = time.monotonic() + 5
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_one_open_however_many_readers_ask_and_sampling_never_waits_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mod, gate = hung_open(monkeypatch)
+    sampler = SystemSampler()
+    results: list[str | None] = []
+    readers = [threading.Thread(target=lambda: results.append(sampler.open())) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        wait_for(lambda: mod.calls == ["init"])
+        assert not sampler.opened
+        sample = sampler.sample({}, at=0.0)  # while nvmlInit hangs: at once, without GPUs
+        assert sample.gpus == () and sample.nvml_error == "NVML was not opened yet"
+    finally:
+        gate.set()
+        for reader in readers:
+            reader.join()
+    assert results == [None, None, None] and mod.calls == ["init"] and sampler.opened
+    assert len(sampler.sample({}, at=0.0).gpus) == 2
+    sampler.close()
+    sampler.close()
+    assert mod.calls == ["init", "shutdown"]
+    assert sampler.sample({}, at=0.0).gpus == ()
+
+
+def test_a_close_during_a_hung_open_ends_the_session_once_it_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mod, gate = hung_open(monkeypatch)
+    sampler = SystemSampler()
+    opener = threading.Thread(target=sampler.open)
+    opener.start()
+    wait_for(lambda: mod.calls == ["init"])
+    sampler.close()  # shutdown while the driver is wedged
+    gate.set()
+    opener.join()
+    assert mod.calls == ["init", "shutdown"]
+    assert sampler.open() == "the sampler was closed" and sampler.sample({}, at=0.0).gpus == ()
+
+
+def test_a_closed_sampler_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = fake_pynvml(monkeypatch)
+    sampler = SystemSampler()
+    sampler.close()
+    assert sampler.open() == "the sampler was closed" and mod.calls == []

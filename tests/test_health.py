@@ -34,7 +34,7 @@ async def spawn() -> AsyncIterator[Spawn]:
     children: list[Child] = []
 
     async def start(model: ModelConfig) -> Child:
-        child = Child(model, on_lines=lambda stream, lines: None)
+        child = Child(model, output=Lines())
         await child.spawn()
         children.append(child)
         return child
@@ -72,7 +72,7 @@ async def test_readiness_line_triggers_an_immediate_probe(
 
 async def test_no_check_endpoint_means_ready_at_once(http: aiohttp.ClientSession) -> None:
     model = ModelConfig(id="x", cmd=("true",), cmd_text="true", proxy="", check_endpoint=None)
-    await wait_healthy(http, Child(model, on_lines=lambda s, lines: None), None, 0.001)
+    await wait_healthy(http, Child(model, output=Lines()), None, 0.001)
 
 
 async def test_exit_while_loading_fails_fast(
@@ -134,7 +134,7 @@ async def test_a_child_that_prints_while_it_loads_is_not_probed_until_it_says_it
     # QUIET_PROBE_EVERY (0.25 s) while it keeps printing, not at the silent child's 10-50 ms.
     model = fake_model("chatty", "--load-delay", "0.4", "--chatty-load", "--print-ready")
     lines = Lines()
-    child = Child(model, on_lines=lines)
+    child = Child(model, output=lines)
     await child.spawn()
     try:
         await wait_healthy(http, child, health_url(model), 10.0)

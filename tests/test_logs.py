@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from swapper.app.server import make_app
+from swapper.config.load import parse_config
 from swapper.observe import logs
 from swapper.observe.logs import RING_BYTES, LogHub, _Ring, tagged
+from tests.test_memory_real import ClientFactory, free_port, runloop
 
 
 def reference(batches: list[list[str]], tag: str = "") -> list[str]:
@@ -66,3 +70,53 @@ def test_the_hub_keeps_each_source_and_the_combined_log_in_order() -> None:
     assert hub.last_lines("a", 1) == ["two"]
     assert hub.history() == [tagged("a", "one"), tagged("a", "two"), "[swapper] mine", "[b] three"]
     assert heard == [("a", ["one", "two"]), ("swapper", ["mine"]), ("b", ["three"])]
+
+
+# ---- one ring: a spawn's view of its model's ring ----
+
+
+def test_a_spawns_output_reads_back_only_its_own_lines() -> None:
+    hub = LogHub()
+    first = hub.output("a")
+    first("stdout", ["run 1: loading", "run 1: crashed"])
+    second = hub.output("a")  # the next spawn of the same model
+    assert second.last(10) == []
+    second("stderr", ["run 2: loading"])
+    second("cmd_stop", ["run 2: stopped"])
+    assert second.last(10) == ["run 2: loading", "run 2: stopped"]
+    assert second.last(1) == ["run 2: stopped"]
+    assert first.last(10) == ["run 1: loading", "run 1: crashed", "run 2: loading", "run 2: stopped"]
+    # One copy: /logs/a shows what both spawns said, and the reports read from it.
+    assert hub.history("a") == first.last(10)
+    assert hub.added("a") == 4 and hub.added("b") == 0
+
+
+CRASHING = "import os, sys; print('run', os.getpid(), flush=True); sys.exit(1)"
+
+
+async def test_a_load_failure_reports_its_own_spawns_lines_from_the_models_ring(
+    aiohttp_client: ClientFactory,
+) -> None:
+    port = free_port()
+    config = parse_config(
+        "\n".join(
+            [
+                "healthCheckTimeout: 15",
+                "models:",
+                "  a:",
+                f'    cmd: {sys.executable} -c "{CRASHING}"',
+                f"    proxy: http://127.0.0.1:{port}",
+            ]
+        )
+    )
+    client = await aiohttp_client(make_app(config))
+    reports = []
+    for _ in range(2):  # the first failure is retried at once by the next request
+        resp = await client.post("/v1/chat/completions", json={"model": "a", "messages": []})
+        assert resp.status == 502
+        message = (await resp.json())["error"]["message"]
+        reports.append([line.strip() for line in message.split("last output:\n", 1)[1].splitlines()])
+    runs = [line for line in runloop(client).logs.history("a") if line.startswith("run ")]
+    # Two spawns in the model's one ring (what /logs/a shows); each report has its own spawn's line.
+    assert len(runs) == 2 and runs[0] != runs[1]
+    assert reports == [[runs[0]], [runs[1]]]

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from swapper.core.states import ModelSnapshot, ModelStatus, State
-from swapper.memory.gpu import GpuUsage
+from swapper.memory.gpu import GpuUsage, SystemSampler
 from swapper.observe.events import EVENTS, EventBus, Feed, Observer
 from swapper.observe.metrics import Metrics, Sample, Usage, _Families, _footprints, _gauges
 from tests.test_swapping import ClientFactory, chat, client_for, fake_config, runloop, wait_until
@@ -113,7 +113,8 @@ async def test_failed_start_and_crash_are_counted(aiohttp_client: ClientFactory)
 
 
 def test_registries_are_per_app() -> None:
-    one, two = Metrics(["a"]), Metrics(["a"])  # the global registry would refuse the second
+    # the global registry would refuse the second
+    one, two = Metrics(["a"], SystemSampler()), Metrics(["a"], SystemSampler())
     one.child_ready("a", 0.5)
     assert (
         one.registry.get_sample_value("swapper_model_starts_total", {"model": "a", "outcome": "ready"}) == 1
@@ -206,7 +207,7 @@ def test_request_series_render_as_prometheus_clients_own_would() -> None:
 
     from swapper.observe.metrics import TTFB_BUCKETS, WAIT_BUCKETS
 
-    metrics = Metrics(["a", "b"])
+    metrics = Metrics(["a", "b"], SystemSampler())
     bus = EventBus()
     bus.subscribe(metrics)
     reference = CollectorRegistry()

@@ -17,6 +17,7 @@ from aiohttp import web
 from swapper.app import preload
 from swapper.config.schema import Config
 from swapper.http import cors, peers, relay
+from swapper.memory.gpu import SystemSampler
 from swapper.observe import modelinfo
 from swapper.observe.events import EVENTS
 from swapper.observe.logs import LogHub
@@ -32,12 +33,16 @@ log = structlog.get_logger("swapper")
 
 RUNLOOP_TASK = web.AppKey("runloop_task", asyncio.Task[None])
 LOGS = web.AppKey("logs", LogHub)
+# The process's one memory sampler (one NVML session, one tree walk): the memory monitor, /metrics
+# and /v1/status read through it. Made here, closed here, once, after the run loop has ended.
+SAMPLER = web.AppKey("sampler", SystemSampler)
 
 
 def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[LOGS] = logs or LogHub()
+    app[SAMPLER] = SystemSampler()  # opens nothing until a reader needs NVML
     if config.api_keys:  # no keys, no middleware: zero per-request cost
         app.middlewares.append(auth.middleware(config.api_keys))
     cors.add_routes(
@@ -45,7 +50,7 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     )  # before add_routes: its catch-all would answer OPTIONS with 404
     upstream.add_routes(app, config)
     add_admin_routes(
-        app, app[LOGS], metrics_route=config.metrics_listen is None
+        app, app[LOGS], app[SAMPLER], metrics_route=config.metrics_listen is None
     )  # before add_routes, whose catch-all would shadow them
     add_profile_routes(app)  # before add_routes' catch-all
     app[MODEL_INFO] = modelinfo.ModelInfo(modelinfo.default_path())
@@ -62,7 +67,14 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
 
 async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
     session = relay.make_session()
-    runloop = RunLoop(app[CONFIG], session, logs=app[LOGS], events=app[EVENTS], pool=relay.pool_of(session))
+    runloop = RunLoop(
+        app[CONFIG],
+        session,
+        logs=app[LOGS],
+        events=app[EVENTS],
+        pool=relay.pool_of(session),
+        sampler=app[SAMPLER],
+    )
     app[SESSION] = session
     app[RUNLOOP] = runloop
     app[MODEL_INFO].attach(lambda: runloop.config, session)
@@ -86,3 +98,6 @@ async def _runloop_ctx(app: web.Application) -> AsyncIterator[None]:
                 await task
         await app[MODEL_INFO].close()
         await session.close()
+        # After the run loop (its monitor samples through it) and before the app's cleanup ends;
+        # a scrape still in a worker thread at worst samples without GPUs.
+        await asyncio.to_thread(app[SAMPLER].close)

@@ -52,7 +52,7 @@ class Selection:
     def wants_choice(self, name: str, config: Config) -> bool:
         """Whether a request for ``name`` must go through ``choose``: a profile pin, or a name no
         local id or alias claims that is a selector or a peer's model. Any other name is the
-        local lookup's, with its fallbacks for names llama-server ignores (``choose_model``)."""
+        local lookup's, with its fallbacks for names llama-server ignores (``http.target.choose_model``)."""
         profile = self.profile(config)
         if profile is not None and name in profile.pins:
             return True

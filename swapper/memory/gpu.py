@@ -1,12 +1,16 @@
 """Memory sampling: GPUs through NVML (``pynvml``), system RAM and process trees through psutil.
 
-Owns: the NVML session (``Nvml``); a sample's records are ``samples``'s. Holds no policy and no
-scheduling state: ``swapper.memory.monitor`` decides what a sample means.
+Owns: the NVML session (``Nvml``), one per swapper process, inside its one ``SystemSampler``:
+the memory monitor, ``/metrics`` and ``/v1/status`` all sample through it, so they see the same
+process tree of each child (walked once per sample) and the same GPUs. A sample's records are
+``samples``'s. Holds no policy and no scheduling state: ``swapper.memory.monitor`` decides what
+a sample means.
 
 Concurrency contract: every function and method here *blocks* (NVML calls, /proc reads), so
 callers run them in a worker thread (``asyncio.to_thread``), never inside a run-loop handler.
-They may run in two threads at once (the periodic sample and a stop's release probe): NVML is
-thread-safe, psutil keeps no shared state, and ``SystemSampler`` mutates nothing after ``open``.
+They may run in several threads at once (the periodic sample, a stop's release probe, scrapes):
+NVML is thread-safe, psutil keeps no shared state, and ``SystemSampler``'s only mutations (its
+one open, its close) take its lock, which is never held across an NVML call.
 
 Without NVML (no driver, no GPU, ``nvidia-ml-py`` missing) ``SystemSampler.open`` returns the
 reason and every sample simply has no GPUs; nothing here raises because a GPU is absent.
@@ -15,7 +19,8 @@ reason and every sample simply has no GPUs; nothing here raises because a GPU is
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import psutil
@@ -132,61 +137,120 @@ def _text(value: object) -> str:
 
 
 class SystemSampler:
-    """The real sampler: NVML when it opens, psutil always."""
+    """The one sampler of a swapper process: NVML when it opens, psutil always.
+
+    The memory monitor, ``/metrics`` and ``/v1/status`` all read through it, so they share one
+    NVML session and one walk of each child's process tree. Whoever makes it closes it, once.
+    """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the open/close flags, never held across nvmlInit
         self._nvml: Nvml | None = None
         self._reason: str | None = "NVML was not opened yet"
+        self._started = False  # an open was begun (by whichever reader came first)
+        self._opened = threading.Event()  # ... and has ended, with a session or a reason
+        self._closed = False
+
+    @property
+    def opened(self) -> bool:
+        """The one open has ended (with a session or with a reason): ``open`` returns at once."""
+        return self._opened.is_set()
 
     def open(self) -> str | None:
-        self._nvml, self._reason = open_nvml()
-        return self._reason
+        """Opens NVML once per sampler; a later (or concurrent) call waits for that one open.
 
-    def sample(self, children: Mapping[str, int], at: float) -> MemorySample:
+        nvmlInit can hang on a wedged driver, so callers bound their wait; if it answers later,
+        its GPUs simply appear in the samples from then on.
+        """
+        with self._lock:
+            if self._closed and not self._started:
+                return "the sampler was closed"  # a reader after shutdown opens nothing
+            first, self._started = not self._started, True
+        if not first:
+            self._opened.wait()
+            return self._reason
+        nvml, reason = open_nvml()
+        with self._lock:
+            if self._closed and nvml is not None:  # closed while nvmlInit hung: nobody reads it now
+                nvml.close()
+                nvml, reason = None, "the sampler was closed"
+            self._nvml, self._reason = nvml, reason
+        self._opened.set()
+        return reason
+
+    def sample(
+        self, children: Mapping[str, int], at: float, *, private: bool = True, gpus: bool = True
+    ) -> MemorySample:
+        """Devices and each child's tree, walked once. ``private=False`` skips the USS read (a
+        page-table walk, costly for a large model): ``ChildUsage.ram`` is then the RSS sum.
+        ``gpus=False`` leaves NVML out (a reader's fallback after an NVML error)."""
+        nvml = self._nvml if gpus else None
         vm = psutil.virtual_memory()
         # "used" as the kernel sees pressure: page cache that can be dropped counts as free.
         ram = DeviceUsage(int(vm.total), int(vm.total - vm.available))
-        gpus: tuple[GpuUsage, ...] = ()
+        devices: tuple[GpuUsage, ...] = ()
         gpu_procs: dict[int, int | None] | None = None
         by_gpu: dict[int, dict[int, int | None]] = {}
-        if self._nvml is not None:
-            gpus = self._nvml.devices()
-            by_gpu = self._nvml.processes_by_gpu()
+        if nvml is not None:
+            devices = nvml.devices()
+            by_gpu = nvml.processes_by_gpu()
             gpu_procs = _summed(by_gpu.values())
         kids = _children_map() if children else {}
         usage = {}
         for model, pid in children.items():
             tree = [pid, *_descendants(pid, kids)]
-            ram_bytes, alive = _ram_of(tree)
+            held, rss, alive = _ram_of(tree, private)
             if alive and alive[0] == pid:  # an exited leader's leftovers are no footprint
                 on = {i: used_by(tree, procs) for i, procs in by_gpu.items()}
-                held = {i: used for i, used in on.items() if used}
-                usage[model] = ChildUsage(pid, ram_bytes, gpu_used_by(tree, gpu_procs), len(alive), held)
-        return MemorySample(at, ram, gpus, usage, self._reason)
+                usage[model] = ChildUsage(
+                    pid,
+                    held,
+                    gpu_used_by(tree, gpu_procs),
+                    len(alive),
+                    {i: used for i, used in on.items() if used},
+                    rss=rss,
+                )
+        return MemorySample(at, ram, devices, usage, self._reason if gpus else "NVML left out")
 
     def probe(self, pgid: int, pids: frozenset[int]) -> ReleaseProbe:
         alive = _group_members(pgid)
         gpu_held = 0
         gpu_used = None
-        if self._nvml is not None:
-            procs = self._nvml.processes()
+        nvml = self._nvml
+        if nvml is not None:
+            procs = nvml.processes()
             gpu_held = sum(procs.get(pid) or 0 for pid in alive | pids)
-            gpu_used = sum(g.used for g in self._nvml.devices())
+            gpu_used = sum(g.used for g in nvml.devices())
         return ReleaseProbe(alive, gpu_held, gpu_used)
 
     def close(self) -> None:
-        if self._nvml is not None:
-            self._nvml.close()
-            self._nvml = None
+        """Ends the NVML session (for good: a closed sampler samples without GPUs)."""
+        with self._lock:
+            self._closed = True
+            nvml, self._nvml = self._nvml, None
+            if nvml is not None:
+                self._reason = "the sampler was closed"
+        if nvml is not None:
+            nvml.close()
+
+
+# psutil's own pid -> ppid table, the one ``Process.children()`` builds on every call: one light
+# pass over /proc, several times cheaper than ``process_iter(["ppid"])``, which makes a Process and
+# a dict per pid (docs/performance.md). Private to psutil, hence the public fallback.
+_PPID_MAP: Callable[[], dict[int, int]] | None = getattr(psutil, "_ppid_map", None)
 
 
 def _children_map() -> dict[int, list[int]]:
     """ppid -> pids, from one pass over the process table (cheaper than one pass per child)."""
     kids: dict[int, list[int]] = {}
+    if _PPID_MAP is not None:
+        for pid, ppid in _PPID_MAP().items():
+            kids.setdefault(ppid, []).append(pid)
+        return kids
     for proc in psutil.process_iter(["ppid"]):
-        ppid = proc.info.get("ppid")
-        if ppid is not None:
-            kids.setdefault(ppid, []).append(proc.pid)
+        parent = proc.info.get("ppid")
+        if parent is not None:
+            kids.setdefault(parent, []).append(proc.pid)
     return kids
 
 
@@ -200,24 +264,29 @@ def _descendants(pid: int, kids: Mapping[int, list[int]]) -> list[int]:
     return out
 
 
-def _ram_of(pids: Iterable[int]) -> tuple[int, list[int]]:
-    """(private bytes summed over ``pids``, those of them alive); zombies hold nothing."""
-    total = 0
+def _ram_of(pids: Iterable[int], private: bool) -> tuple[int, int, list[int]]:
+    """(private bytes, resident bytes, those of ``pids`` alive), summed over ``pids``; zombies
+    hold nothing. Private is USS (RSS where it cannot be read, or with ``private`` false)."""
+    held_total = rss_total = 0
     alive = []
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            try:
-                info = proc.memory_full_info()
-                held, rss = int(info.uss), int(info.rss)
-            except psutil.AccessDenied:
+            if private:
+                try:
+                    info = proc.memory_full_info()
+                    held, rss = int(info.uss), int(info.rss)
+                except psutil.AccessDenied:
+                    held = rss = int(proc.memory_info().rss)
+            else:
                 held = rss = int(proc.memory_info().rss)
         except psutil.Error:
             continue  # exited since the scan
         if rss:  # a zombie reads as all zeros
-            total += held
+            held_total += held
+            rss_total += rss
             alive.append(pid)
-    return total, alive
+    return held_total, rss_total, alive
 
 
 def used_by(pids: Iterable[int], procs: Mapping[int, int | None]) -> int:

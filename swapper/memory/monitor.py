@@ -10,9 +10,10 @@ Owns ``MemoryMonitor``, the run loop's helper for everything about memory that w
 * the bounded wait, inside a stop task, until a stopped child's memory is really free
   (llama-swap #97: the next start must not OOM on memory not given back yet).
 
-May not touch: scheduling decisions, children (it learns pids from the run loop), and the ledger
-outside the run loop's handlers (``on_sample``/``on_ready`` are called from them; the tasks here
-only read it, advisorily).
+May not touch: scheduling decisions, children (it learns pids from the run loop), the sampler's
+lifetime (it is the process's one sampler, shared with ``/metrics`` and ``/v1/status``, and closed
+by whoever made it), and the ledger outside the run loop's handlers (``on_sample``/``on_ready`` are
+called from them; the tasks here only read it, advisorily).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Any, Final
 import structlog
 
 from swapper.config.schema import Config
-from swapper.memory.gpu import SystemSampler
 from swapper.memory.ledger import Measurement, MemoryLedger, human
 from swapper.memory.samples import MemorySample, Sampler
 
@@ -238,8 +238,7 @@ class MemoryMonitor:
                     self._log_devices(sample, reason)
                 await self._persist()
         finally:
-            self._persist_now()
-            await asyncio.to_thread(self._sampler.close)
+            self._persist_now()  # the sampler is not closed here: metrics reads through it too
 
     async def _persist(self) -> None:
         if self._state_file is None or self.ledger.version == self._saved_version:
@@ -308,9 +307,11 @@ class MemoryMonitor:
         return ReleaseWatch(model, self._sampler, pid, pids, before.gpu_held, before.gpu_used, timeout)
 
 
-def make_monitor(config: Config, sampler: Sampler | None = None) -> MemoryMonitor:
-    """A monitor (and its ledger) for ``config``, restoring measured footprints from the state file."""
-    return MemoryMonitor(load_ledger(config), sampler or SystemSampler(), state_file(config))
+def make_monitor(config: Config, sampler: Sampler) -> MemoryMonitor:
+    """A monitor (and its ledger) for ``config``, restoring measured footprints from the state file.
+
+    ``sampler`` is the process's one sampler (``gpu.SystemSampler``): its maker closes it."""
+    return MemoryMonitor(load_ledger(config), sampler, state_file(config))
 
 
 def state_file(config: Config) -> Path:

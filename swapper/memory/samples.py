@@ -38,10 +38,11 @@ class ChildUsage:
     """What one child's process tree holds right now."""
 
     pid: int  # the child (leader of the tree)
-    ram: int  # USS summed over the tree (RSS where USS cannot be read)
+    ram: int  # USS summed over the tree (RSS where USS cannot be read or was not asked for)
     gpu: int | None  # NVML per-process used memory summed over the tree; None: not measurable
     processes: int
     gpus: Mapping[int, int] = field(default_factory=dict)  # GPU index -> bytes there (held only)
+    rss: int = 0  # resident bytes summed over the tree (shared pages count once per process)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,10 @@
 """Logging set-up and the per-model ring buffers behind ``/logs``.
 
 Owns: structlog configuration, and ``LogHub``: one bounded ring of recent lines per source
-(``swapper`` and each model id), a combined ring, and the listeners told of every new line.
+(``swapper`` and each model id), a combined ring, and the listeners told of every new line. A
+model's ring is the only copy swapper keeps of its children's output: ``/logs``, the crash
+report of a load that failed (through ``ChildOutput``, one spawn's view of it) and the tail logged
+when a child exits all read it.
 Console output (stderr) goes through ``console.CONSOLE``, which never blocks the event loop.
 Everything here runs on the event loop's thread; children's output arrives through ``child_lines``
 (a sync callback, with the lines of one read). Listeners are sync and must only append to
@@ -36,14 +39,16 @@ class _Ring:
     line. In the combined ring a batch carries its source's tag, put on its lines when read.
     """
 
-    __slots__ = ("_batches", "_bytes", "_sizes")
+    __slots__ = ("_batches", "_bytes", "_sizes", "added")
 
     def __init__(self) -> None:
         self._batches: deque[tuple[str, list[str]]] = deque()  # (tag, lines), oldest first
         self._sizes: deque[int] = deque()  # bytes of each batch as shown: tag, line, newline
         self._bytes = 0
+        self.added = 0  # lines ever added: a spawn's mark (``ChildOutput``)
 
     def extend(self, lines: list[str], tag: str = "") -> None:
+        self.added += len(lines)
         size = sum(map(len, lines)) + len(lines) * (1 + len(tag))
         self._batches.append((tag, lines))
         self._sizes.append(size)
@@ -91,8 +96,20 @@ class LogHub:
             return list(self._all)
         return list(self._rings.get(source, ()))
 
-    def last_lines(self, source: str, n: int) -> list[str]:
-        return list(self._rings.get(source, ()))[-n:]
+    def last_lines(self, source: str, n: int, since: int = 0) -> list[str]:
+        """The last ``n`` lines of ``source``, of those added after the ``since``-th (``added``)."""
+        ring = self._rings.get(source)
+        n = 0 if ring is None else min(n, ring.added - since)
+        return list(ring)[-n:] if ring is not None and n > 0 else []
+
+    def added(self, source: str) -> int:
+        """How many lines ``source`` has had so far."""
+        ring = self._rings.get(source)
+        return 0 if ring is None else ring.added
+
+    def output(self, model: str) -> ChildOutput:
+        """Where one spawn of ``model``'s child sends its output (see ``ChildOutput``)."""
+        return ChildOutput(self, model)
 
     def listen(self, listener: Listener) -> None:
         """Calls ``listener(source, lines)`` for the lines added from now on, as they come."""
@@ -100,6 +117,25 @@ class LogHub:
 
     def unlisten(self, listener: Listener) -> None:
         self._listeners = tuple(x for x in self._listeners if x != listener)
+
+
+class ChildOutput:
+    """One spawn's output, kept in the hub's ring of its model (the only copy): a child's
+    ``on_lines`` (``__call__``), and its ``last`` lines for a crash report, which are only this
+    spawn's (the ring also holds the model's earlier runs)."""
+
+    __slots__ = ("_hub", "_mark", "_model")
+
+    def __init__(self, hub: LogHub, model: str) -> None:
+        self._hub = hub
+        self._model = model
+        self._mark = hub.added(model)
+
+    def __call__(self, stream: str, lines: list[str]) -> None:
+        self._hub.child_lines(self._model, stream, lines)
+
+    def last(self, n: int) -> list[str]:
+        return self._hub.last_lines(self._model, n, self._mark)
 
 
 def tagged(source: str, line: str) -> str:

@@ -1,8 +1,9 @@
 """Prometheus metrics: what happened (counters, histograms) and what is (gauges read at scrape).
 
 Owns: one ``CollectorRegistry`` per app (apps and tests never share the global one), the label
-children bound per model and per (model, route), per-model activity for ``/v1/status``, and an
-NVML session opened by the first sample that looks for GPUs.
+children bound per model and per (model, route), and per-model activity for ``/v1/status``. It
+reads memory through the process's one sampler (``memory.gpu.SystemSampler``, handed in: the
+same NVML session and tree walk as the memory monitor's), which it neither owns nor closes.
 
 Recording: ``Metrics`` is an ``events.Observer``. Run-loop facts (starts, load times, unexpected
 exits) and request facts (status, queue wait, time to first byte) arrive as bus hooks on the event
@@ -16,7 +17,9 @@ names before tracking starts) and ``route`` is the matched route's template, nev
 
 The present (states, in flight, queued, memory, GPUs) is not tracked as it changes: it is read at
 scrape time from the run loop's advisory snapshot plus a sample of each child's process tree,
-taken in a worker thread because /proc and NVML reads block. Nothing samples between scrapes.
+taken in a worker thread because /proc and NVML reads block. Nothing samples between scrapes. A
+scrape waits for NVML's one open at most ``OPEN_WAIT`` seconds, once: a hung nvmlInit costs the
+first scrape that wait and later ones nothing (their samples have no GPUs until it answers).
 
 Must not touch: children or scheduler internals; it reads only the snapshot it is handed.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import threading
+import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +41,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from swapper.core.states import ModelSnapshot, State
-from swapper.memory.gpu import GpuUsage, Nvml, gpu_used_by, open_nvml
+from swapper.memory.gpu import GpuUsage, SystemSampler
+from swapper.memory.samples import MemorySample
 from swapper.observe.console import CONSOLE
 from swapper.observe.events import Observer, RequestTrack
 
@@ -54,6 +58,8 @@ TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 # Loads: a tiny model in ~0.1 s up to a 100 GB one read from a cold disk.
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 # A swap's phases: from a fraction of a millisecond (the loop's own steps) to a large model's load.
+# Seconds a scrape waits for NVML's open (once per process; nvmlInit can hang on a wedged driver).
+OPEN_WAIT = 5.0
 PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -83,6 +89,12 @@ class Sample:
     children: Mapping[str, Usage]  # model id -> usage, for children alive at sample time
     own_rss: int  # swapper's own resident bytes
     gpus: tuple[GpuUsage, ...]  # empty without NVML
+
+    @classmethod
+    def of(cls, memory: MemorySample, own_rss: int) -> Sample:
+        """What the gauges and ``/v1/status`` show of a sample (the ledger reads the same one)."""
+        children = {model: Usage(u.rss, u.gpu) for model, u in memory.children.items()}
+        return cls(children, own_rss, memory.gpus)
 
 
 class _Tally:
@@ -148,7 +160,7 @@ class _Families(Collector):
 
 
 class Metrics(Observer):
-    def __init__(self, models: Iterable[str]) -> None:
+    def __init__(self, models: Iterable[str], sampler: SystemSampler) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.starts = Counter(
@@ -196,7 +208,8 @@ class Metrics(Observer):
         self._models: dict[str, _ModelSeries] = {}
         self._routes: dict[tuple[str, str], _RouteSeries] = {}
         self._activity: dict[str, Activity] = {}
-        self._gpu = _Gpu()
+        self._sampler = sampler
+        self._waited_open = False  # a scrape waited for NVML's open once already
         self.started = time.time()  # for swapper's uptime in /v1/status
         for model in models:
             self._model(model)  # series exist at 0 from the start, so rate() sees the first event
@@ -280,7 +293,12 @@ class Metrics(Observer):
     async def sample(self, snapshot: Mapping[str, ModelSnapshot]) -> Sample:
         """Samples the running children's process trees and the GPUs, off the event loop."""
         pids = {model: snap.pid for model, snap in snapshot.items() if snap.pid is not None}
-        return await asyncio.to_thread(_sample, pids, self._gpu)
+        if not self._waited_open and not self._sampler.opened:
+            self._waited_open = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OPEN_WAIT):
+                    await asyncio.to_thread(self._sampler.open)
+        return await asyncio.to_thread(_sample, pids, self._sampler)
 
     async def render(
         self,
@@ -339,9 +357,6 @@ class Metrics(Observer):
         dropped.add_metric([], CONSOLE.dropped)
         return [requests, outcomes, wait, ttfb, dropped]
 
-    def close(self) -> None:
-        self._gpu.close()
-
 
 def _render(registry: CollectorRegistry, present: _Families) -> bytes:
     return generate_latest(registry) + generate_latest(present)
@@ -396,64 +411,13 @@ def _footprints(memory: Mapping[str, Any] | None) -> list[Metric]:
     return [footprint]
 
 
-class _Gpu:
-    """NVML, opened by the first sample (in a worker thread: nvmlInit can take a while).
-
-    Without a driver or a GPU it stays closed for good: a machine does not grow a GPU.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # two scrapes may sample at once, in two threads
-        self._nvml: Nvml | None = None
-        self._opened = False
-
-    def session(self) -> Nvml | None:
-        with self._lock:
-            if not self._opened:
-                self._opened = True
-                self._nvml, _why = open_nvml()
-            return self._nvml
-
-    def close(self) -> None:
-        with self._lock:
-            if self._nvml is not None:
-                self._nvml.close()
-                self._nvml = None
-
-
-def _sample(pids: Mapping[str, int], gpu: _Gpu) -> Sample:
+def _sample(pids: Mapping[str, int], sampler: SystemSampler) -> Sample:
     """Blocking: run in a worker thread. Logs nothing (LogHub belongs to the loop's thread)."""
-    nvml = gpu.session()
-    gpus: tuple[GpuUsage, ...] = ()
-    per_pid: Mapping[int, int | None] | None = None
-    if nvml is not None:
-        try:
-            gpus = nvml.devices()
-            per_pid = nvml.processes() if pids else None
-        except Exception:  # NVMLError (a GPU fell off the bus, driver reloaded): no GPU data now
-            gpus, per_pid = (), None
-    children = {}
-    for model, pid in pids.items():
-        tree = _tree(pid)
-        if tree:
-            children[model] = Usage(sum(rss for _, rss in tree), gpu_used_by([p for p, _ in tree], per_pid))
-    return Sample(children, _own_rss(), gpus)
-
-
-def _tree(pid: int) -> list[tuple[int, int]]:
-    """(pid, rss) for ``pid`` and its descendants alive now; empty when ``pid`` is gone."""
     try:
-        leader = psutil.Process(pid)
-        procs = [leader, *leader.children(recursive=True)]
-    except psutil.Error:
-        return []
-    out = []
-    for proc in procs:
-        try:
-            out.append((proc.pid, int(proc.memory_info().rss)))
-        except psutil.Error:
-            continue  # exited between the listing and now
-    return out
+        memory = sampler.sample(pids, time.monotonic(), private=False)
+    except Exception:  # NVMLError (a GPU fell off the bus, driver reloaded): no GPU data now
+        memory = sampler.sample(pids, time.monotonic(), private=False, gpus=False)
+    return Sample.of(memory, _own_rss())
 
 
 def _own_rss() -> int:

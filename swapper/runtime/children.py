@@ -1,17 +1,18 @@
 """One OS process per model: spawn it, hear its output, notice its exit, stop it, always reap it.
 
 Owns: the child process of one ``ModelConfig`` (a ``process.Process``: its process group and
-pipes), the last lines it printed, and the count of readiness lines it printed. Also the
-short-lived ``cmdStop`` process that ``stop()`` may run.
+pipes), and the counts of the lines and of the readiness lines it printed. Also the short-lived
+``cmdStop`` process that ``stop()`` may run. Not its lines: they go to the ``Output`` the owner
+supplies (the log hub's ring of the model, ``observe.logs.ChildOutput``), which keeps them and
+gives back the last ones for a crash report.
 
 May not touch: decisions about *when* to start or stop (the run loop makes them), other
-children, health probing (``runtime/health.py``), and log formatting (output lines go to the ``on_lines``
-callback the owner supplies).
+children, health probing (``runtime/health.py``), and log formatting.
 
 Concurrency contract: every method runs on the event-loop thread that called ``spawn()``.
 Output is read by the loop itself (callbacks, no tasks), so a child can never block on a full
-pipe while swapper is alive, whatever the consumer does; the ``on_lines`` callback is sync and
-runs inline, so it must be cheap (append to a ring buffer, log). ``stop()`` may be called any
+pipe while swapper is alive, whatever the consumer does; the ``Output`` is called synchronously,
+inline, so it must be cheap (append to a ring buffer). ``stop()`` may be called any
 number of times, concurrently, before or after the child exited.
 
 No orphans: see ``process`` (own process group, the group SIGKILLed when the leader exits, and
@@ -21,7 +22,6 @@ the reaper or PR_SET_PDEATHSIG if swapper dies).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import re
@@ -29,7 +29,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 from swapper.config.schema import ModelConfig
 from swapper.core.errors import ModelLoadFailed
@@ -51,7 +51,6 @@ READY_LINE: Final = re.compile(
 # Words every READY_LINE alternative contains (lower case): a substring test rules out nearly every
 # line far more cheaply than the case-blind regex (docs/performance.md).
 _READY_WORDS: Final = ("listening", "running on", "startup complete")
-LAST_LINES_KEPT: Final = 200
 MAX_LINE_BYTES: Final = 8192  # longer lines are split, so one runaway line cannot grow memory
 # A resting pipe is read again before it is a quarter full at the rate it last filled (Linux pipes
 # hold 64 KiB), and a rest shorter than _MIN_REST is not worth a timer.
@@ -62,6 +61,20 @@ _MIN_REST: Final = 0.001
 DRAIN_TIMEOUT: Final = 1.0
 
 OnLines = Callable[[str, list[str]], None]  # (stream, the lines read at once)
+
+
+class Output(Protocol):
+    """Where a child's output goes, and where its last lines are read back (for crash reports)."""
+
+    def __call__(self, stream: str, lines: list[str]) -> None:
+        """Takes the lines of one read (``"stdout" | "stderr" | "cmd_stop"``), in order."""
+        ...
+
+    def last(self, n: int) -> list[str]:
+        """The last ``n`` lines this child's output brought, oldest first."""
+        ...
+
+
 _OWNER: Final = owner_mark()
 OnExit = Callable[[int], None]
 
@@ -107,7 +120,6 @@ class _Pipes:
         self._batch = 0.0  # seconds to leave a pipe unread after each read (see batch_output)
         self._resting: set[int] = set()  # fds whose reading is paused until their timer fires
         self._read_at: dict[int, float] = {}  # loop time of each fd's last read, while batching
-        self.lines: collections.deque[str] = collections.deque(maxlen=LAST_LINES_KEPT)
         self.count = 0  # lines read so far
         self.proc: Process  # set by _start once spawned, before any output can arrive
 
@@ -183,7 +195,6 @@ class _Pipes:
             lines = [t for t in lines if not t.isspace()]
         if not lines:
             return
-        self.lines.extend(lines)
         self.count += len(lines)
         if not self._batch:  # batching: ready already, nobody waits
             for line in lines:
@@ -202,9 +213,9 @@ class Child:
 
     Args:
         model: what to run (``cmd``, ``env``, ``cmd_stop``).
-        on_lines: called with ``("stdout" | "stderr" | "cmd_stop", lines)`` for the non-empty lines
+        output: called with ``("stdout" | "stderr" | "cmd_stop", lines)`` for the non-empty lines
             of output read at once, in order, decoded as UTF-8 with replacement, without their
-            line endings.
+            line endings; ``last_lines`` reads them back from it.
         on_exit: called once with the return code when the child has exited and all its output
             was delivered, before ``wait_exited()`` and ``stop()`` return, whether or not a stop
             was asked; ``stop_requested`` tells an expected exit from a crash.
@@ -213,7 +224,7 @@ class Child:
     __slots__ = (
         "_model",
         "_on_exit",
-        "_on_lines",
+        "_output",
         "_pid",
         "_pipes",
         "_ready_count",
@@ -223,9 +234,9 @@ class Child:
         "first_ready_line_at",
     )
 
-    def __init__(self, model: ModelConfig, *, on_lines: OnLines, on_exit: OnExit | None = None) -> None:
+    def __init__(self, model: ModelConfig, *, output: Output, on_exit: OnExit | None = None) -> None:
         self._model = model
-        self._on_lines = on_lines
+        self._output = output
         self._on_exit = on_exit
         self._pid: int | None = None
         self._pipes: _Pipes | None = None
@@ -282,7 +293,7 @@ class Child:
         if not argv:
             raise ModelLoadFailed(f"model {self._model.id!r}: cmd is empty", retryable=False)
         try:
-            pipes = _start(argv, self.env(), self._on_lines, self._saw_ready_line)
+            pipes = _start(argv, self.env(), self._output, self._saw_ready_line)
         except FileNotFoundError:
             msg = f"model {self._model.id!r}: cannot run {argv[0]!r}: no such file"
             raise ModelLoadFailed(msg, retryable=False) from None
@@ -356,8 +367,7 @@ class Child:
         """The last ``n`` output lines (stdout and stderr interleaved), oldest first."""
         if self._pipes is None or n <= 0:
             return []
-        lines = self._pipes.lines
-        return list(lines)[-n:]
+        return self._output.last(n)
 
     def kill(self) -> None:
         """SIGKILLs the process group now, without waiting; ``wait_exited()`` still reaps."""
@@ -433,7 +443,7 @@ class Child:
         argv = [arg.replace("${PID}", str(self._pid)) for arg in self._model.cmd_stop]
 
         def on_lines(_stream: str, lines: list[str]) -> None:
-            self._on_lines("cmd_stop", lines)
+            self._output("cmd_stop", lines)
 
         try:
             return _start(argv, self.env(), on_lines, lambda: None).proc

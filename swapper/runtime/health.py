@@ -87,7 +87,7 @@ async def wait_healthy(
     Connection errors and non-200 answers are the normal state of a loading server and only
     mean "poll again". ``first_interval``/``max_interval`` bound the backoff between probes; a
     readiness line from the child cuts any wait short. With ``pool`` (the forwarding client,
-    ``proxy.pool_of``) probes go through it instead of ``session``.
+    ``relay.pool_of``) probes go through it instead of ``session``.
 
     ``stall`` (``timeouts.loadStall``; 0: none): a child that prints nothing and gives no HTTP
     answer to its probes (a 503 "loading" is one) for this long has stalled, and the load fails

@@ -47,7 +47,7 @@ from swapper.core.scheduler import Scheduler
 from swapper.core.selection import Selection
 from swapper.core.states import State
 from swapper.memory.monitor import MemoryMonitor, make_monitor
-from swapper.memory.samples import MemorySample
+from swapper.memory.samples import MemorySample, Sampler
 from swapper.observe.events import EventBus
 from swapper.observe.logs import LogHub
 from swapper.planners import Planner
@@ -84,6 +84,7 @@ class RunLoop(LoopViews):
         planner: Planner | None = None,
         events: EventBus | None = None,
         pool: H1Pool | None = None,
+        sampler: Sampler,
     ) -> None:
         self.config = config
         self._session = session
@@ -92,8 +93,10 @@ class RunLoop(LoopViews):
         self._pool = pool
         self._logs = logs or LogHub()
         self._events = events or EventBus()  # told of states, starts and exits; never awaited
-        # The run loop owns the memory monitor; the memory planner reads the ledger it feeds.
-        self._memory = make_monitor(config) if config.routing.use == "memory" else None
+        # The run loop owns the memory monitor; the memory planner reads the ledger it feeds. The
+        # sampler is the process's one (shared with /metrics and /v1/status); its maker closes it.
+        self._sampler = sampler
+        self._memory = make_monitor(config, sampler) if config.routing.use == "memory" else None
         planner = planner or make_planner(config, ledger=self._memory.ledger if self._memory else None)
         self._sched = Scheduler(config, planner, self)
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
@@ -202,7 +205,7 @@ class RunLoop(LoopViews):
         Raises what building the new planner raises (e.g. a matrix DSL error), before anything
         changes.
         """
-        memory = make_monitor(config) if config.routing.use == "memory" else None
+        memory = make_monitor(config, self._sampler) if config.routing.use == "memory" else None
         planner = make_planner(config, ledger=memory.ledger if memory else None)
         reply: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
         self._post(Reload(config, planner, reply, memory))
@@ -436,13 +439,13 @@ class RunLoop(LoopViews):
                 cfg,
                 self._session,
                 self._probes.setdefault(model, ProbeFacts()),
-                on_lines=lambda stream, lines: self._logs.child_lines(model, stream, lines),
+                output=self._logs.output(model),
                 on_down=lambda: self._post(ChildExited(model, child.pid or 0, -1)),
             )
         else:
             child = Child(
                 cfg,
-                on_lines=lambda stream, lines: self._logs.child_lines(model, stream, lines),
+                output=self._logs.output(model),
                 on_exit=lambda returncode: self._on_exit(cfg.id, child, returncode),
             )
         self._children[model] = child
@@ -571,10 +574,6 @@ class RunLoop(LoopViews):
         if release is not None:
             await release.wait_released()
         return service.stop_marks()
-
-    def _pinned(self, model: str) -> bool:
-        cfg = self.config.models.get(model)
-        return cfg is not None and cfg.pinned
 
     def _on_exit(self, model: str, child: Child | Service, returncode: int) -> None:
         if child.pid is not None and not child.stop_requested:

@@ -32,7 +32,6 @@ import math
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from yarl import URL
 from swapper.config.schema import ModelConfig
 from swapper.core.errors import ModelLoadFailed, SwapperError
 from swapper.core.phases import StopMarks
-from swapper.runtime.children import OnLines, exit_reason
+from swapper.runtime.children import Output, exit_reason
 from swapper.runtime.orphans import OWNER_ENV
 
 __all__ = ["ProbeFacts", "Service", "ServiceDown", "listener_pid"]
@@ -55,7 +54,6 @@ log = structlog.get_logger("swapper.runtime.services")
 
 PROBE_TIMEOUT: Final = 2.0
 DOWN_POLL: Final = 0.05  # after its stop command, how often a service is probed until it is down
-LINES_KEPT: Final = 50
 
 
 class ServiceDown(SwapperError):
@@ -88,7 +86,7 @@ class Service:
         session: aiohttp.ClientSession,
         facts: ProbeFacts,
         *,
-        on_lines: OnLines,
+        output: Output,
         on_down: Callable[[], None],
     ) -> None:
         assert model.service is not None
@@ -96,10 +94,10 @@ class Service:
         self._spec = model.service
         self._session = session
         self.facts = facts
-        self._on_lines = on_lines
+        self._output = output  # its start/stop commands' lines (the log hub's ring of the model)
         self._on_down = on_down
         self._pid: int | None = None
-        self._lines: deque[str] = deque(maxlen=LINES_KEPT)
+        self._lines_seen = 0
         self._ended = asyncio.Event()  # stopped or forgotten
         self._stop_requested = False
         self._stop: asyncio.Future[int] | None = None
@@ -136,7 +134,7 @@ class Service:
 
     @property
     def lines_seen(self) -> int:
-        return len(self._lines)
+        return self._lines_seen
 
     @property
     def ready_lines_seen(self) -> int:
@@ -149,7 +147,7 @@ class Service:
         await self._ended.wait()  # a service prints nothing swapper reads: only its end wakes this
 
     def last_lines(self, n: int = 20) -> list[str]:
-        return list(self._lines)[-n:] if n > 0 else []
+        return self._output.last(n) if n > 0 else []
 
     def batch_output(self, seconds: float) -> None:
         pass  # no output to batch
@@ -181,8 +179,8 @@ class Service:
         if rc != 0:
             how = exit_reason(rc) if rc is not None else "timed out"
             msg = f"service '{self._model.id}': start command {how}"
-            if self._lines:
-                msg += "; last output:\n" + "\n".join(f"  {line}" for line in self.last_lines(10))
+            if lines := self.last_lines(10):
+                msg += "; last output:\n" + "\n".join(f"  {line}" for line in lines)
             raise ModelLoadFailed(msg)
 
     async def find_pid(self) -> None:
@@ -308,8 +306,8 @@ class Service:
             raise
         lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.strip()]
         if lines:
-            self._lines.extend(lines)
-            self._on_lines(what, lines)
+            self._lines_seen += len(lines)
+            self._output(what, lines)
         return proc.returncode
 
 

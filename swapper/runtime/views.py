@@ -75,6 +75,10 @@ class LoopViews:
     def logs(self) -> LogHub:
         return self._logs
 
+    def _pinned(self, model: str) -> bool:
+        cfg = self.config.models.get(model)
+        return cfg is not None and cfg.pinned
+
     def _pid(self, model: str) -> int | None:
         child = self._children.get(model)
         return child.pid if child else None

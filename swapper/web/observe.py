@@ -32,6 +32,7 @@ from swapper.config import capabilities
 from swapper.config.schema import Config, MemoryConfig
 from swapper.core.errors import BadRequest
 from swapper.core.states import State
+from swapper.memory.gpu import SystemSampler
 from swapper.memory.samples import GpuUsage
 from swapper.observe.activity import ACTIVITY, ActivityLog
 from swapper.observe.events import EVENTS, EventBus, Feed, RequestTrack
@@ -48,10 +49,13 @@ SWAPPER_IDS = frozenset({SWAPPER, "proxy"})  # "proxy" is llama-swap's name for 
 T = TypeVar("T")
 
 
-def add_admin_routes(app: web.Application, logs: LogHub, *, metrics_route: bool = True) -> None:
-    """Creates the app's bus and metrics, wires ``logs`` into the bus, and adds the routes."""
+def add_admin_routes(
+    app: web.Application, logs: LogHub, sampler: SystemSampler, *, metrics_route: bool = True
+) -> None:
+    """Creates the app's bus and metrics (which read memory through ``sampler``, the process's one:
+    its maker closes it), wires ``logs`` into the bus, and adds the routes."""
     bus = EventBus()
-    metrics = Metrics(app[CONFIG].models)
+    metrics = Metrics(app[CONFIG].models, sampler)
     bus.subscribe(metrics)
     logs.listen(bus.log_lines)
     app[EVENTS] = bus
@@ -62,7 +66,6 @@ def add_admin_routes(app: web.Application, logs: LogHub, *, metrics_route: bool 
 
     async def release(app: web.Application) -> None:
         logs.unlisten(bus.log_lines)
-        metrics.close()
 
     app.on_shutdown.append(close_streams)
     app.on_cleanup.append(release)
