@@ -181,6 +181,27 @@ async def test_401_carries_the_origin_for_browsers(aiohttp_client: ClientFactory
     assert resp.headers["Access-Control-Allow-Origin"] == "http://ui.example"
 
 
+@pytest.mark.parametrize(
+    ("setting", "origin", "allowed"),
+    [
+        ('["http://ui.example"]', "http://evil.example", None),
+        ('["http://ui.example"]', "http://ui.example", "http://ui.example"),
+        ('"*"', "http://evil.example", "*"),
+    ],
+)
+async def test_401_follows_cors_origins(
+    aiohttp_client: ClientFactory, setting: str, origin: str, allowed: str | None
+) -> None:
+    """The 401's Allow-Origin is the same policy as every other answer: with ``corsOrigins`` set,
+    a page from another origin must not be told it may read the refusal."""
+    config = ops_config({"m": ""}, f"apiKeys: [{KEY}]\ncorsOrigins: {setting}")
+    client = await aiohttp_client(make_app(config))
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+        resp = await client.request(method, path, headers={"Origin": origin}, json={"model": "m"})
+        assert resp.status == 401
+        assert resp.headers.get("Access-Control-Allow-Origin") == allowed, (method, path)
+
+
 async def test_keyed_model_request_reaches_upstream_with_its_key(aiohttp_client: ClientFactory) -> None:
     client = await aiohttp_client(make_app(keyed_config()))
     resp = await client.post("/tokenize", json={"model": "m", "content": "hi"}, headers={"x-api-key": KEY})
