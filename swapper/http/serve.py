@@ -26,7 +26,7 @@ from swapper.http.target import Target, resolve
 from swapper.observe.events import EVENTS, RequestTrack, track_request
 from swapper.runtime.runloop import RunLoop
 
-__all__ = ["answer_response", "error_response", "model_request", "passthrough", "relay_plain", "routed"]
+__all__ = ["answer_response", "error_response", "forward", "model_request", "passthrough", "routed"]
 
 
 def error_response(err: SwapperError) -> web.Response:
@@ -100,43 +100,10 @@ async def _serve_local(
     )
     track = ex.track = track_request(request, ex.req_id, model)
     track.selector = target.choice.selector if target.choice is not None else None
-    preamble: LoadingStream | None = None
-    relaying = False
-    try:
-        if wanted.stream and wants_loading_state(config, cfg, request.path):
-            preamble = LoadingStream(request, model, config.loading_state_mode)
-            ex.granted(await acquire_with_preamble(ex, preamble))
-            if preamble.response.prepared:
-                # Its headers are out and carry no Content-Encoding: ask for an unencoded body.
-                ex.headers = relay.upstream_headers(request.raw_headers, identity=True)
-            else:
-                preamble = None  # served at once: the upstream's own headers go out
-        else:
-            ex.granted(await ex.acquire())
-        track.granted()
-        upstream = await ex.send()
-        relaying = True
-        relayed = await relay.relay(request, upstream, preamble.response if preamble else None, track.capture)
-        track.tail = relayed.tail
-        if relayed.broken:
-            track.outcome = "upstream_error"
-        return relayed.response
-    except SwapperError as err:
-        track.failed(err.status, outcome_of(err))
-        if preamble is not None and preamble.response.prepared:
-            await preamble.fail(err)
-            return preamble.response
-        return error_response(err)
-    except asyncio.CancelledError:
-        if (cut := _cut_before_answer(ex, relaying)) is None:
-            raise
-        track.failed(cut.status, outcome_of(cut))
-        if preamble is not None and preamble.response.prepared:
-            await preamble.fail(cut)
-            return preamble.response
-        return error_response(cut)
-    finally:
-        ex.finish()
+    preamble = None
+    if wanted.stream and wants_loading_state(config, cfg, request.path):
+        preamble = LoadingStream(request, model, config.loading_state_mode)
+    return await forward(request, ex, track, preamble)
 
 
 async def routed(
@@ -173,7 +140,7 @@ async def routed(
         track = ex.track = track_request(request, ex.req_id, route.model)
     else:  # labelled by the route's path, not aiohttp's catch-all
         track = ex.track = bus.track(ex.req_id, route.model, route.path, request.method, request.path)
-    return await relay_plain(request, ex, track)
+    return await forward(request, ex, track)
 
 
 async def passthrough(
@@ -201,33 +168,54 @@ async def passthrough(
     except SwapperError as err:
         return error_response(err)
     ex.track = track_request(request, ex.req_id, model)  # metrics and /api/events
-    return await relay_plain(request, ex, ex.track)
+    return await forward(request, ex, ex.track)
 
 
-async def relay_plain(request: web.Request, ex: Exchange, track: RequestTrack) -> web.StreamResponse:
-    """Lease, send and relay with no loading preamble: requests whose body swapper forwards as
-    it is (``/upstream``, kind routes)."""
+async def forward(
+    request: web.Request, ex: Exchange, track: RequestTrack, preamble: LoadingStream | None = None
+) -> web.StreamResponse:
+    """Lease, send and relay. With ``preamble``, the loading state streams while the model loads
+    and the answer follows on the same response; without, the body goes as swapper shaped it, or
+    as it came (``/upstream``, kind routes)."""
     relaying = False
     try:
-        ex.granted(await ex.acquire())
+        if preamble is not None:
+            ex.granted(await acquire_with_preamble(ex, preamble))
+            if preamble.response.prepared:
+                # Its headers are out and carry no Content-Encoding: ask for an unencoded body.
+                ex.headers = relay.upstream_headers(request.raw_headers, identity=True)
+            else:
+                preamble = None  # served at once: the upstream's own headers go out
+        else:
+            ex.granted(await ex.acquire())
         track.granted()
         upstream = await ex.send()
         relaying = True
-        relayed = await relay.relay(request, upstream, capture=track.capture)
+        relayed = await relay.relay(request, upstream, preamble.response if preamble else None, track.capture)
         track.tail = relayed.tail
         if relayed.broken:
             track.outcome = "upstream_error"
         return relayed.response
     except SwapperError as err:
-        track.failed(err.status, outcome_of(err))
-        return error_response(err)
+        return await _failed(track, err, preamble)
     except asyncio.CancelledError:
         if (cut := _cut_before_answer(ex, relaying)) is None:
             raise
-        track.failed(cut.status, outcome_of(cut))
-        return error_response(cut)
+        return await _failed(track, cut, preamble)
     finally:
         ex.finish()
+
+
+async def _failed(
+    track: RequestTrack, err: SwapperError, preamble: LoadingStream | None
+) -> web.StreamResponse:
+    """The answer to a request that failed before its upstream answered: an error response, or the
+    loading stream's error event when its headers are already out."""
+    track.failed(err.status, outcome_of(err))
+    if preamble is not None and preamble.response.prepared:
+        await preamble.fail(err)
+        return preamble.response
+    return error_response(err)
 
 
 def _cut_before_answer(ex: Exchange, relaying: bool) -> SwapperError | None:
