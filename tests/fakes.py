@@ -35,11 +35,11 @@ class FakeEffects:
     gone: set[int] = field(default_factory=set)  # requesters that left: grant() returns False
     log: list[str] = field(default_factory=list)
 
-    def start(self, model: str, start_id: int) -> None:
+    def start_child(self, model: str, start_id: int) -> None:
         self.starts.append((model, start_id))
         self.log.append(f"start {model}")
 
-    def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
+    def stop_child(self, model: str, grace: float, *, cut: bool = True) -> None:
         self.stops.append(model)
         self.log.append(f"stop {model}")
 

@@ -306,7 +306,7 @@ class World:
 
     # ---- Effects ----
 
-    def start(self, model: str, start_id: int) -> None:
+    def start_child(self, model: str, start_id: int) -> None:
         assert model not in self.loading and model not in self.up and model not in self.stopping, model
         for other in self.conflicts[model]:
             assert other not in self.loading and other not in self.up and other not in self.stopping, (
@@ -318,7 +318,7 @@ class World:
             assert self.now >= self.last_failure[model] + window, f"start of {model} inside its backoff"
         self.loading[model] = start_id
 
-    def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
+    def stop_child(self, model: str, grace: float, *, cut: bool = True) -> None:
         assert model not in self.stopping, f"second stop of {model}"
         if not self.admin and model in self.up:
             busy = [
@@ -679,5 +679,5 @@ def test_world_catches_a_busy_stop() -> None:
     world.acquire("a")
     world.started("a", ok=True)
     with pytest.raises(AssertionError, match="busy a stopped"):
-        world.stop("a", 1.0)
+        world.stop_child("a", 1.0)
     assert dataclasses.is_dataclass(world.sched.status(0.0)["a"])

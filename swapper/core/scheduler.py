@@ -379,7 +379,7 @@ class Scheduler:
     def _maybe_issue_start(self, swap: Swap) -> None:
         if not swap.start_issued and self.all_stopped(swap.evict):
             swap.start_issued = True
-            self._fx.start(swap.target, swap.start_id)
+            self._fx.start_child(swap.target, swap.start_id)
 
     def _drain(self, now: float) -> None:
         """Re-decides every queued request, oldest-and-most-important first."""
@@ -524,7 +524,7 @@ class Scheduler:
         self._retiring.discard(model)
         self._slots[model].move(State.STOPPING)
         cfg = self._config.models.get(model)  # None: removed by a reload, still draining
-        self._fx.stop(model, cfg.unload_timeout if cfg else DEFAULT_UNLOAD_TIMEOUT, cut=cut)
+        self._fx.stop_child(model, cfg.unload_timeout if cfg else DEFAULT_UNLOAD_TIMEOUT, cut=cut)
 
     def _drop_removed(self) -> None:
         """Forgets models a reload removed, once they are stopped and nobody holds them."""

@@ -41,10 +41,10 @@ class InvalidTransition(RuntimeError):
 class Effects(Protocol):
     """What the scheduler asks the run loop to do. None of these may call back into it."""
 
-    def start(self, model: str, start_id: int) -> None:
+    def start_child(self, model: str, start_id: int) -> None:
         """Spawn ``model`` and report ``Started(model, start_id, error)`` when healthy or failed."""
 
-    def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
+    def stop_child(self, model: str, grace: float, *, cut: bool = True) -> None:
         """Stop ``model`` (aborting a start in progress) and report ``Stopped(model)``. ``cut``:
         end the requests still in flight on it rather than let them finish or fail by themselves."""
 

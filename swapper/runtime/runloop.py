@@ -89,7 +89,7 @@ class RunLoop(LoopViews):
         self.config = config
         self._session = session
         # The forwarding client: health probes go through it, and a stop closes its idle
-        # connections to the child (see stop()).
+        # connections to the child (see stop_child()).
         self._pool = pool
         self._logs = logs or LogHub()
         self._events = events or EventBus()  # told of states, starts and exits; never awaited
@@ -431,7 +431,7 @@ class RunLoop(LoopViews):
 
     # ---- Effects: called by the scheduler inside _handle; they never await ----
 
-    def start(self, model: str, start_id: int) -> None:
+    def start_child(self, model: str, start_id: int) -> None:
         cfg = self.config.models[model]
         child: Child | Service
         if cfg.service is not None:
@@ -472,7 +472,7 @@ class RunLoop(LoopViews):
         del self._timelines[model]
         return entry[1]
 
-    def stop(self, model: str, grace: float, *, cut: bool = True) -> None:
+    def stop_child(self, model: str, grace: float, *, cut: bool = True) -> None:
         if self._memory is not None:
             self._memory.on_stopping(model)  # samples from now on see it shutting down: not learned
         starting = self._starting.pop(model, None)
