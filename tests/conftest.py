@@ -53,7 +53,7 @@ import pytest
 from aiohttp import web
 
 from swapper.config.schema import ModelConfig
-from swapper.web.routes import CONFIG
+from swapper.web.appkeys import CONFIG
 from tests.frontserver import FrontTestServer
 
 FAKE_SERVER = Path(__file__).parent / "upstreams" / "fake_server.py"

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from swapper.config.load import parse_config
 from swapper.config.schema import Config
 from swapper.runtime.runloop import RunLoop
-from swapper.web.routes import RUNLOOP
+from swapper.web.appkeys import RUNLOOP
 
 FAKE = Path(__file__).parent / "upstreams" / "fake_server.py"
 

@@ -25,7 +25,7 @@ from swapper.config.load import load_config, parse_config
 from swapper.config.schema import Config
 from swapper.core.states import State
 from swapper.runtime.runloop import RunLoop
-from swapper.web.routes import RUNLOOP
+from swapper.web.appkeys import RUNLOOP
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 FAKE_SERVER = Path(__file__).parent / "upstreams" / "fake_server.py"

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from swapper.app.server import make_app
 from swapper.config.load import parse_config
-from swapper.web.routes import RUNLOOP
+from swapper.web.appkeys import RUNLOOP
 from tests import rawhttp
 from tests.test_swapping import ClientFactory, chat, fake_config, free_port
 

@@ -23,7 +23,7 @@ from swapper.config.load import parse_config
 from swapper.config.schema import Config
 from swapper.core.states import State
 from swapper.runtime.runloop import RunLoop
-from swapper.web.routes import RUNLOOP
+from swapper.web.appkeys import RUNLOOP
 
 FAKE = Path(__file__).parent / "upstreams" / "fake_server.py"
 

@@ -35,9 +35,9 @@ from swapper.observe.logs import LogHub
 from swapper.runtime import process
 from swapper.runtime.orphans import owner_mark, sweep_orphans
 from swapper.runtime.reaper import Reaper
+from swapper.web.appkeys import RUNLOOP
 from swapper.web.front import runner_options
 from swapper.web.observe import metrics_app
-from swapper.web.routes import RUNLOOP
 
 log = structlog.get_logger("swapper")
 

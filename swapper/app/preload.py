@@ -26,7 +26,7 @@ from aiohttp import web
 
 from swapper.core.errors import ShuttingDown, SwapperError
 from swapper.runtime.runloop import RunLoop
-from swapper.web.routes import CONFIG, RUNLOOP
+from swapper.web.appkeys import CONFIG, RUNLOOP
 
 __all__ = ["preload", "preload_ctx"]
 

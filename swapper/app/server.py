@@ -23,9 +23,10 @@ from swapper.observe.events import EVENTS
 from swapper.observe.logs import LogHub
 from swapper.runtime.runloop import RunLoop
 from swapper.web import auth, ui, upstream
+from swapper.web.appkeys import CONFIG, MODEL_INFO, RUNLOOP, SESSION
 from swapper.web.observe import add_admin_routes
 from swapper.web.profiles import add_profile_routes
-from swapper.web.routes import CONFIG, MODEL_INFO, RUNLOOP, SESSION, add_routes
+from swapper.web.routes import add_routes
 
 # Longer than any sane unloadTimeout: stops run in parallel, so this is per shutdown, not per model.
 SHUTDOWN_BACKSTOP = 60.0

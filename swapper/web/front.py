@@ -54,13 +54,8 @@ from swapper.observe.events import EVENTS, EventBus
 from swapper.runtime.runloop import RunLoop
 from swapper.web import auth
 from swapper.web.answers import _NO_TAIL, _NOTHING_OUT, AnswerWriter
-from swapper.web.routes import (
-    ANSWERED_GETS,
-    BODY_ROUTES,
-    CONFIG,
-    RUNLOOP,
-    SESSION,
-)
+from swapper.web.appkeys import CONFIG, RUNLOOP, SESSION
+from swapper.web.routes import ANSWERED_GETS, BODY_ROUTES
 from swapper.wire.codec import (
     CHUNK_END,
     BadMessage,

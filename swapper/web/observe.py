@@ -38,7 +38,8 @@ from swapper.observe.activity import ACTIVITY, ActivityLog
 from swapper.observe.events import EVENTS, EventBus, Feed, RequestTrack
 from swapper.observe.logs import SWAPPER, LogHub, tagged
 from swapper.observe.metrics import CONTENT_TYPE, METRICS, Metrics
-from swapper.web.routes import CONFIG, RUNLOOP, SESSION, error_response, handle_model_request
+from swapper.web.appkeys import CONFIG, RUNLOOP, SESSION
+from swapper.web.routes import error_response, handle_model_request
 
 FEED_LIMIT = 1024  # entries a stream may fall behind before the oldest are dropped
 SESSION_ID_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")  # llama-swap's ui.activity default

@@ -13,7 +13,8 @@ from aiohttp import web
 
 from swapper.core.errors import BadRequest, NotFound
 from swapper.observe.events import EVENTS
-from swapper.web.routes import RUNLOOP, error_response
+from swapper.web.appkeys import RUNLOOP
+from swapper.web.routes import error_response
 
 
 async def handle_profiles(request: web.Request) -> web.Response:

@@ -13,24 +13,16 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-import aiohttp
 from aiohttp import hdrs, web
 
 from swapper.config.kindroutes import KindRoute
-from swapper.config.schema import Config
 from swapper.core.errors import Answer, BodyTooLarge, ModelNotFound, NotFound, SwapperError
 from swapper.core.states import State
 from swapper.http import cors, serve
 from swapper.http.serve import answer_response as answer_response
 from swapper.http.serve import error_response as error_response
-from swapper.observe.modelinfo import ModelInfo
-from swapper.runtime.runloop import RunLoop
+from swapper.web.appkeys import CONFIG, MODEL_INFO, RUNLOOP, SESSION
 from swapper.web.catalog import model_list
-
-CONFIG = web.AppKey("config", Config)
-RUNLOOP = web.AppKey("runloop", RunLoop)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
-MODEL_INFO = web.AppKey("model_info", ModelInfo)
 
 # Routes whose model comes from the body (JSON, multipart or urlencoded), or ?model= as fallback.
 BODY_ROUTES = (

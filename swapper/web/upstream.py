@@ -42,7 +42,8 @@ from swapper.core.errors import Conflict, ModelNotFound, SwapperError
 from swapper.core.states import State
 from swapper.http import cors, serve
 from swapper.web import ui
-from swapper.web.routes import RUNLOOP, SESSION, error_response, read_body
+from swapper.web.appkeys import RUNLOOP, SESSION
+from swapper.web.routes import error_response, read_body
 
 __all__ = ["PathResolver", "add_routes"]
 

@@ -26,7 +26,8 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from swapper.core.errors import NotFound
-from swapper.web.routes import RUNLOOP, error_response
+from swapper.web.appkeys import RUNLOOP
+from swapper.web.routes import error_response
 from swapper.web.ui import api
 
 __all__ = ["PREFIX", "add_routes", "is_public", "wants_html"]

@@ -30,7 +30,8 @@ from swapper import __version__
 from swapper.core.errors import BadRequest, ModelNotFound, NotFound, SwapperError
 from swapper.observe.activity import ACTIVITY, ActivityLog, Record
 from swapper.observe.events import EVENTS
-from swapper.web.routes import CONFIG, RUNLOOP, error_response
+from swapper.web.appkeys import CONFIG, RUNLOOP
+from swapper.web.routes import error_response
 
 __all__ = ["add_routes"]
 
