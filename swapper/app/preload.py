@@ -59,7 +59,7 @@ async def preload_ctx(app: web.Application) -> AsyncIterator[None]:
     Pinned services (``ModelConfig.pinned``) come first: they run already, so adopting them (one
     probe each) evicts nothing, and they show in ``/running`` and ``/v1/status`` from the start."""
     config = app[CONFIG]
-    pinned = [m for m, cfg in config.models.items() if cfg.pinned and m not in config.preload]
+    pinned = [m for m in config.pinned() if m not in config.preload]
     models = [*pinned, *config.preload]
     task = asyncio.get_running_loop().create_task(preload(app[RUNLOOP], models), name="swapper-preload")
     try:

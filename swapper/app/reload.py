@@ -43,9 +43,7 @@ async def reload_once(where: Path | ConfigSources, runloop: RunLoop) -> frozense
         log.warning("config", warning=warning)
     log.info("config reloaded", path=path, restarted=sorted(changed))
     # Pinned services the new config added (or changed, so let go): adopted as at start-up.
-    await preload(
-        runloop, [m for m, cfg in config.models.items() if cfg.pinned and runloop.state(m) is State.STOPPED]
-    )
+    await preload(runloop, [m for m in config.pinned() if runloop.state(m) is State.STOPPED])
     return changed
 
 

@@ -61,7 +61,7 @@ def make_app(config: Config, logs: LogHub | None = None) -> web.Application:
     app.cleanup_ctx.append(_runloop_ctx)
     app.cleanup_ctx.append(peers.peers_ctx)  # closed before the run loop stops
     # After _runloop_ctx: cancelled before the run loop shuts down. Pinned services are adopted.
-    if config.preload or any(m.pinned for m in config.models.values()):
+    if config.preload or config.pinned():
         app.cleanup_ctx.append(preload.preload_ctx)
     return app
 

@@ -292,6 +292,11 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # seconds in-flight requests get at shutdown
     warnings: tuple[str, ...] = ()  # one line per unsupported key seen
 
+    def pinned(self) -> list[str]:
+        """The pinned services (``ModelConfig.pinned``), in config order: never evicted, and
+        adopted or started with swapper."""
+        return [m for m, cfg in self.models.items() if cfg.pinned]
+
     def resolve(self, name: str) -> str | None:
         """Returns the model id that ``name`` (an id or alias) names, or None."""
         if name in self.models:

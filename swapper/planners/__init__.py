@@ -82,7 +82,7 @@ def coexisting(planner: Planner, model: str, models: Iterable[str]) -> tuple[str
 
 def pinned_of(config: Config) -> frozenset[str]:
     """The services a planner may never stop (``ModelConfig.pinned``)."""
-    return frozenset(m for m, cfg in config.models.items() if cfg.pinned)
+    return frozenset(config.pinned())
 
 
 class Pinning:
