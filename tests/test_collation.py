@@ -17,13 +17,13 @@ async def test_abcabc_is_served_with_exactly_three_starts(aiohttp_client: Client
     client = await client_for(aiohttp_client, cfg)
     starts: list[str] = []
     loop = runloop(client)
-    original = loop.start
+    original = loop.start_child
 
     def recording_start(model: str, start_id: int) -> None:
         starts.append(model)
         original(model, start_id)
 
-    loop.start = recording_start  # type: ignore[method-assign]
+    loop.start_child = recording_start  # type: ignore[method-assign]
     results = await asyncio.gather(*(chat(client, m) for m in "abcabc"))
     assert [r["model"] for r in results] == list("abcabc")
     assert sorted(starts) == ["a", "b", "c"]  # one start per model, however they interleaved
