@@ -47,6 +47,7 @@ from swapper.config.schema import Config
 from swapper.core.errors import ModelLoadFailed
 from swapper.core.scheduler import BACKOFF_CAP, STABLE_SECONDS
 from swapper.core.states import State
+from swapper.runtime import runloop as runloop_module
 from tests.conftest import TAG_ENV
 from tests.frontserver import FrontTestServer
 from tests.rawhttp import read_request
@@ -251,6 +252,28 @@ async def test_port_taken_by_a_silent_process_is_a_load_failure(
     assert "address already in use" in err["message"].lower()
     assert time.monotonic() - began < 5.0
     assert runloop(client).state("a") is State.STOPPED
+
+
+async def test_a_child_that_exits_as_its_start_succeeds_is_seen_exited(
+    aiohttp_client: ClientFactory, wait_until: WaitUntil, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its exit reaches the loop while the start still owns it (the probe answered: a squatter on
+    its port can answer for it), so ChildExited is dropped as the start's business; the start then
+    succeeds. The loop must still see the exit when it handles Started, not keep a dead child as
+    ready with its pid."""
+    real_wait = runloop_module.wait_healthy
+
+    async def healthy_then_gone(session: Any, child: Any, *args: Any, **kwargs: Any) -> None:
+        await real_wait(session, child, *args, **kwargs)
+        await child.wait_exited()  # gone before the loop hears of the start
+
+    monkeypatch.setattr(runloop_module, "wait_healthy", healthy_then_gone)
+    client = await client_for(aiohttp_client, fake_config({"a": "--exit-after 0.3"}))
+    loop = runloop(client)
+    lease = await loop.acquire(loop.new_request_id(), "a")
+    loop.release(lease.req_id)
+    await wait_until(lambda: loop.state("a") is State.STOPPED, within=10, what="the exit seen")
+    assert pid_of(client, "a") is None
 
 
 async def test_port_taken_by_a_healthy_server_is_an_inherent_limitation(

@@ -109,3 +109,41 @@ class SwapTimeline:
     def describe(self) -> dict[str, float]:
         """``phases()`` in milliseconds, rounded, for a log line."""
         return {name: round(seconds * 1000, 2) for name, seconds in self.phases().items()}
+
+
+class SwapTimelines:
+    """The run loop's timelines in the making: each start's, until its ``Started`` hands it to the
+    bus, and each stopped child's marks, with when the loop learned of them, until a start that
+    waited for that stop takes them. Owned by the run loop; an advisory record of the swap (it only
+    feeds metrics and a log line)."""
+
+    __slots__ = ("_starts", "_stops")
+
+    def __init__(self) -> None:
+        self._starts: dict[str, tuple[int, SwapTimeline]] = {}
+        self._stops: dict[str, tuple[StopMarks, float]] = {}
+
+    def stopped(self, model: str, marks: StopMarks, at: float) -> None:
+        self._stops[model] = (marks, at)
+
+    def begin(self, model: str, start_id: int, plan: tuple[float, frozenset[str]] | None) -> None:
+        """The start of ``model`` being issued: the decision and the stops it waited for."""
+        timeline = SwapTimeline(model)
+        if plan is not None:
+            decided, evict = plan
+            timeline.mark("decided", decided)
+            stops = [self._stops.pop(v) for v in evict if v in self._stops]
+            timeline.add_stops([marks for marks, _ in stops])
+            timeline.mark("stopped", max((at for _, at in stops), default=None))
+        self._starts[model] = (start_id, timeline)
+
+    def take(self, model: str, start_id: int) -> SwapTimeline | None:
+        """The timeline of that start, once; None for a start that was cancelled (dropped)."""
+        entry = self._starts.get(model)
+        if entry is None or entry[0] != start_id:
+            return None
+        del self._starts[model]
+        return entry[1]
+
+    def drop(self, model: str) -> None:
+        self._starts.pop(model, None)

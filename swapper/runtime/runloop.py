@@ -42,7 +42,7 @@ from swapper.core.messages import (
     Unload,
     Unreachable,
 )
-from swapper.core.phases import StartMarks, StopMarks, SwapTimeline
+from swapper.core.phases import StartMarks, StopMarks, SwapTimelines
 from swapper.core.scheduler import Scheduler
 from swapper.core.selection import Selection
 from swapper.core.states import State
@@ -105,10 +105,7 @@ class RunLoop(LoopViews):
         self._spawned_at: dict[str, float] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._stopping: dict[str, asyncio.Task[None]] = {}
-        # Swap timelines (see core/phases.py): each start's, until Started hands it to the bus, and
-        # each stopped child's marks with when the loop learned of it, until a start takes them.
-        self._timelines: dict[str, tuple[int, SwapTimeline]] = {}
-        self._stop_marks: dict[str, tuple[StopMarks, float]] = {}
+        self._timelines = SwapTimelines()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[int, asyncio.Future[Lease]] = {}
         self._holders: dict[int, Holder] = {}  # req_id -> who serves it (see Holder)
@@ -289,7 +286,7 @@ class RunLoop(LoopViews):
                 self._sched.on_release(req_id, at)
             case Started(model, start_id, error, marks):
                 self._starting.pop(model, None)
-                timeline = self._timeline_of(model, start_id)
+                timeline = self._timelines.take(model, start_id)
                 if error is not None:
                     self._children.pop(model, None)
                     log.warning("model failed to start", model=model, error=error.message)
@@ -307,12 +304,20 @@ class RunLoop(LoopViews):
                     timeline.add_start(marks)
                     timeline.mark("granted", time.monotonic())
                     self._events.swap_ready(timeline)  # the bus adds the first byte relayed
+                if (
+                    error is None
+                    and (child := self._children.get(model))
+                    and (rc := child.poll_exit()) is not None
+                ):
+                    # Gone after its probe answered (a squatter on its port can answer for it): the
+                    # exit came while the start owned it, so it is this message's to handle.
+                    self._on_child_exited(model, child.pid or 0, rc, now)
             case Stopped(model, marks):
                 self._stopping.pop(model, None)
                 self._children.pop(model, None)
                 self._spawned_at.pop(model, None)
                 if marks is not None:
-                    self._stop_marks[model] = (marks, now)
+                    self._timelines.stopped(model, marks, now)
                 self._sched.on_stopped(model, now)
             case ChildExited(model, pid, returncode):
                 self._on_child_exited(model, pid, returncode, now)
@@ -450,27 +455,8 @@ class RunLoop(LoopViews):
             )
         self._children[model] = child
         self._spawned_at[model] = time.time()
-        self._timelines[model] = (start_id, self._new_timeline(model))
+        self._timelines.begin(model, start_id, self._sched.swap_plan(model))
         self._starting[model] = self._spawn(self._start(child, start_id))
-
-    def _new_timeline(self, model: str) -> SwapTimeline:
-        """A timeline for the start of ``model`` being issued: the decision and the stops it
-        waited for (an advisory read of the swap: it only feeds metrics and a log line)."""
-        timeline = SwapTimeline(model)
-        if (plan := self._sched.swap_plan(model)) is not None:
-            decided, evict = plan
-            timeline.mark("decided", decided)
-            stops = [self._stop_marks.pop(v) for v in evict if v in self._stop_marks]
-            timeline.add_stops([marks for marks, _ in stops])
-            timeline.mark("stopped", max((at for _, at in stops), default=None))
-        return timeline
-
-    def _timeline_of(self, model: str, start_id: int) -> SwapTimeline | None:
-        entry = self._timelines.get(model)
-        if entry is None or entry[0] != start_id:
-            return None  # a start that was cancelled: its stop already dropped the timeline
-        del self._timelines[model]
-        return entry[1]
 
     def stop_child(self, model: str, grace: float, *, cut: bool = True) -> None:
         if self._memory is not None:
@@ -478,7 +464,7 @@ class RunLoop(LoopViews):
         starting = self._starting.pop(model, None)
         if starting is not None:
             starting.cancel()
-        self._timelines.pop(model, None)
+        self._timelines.drop(model)
         # Requests still streaming from it (an unload, a reload) are cut here: a llama-server
         # with an open response ignores SIGTERM until its client hangs up, so waiting for them
         # would only turn every such stop into a SIGKILL after the grace period.
