@@ -205,10 +205,6 @@ def _metrics_listen(value: object, path: str, ctx: TopContext) -> tuple[str, int
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _activity_records(value: object, path: str, ctx: TopContext) -> int:
-    return _non_negative_int(value, path, DEFAULT_ACTIVITY_RECORDS)
-
-
 def _one_of(options: tuple[str, ...]) -> Any:
     return lambda value, path, ctx: _choice(value, path, options)
 

@@ -58,9 +58,9 @@ TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 # Loads: a tiny model in ~0.1 s up to a 100 GB one read from a cold disk.
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 # A swap's phases: from a fraction of a millisecond (the loop's own steps) to a large model's load.
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # Seconds a scrape waits for NVML's open (once per process; nvmlInit can hang on a wedged driver).
 OPEN_WAIT = 5.0
-PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 @dataclass(slots=True)
